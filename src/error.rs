@@ -28,14 +28,26 @@ pub struct Error {
     /// Short stable label for metrics (`errors_total{kind=...}`), e.g. `object_store`, `registry`.
     component: &'static str,
     message: String,
+    /// SQLSTATE of the server error this came from, if any (e.g. `42704`), so callers can test for it.
+    sqlstate: Option<String>,
 }
 
 impl Error {
     pub fn definite(component: &'static str, message: impl Into<String>) -> Self {
-        Error { kind: Kind::Definite, component, message: message.into() }
+        Error {
+            kind: Kind::Definite,
+            component,
+            message: message.into(),
+            sqlstate: None,
+        }
     }
     pub fn transient(component: &'static str, message: impl Into<String>) -> Self {
-        Error { kind: Kind::Transient, component, message: message.into() }
+        Error {
+            kind: Kind::Transient,
+            component,
+            message: message.into(),
+            sqlstate: None,
+        }
     }
     pub fn kind(&self) -> Kind {
         self.kind
@@ -48,6 +60,15 @@ impl Error {
     }
     pub fn message(&self) -> &str {
         &self.message
+    }
+    /// Attaches the SQLSTATE of a PostgreSQL server error; the classification is left as is.
+    pub fn with_sqlstate(mut self, code: impl Into<String>) -> Self {
+        self.sqlstate = Some(code.into());
+        self
+    }
+    /// The SQLSTATE when this error was reported by a PostgreSQL server, e.g. `Some("42704")`.
+    pub fn sqlstate(&self) -> Option<&str> {
+        self.sqlstate.as_deref()
     }
     /// Prefixes the message with what was being done, keeping the classification.
     pub fn context(mut self, what: impl fmt::Display) -> Self {

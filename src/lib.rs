@@ -1,5 +1,24 @@
 //! cdc-egress: PostgreSQL logical replication → gzipped CSV batches on object storage → registry →
-//! NATS JetStream notices → ordered LSN acknowledgement. See ARCHITECTURE.md for the pipeline.
+//! NATS JetStream notices → ordered LSN acknowledgement.
+//!
+//! The modules follow the pipeline (see ARCHITECTURE.md):
+//! `source` (replication connection) → `decode` (pgoutput) → `batch` (per-table micro-batches, pure)
+//! → `encode` (CSV, schema.yml) → `write` (spool, object store) → `register` (the commit record) →
+//! `notify` (JetStream) → `ack` (which LSN may be confirmed). `daemon` is the thin IO driver that
+//! wires them; `config`, `observe` and `status` serve the operator.
 
+pub mod ack;
+pub mod batch;
+pub mod config;
+pub mod daemon;
+pub mod decode;
+pub mod encode;
 pub mod error;
 pub mod lsn;
+pub mod notify;
+pub mod observe;
+pub mod register;
+pub mod source;
+pub mod status;
+pub mod table;
+pub mod write;

@@ -47,7 +47,8 @@ impl FromStr for Lsn {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || ParseLsnError(s.to_string());
         let (hi, lo) = s.split_once('/').ok_or_else(bad)?;
-        let ok = |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
+        let ok =
+            |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
         if !ok(hi) || !ok(lo) {
             return Err(bad());
         }

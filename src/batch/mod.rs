@@ -1,0 +1,684 @@
+//! Per-table micro-batches: the pure state machine between the decoder and the writer.
+//!
+//! The [`Batcher`] is fed decoded pgoutput messages, keepalive positions and clock ticks, in stream
+//! order, by one thread. It encodes every row change into the CSV dialect and streams it into the open
+//! batch of its table through a [`SpoolFactory`] (a gzip spool file in production, a `Vec` in tests):
+//! it never holds a batch in memory. It decides when a batch is sealed and hands sealed batches out; the
+//! driver reports back when each one is persisted, and [`Batcher::confirmed`] says which LSN may be
+//! acknowledged. It does no IO of its own and reads no clock.
+//!
+//! # Positions
+//! A change's position is `(commit LSN of its transaction, seq)`, `seq` counting the changes of the
+//! transaction from 1 across all tables (the `_seq` column). Positions are unique and their order is
+//! the replay order.
+//!
+//! # Invariants
+//! 1. A batch holds the changes of one table under one schema fingerprint, in position order.
+//! 2. A batch is sealed only between transactions (commit, tick outside a transaction, shutdown), with
+//!    one exception: a Relation message that changes the column list in the middle of a transaction
+//!    that already wrote rows of that table seals the old-shape batch at that point. Both halves are
+//!    correct for replay because positions, not transactions, order the files.
+//! 3. Consecutive batches of a table cover increasing, non-overlapping position ranges, so the last
+//!    registered position of a table (the *skip position*, loaded from the registry at start) tells
+//!    exactly which re-sent changes are already persisted. Changes at or below it are dropped; this is
+//!    what makes the replay after a crash exactly-once (PRODUCT.md §9.2).
+//! 4. The acknowledgement rule lives in [`crate::ack`]; every open batch is registered there with its
+//!    floor before its first row is written.
+//!
+//! Sealing policy: a batch is sealed at the first transaction boundary after its *deadline* (the first
+//! multiple of `interval` since the Unix epoch after it opened, so seals are wall-clock aligned), or
+//! when it reaches `max_rows` or `max_bytes` (uncompressed CSV bytes) at a commit.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::ack::{AckTracker, BatchId};
+use crate::decode::{self, Message, OldTuple, OldTupleKind, Tuple, Value};
+use crate::encode::csv::{push_header, push_value, METADATA_COLUMNS};
+use crate::error::Error;
+use crate::lsn::Lsn;
+use crate::table::{TableName, TableSchema};
+
+/// `(commit LSN, seq)`: a change's place in replay order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Position {
+    pub commit_lsn: Lsn,
+    pub seq: u32,
+}
+
+impl Position {
+    pub fn new(commit_lsn: Lsn, seq: u32) -> Self {
+        Position { commit_lsn, seq }
+    }
+}
+
+/// Change kind, as written in `_op`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl Op {
+    pub fn code(self) -> &'static str {
+        match self {
+            Op::Insert => "I",
+            Op::Update => "U",
+            Op::Delete => "D",
+            Op::Truncate => "T",
+        }
+    }
+    pub fn word(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Truncate => "truncate",
+        }
+    }
+}
+
+/// Limits that decide when a batch is sealed.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub interval: Duration,
+    pub max_rows: u64,
+    pub max_bytes: u64,
+}
+
+/// Creates the byte sink of a new batch.
+pub trait SpoolFactory {
+    type Spool: Write;
+    fn create(&mut self, table: &TableName) -> std::io::Result<Self::Spool>;
+}
+
+/// Row counts by operation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OpCounts {
+    pub insert: u64,
+    pub update: u64,
+    pub delete: u64,
+    pub truncate: u64,
+}
+
+impl OpCounts {
+    fn add(&mut self, op: Op) {
+        match op {
+            Op::Insert => self.insert += 1,
+            Op::Update => self.update += 1,
+            Op::Delete => self.delete += 1,
+            Op::Truncate => self.truncate += 1,
+        }
+    }
+}
+
+/// What a sealed batch is: everything the writer, registry and notice need, plus its spool.
+#[derive(Debug)]
+pub struct SealedBatch<S> {
+    pub id: BatchId,
+    pub schema: Arc<TableSchema>,
+    pub first: Position,
+    pub last: Position,
+    /// Commit timestamps (PostgreSQL epoch µs) of the first and last transactions.
+    pub first_commit_ts: i64,
+    pub last_commit_ts: i64,
+    pub rows: u64,
+    /// Uncompressed CSV bytes of the rows (header excluded).
+    pub csv_bytes: u64,
+    pub ops: OpCounts,
+    pub spool: S,
+}
+
+/// Output of optional per-change event publishing, in stream order. The changes of one transaction
+/// form one *unit*, tracked by the ack like a batch: it is opened (with the transaction's floor) at its
+/// first change and closed at the commit; the driver reports it persisted once every event of the unit
+/// has its PubAck.
+#[derive(Debug, Clone)]
+pub enum EventOut {
+    Change(ChangeEvent),
+    Close(BatchId),
+}
+
+/// One change as seen by optional per-change event publishing.
+#[derive(Debug, Clone)]
+pub struct ChangeEvent {
+    pub unit: BatchId,
+    pub table: TableName,
+    pub op: Op,
+    pub position: Position,
+    pub xid: u32,
+    pub commit_ts: i64,
+    /// The CSV row exactly as written to the batch (metadata + table columns).
+    pub csv_row: bytes::Bytes,
+}
+
+struct OpenBatch<S> {
+    id: BatchId,
+    schema: Arc<TableSchema>,
+    first: Position,
+    last: Position,
+    first_commit_ts: i64,
+    last_commit_ts: i64,
+    rows: u64,
+    csv_bytes: u64,
+    ops: OpCounts,
+    deadline_us: i64,
+    spool: S,
+}
+
+struct Txn {
+    xid: u32,
+    commit_lsn: Lsn,
+    commit_ts: i64,
+    seq: u32,
+    /// `_commit_lsn`, `_xid`, `_commit_ts` as CSV text, rendered once per transaction.
+    lsn_text: String,
+    xid_text: String,
+    ts_text: String,
+    /// The change-event unit of this transaction, once it has an event.
+    event_unit: Option<BatchId>,
+}
+
+/// The batch state machine. See the module documentation for its invariants.
+pub struct Batcher<F: SpoolFactory> {
+    limits: Limits,
+    factory: F,
+    relations: HashMap<u32, Arc<TableSchema>>,
+    open: HashMap<TableName, OpenBatch<F::Spool>>,
+    skip_through: HashMap<TableName, Position>,
+    excluded_schema: Option<String>,
+    txn: Option<Txn>,
+    acks: AckTracker,
+    next_id: u64,
+    now_us: i64,
+    scratch: Vec<u8>,
+    change_events: Option<Vec<EventOut>>,
+}
+
+fn protocol(msg: impl Into<String>) -> Error {
+    Error::definite("decode", msg)
+}
+
+/// Microseconds between 1970-01-01 and 2000-01-01 (the PostgreSQL epoch).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+/// `2026-11-21 05:52:10.123456+00`: PostgreSQL's ISO output for timestamptz in UTC, always with six
+/// fractional digits so the column sorts and parses uniformly.
+pub fn format_commit_ts(pg_micros: i64) -> String {
+    match decode::pg_micros_to_utc(pg_micros) {
+        Some(t) => t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string(),
+        None => String::from("infinity"),
+    }
+}
+
+impl<F: SpoolFactory> Batcher<F> {
+    /// `start` is the LSN the stream resumes from; `skip_through` is each table's last registered
+    /// position; `excluded_schema` is the registry's schema when it lives in the source database.
+    pub fn new(
+        limits: Limits,
+        factory: F,
+        start: Lsn,
+        skip_through: HashMap<TableName, Position>,
+        excluded_schema: Option<String>,
+    ) -> Self {
+        Batcher {
+            limits,
+            factory,
+            relations: HashMap::new(),
+            open: HashMap::new(),
+            skip_through,
+            excluded_schema,
+            txn: None,
+            acks: AckTracker::new(start),
+            next_id: 1,
+            now_us: 0,
+            scratch: Vec::with_capacity(4096),
+            change_events: None,
+        }
+    }
+
+    /// Also collect a [`ChangeEvent`] per written change (drained with [`Batcher::take_change_events`]).
+    pub fn enable_change_events(&mut self) {
+        self.change_events = Some(Vec::new());
+    }
+
+    /// Moves the pending event outputs into `out` (no-op when events are disabled).
+    pub fn drain_change_events(&mut self, out: &mut Vec<EventOut>) {
+        if let Some(events) = self.change_events.as_mut() {
+            out.append(events);
+        }
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.txn.is_some()
+    }
+
+    pub fn open_batches(&self) -> usize {
+        self.open.len()
+    }
+
+    /// The LSN that may be confirmed now.
+    pub fn confirmed(&mut self) -> Lsn {
+        self.acks.confirmed()
+    }
+
+    /// The batch `id` is persisted (uploaded, registered, notified).
+    pub fn persisted(&mut self, id: BatchId) {
+        self.acks.persisted(id);
+    }
+
+    /// The last position of `table` that is sealed (or was registered before this session).
+    pub fn skip_position(&self, table: &TableName) -> Option<Position> {
+        self.skip_through.get(table).copied()
+    }
+
+    /// Marks everything at or below `pos` of `table` as already persisted (used by reload hand-over).
+    pub fn set_skip_through(&mut self, table: TableName, pos: Position) {
+        let e = self.skip_through.entry(table).or_insert(pos);
+        *e = (*e).max(pos);
+    }
+
+    /// Registers a table schema from a Relation message. Seals the open batch of the table if its
+    /// column list changed (invariant 2).
+    pub fn relation(
+        &mut self,
+        schema: Arc<TableSchema>,
+        sealed: &mut Vec<SealedBatch<F::Spool>>,
+    ) -> Result<(), Error> {
+        if let Some(open) = self.open.get(&schema.table) {
+            if open.schema.fingerprint() != schema.fingerprint() {
+                let table = schema.table.clone();
+                self.seal_table(&table, sealed)?;
+            }
+        }
+        self.relations.insert(schema.relation_oid, schema);
+        Ok(())
+    }
+
+    /// Feeds one decoded message (other than Relation, which needs catalog facts: see
+    /// [`Batcher::relation`]).
+    pub fn message(
+        &mut self,
+        msg: Message,
+        sealed: &mut Vec<SealedBatch<F::Spool>>,
+    ) -> Result<(), Error> {
+        match msg {
+            Message::Begin(b) => {
+                if self.txn.is_some() {
+                    return Err(protocol(
+                        "pgoutput Begin received inside an open transaction: the stream is out of order",
+                    ));
+                }
+                self.txn = Some(Txn {
+                    xid: b.xid,
+                    commit_lsn: b.final_lsn,
+                    commit_ts: b.commit_ts,
+                    seq: 0,
+                    lsn_text: b.final_lsn.to_string(),
+                    xid_text: b.xid.to_string(),
+                    ts_text: format_commit_ts(b.commit_ts),
+                    event_unit: None,
+                });
+            }
+            Message::Commit(c) => {
+                let txn = self.txn.take().ok_or_else(|| {
+                    protocol("pgoutput Commit received without a Begin: the stream is out of order")
+                })?;
+                if txn.commit_lsn != c.commit_lsn {
+                    return Err(protocol(format!(
+                        "pgoutput Commit LSN {} does not match its Begin's final LSN {}",
+                        c.commit_lsn, txn.commit_lsn
+                    )));
+                }
+                if let (Some(unit), Some(events)) = (txn.event_unit, self.change_events.as_mut()) {
+                    events.push(EventOut::Close(unit));
+                }
+                self.acks.boundary(c.end_lsn);
+                self.seal_due(sealed, true)?;
+            }
+            Message::Relation(r) => {
+                return Err(protocol(format!(
+                    "internal: Relation {}.{} must be passed through Batcher::relation",
+                    r.namespace, r.name
+                )))
+            }
+            Message::Origin(_) | Message::Type(_) => {}
+            Message::Message(m) => {
+                if !m.transactional && self.txn.is_none() {
+                    self.acks.boundary(m.lsn);
+                }
+            }
+            Message::Insert(i) => {
+                self.change(i.relation_oid, Op::Insert, None, Some(&i.new))?;
+            }
+            Message::Update(u) => {
+                self.change(u.relation_oid, Op::Update, u.old.as_ref(), Some(&u.new))?;
+            }
+            Message::Delete(d) => {
+                self.change(d.relation_oid, Op::Delete, Some(&d.old), None)?;
+            }
+            Message::Truncate(t) => {
+                for oid in t.relation_oids {
+                    self.change(oid, Op::Truncate, None, None)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A keepalive (or any proof that the server has sent everything up to `wal_end`). Only counts
+    /// between transactions.
+    pub fn keepalive(&mut self, wal_end: Lsn) {
+        if self.txn.is_none() {
+            self.acks.boundary(wal_end);
+        }
+    }
+
+    /// The clock moved to `now_unix_us`. Seals batches past their deadline when between transactions.
+    pub fn tick(
+        &mut self,
+        now_unix_us: i64,
+        sealed: &mut Vec<SealedBatch<F::Spool>>,
+    ) -> Result<(), Error> {
+        self.now_us = self.now_us.max(now_unix_us);
+        if self.txn.is_none() {
+            self.seal_due(sealed, false)?;
+        }
+        Ok(())
+    }
+
+    /// Seals every open batch now (only between transactions; returns false inside one).
+    pub fn seal_all(&mut self, sealed: &mut Vec<SealedBatch<F::Spool>>) -> Result<bool, Error> {
+        if self.txn.is_some() {
+            return Ok(false);
+        }
+        let tables: Vec<TableName> = self.open.keys().cloned().collect();
+        for t in tables {
+            self.seal_table(&t, sealed)?;
+        }
+        Ok(true)
+    }
+
+    /// Seals the open batch of one table (if any), e.g. before a reload cut.
+    pub fn seal_table(
+        &mut self,
+        table: &TableName,
+        sealed: &mut Vec<SealedBatch<F::Spool>>,
+    ) -> Result<(), Error> {
+        if let Some(b) = self.open.remove(table) {
+            self.skip_through.insert(table.clone(), b.last);
+            sealed.push(SealedBatch {
+                id: b.id,
+                schema: b.schema,
+                first: b.first,
+                last: b.last,
+                first_commit_ts: b.first_commit_ts,
+                last_commit_ts: b.last_commit_ts,
+                rows: b.rows,
+                csv_bytes: b.csv_bytes,
+                ops: b.ops,
+                spool: b.spool,
+            });
+        }
+        Ok(())
+    }
+
+    fn seal_due(
+        &mut self,
+        sealed: &mut Vec<SealedBatch<F::Spool>>,
+        check_limits: bool,
+    ) -> Result<(), Error> {
+        let now = self.now_us;
+        let limits = self.limits;
+        let due: Vec<TableName> = self
+            .open
+            .iter()
+            .filter(|(_, b)| {
+                b.deadline_us <= now
+                    || (check_limits
+                        && (b.rows >= limits.max_rows || b.csv_bytes >= limits.max_bytes))
+            })
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in due {
+            self.seal_table(&t, sealed)?;
+        }
+        Ok(())
+    }
+
+    fn deadline_after(&self, now_us: i64) -> i64 {
+        let step = (self.limits.interval.as_micros() as i64).max(1);
+        (now_us.div_euclid(step) + 1) * step
+    }
+
+    fn change(
+        &mut self,
+        relation_oid: u32,
+        op: Op,
+        old: Option<&OldTuple>,
+        new: Option<&Tuple>,
+    ) -> Result<(), Error> {
+        let Some(txn) = self.txn.as_mut() else {
+            return Err(protocol(format!(
+                "pgoutput {} received outside a transaction",
+                op.word()
+            )));
+        };
+        txn.seq += 1;
+        let pos = Position::new(txn.commit_lsn, txn.seq);
+        let schema = self.relations.get(&relation_oid).cloned().ok_or_else(|| {
+            protocol(format!(
+                "pgoutput {} for relation OID {relation_oid} arrived before its Relation message",
+                op.word()
+            ))
+        })?;
+        if self
+            .excluded_schema
+            .as_deref()
+            .is_some_and(|s| s == schema.table.schema)
+        {
+            return Ok(());
+        }
+        if self
+            .skip_through
+            .get(&schema.table)
+            .is_some_and(|skip| pos <= *skip)
+        {
+            return Ok(());
+        }
+        let ncols = schema.columns.len();
+        for (what, t) in [("new", new), ("old", old.map(|o| &o.tuple))] {
+            if let Some(t) = t {
+                if t.0.len() != ncols {
+                    return Err(protocol(format!(
+                        "pgoutput {} for {} carries {} {what} values but its Relation has {ncols} columns",
+                        op.word(),
+                        schema.table,
+                        t.0.len()
+                    )));
+                }
+            }
+        }
+
+        // Encode the row into the scratch buffer.
+        let txn = self.txn.as_ref().expect("checked above");
+        let row = &mut self.scratch;
+        row.clear();
+        row.extend_from_slice(op.code().as_bytes());
+        row.push(b',');
+        push_value(row, Some(txn.lsn_text.as_bytes()));
+        row.push(b',');
+        push_value(row, Some(itoa(pos.seq).as_bytes()));
+        row.push(b',');
+        push_value(row, Some(txn.xid_text.as_bytes()));
+        row.push(b',');
+        push_value(row, Some(txn.ts_text.as_bytes()));
+        row.push(b',');
+        match old {
+            Some(o) => {
+                let json = before_json(&schema, o)?;
+                push_value(row, Some(json.as_bytes()));
+            }
+            None => push_value(row, None),
+        }
+        row.push(b',');
+        let unchanged = new.map(unchanged_json(&schema)).unwrap_or(None);
+        push_value(row, unchanged.as_deref().map(str::as_bytes));
+        // Table columns: the new tuple, or for a delete the old key/row, or nothing for a truncate.
+        let values: Option<&Tuple> = new.or(old.map(|o| &o.tuple));
+        for i in 0..ncols {
+            row.push(b',');
+            match values.map(|t| &t.0[i]) {
+                None | Some(Value::Null) | Some(Value::Unchanged) => push_value(row, None),
+                Some(Value::Text(b)) => push_value(row, Some(b)),
+                Some(Value::Binary(_)) => {
+                    return Err(protocol(format!(
+                        "pgoutput sent a binary value for {}.{} but binary mode was not requested",
+                        schema.table, schema.columns[i].name
+                    )))
+                }
+            }
+        }
+        row.push(b'\n');
+
+        // Open the table's batch if needed, then stream the row into it.
+        if !self.open.contains_key(&schema.table) {
+            let id = BatchId(self.next_id);
+            self.next_id += 1;
+            let floor = self.acks.current_boundary();
+            self.acks.open(id, floor);
+            let mut spool = self
+                .factory
+                .create(&schema.table)
+                .map_err(|e| Error::transient("spool", format!("cannot create spool file: {e}")))?;
+            let mut header = Vec::with_capacity(256);
+            push_header(
+                &mut header,
+                METADATA_COLUMNS
+                    .iter()
+                    .copied()
+                    .chain(schema.columns.iter().map(|c| c.name.as_str())),
+            );
+            spool
+                .write_all(&header)
+                .map_err(|e| Error::transient("spool", format!("cannot write spool file: {e}")))?;
+            let deadline_us = self.deadline_after(self.now_us);
+            self.open.insert(
+                schema.table.clone(),
+                OpenBatch {
+                    id,
+                    schema: schema.clone(),
+                    first: pos,
+                    last: pos,
+                    first_commit_ts: txn.commit_ts,
+                    last_commit_ts: txn.commit_ts,
+                    rows: 0,
+                    csv_bytes: 0,
+                    ops: OpCounts::default(),
+                    deadline_us,
+                    spool,
+                },
+            );
+        }
+        let txn = self.txn.as_ref().expect("checked above");
+        let batch = self.open.get_mut(&schema.table).expect("inserted above");
+        batch
+            .spool
+            .write_all(&self.scratch)
+            .map_err(|e| Error::transient("spool", format!("cannot write spool file: {e}")))?;
+        batch.last = pos;
+        batch.last_commit_ts = txn.commit_ts;
+        batch.rows += 1;
+        batch.csv_bytes += self.scratch.len() as u64;
+        batch.ops.add(op);
+        if let Some(events) = self.change_events.as_mut() {
+            let txn = self.txn.as_mut().expect("checked above");
+            let unit = match txn.event_unit {
+                Some(u) => u,
+                None => {
+                    let u = BatchId(self.next_id);
+                    self.next_id += 1;
+                    let floor = self.acks.current_boundary();
+                    self.acks.open(u, floor);
+                    txn.event_unit = Some(u);
+                    u
+                }
+            };
+            events.push(EventOut::Change(ChangeEvent {
+                unit,
+                table: schema.table.clone(),
+                op,
+                position: pos,
+                xid: txn.xid,
+                commit_ts: txn.commit_ts,
+                csv_row: bytes::Bytes::copy_from_slice(&self.scratch),
+            }));
+        }
+        Ok(())
+    }
+}
+
+fn itoa(n: u32) -> String {
+    n.to_string()
+}
+
+/// `_before`: the old key (only replica-identity key columns) or the old row (REPLICA IDENTITY FULL)
+/// as a JSON object of text values; unchanged-TOAST values are left out.
+fn before_json(schema: &TableSchema, old: &OldTuple) -> Result<String, Error> {
+    let mut out = String::with_capacity(64);
+    out.push('{');
+    let mut first = true;
+    for (col, v) in schema.columns.iter().zip(&old.tuple.0) {
+        if old.kind == OldTupleKind::Key && !col.replica_key && matches!(v, Value::Null) {
+            continue;
+        }
+        let text = match v {
+            Value::Unchanged => continue,
+            Value::Null => None,
+            Value::Text(b) | Value::Binary(b) => Some(std::str::from_utf8(b).map_err(|_| {
+                protocol(format!(
+                    "value of {}.{} is not valid UTF-8; cdc-egress requires a UTF8 database",
+                    schema.table, col.name
+                ))
+            })?),
+        };
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        out.push_str(&serde_json::to_string(&col.name).expect("string serializes"));
+        out.push(':');
+        match text {
+            None => out.push_str("null"),
+            Some(t) => out.push_str(&serde_json::to_string(t).expect("string serializes")),
+        }
+    }
+    out.push('}');
+    Ok(out)
+}
+
+/// `_unchanged`: JSON array of the names of columns sent as unchanged TOAST, or None.
+fn unchanged_json(schema: &TableSchema) -> impl Fn(&Tuple) -> Option<String> + '_ {
+    move |t: &Tuple| {
+        let names: Vec<&str> = schema
+            .columns
+            .iter()
+            .zip(&t.0)
+            .filter(|(_, v)| matches!(v, Value::Unchanged))
+            .map(|(c, _)| c.name.as_str())
+            .collect();
+        (!names.is_empty()).then(|| serde_json::to_string(&names).expect("strings serialize"))
+    }
+}
+
+/// Converts PostgreSQL-epoch microseconds to Unix microseconds.
+pub fn pg_micros_to_unix(pg_micros: i64) -> i64 {
+    pg_micros.saturating_add(PG_EPOCH_OFFSET_US)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,556 @@
+//! The batch/ack state machine driven through random streams, seals, persistence orders and crashes.
+
+use super::*;
+use crate::decode::{
+    Begin, Commit, Delete, Insert, OldTuple, OldTupleKind, Truncate, Tuple, Update, Value,
+};
+use crate::table::{ColumnSchema, ReplicaIdentity};
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+
+struct VecSpools;
+impl SpoolFactory for VecSpools {
+    type Spool = Vec<u8>;
+    fn create(&mut self, _: &TableName) -> std::io::Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+}
+
+fn schema(i: usize) -> Arc<TableSchema> {
+    let col = |name: &str, key: bool| ColumnSchema {
+        name: name.into(),
+        type_name: "text".into(),
+        type_oid: 25,
+        type_modifier: -1,
+        nullable: !key,
+        primary_key: key.then_some(1),
+        replica_key: key,
+    };
+    TableSchema::new(
+        TableName::new("public", format!("t{i}")),
+        1000 + i as u32,
+        ReplicaIdentity::Default,
+        vec![col("id", true), col("v", false)],
+    )
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(bytes::Bytes::copy_from_slice(s.as_bytes()))
+}
+
+fn limits(interval_us: u64, max_rows: u64) -> Limits {
+    Limits {
+        interval: Duration::from_micros(interval_us),
+        max_rows,
+        max_bytes: u64::MAX,
+    }
+}
+
+/// Parses a spool back into (op, position, values) rows, using the NULL rule of the dialect.
+fn rows_of(spool: &[u8]) -> Vec<(String, Position, Vec<Option<String>>)> {
+    let mut rdr = ::csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(spool);
+    rdr.records()
+        .map(|r| {
+            let r = r.unwrap();
+            let lsn: Lsn = r[1].parse().unwrap();
+            let seq: u32 = r[2].parse().unwrap();
+            let vals = r
+                .iter()
+                .skip(7)
+                .map(|v| (v != "\\N").then(|| v.to_string()))
+                .collect();
+            (r[0].to_string(), Position::new(lsn, seq), vals)
+        })
+        .collect()
+}
+
+#[test]
+fn encodes_every_op_with_metadata() {
+    let mut b = Batcher::new(
+        limits(1_000_000, 100),
+        VecSpools,
+        Lsn(10),
+        HashMap::new(),
+        None,
+    );
+    let mut sealed = Vec::new();
+    b.relation(schema(0), &mut sealed).unwrap();
+    b.message(
+        Message::Begin(Begin {
+            final_lsn: Lsn(0x1_0000_0010),
+            commit_ts: 0,
+            xid: 7,
+        }),
+        &mut sealed,
+    )
+    .unwrap();
+    b.message(
+        Message::Insert(Insert {
+            relation_oid: 1000,
+            new: Tuple(vec![text("1"), text("a\"b")]),
+        }),
+        &mut sealed,
+    )
+    .unwrap();
+    b.message(
+        Message::Update(Update {
+            relation_oid: 1000,
+            old: Some(OldTuple {
+                kind: OldTupleKind::Key,
+                tuple: Tuple(vec![text("1"), Value::Null]),
+            }),
+            new: Tuple(vec![text("2"), Value::Unchanged]),
+        }),
+        &mut sealed,
+    )
+    .unwrap();
+    b.message(
+        Message::Delete(Delete {
+            relation_oid: 1000,
+            old: OldTuple {
+                kind: OldTupleKind::Key,
+                tuple: Tuple(vec![text("2"), Value::Null]),
+            },
+        }),
+        &mut sealed,
+    )
+    .unwrap();
+    b.message(
+        Message::Truncate(Truncate {
+            cascade: false,
+            restart_identity: false,
+            relation_oids: vec![1000],
+        }),
+        &mut sealed,
+    )
+    .unwrap();
+    b.message(
+        Message::Commit(Commit {
+            flags: 0,
+            commit_lsn: Lsn(0x1_0000_0010),
+            end_lsn: Lsn(0x1_0000_0040),
+            commit_ts: 0,
+        }),
+        &mut sealed,
+    )
+    .unwrap();
+    assert!(b.seal_all(&mut sealed).unwrap());
+    assert_eq!(sealed.len(), 1);
+    let text = String::from_utf8(sealed[0].spool.clone()).unwrap();
+    assert_eq!(
+        text,
+        "_op,_commit_lsn,_seq,_xid,_commit_ts,_before,_unchanged,id,v\n\
+         I,\"1/10\",\"1\",\"7\",\"2000-01-01 00:00:00.000000+00\",\\N,\\N,\"1\",\"a\"\"b\"\n\
+         U,\"1/10\",\"2\",\"7\",\"2000-01-01 00:00:00.000000+00\",\"{\"\"id\"\":\"\"1\"\"}\",\"[\"\"v\"\"]\",\"2\",\\N\n\
+         D,\"1/10\",\"3\",\"7\",\"2000-01-01 00:00:00.000000+00\",\"{\"\"id\"\":\"\"2\"\"}\",\\N,\"2\",\\N\n\
+         T,\"1/10\",\"4\",\"7\",\"2000-01-01 00:00:00.000000+00\",\\N,\\N,\\N,\\N\n"
+    );
+    assert_eq!(
+        sealed[0].ops,
+        OpCounts {
+            insert: 1,
+            update: 1,
+            delete: 1,
+            truncate: 1
+        }
+    );
+    assert_eq!(b.confirmed(), Lsn(10), "nothing persisted yet");
+    b.persisted(sealed[0].id);
+    assert_eq!(b.confirmed(), Lsn(0x1_0000_0040));
+}
+
+#[test]
+fn schema_change_mid_batch_seals_the_old_shape() {
+    let mut b = Batcher::new(
+        limits(1_000_000, 100),
+        VecSpools,
+        Lsn(1),
+        HashMap::new(),
+        None,
+    );
+    let mut sealed = Vec::new();
+    b.relation(schema(0), &mut sealed).unwrap();
+    b.message(
+        Message::Begin(Begin {
+            final_lsn: Lsn(50),
+            commit_ts: 0,
+            xid: 1,
+        }),
+        &mut sealed,
+    )
+    .unwrap();
+    b.message(
+        Message::Insert(Insert {
+            relation_oid: 1000,
+            new: Tuple(vec![text("1"), text("x")]),
+        }),
+        &mut sealed,
+    )
+    .unwrap();
+    let mut wider = (*schema(0)).clone();
+    wider.columns.push(wider.columns[1].clone());
+    wider.columns[2].name = "w".into();
+    let wider = TableSchema::new(
+        wider.table.clone(),
+        1000,
+        ReplicaIdentity::Default,
+        wider.columns.clone(),
+    );
+    b.relation(wider, &mut sealed).unwrap();
+    assert_eq!(
+        sealed.len(),
+        1,
+        "old-shape batch sealed at the Relation message"
+    );
+    b.message(
+        Message::Insert(Insert {
+            relation_oid: 1000,
+            new: Tuple(vec![text("2"), text("y"), Value::Null]),
+        }),
+        &mut sealed,
+    )
+    .unwrap();
+    b.message(
+        Message::Commit(Commit {
+            flags: 0,
+            commit_lsn: Lsn(50),
+            end_lsn: Lsn(60),
+            commit_ts: 0,
+        }),
+        &mut sealed,
+    )
+    .unwrap();
+    b.persisted(sealed[0].id);
+    assert_eq!(
+        b.confirmed(),
+        Lsn(1),
+        "the second half of the transaction is still open"
+    );
+    b.seal_all(&mut sealed).unwrap();
+    assert_eq!(sealed[1].first, Position::new(Lsn(50), 2));
+    b.persisted(sealed[1].id);
+    assert_eq!(b.confirmed(), Lsn(60));
+}
+
+#[test]
+fn malformed_streams_are_definite_errors() {
+    let mut b = Batcher::new(
+        limits(1_000_000, 100),
+        VecSpools,
+        Lsn(1),
+        HashMap::new(),
+        None,
+    );
+    let mut sealed = Vec::new();
+    let e = b
+        .message(
+            Message::Insert(Insert {
+                relation_oid: 1,
+                new: Tuple(vec![]),
+            }),
+            &mut sealed,
+        )
+        .unwrap_err();
+    assert!(
+        !e.is_transient() && e.to_string().contains("outside a transaction"),
+        "{e}"
+    );
+    b.message(
+        Message::Begin(Begin {
+            final_lsn: Lsn(5),
+            commit_ts: 0,
+            xid: 1,
+        }),
+        &mut sealed,
+    )
+    .unwrap();
+    let e = b
+        .message(
+            Message::Insert(Insert {
+                relation_oid: 99,
+                new: Tuple(vec![]),
+            }),
+            &mut sealed,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("before its Relation"), "{e}");
+    b.relation(schema(0), &mut sealed).unwrap();
+    let e = b
+        .message(
+            Message::Insert(Insert {
+                relation_oid: 1000,
+                new: Tuple(vec![text("1")]),
+            }),
+            &mut sealed,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("carries 1 new values"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model-based property test.
+
+/// A committed transaction in the simulated WAL: changes as (table, op-kind) pairs.
+#[derive(Debug, Clone)]
+struct WalTxn {
+    commit_lsn: Lsn,
+    end_lsn: Lsn,
+    changes: Vec<(usize, u8)>,
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Deliver the next WAL transaction (if any), with a tick before each change when `ticky`.
+    Deliver {
+        ticky: bool,
+    },
+    Keepalive,
+    Tick(u64),
+    /// Persist the in-flight batch at this index (mod len), i.e. out-of-order completion.
+    Persist(usize),
+    /// Crash: lose open and in-flight work, restart from the slot's confirmed LSN.
+    Crash,
+    /// Crash right after one in-flight batch committed its registry row, before the batcher heard.
+    CrashAfterRegister(usize),
+    SealAll,
+}
+
+fn steps() -> impl Strategy<Value = Vec<Step>> {
+    proptest::collection::vec(
+        prop_oneof![
+            6 => any::<bool>().prop_map(|ticky| Step::Deliver { ticky }),
+            1 => Just(Step::Keepalive),
+            2 => (0u64..40).prop_map(Step::Tick),
+            4 => any::<usize>().prop_map(Step::Persist),
+            1 => Just(Step::Crash),
+            1 => any::<usize>().prop_map(Step::CrashAfterRegister),
+            1 => Just(Step::SealAll),
+        ],
+        1..120,
+    )
+}
+
+fn wal() -> impl Strategy<Value = Vec<WalTxn>> {
+    proptest::collection::vec(proptest::collection::vec((0usize..3, 0u8..4), 0..6), 1..25).prop_map(
+        |txns| {
+            let mut lsn = 100u64;
+            txns.into_iter()
+                .map(|changes| {
+                    lsn += 10 + changes.len() as u64;
+                    let t = WalTxn {
+                        commit_lsn: Lsn(lsn),
+                        end_lsn: Lsn(lsn + 5),
+                        changes,
+                    };
+                    lsn += 5;
+                    t
+                })
+                .collect()
+        },
+    )
+}
+
+struct Sim {
+    wal: Vec<WalTxn>,
+    /// Slot state: confirmed flush LSN.
+    slot_confirmed: Lsn,
+    /// Registry: per table, persisted rows (position) in registry order.
+    registry: BTreeMap<usize, Vec<Position>>,
+    batcher: Batcher<VecSpools>,
+    next_txn: usize,
+    in_flight: Vec<SealedBatch<Vec<u8>>>,
+    clock: i64,
+    rows_per_batch: u64,
+}
+
+impl Sim {
+    fn start(&mut self) {
+        let skip: HashMap<TableName, Position> = self
+            .registry
+            .iter()
+            .filter_map(|(t, rows)| rows.last().map(|p| (schema(*t).table.clone(), *p)))
+            .collect();
+        self.batcher = Batcher::new(
+            limits(20, self.rows_per_batch),
+            VecSpools,
+            self.slot_confirmed,
+            skip,
+            None,
+        );
+        let mut sealed = Vec::new();
+        for t in 0..3 {
+            self.batcher.relation(schema(t), &mut sealed).unwrap();
+        }
+        self.in_flight.clear();
+        // PostgreSQL resumes with the first transaction whose commit LSN is >= confirmed.
+        self.next_txn = self
+            .wal
+            .iter()
+            .position(|t| t.commit_lsn >= self.slot_confirmed)
+            .unwrap_or(self.wal.len());
+    }
+
+    fn ack(&mut self) {
+        let c = self.batcher.confirmed();
+        assert!(c >= self.slot_confirmed, "confirmed LSN moved backwards");
+        self.slot_confirmed = c;
+        // Invariant 1: no change whose transaction commits below the confirmed LSN is unpersisted.
+        for txn in self.wal.iter().filter(|t| t.commit_lsn < c) {
+            for (seq, (table, _)) in txn.changes.iter().enumerate() {
+                let pos = Position::new(txn.commit_lsn, seq as u32 + 1);
+                assert!(
+                    self.registry.get(table).is_some_and(|r| r.contains(&pos)),
+                    "confirmed {c} passes unpersisted change {pos:?} of t{table}"
+                );
+            }
+        }
+    }
+
+    fn deliver(&mut self, ticky: bool, sealed: &mut Vec<SealedBatch<Vec<u8>>>) {
+        let Some(txn) = self.wal.get(self.next_txn).cloned() else {
+            return;
+        };
+        self.next_txn += 1;
+        let b = &mut self.batcher;
+        b.message(
+            Message::Begin(Begin {
+                final_lsn: txn.commit_lsn,
+                commit_ts: 0,
+                xid: 1,
+            }),
+            sealed,
+        )
+        .unwrap();
+        for (i, (table, kind)) in txn.changes.iter().enumerate() {
+            if ticky {
+                self.clock += 7;
+                b.tick(self.clock, sealed).unwrap();
+            }
+            let oid = 1000 + *table as u32;
+            let row = Tuple(vec![text(&i.to_string()), text("v")]);
+            let old = OldTuple {
+                kind: OldTupleKind::Key,
+                tuple: Tuple(vec![text(&i.to_string()), Value::Null]),
+            };
+            let msg = match kind {
+                0 => Message::Insert(Insert {
+                    relation_oid: oid,
+                    new: row,
+                }),
+                1 => Message::Update(Update {
+                    relation_oid: oid,
+                    old: Some(old),
+                    new: row,
+                }),
+                2 => Message::Delete(Delete {
+                    relation_oid: oid,
+                    old,
+                }),
+                _ => Message::Truncate(Truncate {
+                    cascade: false,
+                    restart_identity: false,
+                    relation_oids: vec![oid],
+                }),
+            };
+            b.message(msg, sealed).unwrap();
+        }
+        b.message(
+            Message::Commit(Commit {
+                flags: 0,
+                commit_lsn: txn.commit_lsn,
+                end_lsn: txn.end_lsn,
+                commit_ts: 0,
+            }),
+            sealed,
+        )
+        .unwrap();
+    }
+
+    fn persist(&mut self, i: usize) {
+        if self.in_flight.is_empty() {
+            return;
+        }
+        // Per table, the writer registers in seal order; across tables any order may complete first.
+        let pick = &self.in_flight[i % self.in_flight.len()];
+        let table = &pick.schema.table;
+        let idx = self
+            .in_flight
+            .iter()
+            .position(|b| &b.schema.table == table)
+            .unwrap();
+        let b = self.in_flight.remove(idx);
+        let t: usize = b.schema.table.name[1..].parse().unwrap();
+        let rows = rows_of(&b.spool);
+        assert_eq!(rows.len() as u64, b.rows);
+        let reg = self.registry.entry(t).or_default();
+        for (_, pos, _) in rows {
+            assert!(
+                reg.last().is_none_or(|last| *last < pos),
+                "registry order broken for t{t}: {pos:?} after {:?}",
+                reg.last()
+            );
+            reg.push(pos);
+        }
+        self.batcher.persisted(b.id);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    /// For random streams, clocks, seal points, persistence orders and crashes: the confirmed LSN never
+    /// passes an unpersisted change, never moves back, and after draining every change is registered
+    /// exactly once, in position order per table.
+    #[test]
+    fn ack_never_passes_an_unpersisted_change(wal in wal(), steps in steps(), rows_per_batch in 1u64..6) {
+        let mut sim = Sim {
+            wal,
+            slot_confirmed: Lsn(100),
+            registry: BTreeMap::new(),
+            batcher: Batcher::new(limits(20, 1), VecSpools, Lsn(100), HashMap::new(), None),
+            next_txn: 0,
+            in_flight: Vec::new(),
+            clock: 0,
+            rows_per_batch,
+        };
+        sim.start();
+        let mut sealed = Vec::new();
+        for step in steps {
+            match step {
+                Step::Deliver { ticky } => sim.deliver(ticky, &mut sealed),
+                Step::Keepalive => {
+                    // The server has sent everything up to the last delivered transaction's end.
+                    let end = sim.next_txn.checked_sub(1).map(|i| sim.wal[i].end_lsn).unwrap_or(Lsn(100));
+                    sim.batcher.keepalive(end);
+                }
+                Step::Tick(d) => { sim.clock += d as i64; sim.batcher.tick(sim.clock, &mut sealed).unwrap(); }
+                Step::Persist(i) => sim.persist(i),
+                Step::Crash => { sealed.clear(); sim.start(); }
+                Step::CrashAfterRegister(i) => {
+                    sim.in_flight.append(&mut sealed);
+                    sim.persist(i);
+                    sim.start();
+                }
+                Step::SealAll => { sim.batcher.seal_all(&mut sealed).unwrap(); }
+            }
+            sim.in_flight.append(&mut sealed);
+            sim.ack();
+        }
+        // Drain: deliver everything, seal, persist, and check the final registry.
+        while sim.next_txn < sim.wal.len() { sim.deliver(false, &mut sealed); sim.in_flight.append(&mut sealed); sim.ack(); }
+        sim.batcher.seal_all(&mut sealed).unwrap();
+        sim.in_flight.append(&mut sealed);
+        while !sim.in_flight.is_empty() { sim.persist(0); sim.ack(); }
+        let mut expected: BTreeMap<usize, Vec<Position>> = BTreeMap::new();
+        for txn in &sim.wal {
+            for (seq, (table, _)) in txn.changes.iter().enumerate() {
+                expected.entry(*table).or_default().push(Position::new(txn.commit_lsn, seq as u32 + 1));
+            }
+        }
+        prop_assert_eq!(&sim.registry, &expected);
+        let all: BTreeSet<Lsn> = sim.wal.iter().map(|t| t.end_lsn).collect();
+        prop_assert_eq!(sim.batcher.confirmed(), *all.iter().last().unwrap());
+    }
+}

@@ -1,0 +1,875 @@
+//! Configuration: one YAML file, overridden by `CDC_EGRESS_<SECTION>_<KEY>` environment variables, then
+//! by `--set section.key=value` flags (PRODUCT.md §3).
+//!
+//! # Contract
+//! - Every key is known in advance ([`KEYS`]); an unknown key in the file, an unknown `CDC_EGRESS_*`
+//!   variable or an unknown `--set` key is an error that names it and where it came from.
+//! - Every value is parsed and validated here, before any connection is made; an error names the key,
+//!   the offending value (with secrets redacted) and its origin (file, variable, flag).
+//! - Secrets never leave this module in clear text through `Display`/`Debug`: URLs print redacted and
+//!   `output.options` values whose key looks like a credential print as `***`.
+//!
+//! Variables named `CDC_EGRESS_TEST_*` belong to the test harness and are ignored here, as is
+//! `CDC_EGRESS_CONFIG` (the config file path, same as `--config`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::Error;
+
+/// Known keys: `(section.key, default shown in docs)`. `output.options` is a map and takes any sub-key.
+pub const KEYS: &[&str] = &[
+    "source.url",
+    "source.publication",
+    "source.slot",
+    "source.heartbeat_interval",
+    "source.status_interval",
+    "registry.url",
+    "registry.schema",
+    "output.url",
+    "output.options",
+    "output.spool_dir",
+    "batch.interval",
+    "batch.max_rows",
+    "batch.max_bytes",
+    "nats.url",
+    "nats.stream",
+    "nats.subject_prefix",
+    "nats.change_events",
+    "reload.parallelism",
+    "reload.initial",
+    "http.listen",
+    "log.format",
+    "log.level",
+];
+
+/// Where a configuration value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File(PathBuf),
+    Env(String),
+    Flag,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => write!(f, "default"),
+            Origin::File(p) => write!(f, "file {}", p.display()),
+            Origin::Env(v) => write!(f, "environment variable {v}"),
+            Origin::Flag => write!(f, "--set flag"),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub source: SourceConfig,
+    pub registry: RegistryConfig,
+    pub output: OutputConfig,
+    pub batch: BatchConfig,
+    pub nats: NatsConfig,
+    pub reload: ReloadConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    pub url: SecretUrl,
+    pub publication: String,
+    pub slot: String,
+    /// How often a heartbeat logical message is written so that an idle slot still advances.
+    pub heartbeat_interval: Duration,
+    /// How often a standby status update is sent even when nothing changed.
+    pub status_interval: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    pub url: SecretUrl,
+    pub schema: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct OutputConfig {
+    pub url: String,
+    pub options: BTreeMap<String, Secret>,
+    /// Local directory for batch spool files (gzip streams being built before upload).
+    pub spool_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BatchConfig {
+    pub interval: Duration,
+    pub max_rows: u64,
+    pub max_bytes: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct NatsConfig {
+    /// `None` disables notices.
+    pub url: Option<SecretUrl>,
+    pub stream: String,
+    pub subject_prefix: String,
+    pub change_events: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReloadConfig {
+    pub parallelism: usize,
+    /// Export every published table on a fresh start (no slot yet).
+    pub initial: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// `None` disables the metrics/health endpoint.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// A string that is printed as `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A URL that may carry a password; `Display`/`Debug` show it with the password replaced by `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        SecretUrl(url.into())
+    }
+    /// The URL in clear text, to hand to a client library. Never log this.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host` URLs and `password=...` conninfo/query
+/// parameters with `***`. Text that is neither is returned unchanged.
+pub fn redact_url(s: &str) -> String {
+    let mut out = s.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest_start = scheme_end + 3;
+        let authority_end = out[rest_start..]
+            .find(['/', '?', '#'])
+            .map(|i| rest_start + i)
+            .unwrap_or(out.len());
+        if let Some(at) = out[rest_start..authority_end].rfind('@') {
+            let userinfo = &out[rest_start..rest_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                let start = rest_start + colon + 1;
+                out.replace_range(start..rest_start + at, "***");
+            }
+        }
+    }
+    // password=... in a query string or a key=value conninfo
+    for key in ["password=", "token=", "secret="] {
+        let mut from = 0;
+        while let Some(i) = out[from..].to_ascii_lowercase().find(key) {
+            let start = from + i + key.len();
+            let end = out[start..]
+                .find(['&', ' '])
+                .map(|j| start + j)
+                .unwrap_or(out.len());
+            out.replace_range(start..end, "***");
+            from = start + 3;
+        }
+    }
+    out
+}
+
+fn is_secret_option(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["secret", "password", "token", "key", "credential", "sas"]
+        .iter()
+        .any(|s| k.contains(s))
+        && !k.ends_with("_id")
+        && k != "access_key_id"
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("source", &self.source)
+            .field("registry", &self.registry)
+            .field("output", &self.output)
+            .field("batch", &self.batch)
+            .field("nats", &self.nats)
+            .field("reload", &self.reload)
+            .field("http", &self.http)
+            .field("log", &self.log)
+            .finish()
+    }
+}
+
+impl OutputConfig {
+    /// `output.options` rendered for display: credential-like values as `***`.
+    pub fn options_redacted(&self) -> BTreeMap<String, String> {
+        self.options
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_option(k) {
+                    "***".to_string()
+                } else {
+                    v.0.clone()
+                };
+                (k.clone(), shown)
+            })
+            .collect()
+    }
+}
+
+/// Raw values collected from the three layers, before typing.
+#[derive(Default, Debug)]
+struct Layers {
+    values: BTreeMap<String, (String, Origin)>,
+    options: BTreeMap<String, (String, Origin)>,
+}
+
+fn usage(msg: impl Into<String>) -> Error {
+    Error::definite("config", msg)
+}
+
+impl Config {
+    /// Loads the configuration. `path` is `--config`; when `None`, `CDC_EGRESS_CONFIG` and then
+    /// `./cdc-egress.yml` are tried (a missing default file is fine; a missing named file is not).
+    pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Config, Error> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(path, &env, sets)
+    }
+
+    /// Like [`Config::load`] with an explicit environment (tests).
+    pub fn load_from(
+        path: Option<&Path>,
+        env: &[(String, String)],
+        sets: &[String],
+    ) -> Result<Config, Error> {
+        let mut layers = Layers::default();
+        let env_path = env
+            .iter()
+            .find(|(k, _)| k == "CDC_EGRESS_CONFIG")
+            .map(|(_, v)| PathBuf::from(v));
+        let (file, required) = match (path, env_path) {
+            (Some(p), _) => (p.to_path_buf(), true),
+            (None, Some(p)) => (p, true),
+            (None, None) => (PathBuf::from("cdc-egress.yml"), false),
+        };
+        match std::fs::read_to_string(&file) {
+            Ok(text) => layers.read_yaml(&text, &file)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {}
+            Err(e) => {
+                return Err(usage(format!(
+                    "cannot read config file {}: {e}",
+                    file.display()
+                )))
+            }
+        }
+        layers.read_env(env)?;
+        for s in sets {
+            layers.read_flag(s)?;
+        }
+        layers.build()
+    }
+
+    /// Parses only YAML text plus flags (tests and `--help` examples).
+    pub fn from_yaml(text: &str, sets: &[String]) -> Result<Config, Error> {
+        let mut layers = Layers::default();
+        layers.read_yaml(text, Path::new("<inline>"))?;
+        for s in sets {
+            layers.read_flag(s)?;
+        }
+        layers.build()
+    }
+}
+
+fn scalar_to_string(v: &serde_yaml::Value) -> Option<String> {
+    match v {
+        serde_yaml::Value::String(s) => Some(s.clone()),
+        serde_yaml::Value::Bool(b) => Some(b.to_string()),
+        serde_yaml::Value::Number(n) => Some(n.to_string()),
+        serde_yaml::Value::Null => Some(String::new()),
+        _ => None,
+    }
+}
+
+impl Layers {
+    fn set(&mut self, key: &str, value: String, origin: Origin) -> Result<(), Error> {
+        if let Some(opt) = key.strip_prefix("output.options.") {
+            if opt.is_empty() {
+                return Err(usage(format!("empty output.options key (from {origin})")));
+            }
+            self.options.insert(opt.to_string(), (value, origin));
+            return Ok(());
+        }
+        if key == "output.options" {
+            // `k=v,k2=v2` from an env var or flag
+            for pair in value.split(',').filter(|p| !p.trim().is_empty()) {
+                let (k, v) = pair.split_once('=').ok_or_else(|| {
+                    usage(format!(
+                        "output.options (from {origin}) must be a list of key=value pairs separated by commas, got {:?}",
+                        redact_url(pair)
+                    ))
+                })?;
+                self.options
+                    .insert(k.trim().to_string(), (v.trim().to_string(), origin.clone()));
+            }
+            return Ok(());
+        }
+        if !KEYS.contains(&key) {
+            return Err(usage(format!(
+                "unknown configuration key `{key}` (from {origin}); known keys: {}",
+                KEYS.join(", ")
+            )));
+        }
+        self.values.insert(key.to_string(), (value, origin));
+        Ok(())
+    }
+
+    fn read_yaml(&mut self, text: &str, file: &Path) -> Result<(), Error> {
+        let origin = Origin::File(file.to_path_buf());
+        let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+            usage(format!(
+                "config file {} is not valid YAML: {e}",
+                file.display()
+            ))
+        })?;
+        let map = match doc {
+            serde_yaml::Value::Null => return Ok(()),
+            serde_yaml::Value::Mapping(m) => m,
+            _ => {
+                return Err(usage(format!(
+                    "config file {} must be a mapping of sections (source:, output:, ...)",
+                    file.display()
+                )))
+            }
+        };
+        for (section, body) in map {
+            let section = section
+                .as_str()
+                .ok_or_else(|| usage(format!("non-string section name in {}", file.display())))?
+                .to_string();
+            let body = match body {
+                serde_yaml::Value::Mapping(m) => m,
+                serde_yaml::Value::Null => continue,
+                _ => {
+                    return Err(usage(format!(
+                        "section `{section}` in {} must be a mapping of keys",
+                        file.display()
+                    )))
+                }
+            };
+            for (k, v) in body {
+                let k = k.as_str().ok_or_else(|| {
+                    usage(format!(
+                        "non-string key in section `{section}` of {}",
+                        file.display()
+                    ))
+                })?;
+                let key = format!("{section}.{k}");
+                if key == "output.options" {
+                    let m = match v {
+                        serde_yaml::Value::Mapping(m) => m,
+                        serde_yaml::Value::Null => continue,
+                        _ => {
+                            return Err(usage(format!(
+                                "`output.options` in {} must be a mapping",
+                                file.display()
+                            )))
+                        }
+                    };
+                    for (ok, ov) in m {
+                        let ok = ok
+                            .as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| usage("non-string key in output.options".to_string()))?;
+                        let ov = scalar_to_string(&ov).ok_or_else(|| {
+                            usage(format!(
+                                "output.options.{ok} in {} must be a scalar",
+                                file.display()
+                            ))
+                        })?;
+                        self.set(&format!("output.options.{ok}"), ov, origin.clone())?;
+                    }
+                    continue;
+                }
+                let value = scalar_to_string(&v).ok_or_else(|| {
+                    usage(format!(
+                        "`{key}` in {} must be a scalar value",
+                        file.display()
+                    ))
+                })?;
+                self.set(&key, value, origin.clone())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_env(&mut self, env: &[(String, String)]) -> Result<(), Error> {
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("CDC_EGRESS_") else {
+                continue;
+            };
+            if rest == "CONFIG" || rest.starts_with("TEST_") {
+                continue;
+            }
+            let origin = Origin::Env(name.clone());
+            let key = env_to_key(rest).ok_or_else(|| {
+                usage(format!(
+                    "unknown environment variable {name}: expected CDC_EGRESS_<SECTION>_<KEY> for one of {}",
+                    KEYS.join(", ")
+                ))
+            })?;
+            self.set(&key, value.clone(), origin)?;
+        }
+        Ok(())
+    }
+
+    fn read_flag(&mut self, s: &str) -> Result<(), Error> {
+        let (k, v) = s.split_once('=').ok_or_else(|| {
+            usage(format!(
+                "--set expects section.key=value, got {:?}",
+                redact_url(s)
+            ))
+        })?;
+        self.set(k.trim(), v.to_string(), Origin::Flag)
+    }
+
+    fn get(&self, key: &str) -> Option<&(String, Origin)> {
+        self.values.get(key)
+    }
+
+    fn string(&self, key: &str, default: &str) -> String {
+        self.get(key)
+            .map(|(v, _)| v.clone())
+            .unwrap_or_else(|| default.to_string())
+    }
+
+    fn parsed<T>(
+        &self,
+        key: &str,
+        default: T,
+        what: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<T, Error> {
+        match self.get(key) {
+            None => Ok(default),
+            Some((v, origin)) => parse(v.trim()).ok_or_else(|| {
+                usage(format!(
+                    "invalid value {:?} for `{key}` (from {origin}): expected {what}",
+                    redact_url(v)
+                ))
+            }),
+        }
+    }
+
+    fn identifier(&self, key: &str, default: &str) -> Result<String, Error> {
+        let v = self.string(key, default);
+        if v.is_empty() || v.len() > 63 || v.contains('\0') {
+            let origin = self
+                .get(key)
+                .map(|(_, o)| o.clone())
+                .unwrap_or(Origin::Default);
+            return Err(usage(format!(
+                "invalid value {v:?} for `{key}` (from {origin}): expected a PostgreSQL identifier of 1 to 63 bytes"
+            )));
+        }
+        Ok(v)
+    }
+
+    fn build(self) -> Result<Config, Error> {
+        let duration = |s: &str| humantime::parse_duration(s).ok().filter(|d| !d.is_zero());
+        let source_url = match self.get("source.url") {
+            Some((v, _)) if !v.trim().is_empty() => v.trim().to_string(),
+            _ => {
+                return Err(usage(
+                    "`source.url` is required: set it in the config file (source: {url: postgres://...}), \
+                     with CDC_EGRESS_SOURCE_URL, or with --set source.url=...",
+                ))
+            }
+        };
+        check_pg_url(
+            "source.url",
+            &source_url,
+            self.get("source.url").map(|x| &x.1),
+        )?;
+        let registry_url = match self.get("registry.url") {
+            Some((v, o)) if !v.trim().is_empty() => {
+                check_pg_url("registry.url", v.trim(), Some(o))?;
+                v.trim().to_string()
+            }
+            _ => source_url.clone(),
+        };
+        let slot = self.identifier("source.slot", "cdc_egress")?;
+        if !slot
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(usage(format!(
+                "invalid value {slot:?} for `source.slot`: replication slot names may contain only lower-case letters, digits and underscores"
+            )));
+        }
+        let output_url = self.string("output.url", "file://./cdc-egress-out");
+        crate::write::store::check_output_url(&output_url).map_err(|e| {
+            let origin = self
+                .get("output.url")
+                .map(|(_, o)| o.clone())
+                .unwrap_or(Origin::Default);
+            usage(format!("invalid `output.url` (from {origin}): {e}"))
+        })?;
+        let nats_url = match self.get("nats.url") {
+            Some((v, _)) if v.trim().is_empty() => None,
+            Some((v, o)) => {
+                let v = v.trim();
+                if !(v.starts_with("nats://")
+                    || v.starts_with("tls://")
+                    || v.starts_with("ws://")
+                    || v.starts_with("wss://")
+                    || !v.contains("://"))
+                {
+                    return Err(usage(format!(
+                        "invalid value {:?} for `nats.url` (from {o}): expected nats://host:port (empty disables NATS)",
+                        redact_url(v)
+                    )));
+                }
+                Some(SecretUrl::new(v))
+            }
+            None => Some(SecretUrl::new("nats://127.0.0.1:4222")),
+        };
+        let subject_prefix = self.string("nats.subject_prefix", "cdc");
+        if subject_prefix.is_empty()
+            || subject_prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c == '*' || c == '>')
+            || subject_prefix.starts_with('.')
+            || subject_prefix.ends_with('.')
+        {
+            return Err(usage(format!(
+                "invalid value {subject_prefix:?} for `nats.subject_prefix`: expected NATS subject tokens without spaces or wildcards"
+            )));
+        }
+        let stream = self.string("nats.stream", "CDC_EGRESS");
+        if stream.is_empty()
+            || stream
+                .chars()
+                .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
+        {
+            return Err(usage(format!(
+                "invalid value {stream:?} for `nats.stream`: stream names may not contain spaces, '.', '*', '>', '/' or '\\'"
+            )));
+        }
+        let http_listen = match self.get("http.listen") {
+            Some((v, _)) if v.trim().is_empty() => None,
+            _ => Some(self.parsed(
+                "http.listen",
+                "127.0.0.1:9187".parse().expect("valid default"),
+                "an address like 127.0.0.1:9187 (empty disables)",
+                |s| s.parse().ok(),
+            )?),
+        };
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let config = Config {
+            source: SourceConfig {
+                url: SecretUrl::new(source_url),
+                publication: self.identifier("source.publication", "cdc_egress")?,
+                slot,
+                heartbeat_interval: self.parsed(
+                    "source.heartbeat_interval",
+                    Duration::from_secs(30),
+                    "a duration like 30s",
+                    duration,
+                )?,
+                status_interval: self.parsed(
+                    "source.status_interval",
+                    Duration::from_secs(10),
+                    "a duration like 10s",
+                    duration,
+                )?,
+            },
+            registry: RegistryConfig {
+                url: SecretUrl::new(registry_url),
+                schema: self.identifier("registry.schema", "cdc_egress")?,
+            },
+            output: OutputConfig {
+                url: output_url,
+                options: self
+                    .options
+                    .iter()
+                    .map(|(k, (v, _))| (k.clone(), Secret(v.clone())))
+                    .collect(),
+                spool_dir: self
+                    .get("output.spool_dir")
+                    .filter(|(v, _)| !v.trim().is_empty())
+                    .map(|(v, _)| PathBuf::from(v.trim())),
+            },
+            batch: BatchConfig {
+                interval: self.parsed(
+                    "batch.interval",
+                    Duration::from_secs(300),
+                    "a duration like 5m or 2s",
+                    duration,
+                )?,
+                max_rows: self.parsed("batch.max_rows", 1_000_000, "a positive integer", |s| {
+                    s.replace('_', "").parse().ok().filter(|n| *n > 0)
+                })?,
+                max_bytes: self.parsed(
+                    "batch.max_bytes",
+                    256 * 1024 * 1024,
+                    "a positive size like 256MiB or 1000000",
+                    parse_size,
+                )?,
+            },
+            nats: NatsConfig {
+                url: nats_url,
+                stream,
+                subject_prefix,
+                change_events: self.parsed(
+                    "nats.change_events",
+                    false,
+                    "true or false",
+                    parse_bool,
+                )?,
+            },
+            reload: ReloadConfig {
+                parallelism: self.parsed(
+                    "reload.parallelism",
+                    cores,
+                    "a positive integer",
+                    |s| s.parse().ok().filter(|n| *n > 0 && *n <= 256),
+                )?,
+                initial: self.parsed("reload.initial", true, "true or false", parse_bool)?,
+            },
+            http: HttpConfig {
+                listen: http_listen,
+            },
+            log: LogConfig {
+                format: self.parsed(
+                    "log.format",
+                    LogFormat::Text,
+                    "text or json",
+                    |s| match s {
+                        "text" => Some(LogFormat::Text),
+                        "json" => Some(LogFormat::Json),
+                        _ => None,
+                    },
+                )?,
+                level: self.string("log.level", "info"),
+            },
+        };
+        Ok(config)
+    }
+}
+
+fn check_pg_url(key: &str, url: &str, origin: Option<&Origin>) -> Result<(), Error> {
+    let origin = origin.cloned().unwrap_or(Origin::Default);
+    crate::source::conninfo::ConnInfo::parse(url)
+        .map(|_| ())
+        .map_err(|e| usage(format!("invalid `{key}` (from {origin}): {e}")))
+}
+
+/// `CDC_EGRESS_BATCH_MAX_ROWS` → `batch.max_rows`; the section is the first `_`-separated word.
+fn env_to_key(rest: &str) -> Option<String> {
+    let lower = rest.to_ascii_lowercase();
+    if let Some(opt) = lower.strip_prefix("output_options_") {
+        return Some(format!("output.options.{opt}"));
+    }
+    let (section, key) = lower.split_once('_')?;
+    Some(format!("{section}.{key}"))
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Some(true),
+        "false" | "no" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// `1048576`, `512KiB`, `64MiB`, `1GiB`, `10MB` (decimal units accepted too).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim().replace('_', "");
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "kib" | "k" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" | "m" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" | "g" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult).filter(|v| *v > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const BASE: &str = "source:\n  url: postgres://u:hunter2@127.0.0.1/db\n";
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = Config::from_yaml(BASE, &[]).unwrap();
+        assert_eq!(c.source.publication, "cdc_egress");
+        assert_eq!(c.source.slot, "cdc_egress");
+        assert_eq!(c.registry.url, c.source.url);
+        assert_eq!(c.registry.schema, "cdc_egress");
+        assert_eq!(c.output.url, "file://./cdc-egress-out");
+        assert_eq!(c.batch.interval, Duration::from_secs(300));
+        assert_eq!(
+            c.nats.url.as_ref().unwrap().expose(),
+            "nats://127.0.0.1:4222"
+        );
+        assert_eq!(c.nats.stream, "CDC_EGRESS");
+        assert_eq!(c.nats.subject_prefix, "cdc");
+        assert!(!c.nats.change_events);
+        assert_eq!(c.http.listen.unwrap().to_string(), "127.0.0.1:9187");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::from_yaml(&format!("{BASE}batch:\n  intervall: 5s\n"), &[])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("`batch.intervall`"), "{e}");
+        let e = Config::load_from(Some(Path::new("/nonexistent/cdc.yml")), &env(&[]), &[])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("/nonexistent/cdc.yml"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yml");
+        std::fs::write(&path, format!("{BASE}batch:\n  interval: 5s\n")).unwrap();
+        let c = Config::load_from(
+            Some(&path),
+            &env(&[
+                ("CDC_EGRESS_BATCH_INTERVAL", "7s"),
+                ("CDC_EGRESS_BATCH_MAX_ROWS", "10"),
+                ("CDC_EGRESS_TEST_PG_URL", "ignored"),
+                ("CDC_EGRESS_OUTPUT_OPTIONS_REGION", "us-east-1"),
+            ]),
+            &["batch.max_rows=20".to_string(), "nats.url=".to_string()],
+        )
+        .unwrap();
+        assert_eq!(c.batch.interval, Duration::from_secs(7));
+        assert_eq!(c.batch.max_rows, 20);
+        assert!(c.nats.url.is_none());
+        assert_eq!(c.output.options["region"].0, "us-east-1");
+        let e = Config::load_from(Some(&path), &env(&[("CDC_EGRESS_BATCH_FOO", "1")]), &[])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("CDC_EGRESS_BATCH_FOO"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_origin_without_secrets() {
+        let e = Config::from_yaml(BASE, &["batch.interval=soon".into()])
+            .err()
+            .unwrap();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("`batch.interval`") && msg.contains("--set"),
+            "{msg}"
+        );
+        let e = Config::from_yaml("source:\n  url: mysql://u:hunter2@h/db\n", &[])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("source.url"), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let e = Config::from_yaml(BASE, &["output.url=ftp://x/y".into()])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("output.url"), "{e}");
+        assert!(Config::from_yaml("batch:\n  interval: 5s\n", &[])
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("source.url"));
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let c = Config::from_yaml(
+            &format!("{BASE}output:\n  options:\n    aws_secret_access_key: s3cr3t\n    aws_access_key_id: AKIA\n    region: x\n"),
+            &[],
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
+        let opts = c.output.options_redacted();
+        assert_eq!(opts["aws_secret_access_key"], "***");
+        assert_eq!(opts["aws_access_key_id"], "AKIA");
+        assert_eq!(
+            redact_url("postgres://u:p%40ss@h:5432/db?sslmode=require"),
+            "postgres://u:***@h:5432/db?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("host=h password=x user=u"),
+            "host=h password=*** user=u"
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Some(64 << 20));
+        assert_eq!(parse_size("1000"), Some(1000));
+        assert_eq!(parse_size("2GB"), Some(2_000_000_000));
+        assert_eq!(parse_size("0"), None);
+        assert_eq!(parse_size("12 parsecs"), None);
+    }
+}

@@ -1,0 +1,187 @@
+//! Delivery of sealed batches: upload → register → manifest → notice → report persisted.
+//!
+//! Uploads of up to [`UPLOAD_CONCURRENCY`] batches overlap; everything from the registry commit on
+//! happens strictly in seal order, so the file log and the notices of a table are in position order,
+//! and persisted reports flow back to the ack in source order. Transient failures are retried in place
+//! with capped exponential backoff (the batch, and therefore the ack, waits); a definite failure ends
+//! the session.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+
+use crate::ack::BatchId;
+use crate::batch::SealedBatch;
+use crate::error::Error;
+use crate::notify::Notifier;
+use crate::observe::Metrics;
+use crate::register::{FileKind, Registered, Registry};
+use crate::write::{self, SchemaVersions, SpooledFile, Store};
+
+pub const UPLOAD_CONCURRENCY: usize = 4;
+
+/// Everything delivery needs, shared by the daemon and start-up recovery.
+#[derive(Clone)]
+pub struct Sinks {
+    pub store: Store,
+    pub registry: Registry,
+    pub notifier: Option<Notifier>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Runs `op` until it succeeds, retrying transient errors with backoff (200 ms doubling to 30 s).
+/// Returns the first definite error, or the last transient one if shutdown is requested meanwhile.
+pub async fn retry<T, F, Fut>(what: &str, sinks: &Sinks, mut op: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let mut delay = Duration::from_millis(200);
+    let mut shutdown = sinks.shutdown.clone();
+    let mut failed = false;
+    loop {
+        match op().await {
+            Ok(v) => {
+                if failed {
+                    tracing::info!("{what}: recovered");
+                    sinks.metrics.clear_error();
+                }
+                return Ok(v);
+            }
+            Err(e) if e.is_transient() => {
+                failed = true;
+                sinks.metrics.error(&e);
+                sinks
+                    .metrics
+                    .ready
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(error = %e, retry_in = ?delay, "{what} failed; retrying (nothing is acknowledged meanwhile)");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.wait_for(|s| *s) => return Err(e),
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => {
+                sinks.metrics.error(&e);
+                return Err(e.context(what));
+            }
+        }
+    }
+}
+
+/// Steps 3 and 4 for a committed row: manifest, then the notice and its recorded sequence. Used for
+/// fresh batches and, at start-up, for rows a crash left without a recorded notice.
+pub async fn finish_registered(sinks: &Sinks, reg: &Registered) -> Result<(), Error> {
+    retry("write manifest", sinks, || {
+        write::write_manifest(&sinks.store, reg)
+    })
+    .await?;
+    let seq = match &sinks.notifier {
+        Some(n) => {
+            let subject = match reg.record.kind {
+                FileKind::Streaming => n.batch_subject(&reg.record.table),
+                FileKind::Reload => n.reload_subject(&reg.record.table),
+                FileKind::Ddl => n.ddl_subject(&reg.record.table),
+            };
+            let payload = write::Notice::new(&sinks.store, reg).to_json();
+            let started = Instant::now();
+            let seq = retry("publish notice", sinks, || {
+                n.publish_once(&subject, &reg.record.batch_id, payload.clone())
+            })
+            .await?;
+            sinks
+                .metrics
+                .observe("publish", started.elapsed().as_secs_f64());
+            seq
+        }
+        // 0 records "no notice: NATS disabled" so start-up recovery does not revisit the row.
+        None => 0,
+    };
+    retry("record notice sequence", sinks, || {
+        sinks.registry.mark_notified(reg.id, seq)
+    })
+    .await
+}
+
+/// Completes every committed-but-unnotified row, in registry order (start-up recovery).
+pub async fn finish_unnotified(sinks: &Sinks) -> Result<usize, Error> {
+    let rows = retry("read unnotified files", sinks, || {
+        sinks.registry.unnotified()
+    })
+    .await?;
+    for reg in &rows {
+        tracing::info!(batch = %reg.record.batch_id, "completing a batch committed before the last stop");
+        finish_registered(sinks, reg).await?;
+    }
+    Ok(rows.len())
+}
+
+/// Consumes sealed batches until the channel closes; reports each persisted batch on `persisted`.
+pub async fn deliver_batches(
+    sinks: Sinks,
+    sealed: mpsc::Receiver<SealedBatch<SpooledFile>>,
+    mut versions: SchemaVersions,
+    persisted: mpsc::UnboundedSender<BatchId>,
+) -> Result<(), Error> {
+    let uploads = tokio_stream_from(sealed)
+        .map(|batch| {
+            let version = versions.version_for(&batch.schema);
+            let sinks = sinks.clone();
+            async move {
+                let started = Instant::now();
+                let rec = retry("upload batch", &sinks, || {
+                    write::upload_streaming(&sinks.store, &batch, version)
+                })
+                .await?;
+                sinks
+                    .metrics
+                    .observe("upload", started.elapsed().as_secs_f64());
+                Ok::<_, Error>((batch, rec))
+            }
+        })
+        .buffered(UPLOAD_CONCURRENCY);
+    futures::pin_mut!(uploads);
+    while let Some(done) = uploads.next().await {
+        let (batch, rec) = done?;
+        let id = retry("register batch", &sinks, || {
+            sinks.registry.commit_file(&rec, Some(&batch.schema))
+        })
+        .await?;
+        let reg = Registered {
+            id,
+            record: rec,
+            notified_stream_seq: None,
+        };
+        finish_registered(&sinks, &reg).await?;
+        sinks
+            .metrics
+            .bytes_written
+            .fetch_add(reg.record.bytes, std::sync::atomic::Ordering::Relaxed);
+        sinks
+            .metrics
+            .batch_sealed(&reg.record.table, &reg.record.ops);
+        tracing::info!(
+            batch = %reg.record.batch_id,
+            rows = reg.record.rows,
+            bytes = reg.record.bytes,
+            registry_id = id,
+            "batch delivered"
+        );
+        let id = batch.id;
+        drop(batch); // removes the spool file
+        if persisted.send(id).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

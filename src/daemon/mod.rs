@@ -1,0 +1,74 @@
+//! `cdc-egress run`: the thin IO driver around the pure [`Batcher`].
+//!
+//! ```text
+//!  replication socket ──► reader task ──(Input)──► batcher thread ──(SealedBatch)──► delivery task
+//!        ▲                   │ Relation → catalog        │ decode, CSV, gzip spool      │ upload, register,
+//!        │                   │ lookup                    │ seal decisions               │ manifest, notice
+//!        │                   ▼                           ▼                              │
+//!   status task ◄──(confirmed LSN, watch)── Batcher::confirmed() ◄──(persisted ids)─────┘
+//! ```
+//!
+//! # Invariants this driver keeps
+//! - Frames reach the batcher in stream order through one channel; persisted reports reach it through
+//!   another (unbounded, so delivery can never deadlock against a full input channel).
+//! - The only LSN ever sent as the flush position is [`Batcher::confirmed`] (see `ack`). On every
+//!   failure the session is torn down and rebuilt from the slot and the registry, exactly as after a
+//!   crash; there is no in-process repair path that could differ from crash recovery.
+//! - Start-up finishes committed-but-unnotified batches and removes orphans *before* streaming.
+//! - A transient failure (server down, network) restarts the session with backoff; a definite one
+//!   (configuration, permissions, undecodable data) stops the daemon with exit code 1.
+//! - SIGTERM/SIGINT: stop reading, abandon open batches (they are re-sent from the confirmed LSN),
+//!   let in-flight deliveries finish (bounded wait), send a final status update, exit 0.
+
+pub mod deliver;
+mod session;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::observe::Metrics;
+
+pub use session::session;
+
+/// Runs sessions until shutdown or a definite error.
+pub async fn run(
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let started = Instant::now();
+        let result = session(&config, metrics.clone(), shutdown.clone()).await;
+        metrics
+            .ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                metrics.error(&e);
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    delay = Duration::from_millis(500);
+                }
+                tracing::warn!(error = %e, retry_in = ?delay, "session ended; restarting from the confirmed LSN");
+                let mut s = shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = s.wait_for(|v| *v) => return Ok(()),
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => {
+                metrics.error(&e);
+                return Err(e);
+            }
+        }
+    }
+}

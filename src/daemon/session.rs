@@ -1,0 +1,658 @@
+//! One replication session: from connecting to the slot until shutdown or the first error.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
+
+use super::deliver::{self, Sinks};
+use crate::ack::BatchId;
+use crate::batch::{Batcher, EventOut, Limits, Position, SealedBatch};
+use crate::config::Config;
+use crate::decode::{self, Message, ReplicationFrame};
+use crate::error::Error;
+use crate::lsn::Lsn;
+use crate::notify::Notifier;
+use crate::observe::Metrics;
+use crate::register::Registry;
+use crate::source::conninfo::ConnInfo;
+use crate::source::slot;
+use crate::source::wire::{CopyWriter, ReplicationConnection};
+use crate::table::{quote_ident, quote_literal, TableName, TableSchema};
+use crate::write::spool::{clean_spool_dir, GzipSpools};
+use crate::write::{self, SchemaVersions, SpooledFile, Store};
+
+/// What the reader hands the batcher thread, in stream order.
+enum Input {
+    Data(Bytes),
+    Relation(Arc<TableSchema>),
+    Keepalive(Lsn),
+    Tick(i64),
+    Stop,
+}
+
+const INPUT_CAPACITY: usize = 4096;
+const SEALED_CAPACITY: usize = 16;
+
+fn now_unix_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Connections and sinks every command needs; opened once per session.
+pub struct Endpoints {
+    pub source: ConnInfo,
+    pub catalog: Arc<tokio_postgres::Client>,
+    pub sinks: Sinks,
+}
+
+/// Connects to the source (checking its preconditions), the registry (migrating it), the object store
+/// and NATS.
+pub async fn connect(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Endpoints, Error> {
+    let source = ConnInfo::parse(config.source.url.expose())?;
+    let catalog = source.connect().await?;
+    slot::check_source(&catalog, &config.source.publication).await?;
+    let registry_info = ConnInfo::parse(config.registry.url.expose())?;
+    let mut reg_client = registry_info.connect().await?;
+    crate::register::migrate(&mut reg_client, &config.registry.schema).await?;
+    drop(reg_client);
+    let registry = Registry::new(registry_info.pool(4)?, &config.registry.schema);
+    let options: BTreeMap<String, String> = config
+        .output
+        .options
+        .iter()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    let store = Store::open(&config.output.url, &options)?;
+    let notifier = Notifier::connect(&config.nats).await?;
+    Ok(Endpoints {
+        source,
+        catalog: Arc::new(catalog),
+        sinks: Sinks {
+            store,
+            registry,
+            notifier,
+            metrics,
+            shutdown,
+        },
+    })
+}
+
+/// Removes uploads of batches that never reached the registry, for every table the registry knows,
+/// on the dates from its last batch until today.
+async fn remove_orphans(sinks: &Sinks) -> Result<usize, Error> {
+    let files = sinks.registry.last_streaming_dates().await?;
+    let today = chrono::Utc::now().date_naive();
+    let mut removed = 0;
+    for (table, last_date, committed) in files {
+        let mut dates = Vec::new();
+        let mut d = last_date;
+        while d <= today && dates.len() < 3660 {
+            dates.push(d.format("%Y-%m-%d").to_string());
+            d = d.succ_opt().unwrap_or(today);
+            if d == last_date {
+                break;
+            }
+        }
+        let committed: HashSet<String> = committed.into_iter().collect();
+        removed += write::remove_orphans(&sinks.store, &table, &dates, &committed).await?;
+    }
+    if removed > 0 {
+        tracing::info!(
+            objects = removed,
+            "removed orphaned uploads of a previous run"
+        );
+    }
+    Ok(removed)
+}
+
+/// One session; returns Ok only on a requested shutdown.
+pub async fn session(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let ep = connect(config, metrics.clone(), shutdown.clone()).await?;
+    let sinks = ep.sinks.clone();
+    let slot_name = config.source.slot.as_str();
+
+    // Finish what a previous run committed, then clear what it left half-done.
+    let finished = deliver::finish_unnotified(&sinks).await?;
+    if finished > 0 {
+        tracing::info!(files = finished, "completed notices of committed batches");
+    }
+    remove_orphans(&sinks).await?;
+
+    // The slot.
+    let mut repl = ReplicationConnection::connect(&ep.source).await?;
+    match slot::slot_info(&ep.catalog, slot_name).await? {
+        Some(info) => slot::check_slot(&info, slot_name, ep.source.dbname())?,
+        None => {
+            repl.simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+                quote_ident(slot_name)
+            ))
+            .await
+            .map_err(|e| e.context(format!("create replication slot {slot_name}")))?;
+            tracing::info!(slot = slot_name, "created replication slot");
+        }
+    }
+    let start = slot::slot_info(&ep.catalog, slot_name)
+        .await?
+        .and_then(|i| i.confirmed_flush)
+        .unwrap_or(Lsn::ZERO);
+
+    // Registry state: skip positions and schema versions.
+    let states = sinks.registry.table_states().await?;
+    let skip: HashMap<TableName, Position> = states
+        .iter()
+        .filter_map(|(t, s)| s.last.map(|p| (t.clone(), p)))
+        .collect();
+    let versions = SchemaVersions::new(
+        states
+            .iter()
+            .map(|(t, s)| {
+                (
+                    t.clone(),
+                    (
+                        s.schema_version,
+                        s.schema_fingerprint.clone().unwrap_or_default(),
+                    ),
+                )
+            })
+            .collect(),
+    );
+    let spool_dir = config
+        .output
+        .spool_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("cdc-egress"))
+        .join(slot_name);
+    let leftovers = clean_spool_dir(&spool_dir).map_err(|e| {
+        Error::definite(
+            "spool",
+            format!("spool directory {}: {e}", spool_dir.display()),
+        )
+    })?;
+    if leftovers > 0 {
+        tracing::info!(files = leftovers, "removed spool files of a previous run");
+    }
+    let spools = GzipSpools::new(spool_dir.clone()).map_err(|e| {
+        Error::definite(
+            "spool",
+            format!("spool directory {}: {e}", spool_dir.display()),
+        )
+    })?;
+    let excluded =
+        (config.registry.url == config.source.url).then(|| config.registry.schema.clone());
+    let mut batcher = Batcher::new(
+        Limits {
+            interval: config.batch.interval,
+            max_rows: config.batch.max_rows,
+            max_bytes: config.batch.max_bytes,
+        },
+        spools,
+        start,
+        skip,
+        excluded,
+    );
+    if config.nats.change_events && sinks.notifier.is_some() {
+        batcher.enable_change_events();
+    }
+
+    let (reader, writer) = repl
+        .start_copy_both(&format!(
+            "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {}, messages 'true')",
+            quote_ident(slot_name),
+            quote_literal(&quote_ident(&config.source.publication))
+        ))
+        .await
+        .map_err(|e| {
+            if e.is_transient() {
+                e.context(format!(
+                    "start replication on slot {slot_name} (if another process holds the slot, this one waits and retries)"
+                ))
+            } else {
+                e.context(format!("start replication on slot {slot_name}"))
+            }
+        })?;
+    tracing::info!(slot = slot_name, start = %start, "streaming");
+    metrics.ready.store(true, Relaxed);
+    metrics.clear_error();
+
+    let (input_tx, input_rx) = mpsc::channel::<Input>(INPUT_CAPACITY);
+    let (sealed_tx, sealed_rx) = mpsc::channel::<SealedBatch<SpooledFile>>(SEALED_CAPACITY);
+    let (persisted_tx, persisted_rx) = mpsc::unbounded_channel::<BatchId>();
+    let (events_tx, events_rx) = mpsc::channel::<EventOut>(INPUT_CAPACITY);
+    let (confirmed_tx, confirmed_rx) = watch::channel(start);
+    let reply_now = Arc::new(Notify::new());
+    let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
+
+    // Batcher thread: decode → CSV → spool, seal decisions, ack.
+    let batcher_metrics = metrics.clone();
+    let events_enabled = config.nats.change_events && sinks.notifier.is_some();
+    let stop_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thread_stop = stop_flag.clone();
+    let batcher_thread = tokio::task::spawn_blocking(move || {
+        run_batcher(
+            batcher,
+            thread_stop,
+            input_rx,
+            persisted_rx,
+            sealed_tx,
+            events_enabled.then_some(events_tx),
+            confirmed_tx,
+            batcher_metrics,
+        )
+    });
+
+    // Reader task.
+    {
+        let input_tx = input_tx.clone();
+        let catalog = ep.catalog.clone();
+        let metrics = metrics.clone();
+        let reply_now = reply_now.clone();
+        tasks.spawn(read_stream(reader, input_tx, catalog, metrics, reply_now));
+    }
+    // Delivery task.
+    let delivery = tokio::spawn(deliver::deliver_batches(
+        sinks.clone(),
+        sealed_rx,
+        versions,
+        persisted_tx.clone(),
+    ));
+    // Change events task.
+    if events_enabled {
+        let notifier = sinks.notifier.clone().expect("events need NATS");
+        tasks.spawn(publish_events(notifier, events_rx, persisted_tx.clone()));
+    }
+    // Ticker.
+    {
+        let input_tx = input_tx.clone();
+        let period =
+            (config.batch.interval / 5).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        tasks.spawn(async move {
+            let mut iv = tokio::time::interval(period);
+            loop {
+                iv.tick().await;
+                if input_tx.is_closed() {
+                    return Ok(());
+                }
+                let _ = input_tx.try_send(Input::Tick(now_unix_us()));
+            }
+        });
+    }
+    // Heartbeat: a non-transactional logical message so an idle slot keeps advancing.
+    {
+        let catalog = ep.catalog.clone();
+        let every = config.source.heartbeat_interval;
+        tasks.spawn(async move {
+            let mut iv = tokio::time::interval(every);
+            loop {
+                iv.tick().await;
+                if let Err(e) = catalog
+                    .execute("SELECT pg_logical_emit_message(false, 'cdc_egress_heartbeat', '')", &[])
+                    .await
+                {
+                    tracing::warn!(error = %e, "heartbeat message failed; an idle slot may not advance");
+                    if e.is_closed() {
+                        return Err(Error::transient("source", format!("source connection lost: {e}")));
+                    }
+                }
+            }
+        });
+    }
+    // Registry report and slot lag.
+    {
+        let registry = sinks.registry.clone();
+        let catalog = ep.catalog.clone();
+        let metrics = metrics.clone();
+        let slot = slot_name.to_string();
+        let confirmed_rx = confirmed_rx.clone();
+        tasks.spawn(async move {
+            let mut iv = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                iv.tick().await;
+                if let Ok(Some(info)) = slot::slot_info(&catalog, &slot).await {
+                    metrics
+                        .slot_lag_bytes
+                        .store(info.lag_bytes.unwrap_or(0), Relaxed);
+                }
+                let err = metrics.last_error();
+                let state = if err.is_some() {
+                    "degraded"
+                } else {
+                    "streaming"
+                };
+                let confirmed = *confirmed_rx.borrow();
+                let received = Lsn(metrics.received_lsn.load(Relaxed));
+                if let Err(e) = registry
+                    .report_daemon(&slot, confirmed, received, state, err.as_deref())
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot record daemon state in the registry");
+                }
+            }
+        });
+    }
+
+    // Status updates run outside the JoinSet: at shutdown they send the last confirmed LSN.
+    let (stop_status_tx, stop_status_rx) = watch::channel(false);
+    let status = tokio::spawn(send_status(
+        writer,
+        confirmed_rx.clone(),
+        metrics.clone(),
+        reply_now.clone(),
+        config.source.status_interval,
+        stop_status_rx,
+    ));
+
+    let mut shutdown_rx = shutdown.clone();
+    let outcome: Result<(), Error> = tokio::select! {
+        Some(r) = tasks.join_next() => match r {
+            Ok(Ok(())) => Err(Error::transient("daemon", "a session task ended unexpectedly")),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(Error::transient("daemon", format!("session task failed: {e}"))),
+        },
+        _ = shutdown_rx.wait_for(|s| *s) => Ok(()),
+    };
+    metrics.ready.store(false, Relaxed);
+
+    // Tear down: stop reading, stop the batcher (open batches are abandoned), let in-flight
+    // deliveries finish, send the final status.
+    tasks.abort_all();
+    stop_flag.store(true, Relaxed);
+    let _ = input_tx.try_send(Input::Stop);
+    drop(input_tx);
+    let batcher_result = batcher_thread
+        .await
+        .map_err(|e| Error::transient("daemon", format!("batcher thread: {e}")))?;
+    let drained = tokio::time::timeout(Duration::from_secs(30), delivery).await;
+    if let Ok(Ok(Err(e))) = &drained {
+        tracing::warn!(error = %e, "delivery stopped with an error");
+    }
+    if let Ok(mut state) = batcher_result {
+        // Apply the persisted reports that arrived after the batcher thread stopped.
+        state.apply_late_reports();
+        let _ = state.confirmed_tx.send(state.batcher.confirmed());
+    }
+    let _ = stop_status_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), status).await;
+    if outcome.is_ok() {
+        let confirmed = *confirmed_rx.borrow();
+        let _ = sinks
+            .registry
+            .report_daemon(
+                slot_name,
+                confirmed,
+                Lsn(metrics.received_lsn.load(Relaxed)),
+                "stopped",
+                None,
+            )
+            .await;
+        tracing::info!(confirmed = %confirmed, "stopped");
+    }
+    outcome
+}
+
+/// What the batcher thread leaves behind when it stops.
+struct BatcherState {
+    batcher: Batcher<GzipSpools>,
+    persisted_rx: mpsc::UnboundedReceiver<BatchId>,
+    confirmed_tx: watch::Sender<Lsn>,
+}
+
+impl BatcherState {
+    fn apply_late_reports(&mut self) {
+        while let Ok(id) = self.persisted_rx.try_recv() {
+            self.batcher.persisted(id);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_batcher(
+    mut batcher: Batcher<GzipSpools>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    mut input_rx: mpsc::Receiver<Input>,
+    mut persisted_rx: mpsc::UnboundedReceiver<BatchId>,
+    sealed_tx: mpsc::Sender<SealedBatch<SpooledFile>>,
+    events_tx: Option<mpsc::Sender<EventOut>>,
+    confirmed_tx: watch::Sender<Lsn>,
+    metrics: Arc<Metrics>,
+) -> Result<BatcherState, Error> {
+    let mut sealed = Vec::new();
+    let mut events = Vec::new();
+    loop {
+        while let Ok(id) = persisted_rx.try_recv() {
+            batcher.persisted(id);
+        }
+        if stop.load(Relaxed) {
+            break;
+        }
+        let Some(input) = input_rx.blocking_recv() else {
+            break;
+        };
+        match input {
+            Input::Data(data) => {
+                let msg = decode::decode(data).map_err(|e| {
+                    Error::definite("decode", format!("undecodable pgoutput message: {e}"))
+                })?;
+                batcher.message(msg, &mut sealed)?;
+            }
+            Input::Relation(schema) => batcher.relation(schema, &mut sealed)?,
+            Input::Keepalive(lsn) => batcher.keepalive(lsn),
+            Input::Tick(now) => batcher.tick(now, &mut sealed)?,
+            Input::Stop => break,
+        }
+        for b in sealed.drain(..) {
+            let spooled = b
+                .spool
+                .finish()
+                .map_err(|e| Error::transient("spool", format!("cannot finish spool file: {e}")))?;
+            let b = SealedBatch {
+                id: b.id,
+                schema: b.schema,
+                first: b.first,
+                last: b.last,
+                first_commit_ts: b.first_commit_ts,
+                last_commit_ts: b.last_commit_ts,
+                rows: b.rows,
+                csv_bytes: b.csv_bytes,
+                ops: b.ops,
+                spool: spooled,
+            };
+            if sealed_tx.blocking_send(b).is_err() {
+                return Err(Error::transient("daemon", "delivery stopped"));
+            }
+        }
+        if let Some(tx) = &events_tx {
+            batcher.drain_change_events(&mut events);
+            for e in events.drain(..) {
+                if tx.blocking_send(e).is_err() {
+                    return Err(Error::transient("daemon", "change-event publisher stopped"));
+                }
+            }
+        }
+        let c = batcher.confirmed();
+        confirmed_tx.send_if_modified(|v| {
+            let changed = *v != c;
+            *v = c;
+            changed
+        });
+        metrics
+            .pending_batches
+            .store(batcher.open_batches() as i64, Relaxed);
+    }
+    Ok(BatcherState {
+        batcher,
+        persisted_rx,
+        confirmed_tx,
+    })
+}
+
+async fn read_stream(
+    mut reader: crate::source::wire::CopyReader,
+    input_tx: mpsc::Sender<Input>,
+    catalog: Arc<tokio_postgres::Client>,
+    metrics: Arc<Metrics>,
+    reply_now: Arc<Notify>,
+) -> Result<(), Error> {
+    loop {
+        let Some(payload) = reader.next().await? else {
+            return Err(Error::transient(
+                "source",
+                "the server ended the replication stream",
+            ));
+        };
+        let frame = decode::parse_frame(payload).map_err(|e| {
+            Error::definite("decode", format!("undecodable replication frame: {e}"))
+        })?;
+        let input = match frame {
+            ReplicationFrame::XLogData {
+                wal_start, data, ..
+            } => {
+                metrics.messages_received.fetch_add(1, Relaxed);
+                metrics.received_lsn.fetch_max(wal_start.0, Relaxed);
+                if data.first() == Some(&b'R') {
+                    let Message::Relation(rel) = decode::decode(data).map_err(|e| {
+                        Error::definite("decode", format!("undecodable Relation message: {e}"))
+                    })?
+                    else {
+                        unreachable!("tag R decodes to a Relation")
+                    };
+                    Input::Relation(slot::describe_relation(&catalog, &rel).await?)
+                } else {
+                    Input::Data(data)
+                }
+            }
+            ReplicationFrame::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                metrics.received_lsn.fetch_max(wal_end.0, Relaxed);
+                if reply_requested {
+                    reply_now.notify_one();
+                }
+                Input::Keepalive(wal_end)
+            }
+        };
+        if input_tx.send(input).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+async fn send_status(
+    mut writer: CopyWriter,
+    mut confirmed_rx: watch::Receiver<Lsn>,
+    metrics: Arc<Metrics>,
+    reply_now: Arc<Notify>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let mut last_sent = Instant::now() - every;
+    let mut iv = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        let mut force = false;
+        let stopping = tokio::select! {
+            _ = iv.tick() => false,
+            _ = reply_now.notified() => { force = true; false }
+            _ = confirmed_rx.changed() => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        let confirmed = *confirmed_rx.borrow_and_update();
+        let changed = metrics.confirmed_lsn.load(Relaxed) != confirmed.0;
+        if stopping || force || changed || last_sent.elapsed() >= every {
+            let received = Lsn(metrics.received_lsn.load(Relaxed)).max(confirmed);
+            let now = decode::utc_to_pg_micros(chrono::Utc::now());
+            let msg = decode::standby_status_update(received, confirmed, confirmed, now, false);
+            writer.send(&msg).await?;
+            metrics.confirmed_lsn.store(confirmed.0, Relaxed);
+            last_sent = Instant::now();
+        }
+        if stopping {
+            let _ = writer.finish().await;
+            return Ok(());
+        }
+    }
+}
+
+/// Publishes change events with pipelined acks, in order; reports a transaction's unit persisted once
+/// every event before its Close marker is acknowledged.
+async fn publish_events(
+    notifier: Notifier,
+    mut rx: mpsc::Receiver<EventOut>,
+    persisted: mpsc::UnboundedSender<BatchId>,
+) -> Result<(), Error> {
+    use std::collections::VecDeque;
+    enum Pending {
+        Ack(async_nats::jetstream::context::PublishAckFuture, String),
+        Close(BatchId),
+    }
+    let mut queue: VecDeque<Pending> = VecDeque::new();
+    const WINDOW: usize = 1024;
+    loop {
+        // Resolve acknowledged heads of the queue.
+        while let Some(head) = queue.front() {
+            match head {
+                Pending::Close(unit) => {
+                    let _ = persisted.send(*unit);
+                    queue.pop_front();
+                }
+                Pending::Ack(..) if queue.len() >= WINDOW || rx.is_empty() => {
+                    let Some(Pending::Ack(fut, subject)) = queue.pop_front() else {
+                        unreachable!()
+                    };
+                    fut.await.map_err(|e| {
+                        Error::transient(
+                            "nats",
+                            format!("change event on {subject} not acknowledged: {e}"),
+                        )
+                    })?;
+                }
+                Pending::Ack(..) => break,
+            }
+        }
+        let Some(ev) = rx.recv().await else {
+            return Ok(());
+        };
+        match ev {
+            EventOut::Close(unit) => queue.push_back(Pending::Close(unit)),
+            EventOut::Change(c) => {
+                let subject = notifier.change_subject(&c.table, c.op.word());
+                let msg_id = format!(
+                    "{}:{}:{}",
+                    c.table.dotted(),
+                    c.position.commit_lsn,
+                    c.position.seq
+                );
+                let payload = serde_json::json!({
+                    "table": c.table.dotted(),
+                    "op": c.op.word(),
+                    "commit_lsn": c.position.commit_lsn.to_string(),
+                    "seq": c.position.seq,
+                    "xid": c.xid,
+                    "commit_ts": crate::batch::format_commit_ts(c.commit_ts),
+                    "csv": String::from_utf8_lossy(&c.csv_row),
+                });
+                let fut = notifier
+                    .publish_pipelined(
+                        subject.clone(),
+                        &msg_id,
+                        serde_json::to_vec(&payload).expect("json").into(),
+                    )
+                    .await?;
+                queue.push_back(Pending::Ack(fut, subject));
+            }
+        }
+    }
+}

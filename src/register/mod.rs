@@ -1,0 +1,455 @@
+//! The registry: PostgreSQL tables that are the commit record of everything cdc-egress writes.
+//!
+//! # Invariants
+//! - A batch is *committed* when its `files` row commits. The row and the table's new last position
+//!   (`tables.last_commit_lsn/last_seq`) commit in one transaction, so the skip positions read at start
+//!   (see `batch`) are exactly the ends of the committed batches.
+//! - `files.batch_id` is unique and deterministic (see `write::layout`): registering the same batch
+//!   twice is a no-op that returns the existing row, never a second row.
+//! - Rows are appended in seal order per table; `files.id` order is registry order. A consumer that
+//!   reads `files` by id finds every file exactly once (PRODUCT.md §7).
+//! - `files.notified_stream_seq` is set only after JetStream acknowledged the notice; rows where it is
+//!   NULL are completed (manifest, notice) at start-up before streaming resumes.
+//!
+//! The schema is created by the numbered files in `migrations/`, applied by [`migrate`] under an
+//! advisory lock, each once, each in its own transaction.
+
+pub mod migrate;
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::Row;
+
+use crate::batch::{OpCounts, Position};
+use crate::error::Error;
+use crate::lsn::Lsn;
+use crate::table::{quote_ident, TableName, TableSchema};
+
+pub use migrate::migrate;
+
+/// What kind of object a `files` row describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Streaming,
+    Reload,
+    Ddl,
+}
+
+impl FileKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileKind::Streaming => "streaming",
+            FileKind::Reload => "reload",
+            FileKind::Ddl => "ddl",
+        }
+    }
+    fn parse(s: &str) -> FileKind {
+        match s {
+            "reload" => FileKind::Reload,
+            "ddl" => FileKind::Ddl,
+            _ => FileKind::Streaming,
+        }
+    }
+}
+
+/// One row of the file log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileRecord {
+    pub batch_id: String,
+    pub table: TableName,
+    pub kind: FileKind,
+    /// object_store paths (full, including the configured prefix).
+    pub object_path: String,
+    pub schema_path: String,
+    pub manifest_path: String,
+    pub first: Option<Position>,
+    pub last: Option<Position>,
+    pub first_commit_ts: Option<DateTime<Utc>>,
+    pub last_commit_ts: Option<DateTime<Utc>>,
+    pub rows: u64,
+    pub bytes: u64,
+    pub csv_bytes: u64,
+    /// `sha256:<hex>` of the gzip object.
+    pub checksum: String,
+    pub schema_version: i32,
+    pub schema_fingerprint: String,
+    pub reload_id: Option<i64>,
+    pub part: Option<i32>,
+    pub ops: OpCounts,
+}
+
+/// A committed `files` row.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub id: i64,
+    pub record: FileRecord,
+    pub notified_stream_seq: Option<u64>,
+}
+
+/// Per-table state as the daemon needs it at start.
+#[derive(Debug, Clone, Default)]
+pub struct TableState {
+    pub last: Option<Position>,
+    pub schema_version: i32,
+    pub schema_fingerprint: Option<String>,
+    pub mode: String,
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    pool: deadpool_postgres::Pool,
+    schema: String,
+    quoted: String,
+}
+
+fn db(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::transient("registry", format!("registry {what}: {e}"))
+}
+
+fn pg_err(what: &str, e: tokio_postgres::Error) -> Error {
+    // Definite when the server says our SQL or privileges are wrong; transient otherwise.
+    if let Some(db_err) = e.as_db_error() {
+        let code = db_err.code().code();
+        if code.starts_with("42") || code.starts_with("22") || code.starts_with("23") {
+            return Error::definite(
+                "registry",
+                format!(
+                    "registry {what}: {} (SQLSTATE {code}); run `cdc-egress migrate`?",
+                    db_err.message()
+                ),
+            );
+        }
+    }
+    db(what, e)
+}
+
+fn lsn_text(p: Option<Position>) -> Option<String> {
+    p.map(|p| p.commit_lsn.to_string())
+}
+
+fn parse_lsn(s: Option<String>) -> Option<Lsn> {
+    s.and_then(|s| s.parse().ok())
+}
+
+impl Registry {
+    pub fn new(pool: deadpool_postgres::Pool, schema: &str) -> Self {
+        Registry {
+            pool,
+            schema: schema.to_string(),
+            quoted: quote_ident(schema),
+        }
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
+        self.pool.get().await.map_err(|e| db("connection", e))
+    }
+
+    fn t(&self, table: &str) -> String {
+        format!("{}.{}", self.quoted, table)
+    }
+
+    /// Fails with an actionable message when the registry schema is missing or outdated.
+    pub async fn check_installed(&self) -> Result<(), Error> {
+        let c = self.client().await?;
+        let v = migrate::installed_version(&c, &self.schema).await?;
+        if v < migrate::LATEST {
+            return Err(Error::definite(
+                "registry",
+                format!(
+                    "registry schema {} is at version {v}, this cdc-egress needs {}: run `cdc-egress migrate`",
+                    self.schema,
+                    migrate::LATEST
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every table's last committed position, schema version and mode.
+    pub async fn table_states(&self) -> Result<HashMap<TableName, TableState>, Error> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT table_schema, table_name, last_commit_lsn::text, last_seq, schema_version, \
+                     schema_fingerprint, mode FROM {}",
+                    self.t("tables")
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| pg_err("read tables", e))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let table = TableName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+                let last = parse_lsn(r.get(2))
+                    .map(|lsn| Position::new(lsn, r.get::<_, Option<i32>>(3).unwrap_or(0) as u32));
+                (
+                    table,
+                    TableState {
+                        last,
+                        schema_version: r.get(4),
+                        schema_fingerprint: r.get(5),
+                        mode: r.get(6),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Commits one file row and advances the table's position, atomically. Idempotent on `batch_id`.
+    pub async fn commit_file(
+        &self,
+        rec: &FileRecord,
+        schema: Option<&TableSchema>,
+    ) -> Result<i64, Error> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(|e| pg_err("begin", e))?;
+        let ops = serde_json::to_value(rec.ops).expect("counts serialize");
+        let inserted = tx
+            .query_opt(
+                &format!(
+                    "INSERT INTO {} (batch_id, table_schema, table_name, kind, object_path, schema_path, \
+                     manifest_path, first_commit_lsn, first_seq, last_commit_lsn, last_seq, first_commit_ts, \
+                     last_commit_ts, row_count, byte_size, csv_bytes, checksum, schema_version, \
+                     schema_fingerprint, reload_id, part, ops) \
+                     VALUES ($1,$2,$3,$4,$5,$6,$7,$8::text::pg_lsn,$9,$10::text::pg_lsn,$11,$12,$13,$14,$15,$16, \
+                     $17,$18,$19,$20,$21,$22) ON CONFLICT (batch_id) DO NOTHING RETURNING id",
+                    self.t("files")
+                ),
+                &[
+                    &rec.batch_id,
+                    &rec.table.schema,
+                    &rec.table.name,
+                    &rec.kind.as_str(),
+                    &rec.object_path,
+                    &rec.schema_path,
+                    &rec.manifest_path,
+                    &lsn_text(rec.first),
+                    &rec.first.map(|p| p.seq as i32),
+                    &lsn_text(rec.last),
+                    &rec.last.map(|p| p.seq as i32),
+                    &rec.first_commit_ts,
+                    &rec.last_commit_ts,
+                    &(rec.rows as i64),
+                    &(rec.bytes as i64),
+                    &(rec.csv_bytes as i64),
+                    &rec.checksum,
+                    &rec.schema_version,
+                    &rec.schema_fingerprint,
+                    &rec.reload_id,
+                    &rec.part,
+                    &ops,
+                ],
+            )
+            .await
+            .map_err(|e| pg_err("insert file", e))?;
+        let id: i64 = match inserted {
+            Some(r) => r.get(0),
+            None => {
+                let r = tx
+                    .query_one(
+                        &format!("SELECT id FROM {} WHERE batch_id = $1", self.t("files")),
+                        &[&rec.batch_id],
+                    )
+                    .await
+                    .map_err(|e| pg_err("find file", e))?;
+                tx.commit().await.map_err(|e| pg_err("commit", e))?;
+                return Ok(r.get(0));
+            }
+        };
+        let columns = schema.map(|s| serde_json::to_value(&s.columns).expect("columns serialize"));
+        tx.execute(
+            &format!(
+                "INSERT INTO {t} AS t (table_schema, table_name, last_commit_lsn, last_seq, last_file_id, \
+                 schema_version, schema_fingerprint, columns, rows_total, updated_at) \
+                 VALUES ($1, $2, $3::text::pg_lsn, $4, $5, $6, $7, $8, $9, now()) \
+                 ON CONFLICT (table_schema, table_name) DO UPDATE SET \
+                   last_commit_lsn = CASE WHEN EXCLUDED.last_commit_lsn IS NULL THEN t.last_commit_lsn \
+                                          ELSE EXCLUDED.last_commit_lsn END, \
+                   last_seq = CASE WHEN EXCLUDED.last_commit_lsn IS NULL THEN t.last_seq ELSE EXCLUDED.last_seq END, \
+                   last_file_id = EXCLUDED.last_file_id, \
+                   schema_version = GREATEST(t.schema_version, EXCLUDED.schema_version), \
+                   schema_fingerprint = EXCLUDED.schema_fingerprint, \
+                   columns = COALESCE(EXCLUDED.columns, t.columns), \
+                   rows_total = t.rows_total + EXCLUDED.rows_total, updated_at = now()",
+                t = self.t("tables")
+            ),
+            &[
+                &rec.table.schema,
+                &rec.table.name,
+                &lsn_text(rec.last),
+                &rec.last.map(|p| p.seq as i32),
+                &id,
+                &rec.schema_version,
+                &rec.schema_fingerprint,
+                &columns,
+                &(rec.rows as i64),
+            ],
+        )
+        .await
+        .map_err(|e| pg_err("update table state", e))?;
+        tx.commit().await.map_err(|e| pg_err("commit", e))?;
+        Ok(id)
+    }
+
+    /// Records the JetStream sequence of a file's notice.
+    pub async fn mark_notified(&self, id: i64, stream_seq: u64) -> Result<(), Error> {
+        let c = self.client().await?;
+        c.execute(
+            &format!(
+                "UPDATE {} SET notified_stream_seq = $2, notified_at = now() WHERE id = $1",
+                self.t("files")
+            ),
+            &[&id, &(stream_seq as i64)],
+        )
+        .await
+        .map_err(|e| pg_err("mark notified", e))?;
+        Ok(())
+    }
+
+    /// Committed files whose notice is not recorded yet, in registry order.
+    pub async fn unnotified(&self) -> Result<Vec<Registered>, Error> {
+        self.files_where("notified_stream_seq IS NULL", &[]).await
+    }
+
+    /// Every file of the log with id greater than `after`, in registry order (consumers, tests).
+    pub async fn files_after(&self, after: i64) -> Result<Vec<Registered>, Error> {
+        self.files_where("id > $1", &[&after]).await
+    }
+
+    async fn files_where(
+        &self,
+        cond: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Registered>, Error> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT id, batch_id, table_schema, table_name, kind, object_path, schema_path, manifest_path, \
+                     first_commit_lsn::text, first_seq, last_commit_lsn::text, last_seq, first_commit_ts, \
+                     last_commit_ts, row_count, byte_size, csv_bytes, checksum, schema_version, \
+                     schema_fingerprint, reload_id, part, ops, notified_stream_seq \
+                     FROM {} WHERE {cond} ORDER BY id",
+                    self.t("files")
+                ),
+                params,
+            )
+            .await
+            .map_err(|e| pg_err("read files", e))?;
+        Ok(rows.iter().map(registered_from_row).collect())
+    }
+
+    /// Per table with streaming files: the UTC date of its newest batch minus one day (commit times
+    /// are not strictly monotonic in LSN order), and the ids of its batches from that date on.
+    pub async fn last_streaming_dates(
+        &self,
+    ) -> Result<Vec<(TableName, chrono::NaiveDate, Vec<String>)>, Error> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!(
+                    "WITH last AS (SELECT table_schema, table_name,                        max((first_commit_ts AT TIME ZONE 'UTC')::date) - 1 AS d                        FROM {f} WHERE kind = 'streaming' GROUP BY 1, 2)                      SELECT l.table_schema, l.table_name, l.d, array_agg(f.batch_id)                      FROM last l JOIN {f} f USING (table_schema, table_name)                      WHERE f.kind = 'streaming' AND (f.first_commit_ts AT TIME ZONE 'UTC')::date >= l.d                      GROUP BY 1, 2, 3",
+                    f = self.t("files")
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| pg_err("read batch dates", e))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                    r.get(2),
+                    r.get(3),
+                )
+            })
+            .collect())
+    }
+
+    /// Upserts the daemon's row (state, positions, last error) for `status`.
+    pub async fn report_daemon(
+        &self,
+        slot: &str,
+        confirmed: Lsn,
+        received: Lsn,
+        state: &str,
+        last_error: Option<&str>,
+    ) -> Result<(), Error> {
+        let c = self.client().await?;
+        let host = std::env::var("HOSTNAME").unwrap_or_default();
+        c.execute(
+            &format!(
+                "INSERT INTO {} (slot_name, confirmed_lsn, received_lsn, state, last_error, pid, host, heartbeat_at) \
+                 VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, $6, $7, now()) \
+                 ON CONFLICT (slot_name) DO UPDATE SET confirmed_lsn = EXCLUDED.confirmed_lsn, \
+                 received_lsn = EXCLUDED.received_lsn, state = EXCLUDED.state, last_error = EXCLUDED.last_error, \
+                 pid = EXCLUDED.pid, host = EXCLUDED.host, heartbeat_at = now()",
+                self.t("daemon")
+            ),
+            &[
+                &slot,
+                &confirmed.to_string(),
+                &received.to_string(),
+                &state,
+                &last_error,
+                &(std::process::id() as i32),
+                &host,
+            ],
+        )
+        .await
+        .map_err(|e| pg_err("report daemon state", e))?;
+        Ok(())
+    }
+}
+
+fn registered_from_row(r: &Row) -> Registered {
+    let pos = |lsn: Option<String>, seq: Option<i32>| {
+        parse_lsn(lsn).map(|l| Position::new(l, seq.unwrap_or(0) as u32))
+    };
+    let ops: Option<serde_json::Value> = r.get(22);
+    let count = |k: &str| {
+        ops.as_ref()
+            .and_then(|o| o.get(k))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0)
+    };
+    Registered {
+        id: r.get(0),
+        record: FileRecord {
+            batch_id: r.get(1),
+            table: TableName::new(r.get::<_, String>(2), r.get::<_, String>(3)),
+            kind: FileKind::parse(r.get(4)),
+            object_path: r.get(5),
+            schema_path: r.get::<_, Option<String>>(6).unwrap_or_default(),
+            manifest_path: r.get::<_, Option<String>>(7).unwrap_or_default(),
+            first: pos(r.get(8), r.get(9)),
+            last: pos(r.get(10), r.get(11)),
+            first_commit_ts: r.get(12),
+            last_commit_ts: r.get(13),
+            rows: r.get::<_, i64>(14) as u64,
+            bytes: r.get::<_, i64>(15) as u64,
+            csv_bytes: r.get::<_, i64>(16) as u64,
+            checksum: r.get(17),
+            schema_version: r.get(18),
+            schema_fingerprint: r.get(19),
+            reload_id: r.get(20),
+            part: r.get(21),
+            ops: OpCounts {
+                insert: count("insert"),
+                update: count("update"),
+                delete: count("delete"),
+                truncate: count("truncate"),
+            },
+        },
+        notified_stream_seq: r.get::<_, Option<i64>>(23).map(|v| v as u64),
+    }
+}

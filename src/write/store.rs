@@ -1,0 +1,227 @@
+//! The object store behind `output.url`, and the few operations the pipeline needs from it.
+//!
+//! # Contract
+//! - `put_bytes` and `put_file` are atomic: a reader sees the whole object or nothing (object_store
+//!   guarantees this for single puts and completed multipart uploads; the local backend writes a
+//!   temporary file and renames it).
+//! - `put_file` streams from disk in parts of [`PART_SIZE`]; memory does not grow with the file.
+//! - Writing the same object twice with the same bytes is harmless (names are deterministic).
+//! - Errors are classified: authentication/permission/invalid-path problems are definite; everything
+//!   else (network, throttling, 5xx) is transient and retried by the caller.
+//!
+//! The conformance suite in `tests/store_conformance.rs` runs these operations against every backend
+//! we can run here: the local filesystem and a real S3-compatible server on loopback.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use tokio::io::AsyncReadExt;
+
+use crate::error::Error;
+
+/// Multipart part size (S3's minimum is 5 MiB).
+pub const PART_SIZE: usize = 5 * 1024 * 1024;
+
+const SCHEMES: &[&str] = &[
+    "file", "s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl",
+];
+
+/// Validates `output.url` without touching the network.
+pub fn check_output_url(url: &str) -> Result<(), String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("{url:?} is not a URL; expected file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"))?;
+    if !SCHEMES.contains(&scheme) {
+        return Err(format!(
+            "unsupported scheme {scheme:?}; expected one of {}",
+            SCHEMES.join(", ")
+        ));
+    }
+    if scheme != "file" && rest.trim_matches('/').is_empty() {
+        return Err(format!("{url:?} names no bucket or container"));
+    }
+    if scheme == "file" && rest.is_empty() {
+        return Err("file:// URL names no directory".into());
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    root: Path,
+    /// Prefix of every object URL shown to users (`s3://bucket`, `file:///abs/dir`), without root.
+    base_url: String,
+}
+
+fn classify(op: &str, path: &Path, e: object_store::Error) -> Error {
+    let msg = format!("object store {op} {path}: {e}");
+    match e {
+        object_store::Error::InvalidPath { .. }
+        | object_store::Error::NotSupported { .. }
+        | object_store::Error::NotImplemented { .. }
+        | object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. }
+        | object_store::Error::UnknownConfigurationKey { .. } => {
+            Error::definite("object_store", msg)
+        }
+        _ => Error::transient("object_store", msg),
+    }
+}
+
+impl Store {
+    /// Opens the store for `url` with `options` (object_store configuration keys such as
+    /// `aws_endpoint`, `aws_region`, `aws_allow_http`, `aws_access_key_id`). A relative `file://`
+    /// path is resolved against the current directory and created.
+    pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Store, Error> {
+        check_output_url(url).map_err(|e| Error::definite("config", format!("output.url: {e}")))?;
+        if let Some(rest) = url.strip_prefix("file://") {
+            let dir = std::path::Path::new(rest);
+            let dir = if dir.is_absolute() {
+                dir.to_path_buf()
+            } else {
+                std::env::current_dir()
+                    .map_err(|e| Error::definite("config", format!("current directory: {e}")))?
+                    .join(dir)
+            };
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                Error::definite(
+                    "object_store",
+                    format!("cannot create output directory {}: {e}", dir.display()),
+                )
+            })?;
+            let dir = dir
+                .canonicalize()
+                .map_err(|e| Error::definite("object_store", format!("{}: {e}", dir.display())))?;
+            let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                .map_err(|e| Error::definite("object_store", format!("{}: {e}", dir.display())))?
+                .with_automatic_cleanup(true);
+            return Ok(Store {
+                inner: Arc::new(fs),
+                root: Path::default(),
+                base_url: format!("file://{}", dir.display()),
+            });
+        }
+        let parsed = url::Url::parse(url)
+            .map_err(|e| Error::definite("config", format!("output.url {url:?}: {e}")))?;
+        let (store, root) = object_store::parse_url_opts(&parsed, options.iter()).map_err(|e| {
+            Error::definite(
+                "config",
+                format!("output.url {url:?} with output.options: {e}"),
+            )
+        })?;
+        let base_url = format!(
+            "{}://{}",
+            parsed.scheme(),
+            parsed.host_str().unwrap_or_default()
+        );
+        Ok(Store {
+            inner: Arc::from(store),
+            root,
+            base_url,
+        })
+    }
+
+    /// The configured prefix inside the bucket (empty for the local filesystem).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The URL a user or consumer would use for `path`.
+    pub fn url_of(&self, path: &Path) -> String {
+        format!("{}/{}", self.base_url, path)
+    }
+
+    pub async fn put_bytes(
+        &self,
+        path: &Path,
+        bytes: impl Into<bytes::Bytes>,
+    ) -> Result<(), Error> {
+        self.inner
+            .put(path, PutPayload::from(bytes.into()))
+            .await
+            .map(|_| ())
+            .map_err(|e| classify("put", path, e))
+    }
+
+    /// Uploads a local file, in one request when small, else as a multipart upload of
+    /// [`PART_SIZE`] parts with at most two in flight.
+    pub async fn put_file(
+        &self,
+        path: &Path,
+        file: &std::path::Path,
+        len: u64,
+    ) -> Result<(), Error> {
+        let read_err = |e: std::io::Error| {
+            Error::transient(
+                "spool",
+                format!("cannot read spool file {}: {e}", file.display()),
+            )
+        };
+        if len <= PART_SIZE as u64 {
+            let bytes = tokio::fs::read(file).await.map_err(read_err)?;
+            return self.put_bytes(path, bytes).await;
+        }
+        let upload = self
+            .inner
+            .put_multipart(path)
+            .await
+            .map_err(|e| classify("put_multipart", path, e))?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let mut f = tokio::fs::File::open(file).await.map_err(read_err)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).await.map_err(read_err)?;
+            if n == 0 {
+                break;
+            }
+            if let Err(e) = writer.wait_for_capacity(2).await {
+                let _ = writer.abort().await;
+                return Err(classify("upload part", path, e));
+            }
+            writer.write(&buf[..n]);
+        }
+        writer
+            .finish()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify("complete multipart", path, e))
+    }
+
+    pub async fn get(&self, path: &Path) -> Result<bytes::Bytes, Error> {
+        let r = self
+            .inner
+            .get(path)
+            .await
+            .map_err(|e| classify("get", path, e))?;
+        r.bytes().await.map_err(|e| classify("get", path, e))
+    }
+
+    pub async fn exists(&self, path: &Path) -> Result<bool, Error> {
+        match self.inner.head(path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(classify("head", path, e)),
+        }
+    }
+
+    /// Every object below `prefix`, in no particular order.
+    pub async fn list(&self, prefix: &Path) -> Result<Vec<ObjectMeta>, Error> {
+        self.inner
+            .list(Some(prefix))
+            .try_collect()
+            .await
+            .map_err(|e| classify("list", prefix, e))
+    }
+
+    /// Deletes an object; a missing object is not an error.
+    pub async fn delete(&self, path: &Path) -> Result<(), Error> {
+        match self.inner.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(classify("delete", path, e)),
+        }
+    }
+}
