@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod decode;
 pub mod encode;
 pub mod error;
+pub mod failpoint;
 pub mod lsn;
 pub mod notify;
 pub mod observe;

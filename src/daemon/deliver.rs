@@ -80,6 +80,7 @@ pub async fn finish_registered(sinks: &Sinks, reg: &Registered) -> Result<(), Er
         write::write_manifest(&sinks.store, reg)
     })
     .await?;
+    crate::failpoint::hit("after_manifest");
     let seq = match &sinks.notifier {
         Some(n) => {
             let subject = match reg.record.kind {
@@ -96,6 +97,7 @@ pub async fn finish_registered(sinks: &Sinks, reg: &Registered) -> Result<(), Er
             sinks
                 .metrics
                 .observe("publish", started.elapsed().as_secs_f64());
+            crate::failpoint::hit("after_publish");
             seq
         }
         // 0 records "no notice: NATS disabled" so start-up recovery does not revisit the row.
@@ -147,10 +149,12 @@ pub async fn deliver_batches(
     futures::pin_mut!(uploads);
     while let Some(done) = uploads.next().await {
         let (batch, rec) = done?;
+        crate::failpoint::hit("after_upload");
         let id = retry("register batch", &sinks, || {
             sinks.registry.commit_file(&rec, Some(&batch.schema))
         })
         .await?;
+        crate::failpoint::hit("after_register");
         let reg = Registered {
             id,
             record: rec,

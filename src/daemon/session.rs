@@ -85,24 +85,32 @@ pub async fn connect(
     })
 }
 
-/// Removes uploads of batches that never reached the registry, for every table the registry knows,
-/// on the dates from its last batch until today.
+/// Removes uploads of batches that never reached the registry: for tables the registry knows, on the
+/// dates from its last batch until today; for table directories it does not know yet, on every date.
 async fn remove_orphans(sinks: &Sinks) -> Result<usize, Error> {
-    let files = sinks.registry.last_streaming_dates().await?;
+    let known = sinks.registry.last_streaming_dates().await?;
     let today = chrono::Utc::now().date_naive();
     let mut removed = 0;
-    for (table, last_date, committed) in files {
+    let mut seen = HashSet::new();
+    for (table, last_date, committed) in known {
         let mut dates = Vec::new();
         let mut d = last_date;
         while d <= today && dates.len() < 3660 {
             dates.push(d.format("%Y-%m-%d").to_string());
-            d = d.succ_opt().unwrap_or(today);
-            if d == last_date {
-                break;
+            match d.succ_opt() {
+                Some(next) => d = next,
+                None => break,
             }
         }
         let committed: HashSet<String> = committed.into_iter().collect();
-        removed += write::remove_orphans(&sinks.store, &table, &dates, &committed).await?;
+        let dir = table.dotted();
+        removed += write::remove_orphans(&sinks.store, &dir, Some(&dates), &committed).await?;
+        seen.insert(dir);
+    }
+    for dir in sinks.store.list_dirs(sinks.store.root()).await? {
+        if !seen.contains(&dir) {
+            removed += write::remove_orphans(&sinks.store, &dir, None, &HashSet::new()).await?;
+        }
     }
     if removed > 0 {
         tracing::info!(
@@ -571,6 +579,9 @@ async fn send_status(
         };
         let confirmed = *confirmed_rx.borrow_and_update();
         let changed = metrics.confirmed_lsn.load(Relaxed) != confirmed.0;
+        if changed && confirmed != Lsn::ZERO {
+            crate::failpoint::hit("before_status");
+        }
         if stopping || force || changed || last_sent.elapsed() >= every {
             let received = Lsn(metrics.received_lsn.load(Relaxed)).max(confirmed);
             let now = decode::utc_to_pg_micros(chrono::Utc::now());

@@ -171,7 +171,7 @@ impl ConnInfo {
             .or_else(|| s.strip_prefix("postgres://"))
         {
             parse_url(rest)?
-        } else if s.contains("://") {
+        } else if looks_like_url(s) {
             return Err(config_error(
                 "connection URL must start with postgres:// or postgresql://",
             ));
@@ -358,7 +358,7 @@ impl ConnInfo {
 
     /// tokio-postgres only knows disable/prefer/require; verify-ca/verify-full map to require and the
     /// rustls configuration does the verification. Unix sockets never use TLS.
-    fn pg_config(&self) -> tokio_postgres::Config {
+    pub(crate) fn pg_config(&self) -> tokio_postgres::Config {
         use tokio_postgres::config::SslMode as PgSsl;
         let mut c = tokio_postgres::Config::new();
         match &self.host {
@@ -472,7 +472,17 @@ pub fn pg_error(err: &tokio_postgres::Error) -> Error {
             db.hint(),
         );
     }
-    let text = err.to_string();
+    // tokio-postgres' Display leaves out the cause ("error connecting to server"): append the chain.
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
     if let Some(tls_err) = tls::rustls_error(err) {
         return Error::definite(COMPONENT, format!("TLS handshake failed: {tls_err}"));
     }
@@ -491,6 +501,16 @@ pub fn pg_error(err: &tokio_postgres::Error) -> Error {
 }
 
 // ---- parsing ----
+
+/// `scheme://…` with some other scheme (a `key=value` string cannot start that way).
+fn looks_like_url(s: &str) -> bool {
+    s.split_once("://").is_some_and(|(scheme, _)| {
+        !scheme.is_empty()
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    })
+}
 
 fn parse_url(rest: &str) -> Result<Raw, Error> {
     let mut raw = Raw::default();
@@ -732,6 +752,11 @@ mod tests {
         assert!(msg("user=u password='open").contains("\"password\""));
         assert!(msg("user=u dbname").contains("\"dbname\""));
         assert!(msg("mysql://u@h/db").contains("postgres://"));
+        // "://" inside a keyword/value string is just text.
+        assert_eq!(
+            p("user=u application_name=http://x").application_name(),
+            Some("http://x")
+        );
         assert!(msg("postgres://u@h/db?password").contains("password"));
     }
 

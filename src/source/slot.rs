@@ -166,8 +166,8 @@ pub async fn describe_relation(c: &Client, rel: &Relation) -> Result<Arc<TableSc
         .query(
             "SELECT t.ord::int, format_type(t.oid, NULLIF(t.typmod, -1)), \
                     COALESCE(a.attnotnull, false), \
-                    (SELECT array_position(i.indkey::int2[], a.attnum)::int2 FROM pg_index i \
-                      WHERE i.indrelid = $4::oid AND i.indisprimary) \
+                    (SELECT k.ord::int2 FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+                      WHERE i.indrelid = $4::oid AND i.indisprimary AND k.attnum = a.attnum) \
              FROM unnest($1::oid[], $2::int4[], $3::text[]) WITH ORDINALITY AS t(oid, typmod, name, ord) \
              LEFT JOIN pg_attribute a ON a.attrelid = $4::oid AND a.attname = t.name AND NOT a.attisdropped \
              ORDER BY t.ord",

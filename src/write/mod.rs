@@ -188,22 +188,28 @@ pub async fn write_manifest(store: &Store, reg: &Registered) -> Result<(), Error
         .await
 }
 
-/// Deletes batch directories of `table` that have no `manifest.json` and are not in `committed`
-/// (uploads of a crashed run that never reached the registry). Only the streaming directories of the
-/// given dates are listed, so start-up does not scan the whole bucket. Returns the objects deleted.
+/// Deletes streaming batch directories below the table directory `table_dir` (the `schema.table`
+/// segment) that have no `manifest.json` and are not in `committed`: uploads of a crashed run that
+/// never reached the registry. Only the given dates are listed (all dates when `dates` is `None`), so
+/// start-up does not scan the whole history of a table. Returns the number of objects deleted.
 pub async fn remove_orphans(
     store: &Store,
-    table: &TableName,
-    dates: &[String],
+    table_dir: &str,
+    dates: Option<&[String]>,
     committed: &std::collections::HashSet<String>,
 ) -> Result<usize, Error> {
+    let streaming = store
+        .root()
+        .clone()
+        .join(object_store::path::PathPart::from(table_dir))
+        .join("streaming");
+    let dates: Vec<String> = match dates {
+        Some(d) => d.to_vec(),
+        None => store.list_dirs(&streaming).await?,
+    };
     let mut deleted = 0;
     for date in dates {
-        let prefix = layout::table_dir(store.root(), table)
-            .clone()
-            .join("streaming")
-            .clone()
-            .join(date.as_str());
+        let prefix = streaming.clone().join(date.as_str());
         let objects = store.list(&prefix).await?;
         let mut dirs: HashMap<String, (bool, Vec<Path>)> = HashMap::new();
         for o in objects {
@@ -221,7 +227,7 @@ pub async fn remove_orphans(
             e.1.push(o.location);
         }
         for (dir, (has_manifest, paths)) in dirs {
-            let batch_id = format!("{}/streaming/{date}/{dir}", table.dotted());
+            let batch_id = format!("{table_dir}/streaming/{date}/{dir}");
             if has_manifest || committed.contains(&batch_id) {
                 continue;
             }

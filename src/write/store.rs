@@ -217,6 +217,19 @@ impl Store {
             .map_err(|e| classify("list", prefix, e))
     }
 
+    /// The names of the "directories" directly below `prefix` (common prefixes of a delimited listing).
+    pub async fn list_dirs(&self, prefix: &Path) -> Result<Vec<String>, Error> {
+        let r = self
+            .inner
+            .list_with_delimiter(Some(prefix))
+            .await
+            .map_err(|e| classify("list", prefix, e))?;
+        Ok(r.common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect())
+    }
+
     /// Deletes an object; a missing object is not an error.
     pub async fn delete(&self, path: &Path) -> Result<(), Error> {
         match self.inner.delete(path).await {

@@ -1,0 +1,697 @@
+//! Test harness shared by the integration tests.
+//!
+//! Real servers only, on loopback: PostgreSQL (`CDC_EGRESS_TEST_PG_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), NATS with JetStream (`CDC_EGRESS_TEST_NATS_URL`,
+//! default `nats://127.0.0.1:4222`) and, for S3 tests, an S3-compatible server
+//! (`CDC_EGRESS_TEST_S3_ENDPOINT`, e.g. `http://127.0.0.1:5000`, started by `scripts/test`).
+//! Every test gets its own database, slot, publication, JetStream stream, subject prefix and output
+//! directory; [`TestDb::cleanup`] (and, as a fallback, `Drop`) drops the slot and the database.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use cdc_egress::lsn::Lsn;
+use cdc_egress::source::conninfo::ConnInfo;
+use cdc_egress::table::{quote_ident, TableName};
+use tokio_postgres::Client;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// Refuses any URL whose host is not a loopback address: tests never touch anything else.
+pub fn assert_loopback(url: &str) {
+    let host = url
+        .split("://")
+        .nth(1)
+        .map(|r| r.rsplit_once('@').map(|(_, h)| h).unwrap_or(r))
+        .map(|r| r.split(['/', '?']).next().unwrap_or(""))
+        .map(|hp| {
+            if let Some(rest) = hp.strip_prefix('[') {
+                rest.split(']').next().unwrap_or("").to_string()
+            } else {
+                hp.split(':').next().unwrap_or("").to_string()
+            }
+        })
+        .unwrap_or_default();
+    let ok = host.is_empty()
+        || host == "localhost"
+        || host == "::1"
+        || host.starts_with("127.")
+        || host.starts_with('/');
+    assert!(
+        ok,
+        "test URL {url} is not on loopback; tests only run against local servers"
+    );
+}
+
+pub fn pg_base_url() -> String {
+    let u = env_or(
+        "CDC_EGRESS_TEST_PG_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    );
+    assert_loopback(&u);
+    u
+}
+
+pub fn nats_url() -> String {
+    let u = env_or("CDC_EGRESS_TEST_NATS_URL", "nats://127.0.0.1:4222");
+    assert_loopback(&u);
+    u
+}
+
+/// The S3 endpoint, or a panic that says how to get one (S3 tests are not silently skipped).
+pub fn s3_endpoint() -> String {
+    let u = std::env::var("CDC_EGRESS_TEST_S3_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "CDC_EGRESS_TEST_S3_ENDPOINT is not set: run the tests with scripts/test (it starts a local \
+             S3-compatible server), or start one yourself (pip install 'moto[server]'; moto_server -p 5000) and \
+             export CDC_EGRESS_TEST_S3_ENDPOINT=http://127.0.0.1:5000"
+        )
+    });
+    assert_loopback(&u);
+    u
+}
+
+/// Creates a bucket on the loopback S3 server with a plain HTTP PUT (the test server needs no signature).
+pub async fn create_bucket(endpoint: &str, bucket: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hostport = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = tokio::net::TcpStream::connect(hostport)
+        .await
+        .expect("connect to S3 test server");
+    let req = format!("PUT /{bucket} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.1 200") || resp.contains("BucketAlreadyOwnedByYou"),
+        "create bucket: {resp}"
+    );
+}
+
+/// The same server URL pointing at another database.
+pub fn with_db(url: &str, db: &str) -> String {
+    let mut u = url::Url::parse(url).expect("CDC_EGRESS_TEST_PG_URL must be a postgres:// URL");
+    u.set_path(&format!("/{db}"));
+    u.to_string()
+}
+
+pub fn unique(tag: &str) -> String {
+    format!(
+        "cdct_{tag}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub async fn connect(url: &str) -> Client {
+    ConnInfo::parse(url).unwrap().connect().await.unwrap()
+}
+
+/// One test's private world.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub slot: String,
+    pub publication: String,
+    pub stream: String,
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+    pub extra_dbs: Vec<String>,
+    cleaned: bool,
+}
+
+impl TestDb {
+    pub async fn new(tag: &str) -> TestDb {
+        let name = unique(tag);
+        let base = pg_base_url();
+        let admin = connect(&base).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&name)))
+            .await
+            .unwrap();
+        let url = with_db(&base, &name);
+        TestDb {
+            slot: format!("{name}_slot"),
+            publication: format!("{name}_pub"),
+            stream: name.to_uppercase(),
+            prefix: name.clone(),
+            name,
+            url,
+            dir: tempfile::tempdir().unwrap(),
+            extra_dbs: Vec::new(),
+            cleaned: false,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    /// A second, empty database on the same server (replay target).
+    pub async fn extra_db(&mut self, suffix: &str) -> String {
+        let name = format!("{}_{suffix}", self.name);
+        let admin = connect(&pg_base_url()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&name)))
+            .await
+            .unwrap();
+        self.extra_dbs.push(name.clone());
+        with_db(&pg_base_url(), &name)
+    }
+
+    pub fn out_url(&self) -> String {
+        format!("file://{}", self.dir.path().join("out").display())
+    }
+
+    /// Environment for the `cdc-egress` binary: everything it needs, nothing inherited.
+    pub fn daemon_env(&self, output_url: &str) -> Vec<(String, String)> {
+        vec![
+            ("CDC_EGRESS_SOURCE_URL".into(), self.url.clone()),
+            ("CDC_EGRESS_SOURCE_SLOT".into(), self.slot.clone()),
+            (
+                "CDC_EGRESS_SOURCE_PUBLICATION".into(),
+                self.publication.clone(),
+            ),
+            ("CDC_EGRESS_SOURCE_HEARTBEAT_INTERVAL".into(), "1s".into()),
+            ("CDC_EGRESS_SOURCE_STATUS_INTERVAL".into(), "1s".into()),
+            ("CDC_EGRESS_BATCH_INTERVAL".into(), "1s".into()),
+            ("CDC_EGRESS_OUTPUT_URL".into(), output_url.into()),
+            (
+                "CDC_EGRESS_OUTPUT_SPOOL_DIR".into(),
+                self.dir.path().join("spool").display().to_string(),
+            ),
+            ("CDC_EGRESS_NATS_URL".into(), nats_url()),
+            ("CDC_EGRESS_NATS_STREAM".into(), self.stream.clone()),
+            ("CDC_EGRESS_NATS_SUBJECT_PREFIX".into(), self.prefix.clone()),
+            ("CDC_EGRESS_HTTP_LISTEN".into(), String::new()),
+            ("CDC_EGRESS_LOG_LEVEL".into(), "info".into()),
+        ]
+    }
+
+    pub async fn slot_confirmed(&self) -> Option<Lsn> {
+        let c = self.client().await;
+        c.query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&self.slot],
+        )
+        .await
+        .unwrap()
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .and_then(|s| s.parse().ok())
+    }
+
+    pub async fn current_lsn(&self) -> Lsn {
+        let c = self.client().await;
+        c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+            .parse()
+            .unwrap()
+    }
+
+    /// Waits until the slot has confirmed everything written so far (the daemon caught up).
+    pub async fn wait_caught_up(&self, timeout: Duration) {
+        let target = self.current_lsn().await;
+        let start = Instant::now();
+        loop {
+            if self.slot_confirmed().await.is_some_and(|c| c >= target) {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "daemon did not confirm {target} within {timeout:?} (slot at {:?})",
+                self.slot_confirmed().await
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Drops the slot, the stream and the databases. Call at the end of every test.
+    pub async fn cleanup(mut self) {
+        self.cleaned = true;
+        drop_everything(&self.name, &self.slot, &self.extra_dbs, Some(&self.stream)).await;
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let (name, slot, extra, stream) = (
+            self.name.clone(),
+            self.slot.clone(),
+            self.extra_dbs.clone(),
+            self.stream.clone(),
+        );
+        // A failed test still must not leave a slot retaining WAL.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(drop_everything(&name, &slot, &extra, Some(&stream)));
+        })
+        .join();
+    }
+}
+
+async fn drop_everything(name: &str, slot: &str, extra: &[String], stream: Option<&str>) {
+    let Ok(admin) = ConnInfo::parse(&pg_base_url()).unwrap().connect().await else {
+        return;
+    };
+    for _ in 0..50 {
+        let r = admin
+            .query(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                &[&slot],
+            )
+            .await;
+        let dropped = admin
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE $1 || '%' AND NOT active",
+                &[&name],
+            )
+            .await;
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE $1 || '%'",
+                &[&name],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        let _ = (r, dropped);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for db in std::iter::once(name.to_string()).chain(extra.iter().cloned()) {
+        let _ = admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_ident(&db)
+            ))
+            .await;
+    }
+    if let Some(stream) = stream {
+        if let Ok(c) = async_nats::connect(nats_url()).await {
+            let js = async_nats::jetstream::new(c);
+            let _ = js.delete_stream(stream).await;
+        }
+    }
+}
+
+/// The daemon as a child process.
+pub struct Daemon {
+    pub child: tokio::process::Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(
+        env: &[(String, String)],
+        cwd: &std::path::Path,
+        extra: &[(&str, &str)],
+        log_name: &str,
+    ) -> Daemon {
+        let log = cwd.join(log_name);
+        let logf = std::fs::File::create(&log).unwrap();
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cdc-egress"));
+        cmd.arg("run").current_dir(cwd);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("CDC_EGRESS_") {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.stdout(Stdio::null()).stderr(logf).kill_on_drop(true);
+        Daemon {
+            child: cmd.spawn().expect("spawn cdc-egress"),
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running") as i32;
+        unsafe_kill(pid, 15);
+        tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("daemon exits after SIGTERM")
+            .unwrap()
+    }
+
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// Waits for the process to end by itself (e.g. a failpoint abort).
+    pub async fn wait_exit(mut self, timeout: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "daemon did not exit within {timeout:?}; log:\n{}",
+                    self.log_text()
+                )
+            })
+            .unwrap()
+    }
+}
+
+fn unsafe_kill(pid: i32, sig: i32) {
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Runs the binary once with arguments and the given environment; returns (exit code, stdout, stderr).
+pub fn run_cli(
+    args: &[&str],
+    env: &[(String, String)],
+    cwd: &std::path::Path,
+) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cdc-egress"));
+    cmd.args(args).current_dir(cwd);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CDC_EGRESS_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replay: what a consumer following the documented rules does.
+
+#[derive(serde::Deserialize, Debug)]
+struct SchemaCol {
+    name: String,
+    #[serde(rename = "type")]
+    type_name: String,
+    primary_key: Option<u16>,
+}
+
+#[derive(serde::Deserialize, Debug)]
+struct SchemaYml {
+    schema: String,
+    table: String,
+    columns: Vec<SchemaCol>,
+    metadata_columns: Vec<serde_yaml::Value>,
+}
+
+/// Summary of a replay, for assertions.
+#[derive(Debug, Default)]
+pub struct ReplayReport {
+    pub files: usize,
+    pub rows: u64,
+    pub batch_ids: Vec<String>,
+}
+
+/// Replays every streaming file of the registry, in registry order, into `target` (tables with the
+/// same names and columns must exist there). Files are loaded with PostgreSQL's own
+/// `COPY … FROM (FORMAT csv, HEADER, NULL '\N')` into a text staging table, then applied row by row:
+/// I → INSERT; U → UPDATE by the old key (`_before`, else the new key) of the columns not listed in
+/// `_unchanged`; D → DELETE by the old key; T → TRUNCATE. Checks each file's checksum.
+pub async fn replay(
+    registry_url: &str,
+    registry_schema: &str,
+    output_url: &str,
+    options: &HashMap<String, String>,
+    target: &Client,
+) -> ReplayReport {
+    use sha2::Digest;
+    let reg = connect(registry_url).await;
+    let store =
+        cdc_egress::write::Store::open(output_url, &options.clone().into_iter().collect()).unwrap();
+    let rows = reg
+        .query(
+            &format!(
+                "SELECT batch_id, object_path, schema_path, checksum, row_count, kind FROM {}.files ORDER BY id",
+                quote_ident(registry_schema)
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut report = ReplayReport::default();
+    for r in rows {
+        let kind: String = r.get(5);
+        if kind != "streaming" {
+            continue;
+        }
+        let batch_id: String = r.get(0);
+        let data = store
+            .get(&object_store::path::Path::from(r.get::<_, String>(1)))
+            .await
+            .unwrap();
+        let checksum: String = r.get(3);
+        assert_eq!(
+            checksum,
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data))),
+            "checksum of {batch_id}"
+        );
+        let schema_text = store
+            .get(&object_store::path::Path::from(r.get::<_, String>(2)))
+            .await
+            .unwrap();
+        let schema: SchemaYml = serde_yaml::from_slice(&schema_text).unwrap();
+        let mut csv = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut csv).unwrap();
+        let n = apply_file(target, &schema, &csv).await;
+        assert_eq!(n, r.get::<_, i64>(4) as u64, "row count of {batch_id}");
+        report.files += 1;
+        report.rows += n;
+        report.batch_ids.push(batch_id);
+    }
+    report
+}
+
+async fn apply_file(target: &Client, schema: &SchemaYml, csv: &[u8]) -> u64 {
+    use futures::SinkExt;
+    let table = TableName::new(schema.schema.clone(), schema.table.clone()).quoted();
+    let meta = [
+        "_op",
+        "_commit_lsn",
+        "_seq",
+        "_xid",
+        "_commit_ts",
+        "_before",
+        "_unchanged",
+    ];
+    assert_eq!(schema.metadata_columns.len(), meta.len());
+    let ncols = schema.columns.len();
+    let stage_cols: Vec<String> = meta
+        .iter()
+        .map(|m| m.to_string())
+        .chain((0..ncols).map(|i| format!("c{i}")))
+        .collect();
+    target
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS pg_temp.stage; CREATE TEMP TABLE stage ({}, _n bigserial)",
+            stage_cols
+                .iter()
+                .map(|c| format!("{c} text"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .await
+        .unwrap();
+    let sink = target
+        .copy_in(&format!(
+            "COPY pg_temp.stage ({}) FROM STDIN (FORMAT csv, HEADER, NULL '\\N')",
+            stage_cols.join(", ")
+        ))
+        .await
+        .unwrap();
+    futures::pin_mut!(sink);
+    sink.send(bytes::Bytes::copy_from_slice(csv)).await.unwrap();
+    sink.finish().await.unwrap();
+    let staged = target
+        .query(
+            &format!(
+                "SELECT {} FROM pg_temp.stage ORDER BY _n",
+                stage_cols.join(", ")
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let key_cols: Vec<usize> = {
+        let mut k: Vec<(u16, usize)> = schema
+            .columns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.primary_key.map(|p| (p, i)))
+            .collect();
+        k.sort();
+        k.into_iter().map(|(_, i)| i).collect()
+    };
+    let cast = |i: usize, p: usize| format!("${p}::text::{}", schema.columns[i].type_name);
+    let col = |i: usize| quote_ident(&schema.columns[i].name);
+    for row in &staged {
+        let op: String = row.get(0);
+        let before: Option<String> = row.get(5);
+        let unchanged: Option<String> = row.get(6);
+        let vals: Vec<Option<String>> = (0..ncols).map(|i| row.get(7 + i)).collect();
+        let before: Option<serde_json::Map<String, serde_json::Value>> =
+            before.map(|b| serde_json::from_str(&b).unwrap());
+        let unchanged: Vec<String> = unchanged
+            .map(|u| serde_json::from_str(&u).unwrap())
+            .unwrap_or_default();
+        // The key: the old values from _before when present, else the row's own key columns.
+        let key_of = |i: usize| -> Option<String> {
+            match &before {
+                Some(b) => b
+                    .get(&schema.columns[i].name)
+                    .and_then(|v| v.as_str().map(str::to_string)),
+                None => vals[i].clone(),
+            }
+        };
+        let (key_idx, full): (Vec<usize>, bool) = if key_cols.is_empty() {
+            (
+                (0..ncols)
+                    .filter(|i| {
+                        before
+                            .as_ref()
+                            .is_some_and(|b| b.contains_key(&schema.columns[*i].name))
+                    })
+                    .collect(),
+                true,
+            )
+        } else {
+            (key_cols.clone(), false)
+        };
+        match op.as_str() {
+            "I" => {
+                let sql = format!(
+                    "INSERT INTO {table} ({}) VALUES ({})",
+                    (0..ncols).map(col).collect::<Vec<_>>().join(", "),
+                    (0..ncols)
+                        .map(|i| cast(i, i + 1))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vals
+                    .iter()
+                    .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
+                target
+                    .execute(&sql, &params)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
+            "U" | "D" => {
+                let mut params: Vec<Option<String>> = Vec::new();
+                let mut sets = Vec::new();
+                if op == "U" {
+                    for i in 0..ncols {
+                        if unchanged.contains(&schema.columns[i].name) {
+                            continue;
+                        }
+                        params.push(vals[i].clone());
+                        sets.push(format!("{} = {}", col(i), cast(i, params.len())));
+                    }
+                }
+                let mut conds = Vec::new();
+                for &i in &key_idx {
+                    params.push(key_of(i));
+                    conds.push(format!(
+                        "{} IS NOT DISTINCT FROM {}",
+                        col(i),
+                        cast(i, params.len())
+                    ));
+                }
+                let cond = if conds.is_empty() {
+                    "true".to_string()
+                } else {
+                    conds.join(" AND ")
+                };
+                let target_rows = if full {
+                    format!("ctid = (SELECT ctid FROM {table} WHERE {cond} LIMIT 1)")
+                } else {
+                    cond
+                };
+                let sql = if op == "U" {
+                    format!("UPDATE {table} SET {} WHERE {target_rows}", sets.join(", "))
+                } else {
+                    format!("DELETE FROM {table} WHERE {target_rows}")
+                };
+                let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                    .iter()
+                    .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
+                let n = target
+                    .execute(&sql, &p)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                assert_eq!(n, 1, "{sql} with {params:?} matched {n} rows");
+            }
+            "T" => {
+                target
+                    .batch_execute(&format!("TRUNCATE {table}"))
+                    .await
+                    .unwrap();
+            }
+            other => panic!("unknown _op {other:?}"),
+        }
+    }
+    staged.len() as u64
+}
+
+/// Every row of `table` as text, sorted: equal vectors mean equal tables (EXCEPT both ways).
+pub async fn table_rows(c: &Client, table: &str) -> Vec<String> {
+    c.query(&format!("SELECT t::text FROM {table} t ORDER BY 1"), &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Messages on `subject` in `stream`.
+pub async fn stream_count(stream: &str, subject: &str) -> u64 {
+    let c = async_nats::connect(nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(c);
+    let s = js.get_stream(stream).await.unwrap();
+    use futures::TryStreamExt;
+    let counts: Vec<(String, usize)> = s
+        .info_with_subjects(subject)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    counts.iter().map(|(_, n)| *n as u64).sum()
+}

@@ -1,0 +1,299 @@
+//! End to end against the real PostgreSQL and nats-server: workload → `cdc-egress run` → files,
+//! registry, notices → replay in registry order → equal to the source; also across crashes.
+
+mod common;
+mod workload;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+
+const CATCH_UP: Duration = Duration::from_secs(90);
+
+async fn wait_for_slot(db: &TestDb, d: &Daemon) {
+    for _ in 0..300 {
+        if db.slot_confirmed().await.is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("slot never appeared; daemon log:\n{}", d.log_text());
+}
+
+/// Replays into a fresh database and asserts every table equals the source, the registry has no
+/// overlapping positions, and JetStream holds exactly one notice per registry row.
+async fn assert_replay_equal(
+    db: &mut TestDb,
+    output_url: &str,
+    options: &HashMap<String, String>,
+) -> ReplayReport {
+    let target_url = db.extra_db("replay").await;
+    let target = connect(&target_url).await;
+    workload::setup_target(&target).await;
+    let report = replay(&db.url, "cdc_egress", output_url, options, &target).await;
+    let source = db.client().await;
+    for t in workload::TABLES {
+        let want = table_rows(&source, t).await;
+        let got = table_rows(&target, t).await;
+        assert_eq!(got, want, "table {t} differs after replay");
+    }
+    // Positions never overlap: each file of a table starts after the previous one ended.
+    let rows = source
+        .query(
+            "SELECT table_name, first_commit_lsn::text, first_seq, last_commit_lsn::text, last_seq \
+             FROM cdc_egress.files WHERE kind = 'streaming' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut last: HashMap<String, (cdc_egress::lsn::Lsn, i32)> = HashMap::new();
+    for r in &rows {
+        let t: String = r.get(0);
+        let first = (r.get::<_, String>(1).parse().unwrap(), r.get::<_, i32>(2));
+        let end = (r.get::<_, String>(3).parse().unwrap(), r.get::<_, i32>(4));
+        if let Some(prev) = last.get(&t) {
+            assert!(
+                first > *prev,
+                "table {t}: file starting at {first:?} overlaps the previous ending {prev:?}"
+            );
+        }
+        last.insert(t, end);
+    }
+    let unnotified: i64 = source
+        .query_one(
+            "SELECT count(*) FROM cdc_egress.files WHERE notified_stream_seq IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unnotified, 0, "every registry row has its notice sequence");
+    let notices = stream_count(&db.stream, &format!("{}.batch.>", db.prefix)).await;
+    assert_eq!(
+        notices,
+        rows.len() as u64,
+        "one JetStream notice per registry row"
+    );
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_workload_replays_equal_to_source() {
+    let mut db = TestDb::new("mixed").await;
+    let c = db.client().await;
+    workload::setup(&c, &db.publication).await;
+    let env = db.daemon_env(&db.out_url());
+    let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
+    wait_for_slot(&db, &d).await;
+    workload::phase1(&c).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    workload::phase2(&c).await;
+    db.wait_caught_up(CATCH_UP).await;
+    let log = d.log_text();
+    let status = d.stop().await;
+    assert!(status.success(), "daemon exit {status:?}; log:\n{log}");
+    let out = db.out_url();
+    let report = assert_replay_equal(&mut db, &out, &HashMap::new()).await;
+    assert!(
+        report.files >= 2 && report.rows > 700,
+        "expected several batches, got {report:?}"
+    );
+    // Every batch directory that a listing reader sees as complete is in the registry, and vice versa.
+    let manifests: Vec<_> = walk(&db.dir.path().join("out"))
+        .into_iter()
+        .filter(|p| p.ends_with("manifest.json"))
+        .collect();
+    assert_eq!(manifests.len(), report.files);
+    db.cleanup().await;
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_workload_on_s3_replays_equal_to_source() {
+    let endpoint = s3_endpoint();
+    let mut db = TestDb::new("s3").await;
+    let bucket = db.name.replace('_', "-");
+    create_bucket(&endpoint, &bucket).await;
+    let c = db.client().await;
+    workload::setup(&c, &db.publication).await;
+    let out = format!("s3://{bucket}/some/prefix");
+    let options: HashMap<String, String> = [
+        ("aws_endpoint", endpoint.as_str()),
+        ("aws_allow_http", "true"),
+        ("aws_region", "us-east-1"),
+        ("aws_access_key_id", "test"),
+        ("aws_secret_access_key", "test"),
+        ("aws_virtual_hosted_style_request", "false"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let mut env = db.daemon_env(&out);
+    for (k, v) in &options {
+        env.push((
+            format!("CDC_EGRESS_OUTPUT_OPTIONS_{}", k.to_uppercase()),
+            v.clone(),
+        ));
+    }
+    let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
+    wait_for_slot(&db, &d).await;
+    workload::phase1(&c).await;
+    workload::phase2(&c).await;
+    db.wait_caught_up(CATCH_UP).await;
+    let log = d.log_text();
+    assert!(d.stop().await.success(), "log:\n{log}");
+    assert!(!log.contains("test\""), "credentials must not be logged");
+    let report = assert_replay_equal(&mut db, &out, &options).await;
+    assert!(report.files >= 1);
+    db.cleanup().await;
+}
+
+/// Kills the daemon at one point of the delivery, restarts it, and checks exactly-once replay.
+async fn crash_window(point: &str) {
+    let mut db = TestDb::new(&format!("crash_{}", point.replace('_', ""))).await;
+    let c = db.client().await;
+    workload::setup(&c, &db.publication).await;
+    let env = db.daemon_env(&db.out_url());
+    let d = Daemon::start(
+        &env,
+        db.dir.path(),
+        &[("CDC_EGRESS_TEST_FAILPOINT", point)],
+        "crash.log",
+    );
+    wait_for_slot(&db, &d).await;
+    workload::phase1(&c).await;
+    let status = d.wait_exit(Duration::from_secs(60)).await;
+    assert!(
+        !status.success(),
+        "the failpoint {point} must abort the daemon"
+    );
+    let d = Daemon::start(&env, db.dir.path(), &[], "after.log");
+    workload::phase2(&c).await;
+    db.wait_caught_up(CATCH_UP).await;
+    let log = d.log_text();
+    assert!(d.stop().await.success(), "log:\n{log}");
+    let out = db.out_url();
+    assert_replay_equal(&mut db, &out, &HashMap::new()).await;
+    // No half-written or orphaned batch is visible to a listing reader.
+    let all = walk(&db.dir.path().join("out"));
+    let dirs: std::collections::BTreeSet<String> = all
+        .iter()
+        .filter(|p| p.ends_with("data.csv.gz"))
+        .map(|p| p.trim_end_matches("data.csv.gz").to_string())
+        .collect();
+    for dir in dirs {
+        assert!(
+            all.contains(&format!("{dir}manifest.json")),
+            "{dir} has data but no manifest after recovery (orphan not cleaned)"
+        );
+    }
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_upload() {
+    crash_window("after_upload").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_register() {
+    crash_window("after_register").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_manifest() {
+    crash_window("after_manifest").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_publish() {
+    crash_window("after_publish").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_before_status_update() {
+    crash_window("before_status").await;
+}
+
+/// SIGKILL at an arbitrary moment in the middle of a stream, twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_replays_equal() {
+    let mut db = TestDb::new("sigkill").await;
+    let c = db.client().await;
+    workload::setup(&c, &db.publication).await;
+    let env = db.daemon_env(&db.out_url());
+    let d = Daemon::start(&env, db.dir.path(), &[], "d1.log");
+    wait_for_slot(&db, &d).await;
+    workload::phase1(&c).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    d.kill().await;
+    let d = Daemon::start(&env, db.dir.path(), &[], "d2.log");
+    workload::phase2(&c).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    d.kill().await;
+    let d = Daemon::start(&env, db.dir.path(), &[], "d3.log");
+    db.wait_caught_up(CATCH_UP).await;
+    assert!(d.stop().await.success());
+    let out = db.out_url();
+    assert_replay_equal(&mut db, &out, &HashMap::new()).await;
+    db.cleanup().await;
+}
+
+/// With no published changes (idle, or only unpublished tables changing), the slot keeps advancing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_slot_keeps_advancing() {
+    let db = TestDb::new("idle").await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE published (id int PRIMARY KEY); CREATE TABLE unpublished (id int PRIMARY KEY, v text);
+         CREATE PUBLICATION {} FOR TABLE published;",
+        db.publication
+    ))
+    .await
+    .unwrap();
+    let env = db.daemon_env(&db.out_url());
+    let d = Daemon::start(&env, db.dir.path(), &[], "idle.log");
+    wait_for_slot(&db, &d).await;
+    let first = db.slot_confirmed().await.unwrap();
+    // Only unpublished changes: WAL grows, nothing is published.
+    for i in 0..5 {
+        c.execute("INSERT INTO unpublished SELECT g + $1 * 1000, repeat('x', 100) FROM generate_series(1, 500) g", &[&i])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let wal_end = db.current_lsn().await;
+    db.wait_caught_up(CATCH_UP).await;
+    let later = db.slot_confirmed().await.unwrap();
+    assert!(
+        later > first && later >= wal_end,
+        "slot stayed at {first} (now {later}, WAL at {wal_end})"
+    );
+    // And with nothing at all happening, it still moves (heartbeat messages).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle = db.slot_confirmed().await.unwrap();
+    assert!(idle > later, "idle slot did not advance past {later}");
+    let files: i64 = c
+        .query_one("SELECT count(*) FROM cdc_egress.files", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(files, 0, "no batch for unpublished changes");
+    assert!(d.stop().await.success());
+    db.cleanup().await;
+}
