@@ -616,11 +616,11 @@ async fn apply_file(target: &Client, schema: &SchemaYml, csv: &[u8]) -> u64 {
                 let mut params: Vec<Option<String>> = Vec::new();
                 let mut sets = Vec::new();
                 if op == "U" {
-                    for i in 0..ncols {
+                    for (i, v) in vals.iter().enumerate() {
                         if unchanged.contains(&schema.columns[i].name) {
                             continue;
                         }
-                        params.push(vals[i].clone());
+                        params.push(v.clone());
                         sets.push(format!("{} = {}", col(i), cast(i, params.len())));
                     }
                 }
