@@ -43,6 +43,12 @@ enum Command {
     },
     /// Drop the replication slot (stops WAL retention; the next `run` starts afresh).
     DropSlot,
+    /// Print the newest JetStream notices of the configured stream.
+    Notices {
+        /// How many messages, newest last.
+        #[arg(long, default_value_t = 10)]
+        limit: u64,
+    },
 }
 
 fn exit_for(e: &Error) -> ExitCode {
@@ -90,6 +96,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::DropSlot => drop_slot(&config).await,
+            Command::Notices { limit } => notices(&config, limit).await,
         }
     });
     match result {
@@ -113,6 +120,16 @@ async fn migrate(config: &Config) -> Result<(), Error> {
             "registry schema {}: applied migrations {applied:?}",
             config.registry.schema
         );
+    }
+    Ok(())
+}
+
+async fn notices(config: &Config, limit: u64) -> Result<(), Error> {
+    let Some(n) = cdc_egress::notify::Notifier::connect(&config.nats).await? else {
+        return Err(Error::definite("config", "nats.url is empty: notices are disabled"));
+    };
+    for (seq, subject, payload) in n.recent(limit).await? {
+        println!("#{seq} {subject}\n{}\n", String::from_utf8_lossy(&payload));
     }
     Ok(())
 }

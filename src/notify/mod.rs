@@ -202,6 +202,35 @@ impl Notifier {
         ))
     }
 
+    /// The newest `limit` messages of the stream on `<prefix>.>` as (sequence, subject, payload), oldest
+    /// first: what `cdc-egress notices` prints.
+    pub async fn recent(&self, limit: u64) -> Result<Vec<(u64, String, Bytes)>, Error> {
+        let mut stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| transient(&format!("open stream {}", self.stream), e))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| transient(&format!("stream {} info", self.stream), e))?
+            .state
+            .clone();
+        let mut out = Vec::new();
+        if state.messages == 0 {
+            return Ok(out);
+        }
+        let from = state.last_sequence.saturating_sub(limit.saturating_sub(1)).max(state.first_sequence);
+        for seq in from..=state.last_sequence {
+            match stream.get_raw_message(seq).await {
+                Ok(m) => out.push((m.sequence, m.subject.to_string(), m.payload)),
+                Err(e) if e.to_string().contains("not found") => continue,
+                Err(e) => return Err(transient(&format!("read message {seq}"), e)),
+            }
+        }
+        Ok(out)
+    }
+
     /// Starts a pipelined publish (change events); await the returned future for the PubAck.
     pub async fn publish_pipelined(
         &self,

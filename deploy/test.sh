@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs every test: starts (or installs) the local services, then `cargo test` over all targets.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash deploy/local/services.sh --s3
+export CDC_EGRESS_TEST_S3_ENDPOINT="${CDC_EGRESS_TEST_S3_ENDPOINT:-http://127.0.0.1:5000}"
+cargo test --all-targets "$@"
