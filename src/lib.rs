@@ -19,6 +19,7 @@ pub mod lsn;
 pub mod notify;
 pub mod observe;
 pub mod register;
+pub mod reload;
 pub mod source;
 pub mod status;
 pub mod table;

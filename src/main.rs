@@ -35,6 +35,15 @@ enum Command {
     Migrate,
     /// Run the daemon: replication → batches → registry → notices → acknowledgement.
     Run,
+    /// Request a consistent re-export of tables, through a marker in the WAL (the daemon does the work).
+    Reload {
+        /// Tables as schema.table (a bare name means public.name).
+        #[arg(required = true, value_name = "SCHEMA.TABLE")]
+        tables: Vec<String>,
+        /// Wait until the reloads are done, showing progress.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Show tables, modes, last batches, confirmed LSN, slot lag and reloads.
     Status {
         /// Print JSON instead of a table.
@@ -96,6 +105,16 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::DropSlot => drop_slot(&config).await,
+            Command::Reload { tables, wait } => {
+                let requests = cdc_egress::reload::request::request(&config, &tables).await?;
+                for (t, id) in &requests {
+                    println!("reload of {t} requested (request {id})");
+                }
+                if wait {
+                    cdc_egress::reload::request::wait(&config, &requests).await?;
+                }
+                Ok(())
+            }
             Command::Notices { limit } => notices(&config, limit).await,
         }
     });

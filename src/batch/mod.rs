@@ -94,7 +94,35 @@ pub struct Limits {
 pub trait SpoolFactory {
     type Spool: Write;
     fn create(&mut self, table: &TableName) -> std::io::Result<Self::Spool>;
+    /// An anonymous scratch file for parked rows (see [`Batcher::begin_hold`]).
+    fn hold_file(&mut self) -> std::io::Result<std::fs::File> {
+        tempfile::tempfile()
+    }
 }
+
+/// An in-band control message found in the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// A reload of `table` was requested by the transaction committed at `marker_commit_lsn`; the
+    /// table is held from this point until [`Batcher::release_hold`].
+    ReloadStart {
+        table: TableName,
+        request: String,
+        marker_commit_lsn: Lsn,
+    },
+}
+
+#[derive(serde::Deserialize)]
+struct Marker {
+    kind: String,
+    schema: String,
+    table: String,
+    #[serde(default)]
+    request: String,
+}
+
+mod hold;
+use hold::Hold;
 
 /// Row counts by operation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -197,6 +225,9 @@ pub struct Batcher<F: SpoolFactory> {
     now_us: i64,
     scratch: Vec<u8>,
     change_events: Option<Vec<EventOut>>,
+    holds: HashMap<TableName, Hold>,
+    controls: Vec<Control>,
+    marker_prefix: String,
 }
 
 fn protocol(msg: impl Into<String>) -> Error {
@@ -238,6 +269,9 @@ impl<F: SpoolFactory> Batcher<F> {
             now_us: 0,
             scratch: Vec::with_capacity(4096),
             change_events: None,
+            holds: HashMap::new(),
+            controls: Vec::new(),
+            marker_prefix: "cdc_egress:cdc_egress".into(),
         }
     }
 
@@ -351,6 +385,9 @@ impl<F: SpoolFactory> Batcher<F> {
                 if !m.transactional && self.txn.is_none() {
                     self.acks.boundary(m.lsn);
                 }
+                if m.transactional && m.prefix == self.marker_prefix {
+                    self.marker(&m, sealed)?;
+                }
             }
             Message::Insert(i) => {
                 self.change(i.relation_oid, Op::Insert, None, Some(&i.new))?;
@@ -455,6 +492,182 @@ impl<F: SpoolFactory> Batcher<F> {
         (now_us.div_euclid(step) + 1) * step
     }
 
+    /// Streams the row in `self.scratch` into the table's open batch, opening one if needed (with
+    /// `floor`, or the current boundary).
+    fn append_row(
+        &mut self,
+        schema: &Arc<TableSchema>,
+        pos: Position,
+        commit_ts: i64,
+        op: Op,
+        floor: Option<Lsn>,
+    ) -> Result<(), Error> {
+        if !self.open.contains_key(&schema.table) {
+            let id = BatchId(self.next_id);
+            self.next_id += 1;
+            let floor = floor.unwrap_or(self.acks.current_boundary());
+            self.acks.open(id, floor);
+            let mut spool = self
+                .factory
+                .create(&schema.table)
+                .map_err(|e| Error::transient("spool", format!("cannot create spool file: {e}")))?;
+            let mut header = Vec::with_capacity(256);
+            push_header(
+                &mut header,
+                METADATA_COLUMNS
+                    .iter()
+                    .copied()
+                    .chain(schema.columns.iter().map(|c| c.name.as_str())),
+            );
+            spool
+                .write_all(&header)
+                .map_err(|e| Error::transient("spool", format!("cannot write spool file: {e}")))?;
+            let deadline_us = self.deadline_after(self.now_us);
+            self.open.insert(
+                schema.table.clone(),
+                OpenBatch {
+                    id,
+                    schema: schema.clone(),
+                    first: pos,
+                    last: pos,
+                    first_commit_ts: commit_ts,
+                    last_commit_ts: commit_ts,
+                    rows: 0,
+                    csv_bytes: 0,
+                    ops: OpCounts::default(),
+                    deadline_us,
+                    spool,
+                },
+            );
+        }
+        let batch = self.open.get_mut(&schema.table).expect("inserted above");
+        batch
+            .spool
+            .write_all(&self.scratch)
+            .map_err(|e| Error::transient("spool", format!("cannot write spool file: {e}")))?;
+        batch.last = pos;
+        batch.last_commit_ts = commit_ts;
+        batch.rows += 1;
+        batch.csv_bytes += self.scratch.len() as u64;
+        batch.ops.add(op);
+        Ok(())
+    }
+
+    /// Starts parking the rows of `table` (a reload of it was requested at this point of the stream):
+    /// its open batch is sealed here, and until [`Batcher::release_hold`] gives the cut, its rows go
+    /// to an on-disk hold file. The hold is registered with the ack like a batch, so the confirmed LSN
+    /// cannot pass a parked row. Holding an already held table does nothing.
+    pub fn begin_hold(
+        &mut self,
+        table: &TableName,
+        sealed: &mut Vec<SealedBatch<F::Spool>>,
+    ) -> Result<(), Error> {
+        if self.holds.contains_key(table) {
+            return Ok(());
+        }
+        self.seal_table(table, sealed)?;
+        let id = BatchId(self.next_id);
+        self.next_id += 1;
+        let floor = self.acks.current_boundary();
+        self.acks.open(id, floor);
+        let file = self
+            .factory
+            .hold_file()
+            .map_err(|e| Error::transient("spool", format!("cannot create hold file: {e}")))?;
+        self.holds.insert(table.clone(), Hold::new(id, floor, file));
+        Ok(())
+    }
+
+    pub fn is_holding(&self, table: &TableName) -> bool {
+        self.holds.contains_key(table)
+    }
+
+    /// The reload of `table` is consistent at `cut` (its snapshot holds exactly the transactions
+    /// committed below `cut`): parked rows below the cut are dropped, the others start the table's
+    /// next batch, and from now on rows below the cut are dropped as they arrive. Returns the number of
+    /// rows released into the batch.
+    pub fn release_hold(
+        &mut self,
+        table: &TableName,
+        cut: Lsn,
+        sealed: &mut Vec<SealedBatch<F::Spool>>,
+    ) -> Result<u64, Error> {
+        let skip = Position::new(cut, 0);
+        self.set_skip_through(table.clone(), skip);
+        let Some(hold) = self.holds.remove(table) else {
+            return Ok(0);
+        };
+        let (id, floor) = (hold.id, hold.floor);
+        let mut released = 0;
+        let mut current: Option<Arc<TableSchema>> = None;
+        for rec in hold.into_records().map_err(|e| Error::transient("spool", format!("cannot read hold file: {e}")))? {
+            let (schema, pos, commit_ts, xid, op, row) =
+                rec.map_err(|e| Error::transient("spool", format!("cannot read hold file: {e}")))?;
+            if pos <= skip {
+                continue;
+            }
+            if current.as_ref().is_some_and(|c| c.fingerprint() != schema.fingerprint()) {
+                self.seal_table(table, sealed)?;
+            }
+            current = Some(schema.clone());
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&row);
+            self.append_row(&schema, pos, commit_ts, op, Some(floor))?;
+            if let Some(events) = self.change_events.as_mut() {
+                events.push(EventOut::Change(ChangeEvent {
+                    unit: id,
+                    table: table.clone(),
+                    op,
+                    position: pos,
+                    xid,
+                    commit_ts,
+                    csv_row: bytes::Bytes::copy_from_slice(&row),
+                }));
+            }
+            released += 1;
+        }
+        match self.change_events.as_mut() {
+            // The hold's ack entry now covers the released events; they close it when acknowledged.
+            Some(events) => events.push(EventOut::Close(id)),
+            None => self.acks.persisted(id),
+        }
+        Ok(released)
+    }
+
+    /// In-band control messages seen since the last call (reload markers).
+    pub fn drain_controls(&mut self, out: &mut Vec<Control>) {
+        out.append(&mut self.controls);
+    }
+
+    /// Sets the logical-message prefix of this instance's markers (`cdc_egress:<registry schema>`).
+    pub fn set_marker_prefix(&mut self, prefix: impl Into<String>) {
+        self.marker_prefix = prefix.into();
+    }
+
+    fn marker(&mut self, m: &decode::LogicalMessage, sealed: &mut Vec<SealedBatch<F::Spool>>) -> Result<(), Error> {
+        let Some(txn) = self.txn.as_ref() else {
+            return Ok(());
+        };
+        let commit_lsn = txn.commit_lsn;
+        let parsed: Marker = match serde_json::from_slice(&m.content) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring a malformed cdc-egress marker message");
+                return Ok(());
+            }
+        };
+        if parsed.kind == "reload_start" {
+            let table = TableName::new(parsed.schema, parsed.table);
+            self.begin_hold(&table, sealed)?;
+            self.controls.push(Control::ReloadStart {
+                table,
+                request: parsed.request,
+                marker_commit_lsn: commit_lsn,
+            });
+        }
+        Ok(())
+    }
+
     fn change(
         &mut self,
         relation_oid: u32,
@@ -512,7 +725,8 @@ impl<F: SpoolFactory> Batcher<F> {
         row.push(b',');
         push_value(row, Some(txn.lsn_text.as_bytes()));
         row.push(b',');
-        push_value(row, Some(itoa(pos.seq).as_bytes()));
+        // Digits need no escaping: quote them directly, without an allocation per row.
+        let _ = write!(row, "\"{}\"", pos.seq);
         row.push(b',');
         push_value(row, Some(txn.xid_text.as_bytes()));
         row.push(b',');
@@ -545,56 +759,14 @@ impl<F: SpoolFactory> Batcher<F> {
         }
         row.push(b'\n');
 
-        // Open the table's batch if needed, then stream the row into it.
-        if !self.open.contains_key(&schema.table) {
-            let id = BatchId(self.next_id);
-            self.next_id += 1;
-            let floor = self.acks.current_boundary();
-            self.acks.open(id, floor);
-            let mut spool = self
-                .factory
-                .create(&schema.table)
-                .map_err(|e| Error::transient("spool", format!("cannot create spool file: {e}")))?;
-            let mut header = Vec::with_capacity(256);
-            push_header(
-                &mut header,
-                METADATA_COLUMNS
-                    .iter()
-                    .copied()
-                    .chain(schema.columns.iter().map(|c| c.name.as_str())),
-            );
-            spool
-                .write_all(&header)
-                .map_err(|e| Error::transient("spool", format!("cannot write spool file: {e}")))?;
-            let deadline_us = self.deadline_after(self.now_us);
-            self.open.insert(
-                schema.table.clone(),
-                OpenBatch {
-                    id,
-                    schema: schema.clone(),
-                    first: pos,
-                    last: pos,
-                    first_commit_ts: txn.commit_ts,
-                    last_commit_ts: txn.commit_ts,
-                    rows: 0,
-                    csv_bytes: 0,
-                    ops: OpCounts::default(),
-                    deadline_us,
-                    spool,
-                },
-            );
+        // Held tables (a reload cut is being taken) park their rows; others stream into the batch.
+        if let Some(hold) = self.holds.get_mut(&schema.table) {
+            hold.park(&schema, pos, txn.commit_ts, txn.xid, op, &self.scratch)
+                .map_err(|e| Error::transient("spool", format!("cannot write hold file: {e}")))?;
+            return Ok(());
         }
-        let txn = self.txn.as_ref().expect("checked above");
-        let batch = self.open.get_mut(&schema.table).expect("inserted above");
-        batch
-            .spool
-            .write_all(&self.scratch)
-            .map_err(|e| Error::transient("spool", format!("cannot write spool file: {e}")))?;
-        batch.last = pos;
-        batch.last_commit_ts = txn.commit_ts;
-        batch.rows += 1;
-        batch.csv_bytes += self.scratch.len() as u64;
-        batch.ops.add(op);
+        let commit_ts = txn.commit_ts;
+        self.append_row(&schema, pos, commit_ts, op, None)?;
         if let Some(events) = self.change_events.as_mut() {
             let txn = self.txn.as_mut().expect("checked above");
             let unit = match txn.event_unit {
@@ -620,10 +792,6 @@ impl<F: SpoolFactory> Batcher<F> {
         }
         Ok(())
     }
-}
-
-fn itoa(n: u32) -> String {
-    n.to_string()
 }
 
 /// `_before`: the old key (only replica-identity key columns) or the old row (REPLICA IDENTITY FULL)

@@ -115,9 +115,18 @@ pub async fn finish_unnotified(sinks: &Sinks) -> Result<usize, Error> {
         sinks.registry.unnotified()
     })
     .await?;
+    let mut reloads = std::collections::BTreeSet::new();
     for reg in &rows {
+        if let (FileKind::Reload, Some(id)) = (reg.record.kind, reg.record.reload_id) {
+            reloads.insert(id);
+            continue;
+        }
         tracing::info!(batch = %reg.record.batch_id, "completing a batch committed before the last stop");
         finish_registered(sinks, reg).await?;
+    }
+    for id in reloads {
+        tracing::info!(reload = id, "completing the notice of a reload committed before the last stop");
+        super::reloads::finish_reload(sinks, id).await?;
     }
     Ok(rows.len())
 }

@@ -21,6 +21,7 @@
 //!   let in-flight deliveries finish (bounded wait), send a final status update, exit 0.
 
 pub mod deliver;
+pub mod reloads;
 mod session;
 
 use std::sync::Arc;

@@ -32,6 +32,8 @@ enum Input {
     Relation(Arc<TableSchema>),
     Keepalive(Lsn),
     Tick(i64),
+    /// A reload's cut is known: release the table's hold.
+    Release(TableName, Lsn),
     Stop,
 }
 
@@ -59,6 +61,18 @@ pub async fn connect(
     let source = ConnInfo::parse(config.source.url.expose())?;
     let catalog = source.connect().await?;
     slot::check_source(&catalog, &config.source.publication).await?;
+    let installed = crate::register::migrate::install_reload_marker(
+        &catalog,
+        &config.registry.schema,
+        &config.source.publication,
+    )
+    .await?;
+    if !installed {
+        tracing::warn!(
+            "the source role is not a superuser: the reload-marker event trigger is not installed, so \
+             `cdc-egress reload` is unavailable until `cdc-egress migrate` runs as a superuser"
+        );
+    }
     let registry_info = ConnInfo::parse(config.registry.url.expose())?;
     let mut reg_client = registry_info.connect().await?;
     crate::register::migrate(&mut reg_client, &config.registry.schema).await?;
@@ -150,6 +164,15 @@ pub async fn session(
             .await
             .map_err(|e| e.context(format!("create replication slot {slot_name}")))?;
             tracing::info!(slot = slot_name, "created replication slot");
+            if config.reload.initial {
+                let tables = slot::published_tables(&ep.catalog, &config.source.publication).await?;
+                let tables: Vec<TableName> = tables
+                    .into_iter()
+                    .filter(|t| config.registry.url != config.source.url || t.schema != config.registry.schema)
+                    .collect();
+                tracing::info!(tables = tables.len(), "fresh start: exporting every published table");
+                sinks.registry.request_initial_reloads(&tables).await?;
+            }
         }
     }
     let start = slot::slot_info(&ep.catalog, slot_name)
@@ -214,6 +237,19 @@ pub async fn session(
     if config.nats.change_events && sinks.notifier.is_some() {
         batcher.enable_change_events();
     }
+    batcher.set_marker_prefix(crate::register::migrate::marker_prefix(&config.registry.schema));
+    // Reloads to (re)start now: fresh-start exports, and reloads whose cut was taken by a previous
+    // run. Their tables are held from the first streamed row until the new cut is known. Reloads
+    // created from a marker whose cut was never recorded wait for that marker: the hold kept the ack
+    // below it, so it is read again.
+    let mut resume = Vec::new();
+    let mut no_seal = Vec::new();
+    for r in sinks.registry.active_reloads().await? {
+        if r.reason.as_deref() == Some("initial") || r.cut.is_some() || r.status == "requested" {
+            batcher.begin_hold(&r.table, &mut no_seal)?;
+            resume.push((r.table, r.id, r.request.unwrap_or_default()));
+        }
+    }
 
     let (reader, writer) = repl
         .start_copy_both(&format!(
@@ -240,6 +276,8 @@ pub async fn session(
     let (persisted_tx, persisted_rx) = mpsc::unbounded_channel::<BatchId>();
     let (events_tx, events_rx) = mpsc::channel::<EventOut>(INPUT_CAPACITY);
     let (confirmed_tx, confirmed_rx) = watch::channel(start);
+    let (controls_tx, controls_rx) = mpsc::unbounded_channel::<crate::batch::Control>();
+    let (release_tx, mut release_rx) = mpsc::channel::<super::reloads::Release>(64);
     let reply_now = Arc::new(Notify::new());
     let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
 
@@ -256,6 +294,7 @@ pub async fn session(
             persisted_rx,
             sealed_tx,
             events_enabled.then_some(events_tx),
+            controls_tx,
             confirmed_tx,
             batcher_metrics,
         )
@@ -276,6 +315,33 @@ pub async fn session(
         versions,
         persisted_tx.clone(),
     ));
+    // Reloads: the coordinator, and the path of its releases into the batcher thread.
+    {
+        let input_tx = input_tx.clone();
+        tasks.spawn(async move {
+            while let Some(r) = release_rx.recv().await {
+                if input_tx.send(Input::Release(r.table, r.cut)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let coordinator = super::reloads::Coordinator {
+            sinks: sinks.clone(),
+            exporter: Arc::new(crate::reload::export::Exporter {
+                slot_name: slot_name.to_string(),
+                source: ep.source.clone(),
+                store: sinks.store.clone(),
+                spool_dir: spool_dir.clone(),
+                parallelism: config.reload.parallelism,
+            }),
+            catalog: ep.catalog.clone(),
+            slot: slot_name.to_string(),
+            registry_schema: config.registry.schema.clone(),
+            release: release_tx,
+        };
+        tasks.spawn(coordinator.run(controls_rx, resume));
+    }
     // Change events task.
     if events_enabled {
         let notifier = sinks.notifier.clone().expect("events need NATS");
@@ -433,6 +499,7 @@ fn run_batcher(
     mut persisted_rx: mpsc::UnboundedReceiver<BatchId>,
     sealed_tx: mpsc::Sender<SealedBatch<SpooledFile>>,
     events_tx: Option<mpsc::Sender<EventOut>>,
+    controls_tx: mpsc::UnboundedSender<crate::batch::Control>,
     confirmed_tx: watch::Sender<Lsn>,
     metrics: Arc<Metrics>,
 ) -> Result<BatcherState, Error> {
@@ -458,7 +525,16 @@ fn run_batcher(
             Input::Relation(schema) => batcher.relation(schema, &mut sealed)?,
             Input::Keepalive(lsn) => batcher.keepalive(lsn),
             Input::Tick(now) => batcher.tick(now, &mut sealed)?,
+            Input::Release(table, cut) => {
+                let n = batcher.release_hold(&table, cut, &mut sealed)?;
+                tracing::debug!(table = %table, cut = %cut, released = n, "hold released");
+            }
             Input::Stop => break,
+        }
+        let mut controls = Vec::new();
+        batcher.drain_controls(&mut controls);
+        for c in controls {
+            let _ = controls_tx.send(c);
         }
         for b in sealed.drain(..) {
             let spooled = b

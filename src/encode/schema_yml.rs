@@ -112,6 +112,26 @@ impl<'a> SchemaDoc<'a> {
         }
     }
 
+    /// A reload's schema.yml: the table's columns only, consistent at `cut`.
+    pub fn reload(schema: &'a TableSchema, schema_version: i32, cut: Lsn, rows: u64) -> Self {
+        SchemaDoc {
+            format_version: 1,
+            kind: "reload",
+            schema: &schema.table.schema,
+            table: &schema.table.name,
+            relation_oid: schema.relation_oid,
+            schema_version,
+            schema_fingerprint: schema.fingerprint(),
+            replica_identity: schema.replica_identity,
+            columns: &schema.columns,
+            metadata_columns: Vec::new(),
+            lsn_range: None,
+            cut_lsn: Some(cut),
+            rows,
+            csv_dialect: CSV_DIALECT,
+        }
+    }
+
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("schema document serializes")
     }

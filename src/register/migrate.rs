@@ -10,11 +10,67 @@ use crate::table::{quote_ident, quote_literal};
 
 /// `(version, name, sql)`; `{{schema}}` in the SQL is replaced by the quoted registry schema and
 /// `{{schema_literal}}` by the schema name as a string literal.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "registry",
-    include_str!("../../migrations/0001_registry.sql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "registry",
+        include_str!("../../migrations/0001_registry.sql"),
+    ),
+    (
+        2,
+        "reload_requests",
+        include_str!("../../migrations/0002_reload_requests.sql"),
+    ),
+];
+
+/// The reload-marker event trigger, installed in the source database (see the file's header).
+pub const RELOAD_MARKER_SQL: &str = include_str!("../../migrations/source/reload_marker.sql");
+
+/// Logical-message prefix of the markers of the instance whose registry schema is `schema`.
+pub fn marker_prefix(schema: &str) -> String {
+    format!("cdc_egress:{schema}")
+}
+
+/// Name of the event trigger of the instance whose registry schema is `schema`.
+pub fn marker_trigger_name(schema: &str) -> String {
+    let mut name = format!("{schema}_reload_marker");
+    while name.len() > 63 {
+        name.remove(0);
+    }
+    name
+}
+
+/// Installs (or refreshes) the reload-marker event trigger in the source database. Returns `false`,
+/// changing nothing, when the role is not a superuser (event triggers require one): reload requests
+/// then fail with a message that says so.
+pub async fn install_reload_marker(
+    c: &tokio_postgres::Client,
+    schema: &str,
+    publication: &str,
+) -> Result<bool, Error> {
+    let superuser: bool = c
+        .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .await
+        .map_err(|e| pg("check superuser", e))?
+        .get(0);
+    if !superuser {
+        return Ok(false);
+    }
+    let sql = RELOAD_MARKER_SQL
+        .replace("{{schema}}", &quote_ident(schema))
+        .replace("{{schema_literal}}", &quote_literal(&quote_ident(schema)))
+        .replace("{{schema_ident_literal}}", &quote_literal(&quote_ident(schema)))
+        .replace("{{publication_literal}}", &quote_literal(publication))
+        .replace("{{prefix_literal}}", &quote_literal(&marker_prefix(schema)))
+        .replace("{{trigger_literal}}", &quote_literal(&marker_trigger_name(schema)));
+    c.batch_execute(&format!(
+        "SELECT pg_advisory_lock(hashtext('cdc_egress.marker:' || {lit})); {sql}; SELECT pg_advisory_unlock(hashtext('cdc_egress.marker:' || {lit}));",
+        lit = quote_literal(schema)
+    ))
+    .await
+    .map_err(|e| pg("install the reload-marker event trigger", e))?;
+    Ok(true)
+}
 
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 

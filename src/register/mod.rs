@@ -15,6 +15,7 @@
 //! advisory lock, each once, each in its own transaction.
 
 pub mod migrate;
+pub mod reloads;
 
 use std::collections::HashMap;
 
@@ -107,7 +108,7 @@ fn db(what: &str, e: impl std::fmt::Display) -> Error {
     Error::transient("registry", format!("registry {what}: {e}"))
 }
 
-fn pg_err(what: &str, e: tokio_postgres::Error) -> Error {
+pub(crate) fn pg_err(what: &str, e: tokio_postgres::Error) -> Error {
     // Definite when the server says our SQL or privileges are wrong; transient otherwise.
     if let Some(db_err) = e.as_db_error() {
         let code = db_err.code().code();
@@ -149,7 +150,7 @@ impl Registry {
         self.pool.get().await.map_err(|e| db("connection", e))
     }
 
-    fn t(&self, table: &str) -> String {
+    pub(crate) fn t(&self, table: &str) -> String {
         format!("{}.{}", self.quoted, table)
     }
 
@@ -211,6 +212,19 @@ impl Registry {
     ) -> Result<i64, Error> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(|e| pg_err("begin", e))?;
+        let id = self.insert_file(&tx, rec, schema).await?;
+        tx.commit().await.map_err(|e| pg_err("commit", e))?;
+        Ok(id)
+    }
+
+    /// Inserts a file row (or finds the existing one with the same batch id) and, for a new streaming
+    /// row, advances the table's state, inside the caller's transaction.
+    pub(crate) async fn insert_file(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        rec: &FileRecord,
+        schema: Option<&TableSchema>,
+    ) -> Result<i64, Error> {
         let ops = serde_json::to_value(rec.ops).expect("counts serialize");
         let inserted = tx
             .query_opt(
@@ -260,10 +274,12 @@ impl Registry {
                     )
                     .await
                     .map_err(|e| pg_err("find file", e))?;
-                tx.commit().await.map_err(|e| pg_err("commit", e))?;
                 return Ok(r.get(0));
             }
         };
+        if rec.kind != FileKind::Streaming {
+            return Ok(id);
+        }
         let columns = schema.map(|s| serde_json::to_value(&s.columns).expect("columns serialize"));
         tx.execute(
             &format!(
@@ -295,9 +311,9 @@ impl Registry {
         )
         .await
         .map_err(|e| pg_err("update table state", e))?;
-        tx.commit().await.map_err(|e| pg_err("commit", e))?;
         Ok(id)
     }
+
 
     /// Records the JetStream sequence of a file's notice.
     pub async fn mark_notified(&self, id: i64, stream_seq: u64) -> Result<(), Error> {
@@ -322,6 +338,14 @@ impl Registry {
     /// Every file of the log with id greater than `after`, in registry order (consumers, tests).
     pub async fn files_after(&self, after: i64) -> Result<Vec<Registered>, Error> {
         self.files_where("id > $1", &[&after]).await
+    }
+
+    pub(crate) async fn files_where_pub(
+        &self,
+        cond: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Registered>, Error> {
+        self.files_where(cond, params).await
     }
 
     async fn files_where(
