@@ -140,12 +140,34 @@ async fn migrate(config: &Config) -> Result<(), Error> {
             config.registry.schema
         );
     }
+    let source = cdc_egress::source::conninfo::ConnInfo::parse(config.source.url.expose())?;
+    let src = source.connect().await?;
+    let installed = cdc_egress::register::migrate::install_reload_marker(
+        &src,
+        &config.registry.schema,
+        &config.source.publication,
+    )
+    .await?;
+    if installed {
+        println!(
+            "reload-marker event trigger {} installed in the source database",
+            cdc_egress::register::migrate::marker_trigger_name(&config.registry.schema)
+        );
+    } else {
+        eprintln!(
+            "warning: the source role is not a superuser, so the reload-marker event trigger was not installed; \
+             `cdc-egress reload` needs it: run `cdc-egress migrate` once as a superuser"
+        );
+    }
     Ok(())
 }
 
 async fn notices(config: &Config, limit: u64) -> Result<(), Error> {
     let Some(n) = cdc_egress::notify::Notifier::connect(&config.nats).await? else {
-        return Err(Error::definite("config", "nats.url is empty: notices are disabled"));
+        return Err(Error::definite(
+            "config",
+            "nats.url is empty: notices are disabled",
+        ));
     };
     for (seq, subject, payload) in n.recent(limit).await? {
         println!("#{seq} {subject}\n{}\n", String::from_utf8_lossy(&payload));

@@ -38,7 +38,12 @@ fn op_from(b: u8) -> io::Result<Op> {
         1 => Op::Update,
         2 => Op::Delete,
         3 => Op::Truncate,
-        _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "corrupt hold file")),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "corrupt hold file",
+            ))
+        }
     })
 }
 
@@ -61,7 +66,11 @@ impl Hold {
         op: Op,
         row: &[u8],
     ) -> io::Result<()> {
-        let idx = match self.schemas.iter().position(|s| Arc::ptr_eq(s, schema) || **s == **schema) {
+        let idx = match self
+            .schemas
+            .iter()
+            .position(|s| Arc::ptr_eq(s, schema) || **s == **schema)
+        {
             Some(i) => i,
             None => {
                 self.schemas.push(schema.clone());
@@ -108,7 +117,10 @@ impl Hold {
                 return Some(Err(e));
             }
             let Some(schema) = schemas.get(idx).cloned() else {
-                return Some(Err(io::Error::new(io::ErrorKind::InvalidData, "corrupt hold file")));
+                return Some(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "corrupt hold file",
+                )));
             };
             Some(Ok((schema, pos, commit_ts, xid, op, row)))
         }))

@@ -600,13 +600,19 @@ impl<F: SpoolFactory> Batcher<F> {
         let (id, floor) = (hold.id, hold.floor);
         let mut released = 0;
         let mut current: Option<Arc<TableSchema>> = None;
-        for rec in hold.into_records().map_err(|e| Error::transient("spool", format!("cannot read hold file: {e}")))? {
+        for rec in hold
+            .into_records()
+            .map_err(|e| Error::transient("spool", format!("cannot read hold file: {e}")))?
+        {
             let (schema, pos, commit_ts, xid, op, row) =
                 rec.map_err(|e| Error::transient("spool", format!("cannot read hold file: {e}")))?;
             if pos <= skip {
                 continue;
             }
-            if current.as_ref().is_some_and(|c| c.fingerprint() != schema.fingerprint()) {
+            if current
+                .as_ref()
+                .is_some_and(|c| c.fingerprint() != schema.fingerprint())
+            {
                 self.seal_table(table, sealed)?;
             }
             current = Some(schema.clone());
@@ -644,7 +650,11 @@ impl<F: SpoolFactory> Batcher<F> {
         self.marker_prefix = prefix.into();
     }
 
-    fn marker(&mut self, m: &decode::LogicalMessage, sealed: &mut Vec<SealedBatch<F::Spool>>) -> Result<(), Error> {
+    fn marker(
+        &mut self,
+        m: &decode::LogicalMessage,
+        sealed: &mut Vec<SealedBatch<F::Spool>>,
+    ) -> Result<(), Error> {
         let Some(txn) = self.txn.as_ref() else {
             return Ok(());
         };

@@ -125,7 +125,10 @@ pub async fn finish_unnotified(sinks: &Sinks) -> Result<usize, Error> {
         finish_registered(sinks, reg).await?;
     }
     for id in reloads {
-        tracing::info!(reload = id, "completing the notice of a reload committed before the last stop");
+        tracing::info!(
+            reload = id,
+            "completing the notice of a reload committed before the last stop"
+        );
         super::reloads::finish_reload(sinks, id).await?;
     }
     Ok(rows.len())

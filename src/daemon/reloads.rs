@@ -69,9 +69,16 @@ pub struct Coordinator {
 }
 
 enum JobEvent {
-    Cut { tables: Vec<TableName>, cut: Lsn, snapshot: String },
+    Cut {
+        tables: Vec<TableName>,
+        cut: Lsn,
+        snapshot: String,
+    },
     Export(ExportEvent),
-    Failed { tables: Vec<TableName>, error: Error },
+    Failed {
+        tables: Vec<TableName>,
+        error: Error,
+    },
 }
 
 impl Coordinator {
@@ -89,11 +96,18 @@ impl Coordinator {
             for (t, id, request) in &resume {
                 active.insert(
                     t.clone(),
-                    Active { reload_id: *id, request: request.clone(), cut: None, attempts: 0, progress: Default::default() },
+                    Active {
+                        reload_id: *id,
+                        request: request.clone(),
+                        cut: None,
+                        attempts: 0,
+                        progress: Default::default(),
+                    },
                 );
             }
             let tables: Vec<TableName> = resume.into_iter().map(|(t, _, _)| t).collect();
-            self.start_job(&mut jobs, &tables, &active, &events_tx).await?;
+            self.start_job(&mut jobs, &tables, &active, &events_tx)
+                .await?;
         }
         let mut progress_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -183,21 +197,33 @@ impl Coordinator {
             for o in self.sinks.store.list(&dir).await.unwrap_or_default() {
                 let _ = self.sinks.store.delete(&o.location).await;
             }
-            list.push(TableJob { table: t.clone(), reload_id: a.reload_id, progress: a.progress.clone() });
+            list.push(TableJob {
+                table: t.clone(),
+                reload_id: a.reload_id,
+                progress: a.progress.clone(),
+            });
         }
         let exporter = self.exporter.clone();
         let events = events.clone();
         let tag = format!("{}_{}", std::process::id(), jobs);
         tokio::spawn(async move {
             let names: Vec<TableName> = list.iter().map(|j| j.table.clone()).collect();
-            let cut = match export::take_cut(&exporter.source, &exporter_slot(&exporter), &tag).await {
-                Ok(c) => c,
-                Err(error) => {
-                    let _ = events.send(JobEvent::Failed { tables: names, error });
-                    return;
-                }
-            };
-            let _ = events.send(JobEvent::Cut { tables: names.clone(), cut: cut.lsn, snapshot: cut.snapshot.clone() });
+            let cut =
+                match export::take_cut(&exporter.source, &exporter_slot(&exporter), &tag).await {
+                    Ok(c) => c,
+                    Err(error) => {
+                        let _ = events.send(JobEvent::Failed {
+                            tables: names,
+                            error,
+                        });
+                        return;
+                    }
+                };
+            let _ = events.send(JobEvent::Cut {
+                tables: names.clone(),
+                cut: cut.lsn,
+                snapshot: cut.snapshot.clone(),
+            });
             let (tx, mut rx) = mpsc::unbounded_channel();
             let forward = {
                 let events = events.clone();
@@ -208,7 +234,10 @@ impl Coordinator {
                 })
             };
             if let Err(error) = exporter.run(cut, list, tx).await {
-                let _ = events.send(JobEvent::Failed { tables: names, error });
+                let _ = events.send(JobEvent::Failed {
+                    tables: names,
+                    error,
+                });
             }
             let _ = forward.await;
         });
@@ -222,30 +251,39 @@ impl Coordinator {
         jobs: &mut u64,
         events: &mpsc::UnboundedSender<JobEvent>,
     ) -> Result<(), Error> {
-        let Some(a) = active.get(&done.table) else { return Ok(()) };
+        let Some(a) = active.get(&done.table) else {
+            return Ok(());
+        };
         let (id, cut, request) = (a.reload_id, a.cut.unwrap_or(Lsn::ZERO), a.request.clone());
         match done.result {
             Ok(parts) => {
                 let rows: u64 = parts.iter().map(|p| p.rows).sum();
                 let bytes: u64 = parts.iter().map(|p| p.gz_bytes).sum();
-                self.register(&done.table, id, cut, &done.schema, &parts).await?;
+                self.register(&done.table, id, cut, &done.schema, &parts)
+                    .await?;
                 self.sinks.metrics.reload_rows.fetch_add(rows, Relaxed);
                 self.sinks.metrics.reload_bytes.fetch_add(bytes, Relaxed);
                 tracing::info!(table = %done.table, reload = id, cut = %cut, rows, bytes, parts = parts.len(), "reload done");
-                self.end_marker(&done.table, id, &request, cut, "done").await;
+                self.end_marker(&done.table, id, &request, cut, "done")
+                    .await;
                 active.remove(&done.table);
             }
             Err(e) if e.is_transient() && a.attempts < MAX_ATTEMPTS => {
                 tracing::warn!(table = %done.table, reload = id, error = %e, "reload attempt failed; retrying with a new cut");
                 self.sinks.metrics.error(&e);
-                self.start_job(jobs, std::slice::from_ref(&done.table), active, events).await?;
+                self.start_job(jobs, std::slice::from_ref(&done.table), active, events)
+                    .await?;
             }
             Err(e) => {
                 tracing::error!(table = %done.table, reload = id, error = %e, "reload failed");
                 self.sinks.metrics.error(&e);
                 let msg = e.to_string();
-                retry("record reload failure", &self.sinks, || self.sinks.registry.fail_reload(id, &msg)).await?;
-                self.end_marker(&done.table, id, &request, cut, "failed").await;
+                retry("record reload failure", &self.sinks, || {
+                    self.sinks.registry.fail_reload(id, &msg)
+                })
+                .await?;
+                self.end_marker(&done.table, id, &request, cut, "failed")
+                    .await;
                 active.remove(&done.table);
             }
         }
@@ -266,9 +304,17 @@ impl Coordinator {
         let schema_path = dir.clone().join(layout::SCHEMA_FILE);
         let manifest_path = dir.clone().join(layout::MANIFEST_FILE);
         let rows: u64 = parts.iter().map(|p| p.rows).sum();
-        let version = retry("read schema version", sinks, || sinks.registry.schema_version_for(table, schema.fingerprint())).await?;
+        let version = retry("read schema version", sinks, || {
+            sinks
+                .registry
+                .schema_version_for(table, schema.fingerprint())
+        })
+        .await?;
         let doc = crate::encode::schema_yml::SchemaDoc::reload(schema, version, cut, rows);
-        retry("upload reload schema.yml", sinks, || sinks.store.put_bytes(&schema_path, doc.to_yaml())).await?;
+        retry("upload reload schema.yml", sinks, || {
+            sinks.store.put_bytes(&schema_path, doc.to_yaml())
+        })
+        .await?;
         let records: Vec<FileRecord> = parts
             .iter()
             .map(|p| FileRecord {
@@ -290,10 +336,16 @@ impl Coordinator {
                 schema_fingerprint: schema.fingerprint().to_string(),
                 reload_id: Some(id),
                 part: Some(p.index as i32),
-                ops: crate::batch::OpCounts { insert: p.rows, ..Default::default() },
+                ops: crate::batch::OpCounts {
+                    insert: p.rows,
+                    ..Default::default()
+                },
             })
             .collect();
-        retry("register reload", sinks, || sinks.registry.complete_reload(id, &records)).await?;
+        retry("register reload", sinks, || {
+            sinks.registry.complete_reload(id, &records)
+        })
+        .await?;
         crate::failpoint::hit("after_reload_register");
         finish_reload(sinks, id).await
     }
@@ -320,22 +372,34 @@ fn exporter_slot(e: &Exporter) -> String {
 
 /// Manifest and notice of a registered reload (also used by start-up recovery).
 pub async fn finish_reload(sinks: &Sinks, reload_id: i64) -> Result<(), Error> {
-    let parts: Vec<Registered> = retry("read reload parts", sinks, || sinks.registry.reload_files(reload_id)).await?;
+    let parts: Vec<Registered> = retry("read reload parts", sinks, || {
+        sinks.registry.reload_files(reload_id)
+    })
+    .await?;
     let Some(notice) = ReloadNotice::new(&sinks.store, &parts) else {
         return Ok(());
     };
     let manifest = object_store::path::Path::from(parts[0].record.manifest_path.as_str());
     let body = notice.to_json();
-    retry("write reload manifest", sinks, || sinks.store.put_bytes(&manifest, body.clone())).await?;
+    retry("write reload manifest", sinks, || {
+        sinks.store.put_bytes(&manifest, body.clone())
+    })
+    .await?;
     let seq = match &sinks.notifier {
         Some(n) => {
             let subject = n.reload_subject(&parts[0].record.table);
-            retry("publish reload notice", sinks, || n.publish_once(&subject, &notice.batch_id, body.clone())).await?
+            retry("publish reload notice", sinks, || {
+                n.publish_once(&subject, &notice.batch_id, body.clone())
+            })
+            .await?
         }
         None => 0,
     };
     for p in &parts {
-        retry("record notice sequence", sinks, || sinks.registry.mark_notified(p.id, seq)).await?;
+        retry("record notice sequence", sinks, || {
+            sinks.registry.mark_notified(p.id, seq)
+        })
+        .await?;
     }
     Ok(())
 }

@@ -165,12 +165,19 @@ pub async fn session(
             .map_err(|e| e.context(format!("create replication slot {slot_name}")))?;
             tracing::info!(slot = slot_name, "created replication slot");
             if config.reload.initial {
-                let tables = slot::published_tables(&ep.catalog, &config.source.publication).await?;
+                let tables =
+                    slot::published_tables(&ep.catalog, &config.source.publication).await?;
                 let tables: Vec<TableName> = tables
                     .into_iter()
-                    .filter(|t| config.registry.url != config.source.url || t.schema != config.registry.schema)
+                    .filter(|t| {
+                        config.registry.url != config.source.url
+                            || t.schema != config.registry.schema
+                    })
                     .collect();
-                tracing::info!(tables = tables.len(), "fresh start: exporting every published table");
+                tracing::info!(
+                    tables = tables.len(),
+                    "fresh start: exporting every published table"
+                );
                 sinks.registry.request_initial_reloads(&tables).await?;
             }
         }
@@ -237,7 +244,9 @@ pub async fn session(
     if config.nats.change_events && sinks.notifier.is_some() {
         batcher.enable_change_events();
     }
-    batcher.set_marker_prefix(crate::register::migrate::marker_prefix(&config.registry.schema));
+    batcher.set_marker_prefix(crate::register::migrate::marker_prefix(
+        &config.registry.schema,
+    ));
     // Reloads to (re)start now: fresh-start exports, and reloads whose cut was taken by a previous
     // run. Their tables are held from the first streamed row until the new cut is known. Reloads
     // created from a marker whose cut was never recorded wait for that marker: the hold kept the ack

@@ -220,7 +220,10 @@ impl Notifier {
         if state.messages == 0 {
             return Ok(out);
         }
-        let from = state.last_sequence.saturating_sub(limit.saturating_sub(1)).max(state.first_sequence);
+        let from = state
+            .last_sequence
+            .saturating_sub(limit.saturating_sub(1))
+            .max(state.first_sequence);
         for seq in from..=state.last_sequence {
             match stream.get_raw_message(seq).await {
                 Ok(m) => out.push((m.sequence, m.subject.to_string(), m.payload)),

@@ -49,7 +49,10 @@ pub async fn install_reload_marker(
     publication: &str,
 ) -> Result<bool, Error> {
     let superuser: bool = c
-        .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
         .await
         .map_err(|e| pg("check superuser", e))?
         .get(0);
@@ -59,10 +62,16 @@ pub async fn install_reload_marker(
     let sql = RELOAD_MARKER_SQL
         .replace("{{schema}}", &quote_ident(schema))
         .replace("{{schema_literal}}", &quote_literal(&quote_ident(schema)))
-        .replace("{{schema_ident_literal}}", &quote_literal(&quote_ident(schema)))
+        .replace(
+            "{{schema_ident_literal}}",
+            &quote_literal(&quote_ident(schema)),
+        )
         .replace("{{publication_literal}}", &quote_literal(publication))
         .replace("{{prefix_literal}}", &quote_literal(&marker_prefix(schema)))
-        .replace("{{trigger_literal}}", &quote_literal(&marker_trigger_name(schema)));
+        .replace(
+            "{{trigger_literal}}",
+            &quote_literal(&marker_trigger_name(schema)),
+        );
     c.batch_execute(&format!(
         "SELECT pg_advisory_lock(hashtext('cdc_egress.marker:' || {lit})); {sql}; SELECT pg_advisory_unlock(hashtext('cdc_egress.marker:' || {lit}));",
         lit = quote_literal(schema)

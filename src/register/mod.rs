@@ -314,7 +314,6 @@ impl Registry {
         Ok(id)
     }
 
-
     /// Records the JetStream sequence of a file's notice.
     pub async fn mark_notified(&self, id: i64, stream_seq: u64) -> Result<(), Error> {
         let c = self.client().await?;

@@ -157,7 +157,10 @@ impl Registry {
     pub async fn reload_estimate(&self, id: i64, rows: i64, bytes: i64) -> Result<(), Error> {
         let c = self.client().await?;
         c.execute(
-            &format!("UPDATE {} SET estimate_rows = $2, estimate_bytes = $3 WHERE id = $1", self.t("reloads")),
+            &format!(
+                "UPDATE {} SET estimate_rows = $2, estimate_bytes = $3 WHERE id = $1",
+                self.t("reloads")
+            ),
             &[&id, &rows, &bytes],
         )
         .await
@@ -167,12 +170,17 @@ impl Registry {
 
     /// The registered part rows of a reload, in part order.
     pub async fn reload_files(&self, id: i64) -> Result<Vec<super::Registered>, Error> {
-        self.files_where_pub("reload_id = $1 AND kind = 'reload'", &[&id]).await
+        self.files_where_pub("reload_id = $1 AND kind = 'reload'", &[&id])
+            .await
     }
 
     /// The schema version a file with `fingerprint` gets: the table's current version when the
     /// fingerprint matches, else the next one (which the next streaming batch of that shape gets too).
-    pub async fn schema_version_for(&self, table: &TableName, fingerprint: &str) -> Result<i32, Error> {
+    pub async fn schema_version_for(
+        &self,
+        table: &TableName,
+        fingerprint: &str,
+    ) -> Result<i32, Error> {
         let c = self.client().await?;
         let row = c
             .query_opt(
@@ -194,7 +202,10 @@ impl Registry {
     pub async fn reload_progress(&self, id: i64, rows: i64, bytes: i64) -> Result<(), Error> {
         let c = self.client().await?;
         c.execute(
-            &format!("UPDATE {} SET rows = $2, bytes = $3 WHERE id = $1", self.t("reloads")),
+            &format!(
+                "UPDATE {} SET rows = $2, bytes = $3 WHERE id = $1",
+                self.t("reloads")
+            ),
             &[&id, &rows, &bytes],
         )
         .await

@@ -31,7 +31,9 @@ use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::source::conninfo::{pg_error, ConnInfo};
 use crate::source::wire::ReplicationConnection;
-use crate::table::{quote_ident, quote_literal, ColumnSchema, ReplicaIdentity, TableName, TableSchema};
+use crate::table::{
+    quote_ident, quote_literal, ColumnSchema, ReplicaIdentity, TableName, TableSchema,
+};
 use crate::write::layout;
 use crate::write::spool::GzipSpools;
 use crate::write::Store;
@@ -65,19 +67,27 @@ pub async fn take_cut(source: &ConnInfo, slot: &str, tag: &str) -> Result<Cut, E
         ))
         .await
         .map_err(|e| e.context("take a consistent cut for a reload"))?;
-    let row = rows.first().ok_or_else(|| {
-        Error::transient("source", "CREATE_REPLICATION_SLOT returned no row")
-    })?;
+    let row = rows
+        .first()
+        .ok_or_else(|| Error::transient("source", "CREATE_REPLICATION_SLOT returned no row"))?;
     let lsn: Lsn = row
         .get(1)
         .and_then(|v| v.as_deref())
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| Error::transient("source", "CREATE_REPLICATION_SLOT returned no consistent point"))?;
-    let snapshot = row
-        .get(2)
-        .and_then(|v| v.clone())
-        .ok_or_else(|| Error::transient("source", "CREATE_REPLICATION_SLOT returned no snapshot"))?;
-    Ok(Cut { lsn, snapshot, conn })
+        .ok_or_else(|| {
+            Error::transient(
+                "source",
+                "CREATE_REPLICATION_SLOT returned no consistent point",
+            )
+        })?;
+    let snapshot = row.get(2).and_then(|v| v.clone()).ok_or_else(|| {
+        Error::transient("source", "CREATE_REPLICATION_SLOT returned no snapshot")
+    })?;
+    Ok(Cut {
+        lsn,
+        snapshot,
+        conn,
+    })
 }
 
 /// One exported part, uploaded.
@@ -95,7 +105,11 @@ pub struct Part {
 #[derive(Debug)]
 pub enum ExportEvent {
     /// The table was described inside the snapshot: estimates for progress.
-    Planned { reload_id: i64, rows: i64, bytes: i64 },
+    Planned {
+        reload_id: i64,
+        rows: i64,
+        bytes: i64,
+    },
     Finished(TableExport),
 }
 
@@ -130,6 +144,13 @@ pub struct Planned {
     pages: i64,
 }
 
+/// A table's parts still running, those done, and its first error.
+struct Outstanding {
+    parts_left: usize,
+    parts: Vec<Part>,
+    error: Option<Error>,
+}
+
 struct PartJob {
     table_idx: usize,
     index: u32,
@@ -147,7 +168,10 @@ pub struct Exporter {
     pub parallelism: usize,
 }
 
-async fn begin_in_snapshot(source: &ConnInfo, snapshot: &str) -> Result<tokio_postgres::Client, Error> {
+async fn begin_in_snapshot(
+    source: &ConnInfo,
+    snapshot: &str,
+) -> Result<tokio_postgres::Client, Error> {
     let c = source.connect().await?;
     c.batch_execute(&format!(
         "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
@@ -269,7 +293,9 @@ impl Exporter {
                     let parts = if p.pages <= PART_PAGES {
                         1
                     } else {
-                        (workers as i64).max((p.pages + 8 * PART_PAGES - 1) / (8 * PART_PAGES)).min(1000)
+                        (workers as i64)
+                            .max((p.pages + 8 * PART_PAGES - 1) / (8 * PART_PAGES))
+                            .min(1000)
                     };
                     let step = (p.pages + parts - 1) / parts.max(1);
                     for k in 0..parts {
@@ -288,7 +314,12 @@ impl Exporter {
                     let _ = done.send(ExportEvent::Finished(TableExport {
                         table: jobs[i].table.clone(),
                         reload_id: jobs[i].reload_id,
-                        schema: TableSchema::new(jobs[i].table.clone(), 0, ReplicaIdentity::Default, vec![]),
+                        schema: TableSchema::new(
+                            jobs[i].table.clone(),
+                            0,
+                            ReplicaIdentity::Default,
+                            vec![],
+                        ),
                         result: Err(e),
                     }));
                 }
@@ -298,8 +329,22 @@ impl Exporter {
         let queue = Arc::new(Mutex::new(VecDeque::from(queue)));
         let jobs = Arc::new(jobs);
         let schemas = Arc::new(schemas);
-        let results: Arc<Mutex<HashMap<usize, (usize, Vec<Part>, Option<Error>)>>> =
-            Arc::new(Mutex::new(remaining.iter().enumerate().map(|(i, n)| (i, (*n, Vec::new(), None))).collect()));
+        let results: Arc<Mutex<HashMap<usize, Outstanding>>> = Arc::new(Mutex::new(
+            remaining
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    (
+                        i,
+                        Outstanding {
+                            parts_left: *n,
+                            parts: Vec::new(),
+                            error: None,
+                        },
+                    )
+                })
+                .collect(),
+        ));
 
         let mut tasks = tokio::task::JoinSet::new();
         for client in clients {
@@ -320,25 +365,29 @@ impl Exporter {
                         .lock()
                         .expect("results lock")
                         .get(&part.table_idx)
-                        .is_some_and(|r| r.2.is_some());
+                        .is_some_and(|r| r.error.is_some());
                     let outcome = if skip {
-                        Err(Error::transient("reload", "another part of this table failed"))
+                        Err(Error::transient(
+                            "reload",
+                            "another part of this table failed",
+                        ))
                     } else {
                         export_part(&client, &store, &spool_dir, job, &schema, &part).await
                     };
                     let finished = {
                         let mut r = results.lock().expect("results lock");
                         let entry = r.get_mut(&part.table_idx).expect("table entry");
-                        entry.0 -= 1;
+                        entry.parts_left -= 1;
                         match outcome {
-                            Ok(p) => entry.1.push(p),
+                            Ok(p) => entry.parts.push(p),
                             Err(e) => {
-                                if entry.2.is_none() {
-                                    entry.2 = Some(e);
+                                if entry.error.is_none() {
+                                    entry.error = Some(e);
                                 }
                             }
                         }
-                        (entry.0 == 0).then(|| (std::mem::take(&mut entry.1), entry.2.take()))
+                        (entry.parts_left == 0)
+                            .then(|| (std::mem::take(&mut entry.parts), entry.error.take()))
                     };
                     if let Some((mut parts, err)) = finished {
                         parts.sort_by_key(|p| p.index);
@@ -370,7 +419,11 @@ async fn export_part(
     part: &PartJob,
 ) -> Result<Part, Error> {
     use std::io::Write;
-    let columns: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let columns: Vec<String> = schema
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
     let mut cond = format!("ctid >= '({},0)'::tid", part.from_page);
     if let Some(to) = part.to_page {
         cond.push_str(&format!(" AND ctid < '({to},0)'::tid"));
@@ -403,8 +456,11 @@ async fn export_part(
     job.progress.rows.fetch_add(rows, Relaxed);
     let spooled = tokio::task::block_in_place(|| spool.finish())
         .map_err(|e| Error::transient("spool", format!("cannot finish spool file: {e}")))?;
-    let path = layout::reload_dir(store.root(), &job.table, job.reload_id).join(layout::part_file(part.index).as_str());
-    store.put_file(&path, &spooled.path, spooled.gz_bytes).await?;
+    let path = layout::reload_dir(store.root(), &job.table, job.reload_id)
+        .join(layout::part_file(part.index).as_str());
+    store
+        .put_file(&path, &spooled.path, spooled.gz_bytes)
+        .await?;
     job.progress.bytes.fetch_add(spooled.gz_bytes, Relaxed);
     Ok(Part {
         index: part.index,

@@ -56,7 +56,10 @@ impl ReloadNotice {
             table: r.table.dotted(),
             schema: r.table.schema.clone(),
             table_name: r.table.name.clone(),
-            cut_lsn: r.first.map(|p| p.commit_lsn.to_string()).unwrap_or_default(),
+            cut_lsn: r
+                .first
+                .map(|p| p.commit_lsn.to_string())
+                .unwrap_or_default(),
             rows: parts.iter().map(|p| p.record.rows).sum(),
             bytes: parts.iter().map(|p| p.record.bytes).sum(),
             schema_url: url(&r.schema_path),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::register::migrate::{marker_trigger_name, installed_version};
+use crate::register::migrate::{installed_version, marker_trigger_name};
 use crate::source::conninfo::{pg_error, ConnInfo};
 use crate::table::{quote_ident, quote_literal, TableName};
 
@@ -30,7 +30,8 @@ fn request_id() -> String {
         use std::io::Read;
         let _ = f.read_exact(&mut bytes);
     }
-    let t = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0) as u64 ^ std::process::id() as u64;
+    let t =
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0) as u64 ^ std::process::id() as u64;
     for (i, b) in t.to_be_bytes().iter().enumerate() {
         bytes[i] ^= b;
     }
@@ -38,13 +39,21 @@ fn request_id() -> String {
 }
 
 /// Validates and places the markers; returns `(table, request id)` pairs.
-pub async fn request(config: &Config, tables: &[String]) -> Result<Vec<(TableName, String)>, Error> {
+pub async fn request(
+    config: &Config,
+    tables: &[String],
+) -> Result<Vec<(TableName, String)>, Error> {
     if tables.is_empty() {
-        return Err(Error::definite("config", "name at least one table: cdc-egress reload schema.table ..."));
+        return Err(Error::definite(
+            "config",
+            "name at least one table: cdc-egress reload schema.table ...",
+        ));
     }
     let source = ConnInfo::parse(config.source.url.expose())?;
     let mut src = source.connect().await?;
-    let registry = ConnInfo::parse(config.registry.url.expose())?.connect().await?;
+    let registry = ConnInfo::parse(config.registry.url.expose())?
+        .connect()
+        .await?;
     let schema = &config.registry.schema;
     if installed_version(&registry, schema).await? == 0 {
         return Err(definite(format!(
@@ -53,7 +62,10 @@ pub async fn request(config: &Config, tables: &[String]) -> Result<Vec<(TableNam
     }
     let trigger = marker_trigger_name(schema);
     let has_trigger = src
-        .query_opt("SELECT 1 FROM pg_event_trigger WHERE evtname = $1 AND evtenabled <> 'D'", &[&trigger])
+        .query_opt(
+            "SELECT 1 FROM pg_event_trigger WHERE evtname = $1 AND evtenabled <> 'D'",
+            &[&trigger],
+        )
         .await
         .map_err(|e| pg_error(&e))?
         .is_some();
@@ -65,8 +77,12 @@ pub async fn request(config: &Config, tables: &[String]) -> Result<Vec<(TableNam
     }
     let mut parsed = Vec::new();
     for t in tables {
-        let name = TableName::parse(t)
-            .ok_or_else(|| Error::definite("config", format!("{t:?} is not a table name; use schema.table")))?;
+        let name = TableName::parse(t).ok_or_else(|| {
+            Error::definite(
+                "config",
+                format!("{t:?} is not a table name; use schema.table"),
+            )
+        })?;
         let exists = src
             .query_opt(
                 "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -77,7 +93,9 @@ pub async fn request(config: &Config, tables: &[String]) -> Result<Vec<(TableNam
             .map_err(|e| pg_error(&e))?
             .is_some();
         if !exists {
-            return Err(definite(format!("table {name} does not exist in the source database")));
+            return Err(definite(format!(
+                "table {name} does not exist in the source database"
+            )));
         }
         let published = src
             .query_opt(
@@ -136,7 +154,9 @@ pub async fn request(config: &Config, tables: &[String]) -> Result<Vec<(TableNam
 /// Waits until every requested reload is done or failed, showing progress (a bar on a terminal,
 /// log lines otherwise). Fails if any reload failed.
 pub async fn wait(config: &Config, requests: &[(TableName, String)]) -> Result<(), Error> {
-    let registry = ConnInfo::parse(config.registry.url.expose())?.connect().await?;
+    let registry = ConnInfo::parse(config.registry.url.expose())?
+        .connect()
+        .await?;
     let ids: Vec<String> = requests.iter().map(|(_, r)| r.clone()).collect();
     let tty = std::io::stderr().is_terminal();
     let bars = indicatif::MultiProgress::new();
@@ -169,7 +189,10 @@ pub async fn wait(config: &Config, requests: &[(TableName, String)]) -> Result<(
                 finished += 1;
             }
             if status == "failed" {
-                failed.push(format!("{table}: {}", r.get::<_, Option<String>>(6).unwrap_or_default()));
+                failed.push(format!(
+                    "{table}: {}",
+                    r.get::<_, Option<String>>(6).unwrap_or_default()
+                ));
             }
             if tty {
                 let bar = shown.entry(req).or_insert_with(|| {
@@ -201,10 +224,16 @@ pub async fn wait(config: &Config, requests: &[(TableName, String)]) -> Result<(
         }
         if finished == ids.len() && rows.len() == ids.len() {
             if failed.is_empty() {
-                eprintln!("all reloads done in {:.1}s", started.elapsed().as_secs_f64());
+                eprintln!(
+                    "all reloads done in {:.1}s",
+                    started.elapsed().as_secs_f64()
+                );
                 return Ok(());
             }
-            return Err(Error::definite("reload", format!("reload failed: {}", failed.join("; "))));
+            return Err(Error::definite(
+                "reload",
+                format!("reload failed: {}", failed.join("; ")),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -499,6 +499,17 @@ pub async fn replay(
 }
 
 async fn apply_file(target: &Client, schema: &SchemaYml, csv: &[u8]) -> u64 {
+    apply_file_from(target, schema, csv, None).await
+}
+
+/// Applies a streaming file, skipping rows whose `_commit_lsn` is below `min_lsn` (a reload's cut).
+/// Returns the number of rows in the file.
+async fn apply_file_from(
+    target: &Client,
+    schema: &SchemaYml,
+    csv: &[u8],
+    min_lsn: Option<&str>,
+) -> u64 {
     use futures::SinkExt;
     let table = TableName::new(schema.schema.clone(), schema.table.clone()).quoted();
     let meta = [
@@ -538,10 +549,19 @@ async fn apply_file(target: &Client, schema: &SchemaYml, csv: &[u8]) -> u64 {
     futures::pin_mut!(sink);
     sink.send(bytes::Bytes::copy_from_slice(csv)).await.unwrap();
     sink.finish().await.unwrap();
+    let total: i64 = target
+        .query_one("SELECT count(*) FROM pg_temp.stage", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let filter = match min_lsn {
+        Some(l) => format!("WHERE _commit_lsn::pg_lsn >= '{l}'::pg_lsn"),
+        None => String::new(),
+    };
     let staged = target
         .query(
             &format!(
-                "SELECT {} FROM pg_temp.stage ORDER BY _n",
+                "SELECT {} FROM pg_temp.stage {filter} ORDER BY _n",
                 stage_cols.join(", ")
             ),
             &[],
@@ -667,7 +687,99 @@ async fn apply_file(target: &Client, schema: &SchemaYml, csv: &[u8]) -> u64 {
             other => panic!("unknown _op {other:?}"),
         }
     }
-    staged.len() as u64
+    total as u64
+}
+
+/// The documented consumer rule with reloads: per table, the latest `done` reload (its parts loaded
+/// with `COPY … FROM (FORMAT csv, HEADER, NULL '\N')`), then, in registry order, the rows of its
+/// streaming files with `_commit_lsn >= cut_lsn`; tables without a reload get every streaming row.
+pub async fn replay_with_reloads(
+    registry_url: &str,
+    registry_schema: &str,
+    output_url: &str,
+    options: &HashMap<String, String>,
+    target: &Client,
+) -> HashMap<String, String> {
+    use futures::SinkExt;
+    let reg = connect(registry_url).await;
+    let store =
+        cdc_egress::write::Store::open(output_url, &options.clone().into_iter().collect()).unwrap();
+    let s = quote_ident(registry_schema);
+    let latest = reg
+        .query(
+            &format!(
+                "SELECT DISTINCT ON (table_schema, table_name) id, table_schema, table_name, cut_lsn::text \
+                 FROM {s}.reloads WHERE status = 'done' ORDER BY table_schema, table_name, id DESC"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut cuts = HashMap::new();
+    for r in &latest {
+        let (id, schema, table, cut): (i64, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let qualified = TableName::new(schema.clone(), table.clone()).quoted();
+        target
+            .batch_execute(&format!("TRUNCATE {qualified}"))
+            .await
+            .unwrap();
+        let parts = reg
+            .query(
+                &format!("SELECT object_path, row_count FROM {s}.files WHERE kind = 'reload' AND reload_id = $1 ORDER BY part"),
+                &[&id],
+            )
+            .await
+            .unwrap();
+        assert!(!parts.is_empty(), "done reload {id} has no parts");
+        for p in parts {
+            let data = store
+                .get(&object_store::path::Path::from(p.get::<_, String>(0)))
+                .await
+                .unwrap();
+            let mut csv = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut csv)
+                .unwrap();
+            let sink = target
+                .copy_in(&format!(
+                    "COPY {qualified} FROM STDIN (FORMAT csv, HEADER, NULL '\\N')"
+                ))
+                .await
+                .unwrap();
+            futures::pin_mut!(sink);
+            sink.send(bytes::Bytes::from(csv)).await.unwrap();
+            let n = sink.finish().await.unwrap();
+            assert_eq!(
+                n,
+                p.get::<_, i64>(1) as u64,
+                "row count of reload {id} part"
+            );
+        }
+        cuts.insert(format!("{schema}.{table}"), cut);
+    }
+    let files = reg
+        .query(
+            &format!("SELECT object_path, schema_path, table_schema || '.' || table_name FROM {s}.files WHERE kind = 'streaming' ORDER BY id"),
+            &[],
+        )
+        .await
+        .unwrap();
+    for f in files {
+        let table: String = f.get(2);
+        let data = store
+            .get(&object_store::path::Path::from(f.get::<_, String>(0)))
+            .await
+            .unwrap();
+        let schema_text = store
+            .get(&object_store::path::Path::from(f.get::<_, String>(1)))
+            .await
+            .unwrap();
+        let schema: SchemaYml = serde_yaml::from_slice(&schema_text).unwrap();
+        let mut csv = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut csv).unwrap();
+        apply_file_from(target, &schema, &csv, cuts.get(&table).map(String::as_str)).await;
+    }
+    cuts
 }
 
 /// Every row of `table` as text, sorted: equal vectors mean equal tables (EXCEPT both ways).
