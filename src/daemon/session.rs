@@ -145,6 +145,28 @@ pub async fn session(
     let sinks = ep.sinks.clone();
     let slot_name = config.source.slot.as_str();
 
+    // Exclusive ownership before anything else: recovery deletes orphaned uploads and completes
+    // notices, which only the one process streaming the slot may do. A session-level advisory lock
+    // on the catalog connection (released when the session's connection closes, also on a crash)
+    // makes every other instance with this slot a standby that waits here.
+    let locked: bool = ep
+        .catalog
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtextextended('cdc_egress.slot:' || $1, 0))",
+            &[&slot_name],
+        )
+        .await
+        .map_err(|e| {
+            crate::source::conninfo::pg_error(&e).context("take the slot's advisory lock")
+        })?
+        .get(0);
+    if !locked {
+        return Err(Error::transient(
+            "source",
+            format!("another process holds the slot {slot_name}; this instance waits as a standby and retries"),
+        ));
+    }
+
     // Finish what a previous run committed, then clear what it left half-done.
     let finished = deliver::finish_unnotified(&sinks).await?;
     if finished > 0 {
@@ -268,9 +290,9 @@ pub async fn session(
         ))
         .await
         .map_err(|e| {
-            if e.is_transient() {
+            if e.sqlstate() == Some("55006") {
                 e.context(format!(
-                    "start replication on slot {slot_name} (if another process holds the slot, this one waits and retries)"
+                    "another process holds the slot {slot_name}; this instance waits as a standby and retries"
                 ))
             } else {
                 e.context(format!("start replication on slot {slot_name}"))

@@ -759,17 +759,23 @@ pub async fn replay_with_reloads(
     }
     let files = reg
         .query(
-            &format!("SELECT object_path, schema_path, table_schema || '.' || table_name FROM {s}.files WHERE kind = 'streaming' ORDER BY id"),
+            &format!("SELECT object_path, schema_path, table_schema || '.' || table_name, checksum, row_count FROM {s}.files WHERE kind = 'streaming' ORDER BY id"),
             &[],
         )
         .await
         .unwrap();
     for f in files {
+        use sha2::Digest;
         let table: String = f.get(2);
         let data = store
             .get(&object_store::path::Path::from(f.get::<_, String>(0)))
             .await
             .unwrap();
+        assert_eq!(
+            f.get::<_, String>(3),
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data))),
+            "checksum"
+        );
         let schema_text = store
             .get(&object_store::path::Path::from(f.get::<_, String>(1)))
             .await
@@ -777,7 +783,12 @@ pub async fn replay_with_reloads(
         let schema: SchemaYml = serde_yaml::from_slice(&schema_text).unwrap();
         let mut csv = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut csv).unwrap();
-        apply_file_from(target, &schema, &csv, cuts.get(&table).map(String::as_str)).await;
+        let n = apply_file_from(target, &schema, &csv, cuts.get(&table).map(String::as_str)).await;
+        assert_eq!(
+            n,
+            f.get::<_, i64>(4) as u64,
+            "row count of a streaming file"
+        );
     }
     cuts
 }

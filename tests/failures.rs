@@ -1,0 +1,330 @@
+//! Failure handling end to end: a dropped replication connection, a NATS outage, a standby waiting for
+//! the slot, and per-change events.
+
+mod common;
+mod workload;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+const CATCH_UP: Duration = Duration::from_secs(90);
+
+async fn wait_for_slot(db: &TestDb) {
+    for _ in 0..300 {
+        if db.slot_confirmed().await.is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("slot never appeared");
+}
+
+async fn replay_equal(db: &mut TestDb) {
+    let target_url = db.extra_db("replay").await;
+    let target = connect(&target_url).await;
+    workload::setup_target(&target).await;
+    replay_with_reloads(
+        &db.url,
+        "cdc_egress",
+        &db.out_url(),
+        &HashMap::new(),
+        &target,
+    )
+    .await;
+    let source = db.client().await;
+    for t in workload::TABLES {
+        assert_eq!(
+            table_rows(&target, t).await,
+            table_rows(&source, t).await,
+            "table {t} differs"
+        );
+    }
+}
+
+/// A loopback TCP proxy that can be switched off (connections dropped, new ones refused) and on.
+struct Proxy {
+    port: u16,
+    up: Arc<AtomicBool>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Proxy {
+    async fn start(target: &'static str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (u, g) = (up.clone(), generation.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !u.load(Ordering::Relaxed) {
+                    drop(client);
+                    continue;
+                }
+                let (u, g) = (u.clone(), g.clone());
+                tokio::spawn(async move {
+                    let born = g.load(Ordering::Relaxed);
+                    let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let alive =
+                        move || u.load(Ordering::Relaxed) && g.load(Ordering::Relaxed) == born;
+                    let alive2 = alive.clone();
+                    let a = tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16384];
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        loop {
+                            let r =
+                                tokio::time::timeout(Duration::from_millis(100), cr.read(&mut buf))
+                                    .await;
+                            if !alive() {
+                                return;
+                            }
+                            match r {
+                                Ok(Ok(0)) | Ok(Err(_)) => return,
+                                Ok(Ok(n)) => {
+                                    if sw.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(_) => {}
+                            }
+                        }
+                    });
+                    let b = tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16384];
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        loop {
+                            let r =
+                                tokio::time::timeout(Duration::from_millis(100), sr.read(&mut buf))
+                                    .await;
+                            if !alive2() {
+                                return;
+                            }
+                            match r {
+                                Ok(Ok(0)) | Ok(Err(_)) => return,
+                                Ok(Ok(n)) => {
+                                    if cw.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(_) => {}
+                            }
+                        }
+                    });
+                    let _ = tokio::join!(a, b);
+                });
+            }
+        });
+        Proxy {
+            port,
+            up,
+            generation,
+        }
+    }
+
+    fn down(&self) {
+        self.up.store(false, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn up(&self) {
+        self.up.store(true, Ordering::Relaxed);
+    }
+}
+
+/// NATS goes away mid-stream: nothing is acknowledged past the unnotified batch, the failure is
+/// visible in the log and the registry's daemon state, and when NATS returns everything is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_outage_holds_the_ack_and_recovers() {
+    let mut db = TestDb::new("natsdown").await;
+    let c = db.client().await;
+    workload::setup(&c, &db.publication).await;
+    let proxy = Proxy::start("127.0.0.1:4222").await;
+    let mut env = db.daemon_env(&db.out_url());
+    env.retain(|(k, _)| k != "CDC_EGRESS_NATS_URL");
+    env.push((
+        "CDC_EGRESS_NATS_URL".into(),
+        format!("nats://127.0.0.1:{}", proxy.port),
+    ));
+    let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
+    wait_for_slot(&db).await;
+    workload::phase1(&c).await;
+    db.wait_caught_up(CATCH_UP).await;
+    proxy.down();
+    let before = db.slot_confirmed().await.unwrap();
+    workload::phase2(&c).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let during = db.slot_confirmed().await.unwrap();
+    let first_phase2_commit: Option<String> = c
+        .query_one("SELECT min(last_commit_lsn)::text FROM cdc_egress.files WHERE notified_stream_seq IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if let Some(unnotified) = first_phase2_commit {
+        let unnotified: cdc_egress::lsn::Lsn = unnotified.parse().unwrap();
+        assert!(
+            during <= unnotified,
+            "confirmed {during} passed the unnotified batch ending at {unnotified}"
+        );
+    }
+    // Nothing of phase 2 may be acknowledged while its notices cannot be published.
+    let phase2_files: i64 = c
+        .query_one(
+            "SELECT count(*) FROM cdc_egress.files WHERE notified_stream_seq IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        phase2_files <= 1,
+        "delivery continued past an unpublished notice ({phase2_files} unnotified)"
+    );
+    assert!(
+        during < db.current_lsn().await,
+        "the ack went on during the outage ({before} → {during})"
+    );
+    let state: (String, Option<String>) = c
+        .query_one("SELECT state, last_error FROM cdc_egress.daemon", &[])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(
+        state.0, "degraded",
+        "status must show the failure: {state:?}"
+    );
+    assert!(
+        d.log_text().contains("retrying"),
+        "the log must show the retries"
+    );
+    proxy.up();
+    db.wait_caught_up(CATCH_UP).await;
+    let log = d.log_text();
+    assert!(d.stop().await.success(), "{log}");
+    replay_equal(&mut db).await;
+    let files: i64 = c
+        .query_one("SELECT count(*) FROM cdc_egress.files", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        stream_count(&db.stream, &format!("{}.batch.>", db.prefix)).await,
+        files as u64
+    );
+    db.cleanup().await;
+}
+
+/// The replication connection is killed by the server: the daemon reconnects and resumes from the
+/// confirmed LSN; nothing is lost or duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_replication_connection_resumes() {
+    let mut db = TestDb::new("walsender").await;
+    let c = db.client().await;
+    workload::setup(&c, &db.publication).await;
+    let env = db.daemon_env(&db.out_url());
+    let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
+    wait_for_slot(&db).await;
+    workload::phase1(&c).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed: i64 = c
+        .query_one(
+            "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+            &[&db.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    workload::phase2(&c).await;
+    db.wait_caught_up(CATCH_UP).await;
+    let log = d.log_text();
+    assert!(
+        log.contains("restarting from the confirmed LSN"),
+        "no reconnect in the log:\n{log}"
+    );
+    assert!(d.stop().await.success());
+    if std::env::var("DEBUG_REPLAY").is_ok() {
+        for r in c.query("SELECT id, table_name, first_commit_lsn::text, first_seq, last_commit_lsn::text, last_seq, row_count FROM cdc_egress.files ORDER BY id", &[]).await.unwrap() {
+            eprintln!("FILE {} {} {}.{} - {}.{} rows {}", r.get::<_, i64>(0), r.get::<_, String>(1), r.get::<_, String>(2), r.get::<_, i32>(3), r.get::<_, String>(4), r.get::<_, i32>(5), r.get::<_, i64>(6));
+        }
+        eprintln!(
+            "LOG {}",
+            std::fs::read_to_string(db.dir.path().join("daemon.log")).unwrap_or_default()
+        );
+    }
+    replay_equal(&mut db).await;
+    db.cleanup().await;
+}
+
+/// A second daemon with the same slot waits (retrying, with a clear message) and takes over when the
+/// first one stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_waits_for_the_slot_and_takes_over() {
+    let mut db = TestDb::new("standby").await;
+    let c = db.client().await;
+    workload::setup(&c, &db.publication).await;
+    let env = db.daemon_env(&db.out_url());
+    let first = Daemon::start(&env, db.dir.path(), &[], "first.log");
+    wait_for_slot(&db).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = Daemon::start(&env, db.dir.path(), &[], "second.log");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = second.log_text();
+    assert!(
+        log.contains("another process holds the slot"),
+        "standby log:\n{log}"
+    );
+    workload::phase1(&c).await;
+    db.wait_caught_up(CATCH_UP).await;
+    assert!(first.stop().await.success());
+    workload::phase2(&c).await;
+    db.wait_caught_up(CATCH_UP).await;
+    assert!(second.stop().await.success());
+    replay_equal(&mut db).await;
+    db.cleanup().await;
+}
+
+/// With `nats.change_events`, every change is also published once on its change subject, and the
+/// slot still catches up (the event acks gate the ack).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_events_are_published_for_every_change() {
+    let mut db = TestDb::new("events").await;
+    let c = db.client().await;
+    workload::setup(&c, &db.publication).await;
+    let mut env = db.daemon_env(&db.out_url());
+    env.push(("CDC_EGRESS_NATS_CHANGE_EVENTS".into(), "true".into()));
+    let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
+    wait_for_slot(&db).await;
+    workload::phase1(&c).await;
+    workload::phase2(&c).await;
+    db.wait_caught_up(CATCH_UP).await;
+    assert!(d.stop().await.success());
+    let rows: i64 = c
+        .query_one(
+            "SELECT sum(row_count)::bigint FROM cdc_egress.files WHERE kind = 'streaming'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let events = stream_count(&db.stream, &format!("{}.change.>", db.prefix)).await;
+    assert_eq!(events, rows as u64, "one change event per change");
+    let inserts = stream_count(
+        &db.stream,
+        &format!("{}.change.public.accounts.insert", db.prefix),
+    )
+    .await;
+    assert!(inserts >= 200, "accounts inserts as events: {inserts}");
+    replay_equal(&mut db).await;
+    db.cleanup().await;
+}
