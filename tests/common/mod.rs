@@ -818,3 +818,57 @@ pub async fn stream_count(stream: &str, subject: &str) -> u64 {
         .unwrap();
     counts.iter().map(|(_, n)| *n as u64).sum()
 }
+
+/// Like [`run_cli`], but the command must finish within `timeout` (it is killed and the test fails
+/// otherwise), so a command that should exit but hangs cannot hang the test run.
+pub fn run_cli_timeout(
+    args: &[&str],
+    env: &[(String, String)],
+    cwd: &std::path::Path,
+    timeout: Duration,
+) -> (i32, String, String) {
+    use std::io::Read;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cdc-egress"));
+    cmd.args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CDC_EGRESS_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let read_all = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = read_all(Box::new(child.stdout.take().unwrap()));
+    let err = read_all(Box::new(child.stderr.take().unwrap()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    match status {
+        Some(s) => (s.code().unwrap_or(-1), out, err),
+        None => panic!(
+            "cdc-egress {args:?} did not exit within {timeout:?}\nstdout:\n{out}\nstderr:\n{err}"
+        ),
+    }
+}

@@ -1,0 +1,709 @@
+//! Object store conformance: the operations of `cdc_egress::write::Store` (see its `# Contract`) and
+//! `write::remove_orphans`, written once as functions taking a `&Store` and run against every backend
+//! we can run here: the local filesystem and a real S3-compatible server on loopback (moto).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::PathBuf;
+
+use cdc_egress::error::Kind;
+use cdc_egress::write::store::PART_SIZE;
+use cdc_egress::write::{remove_orphans, Store};
+use object_store::path::{Path, PathPart};
+use sha2::Digest;
+
+/// What a check needs to know about the backend beyond the `Store` itself.
+enum Backend {
+    File { dir: PathBuf },
+    S3 { endpoint: String, bucket: String },
+}
+
+struct Ctx {
+    backend: Backend,
+    /// Local scratch space for `put_file` sources.
+    scratch: tempfile::TempDir,
+}
+
+/// `<root>/<rel>`, each `/`-separated segment of `rel` encoded as one path part.
+fn at(store: &Store, rel: &str) -> Path {
+    Path::from_iter(
+        store
+            .root()
+            .parts()
+            .chain(rel.split('/').map(|s| PathPart::from(s.to_string()))),
+    )
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn sha(b: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+fn scratch_file(ctx: &Ctx, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = ctx.scratch.path().join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers for the loopback S3 server.
+
+/// Status of an unsigned request (the test server accepts them for bucket operations).
+async fn http_status(endpoint: &str, method: &str, target: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hostport = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = tokio::net::TcpStream::connect(hostport).await.unwrap();
+    let req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    String::from_utf8_lossy(&raw)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("HTTP status line")
+}
+
+/// Fetches an `s3://bucket/key` URL as a consumer would: the key is the URL's path, literally.
+async fn fetch_s3_url(endpoint: &str, bucket: &str, url: &str) -> Vec<u8> {
+    let key = url
+        .strip_prefix(&format!("s3://{bucket}/"))
+        .unwrap_or_else(|| panic!("{url} is not in s3://{bucket}/"));
+    let bucket_store = Store::open(&format!("s3://{bucket}"), &s3_options(endpoint)).unwrap();
+    bucket_store
+        .get(&Path::parse(key).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+        .to_vec()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The suite.
+
+async fn put_bytes_and_get_round_trip(store: &Store, _ctx: &Ctx) {
+    let all_bytes: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+    let p = at(store, "rt/all-bytes.bin");
+    store.put_bytes(&p, all_bytes.clone()).await.unwrap();
+    assert_eq!(store.get(&p).await.unwrap(), all_bytes);
+
+    let empty = at(store, "rt/empty");
+    store.put_bytes(&empty, Vec::new()).await.unwrap();
+    assert!(store.get(&empty).await.unwrap().is_empty());
+    assert!(store.exists(&empty).await.unwrap());
+
+    let missing = at(store, "rt/missing.bin");
+    let e = store
+        .get(&missing)
+        .await
+        .expect_err("get of a missing object");
+    assert!(
+        e.to_string().contains("rt/missing.bin"),
+        "the error names the object: {e}"
+    );
+}
+
+async fn put_file_small_round_trip(store: &Store, ctx: &Ctx) {
+    let data = noise(1000, 7);
+    let f = scratch_file(ctx, "small", &data);
+    let p = at(store, "file/small.bin");
+    store.put_file(&p, &f, data.len() as u64).await.unwrap();
+    assert_eq!(store.get(&p).await.unwrap(), data);
+
+    // Exactly one part's worth still goes up in one request, and round-trips.
+    let data = noise(PART_SIZE, 8);
+    let f = scratch_file(ctx, "one-part", &data);
+    let p = at(store, "file/one-part.bin");
+    store.put_file(&p, &f, data.len() as u64).await.unwrap();
+    let got = store.get(&p).await.unwrap();
+    assert!(got == data, "PART_SIZE file differs after round trip");
+}
+
+/// Above [`PART_SIZE`] the multipart path runs; on S3 the ETag of a multipart object says so.
+async fn put_file_large_round_trip(store: &Store, ctx: &Ctx) {
+    for (name, len, parts) in [
+        ("large.bin", 12 * 1024 * 1024 + 123, 3),
+        ("part-and-a-byte.bin", PART_SIZE + 1, 2),
+    ] {
+        let data = noise(len, len as u64);
+        let f = scratch_file(ctx, name, &data);
+        let p = at(store, &format!("file/{name}"));
+        store.put_file(&p, &f, len as u64).await.unwrap();
+        let got = store.get(&p).await.unwrap();
+        assert_eq!(got.len(), len, "{name}: length after round trip");
+        assert!(
+            sha(&got) == sha(&data),
+            "{name}: content differs after round trip"
+        );
+        let listed = store.list(&at(store, "file")).await.unwrap();
+        let meta = listed
+            .iter()
+            .find(|m| m.location == p)
+            .unwrap_or_else(|| panic!("{name} not listed"));
+        assert_eq!(meta.size, len as u64);
+        if let Backend::S3 { .. } = &ctx.backend {
+            let etag = meta.e_tag.as_deref().unwrap_or_default().trim_matches('"');
+            assert!(
+                etag.ends_with(&format!("-{parts}")),
+                "{name}: expected a {parts}-part multipart upload, ETag is {etag:?}"
+            );
+        }
+    }
+}
+
+async fn overwrite_with_same_bytes_is_harmless(store: &Store, ctx: &Ctx) {
+    let data = noise(2048, 11);
+    let p = at(store, "over/x.bin");
+    store.put_bytes(&p, data.clone()).await.unwrap();
+    store.put_bytes(&p, data.clone()).await.unwrap();
+    assert_eq!(store.get(&p).await.unwrap(), data);
+
+    let big = noise(PART_SIZE + 4096, 12);
+    let f = scratch_file(ctx, "over-big", &big);
+    let q = at(store, "over/big.bin");
+    store.put_file(&q, &f, big.len() as u64).await.unwrap();
+    store.put_file(&q, &f, big.len() as u64).await.unwrap();
+    assert!(store.get(&q).await.unwrap() == big);
+
+    let listed: Vec<Path> = store
+        .list(&at(store, "over"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.location)
+        .collect();
+    assert_eq!(listed.len(), 2, "one object per name: {listed:?}");
+}
+
+async fn exists_true_and_false(store: &Store, _ctx: &Ctx) {
+    let p = at(store, "ex/dir/obj");
+    assert!(!store.exists(&p).await.unwrap());
+    store.put_bytes(&p, b"x".to_vec()).await.unwrap();
+    assert!(store.exists(&p).await.unwrap());
+    assert!(!store.exists(&at(store, "ex/dir/obj2")).await.unwrap());
+    // A "directory" is not an object.
+    assert!(!store.exists(&at(store, "ex/dir")).await.unwrap());
+}
+
+async fn list_under_a_prefix(store: &Store, _ctx: &Ctx) {
+    let objects = [
+        ("list/x/1", 1usize),
+        ("list/x/2", 22),
+        ("list/x/sub/3", 333),
+        ("list/y/4", 4),
+        // Shares the string prefix `list` but not the path segment: never part of list("list").
+        ("listing/5", 5),
+    ];
+    for (rel, len) in objects {
+        store
+            .put_bytes(&at(store, rel), vec![b'a'; len])
+            .await
+            .unwrap();
+    }
+    let listed = |v: Vec<object_store::ObjectMeta>| -> BTreeSet<(String, u64)> {
+        v.into_iter()
+            .map(|m| (m.location.to_string(), m.size))
+            .collect()
+    };
+    let want = |rels: &[(&str, usize)]| -> BTreeSet<(String, u64)> {
+        rels.iter()
+            .map(|(r, n)| (at(store, r).to_string(), *n as u64))
+            .collect()
+    };
+    assert_eq!(
+        listed(store.list(&at(store, "list/x")).await.unwrap()),
+        want(&objects[..3])
+    );
+    assert_eq!(
+        listed(store.list(&at(store, "list")).await.unwrap()),
+        want(&objects[..4])
+    );
+    assert!(store
+        .list(&at(store, "list/none"))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn list_dirs_names_the_children(store: &Store, _ctx: &Ctx) {
+    for rel in ["dirs/a/1", "dirs/a/deep/2", "dirs/b/3", "dirs/file-at-top"] {
+        store
+            .put_bytes(&at(store, rel), b"d".to_vec())
+            .await
+            .unwrap();
+    }
+    let dirs: BTreeSet<String> = store
+        .list_dirs(&at(store, "dirs"))
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(dirs, BTreeSet::from(["a".to_string(), "b".to_string()]));
+    assert_eq!(
+        store.list_dirs(&at(store, "dirs/a")).await.unwrap(),
+        vec!["deep".to_string()]
+    );
+    assert!(store
+        .list_dirs(&at(store, "dirs/nothing"))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn delete_and_delete_missing(store: &Store, _ctx: &Ctx) {
+    let p = at(store, "del/one");
+    let keep = at(store, "del/two");
+    store.put_bytes(&p, b"1".to_vec()).await.unwrap();
+    store.put_bytes(&keep, b"2".to_vec()).await.unwrap();
+    store.delete(&p).await.unwrap();
+    assert!(!store.exists(&p).await.unwrap());
+    assert!(store.get(&p).await.is_err());
+    assert!(
+        store.exists(&keep).await.unwrap(),
+        "only the named object goes"
+    );
+    store
+        .delete(&p)
+        .await
+        .expect("deleting a missing object is Ok");
+    store
+        .delete(&at(store, "del/never-was"))
+        .await
+        .expect("deleting a never-written object is Ok");
+    let left: Vec<String> = store
+        .list(&at(store, "del"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.location.to_string())
+        .collect();
+    assert_eq!(left, vec![keep.to_string()]);
+}
+
+async fn url_of_shape(store: &Store, ctx: &Ctx) {
+    let p = at(store, "urls/public.t/data.csv.gz");
+    store.put_bytes(&p, b"u".to_vec()).await.unwrap();
+    let url = store.url_of(&p);
+    match &ctx.backend {
+        Backend::File { dir } => {
+            let abs = dir.canonicalize().unwrap();
+            assert_eq!(
+                url,
+                format!("file://{}/urls/public.t/data.csv.gz", abs.display())
+            );
+            assert!(url.starts_with("file:///"), "{url}");
+            let file = url::Url::parse(&url).unwrap().to_file_path().unwrap();
+            assert_eq!(std::fs::read(file).unwrap(), b"u");
+        }
+        Backend::S3 { endpoint, bucket } => {
+            assert_eq!(
+                url,
+                format!("s3://{bucket}/{}/urls/public.t/data.csv.gz", store.root())
+            );
+            assert_eq!(fetch_s3_url(endpoint, bucket, &url).await, b"u");
+        }
+    }
+}
+
+/// A segment with spaces, unicode, `%` and characters `object_store` escapes round-trips, lists as
+/// the same path, and its URL names the stored object (S3: the key, literally).
+async fn odd_path_segments(store: &Store, ctx: &Ctx) {
+    for (i, seg) in ODD_SEGMENTS.iter().enumerate() {
+        let p = at(store, &format!("odd/{seg}/v.txt"));
+        let body = format!("content {i} of {seg}");
+        store.put_bytes(&p, body.clone()).await.unwrap();
+        assert_eq!(store.get(&p).await.unwrap(), body.as_bytes(), "{seg:?}");
+        assert!(store.exists(&p).await.unwrap(), "{seg:?}");
+        let listed: Vec<Path> = store
+            .list(&at(store, &format!("odd/{seg}")))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.location)
+            .collect();
+        assert_eq!(listed, vec![p.clone()], "{seg:?}");
+        let url = store.url_of(&p);
+        match &ctx.backend {
+            Backend::S3 { endpoint, bucket } => {
+                assert_eq!(
+                    fetch_s3_url(endpoint, bucket, &url).await,
+                    body.as_bytes(),
+                    "{url}"
+                );
+            }
+            // Names object_store does not escape give a file URL of the file itself (escaped ones:
+            // see `file_url_of_escaped_names_resolves_to_the_object`).
+            Backend::File { .. } if p.as_ref().contains('%') => {}
+            Backend::File { .. } => {
+                let file = url::Url::parse(&url).unwrap().to_file_path().unwrap();
+                assert_eq!(std::fs::read(&file).unwrap(), body.as_bytes(), "{url}");
+            }
+        }
+    }
+    let dirs: BTreeSet<String> = store
+        .list_dirs(&at(store, "odd"))
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(dirs.len(), 6, "{dirs:?}");
+    assert!(dirs.contains("a b"), "{dirs:?}");
+}
+
+const ODD_SEGMENTS: [&str; 6] = [
+    "a b",
+    "ünï cödé 🦀",
+    "100%",
+    "%41",
+    "we#ird?*<x>",
+    "tab\tand\"quote",
+];
+
+/// What `list_dirs` returns must name the directory again: the daemon passes each name to
+/// `remove_orphans` as a table directory, which encodes it into a path part.
+async fn list_dirs_names_round_trip(store: &Store, _ctx: &Ctx) {
+    for seg in ODD_SEGMENTS {
+        store
+            .put_bytes(&at(store, &format!("rtdirs/{seg}/v")), seg.to_string())
+            .await
+            .unwrap();
+    }
+    let dirs: BTreeSet<String> = store
+        .list_dirs(&at(store, "rtdirs"))
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let want: BTreeSet<String> = ODD_SEGMENTS.iter().map(|s| s.to_string()).collect();
+    assert_eq!(dirs, want);
+    // What the daemon does with each name: use it as a path part and list below it.
+    for d in &dirs {
+        assert!(
+            !store
+                .list(&at(store, &format!("rtdirs/{d}")))
+                .await
+                .unwrap()
+                .is_empty(),
+            "list_dirs name {d:?} names no directory"
+        );
+    }
+}
+
+/// `remove_orphans` deletes batch directories without a manifest that are not committed, on the
+/// dates it is given (all dates when none), and nothing else.
+async fn remove_orphans_on_a_fake_layout(store: &Store, _ctx: &Ctx) {
+    const A: &str = "0000000001000000.00000000-0000000001000100.00000002";
+    const C: &str = "0000000001000200.00000000-0000000001000300.00000000";
+    const E: &str = "0000000001000400.00000000-0000000001000500.00000001";
+    const G: &str = "0000000002000000.00000000-0000000002000100.00000000";
+    let t = "orph.public.t";
+    let orphan_day1 = [
+        format!("{t}/streaming/2024-01-01/{A}/data.csv.gz"),
+        format!("{t}/streaming/2024-01-01/{A}/schema.yml"),
+    ];
+    let orphan_day2 = [format!("{t}/streaming/2024-01-02/{G}/data.csv.gz")];
+    let kept = [
+        // complete: has its manifest
+        format!("{t}/streaming/2024-01-01/{C}/data.csv.gz"),
+        format!("{t}/streaming/2024-01-01/{C}/schema.yml"),
+        format!("{t}/streaming/2024-01-01/{C}/manifest.json"),
+        // no manifest yet, but committed in the registry (a crash between register and manifest)
+        format!("{t}/streaming/2024-01-01/{E}/data.csv.gz"),
+        // reload files and other tables are never touched
+        format!("{t}/reload/1/part-00001.csv.gz"),
+        format!("orph.public.other/streaming/2024-01-01/{A}/data.csv.gz"),
+    ];
+    for rel in orphan_day1.iter().chain(&orphan_day2).chain(&kept) {
+        store
+            .put_bytes(&at(store, rel), b"x".to_vec())
+            .await
+            .unwrap();
+    }
+    let committed: HashSet<String> = [format!("{t}/streaming/2024-01-01/{E}")].into();
+
+    // The table directory argument is relative to the store root.
+    let n = remove_orphans(store, t, Some(&["2024-01-01".to_string()]), &committed)
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "the two objects of the orphan on 2024-01-01");
+    for rel in &orphan_day1 {
+        assert!(!store.exists(&at(store, rel)).await.unwrap(), "{rel} kept");
+    }
+    assert!(
+        store.exists(&at(store, &orphan_day2[0])).await.unwrap(),
+        "dates not asked for are not touched"
+    );
+
+    let n = remove_orphans(store, t, None, &committed).await.unwrap();
+    assert_eq!(n, 1, "all dates: the orphan on 2024-01-02");
+    assert!(!store.exists(&at(store, &orphan_day2[0])).await.unwrap());
+    for rel in &kept {
+        assert!(
+            store.exists(&at(store, rel)).await.unwrap(),
+            "{rel} deleted"
+        );
+    }
+    assert_eq!(
+        remove_orphans(store, t, None, &committed).await.unwrap(),
+        0,
+        "idempotent"
+    );
+    // Without the committed set, the committed directory without a manifest is an orphan.
+    assert_eq!(
+        remove_orphans(store, t, None, &HashSet::new())
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+async fn conformance(store: &Store, ctx: &Ctx) {
+    macro_rules! check {
+        ($f:ident) => {
+            eprintln!("conformance check: {}", stringify!($f));
+            $f(store, ctx).await;
+        };
+    }
+    check!(put_bytes_and_get_round_trip);
+    check!(put_file_small_round_trip);
+    check!(put_file_large_round_trip);
+    check!(overwrite_with_same_bytes_is_harmless);
+    check!(exists_true_and_false);
+    check!(list_under_a_prefix);
+    check!(list_dirs_names_the_children);
+    check!(delete_and_delete_missing);
+    check!(url_of_shape);
+    check!(odd_path_segments);
+    check!(remove_orphans_on_a_fake_layout);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends.
+
+fn s3_options(endpoint: &str) -> BTreeMap<String, String> {
+    [
+        ("aws_endpoint", endpoint),
+        ("aws_allow_http", "true"),
+        ("aws_region", "us-east-1"),
+        ("aws_access_key_id", "test"),
+        ("aws_secret_access_key", "test"),
+        ("aws_virtual_hosted_style_request", "false"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// A bucket name S3 accepts (lower case, digits, dashes) that no other test uses.
+fn unique_bucket(tag: &str) -> String {
+    common::unique(tag).replace('_', "-").to_ascii_lowercase()
+}
+
+/// Deletes every object of the bucket, then the bucket.
+async fn drop_bucket(endpoint: &str, bucket: &str) {
+    let store = Store::open(&format!("s3://{bucket}"), &s3_options(endpoint)).unwrap();
+    for m in store.list(&Path::default()).await.unwrap() {
+        store.delete(&m.location).await.unwrap();
+    }
+    let status = http_status(endpoint, "DELETE", &format!("/{bucket}")).await;
+    assert!(status == 204 || status == 200, "delete bucket: {status}");
+}
+
+/// A store in a fresh temporary directory (with a space in its name).
+fn local_store() -> (tempfile::TempDir, Store, Ctx) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("out root");
+    let store = Store::open(&format!("file://{}", root.display()), &BTreeMap::new()).unwrap();
+    assert!(root.is_dir(), "open creates the directory");
+    let ctx = Ctx {
+        backend: Backend::File { dir: root },
+        scratch: tempfile::tempdir().unwrap(),
+    };
+    (dir, store, ctx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_filesystem() {
+    let (_dir, store, ctx) = local_store();
+    conformance(&store, &ctx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: Store::list_dirs returns percent-encoded names (`100%25`, `%C3%BC…`) that callers re-encode with PathPart::from (src/daemon/session.rs remove_orphans), so they name no directory"]
+async fn local_list_dirs_names_round_trip() {
+    let (_dir, store, ctx) = local_store();
+    list_dirs_names_round_trip(&store, &ctx).await;
+}
+
+/// Runs `check` against a fresh bucket (below a two-segment root prefix), then deletes the bucket,
+/// also when the check panicked.
+async fn with_s3_store<F, Fut>(tag: &str, check: F)
+where
+    F: FnOnce(Store, Ctx) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let endpoint = common::s3_endpoint();
+    let bucket = unique_bucket(tag);
+    common::create_bucket(&endpoint, &bucket).await;
+    let store = Store::open(
+        &format!("s3://{bucket}/conformance/root"),
+        &s3_options(&endpoint),
+    )
+    .unwrap();
+    assert_eq!(store.root().as_ref(), "conformance/root");
+    let ctx = Ctx {
+        backend: Backend::S3 {
+            endpoint: endpoint.clone(),
+            bucket: bucket.clone(),
+        },
+        scratch: tempfile::tempdir().unwrap(),
+    };
+    let result = tokio::spawn(check(store, ctx)).await;
+    // Nothing was written outside the root.
+    let everything = Store::open(&format!("s3://{bucket}"), &s3_options(&endpoint))
+        .unwrap()
+        .list(&Path::default())
+        .await
+        .unwrap();
+    drop_bucket(&endpoint, &bucket).await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    assert!(!everything.is_empty());
+    for m in &everything {
+        assert!(
+            m.location.as_ref().starts_with("conformance/root/"),
+            "{} is outside the root",
+            m.location
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_compatible_server() {
+    with_s3_store("conf", |store, ctx| async move {
+        conformance(&store, &ctx).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: Store::list_dirs returns percent-encoded names (`100%25`, `%C3%BC…`) that callers re-encode with PathPart::from (src/daemon/session.rs remove_orphans), so they name no directory"]
+async fn s3_list_dirs_names_round_trip() {
+    with_s3_store("dirs", |store, ctx| async move {
+        list_dirs_names_round_trip(&store, &ctx).await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opening: errors are definite and say what is wrong.
+
+fn open_err(url: &str, options: &BTreeMap<String, String>) -> cdc_egress::error::Error {
+    match Store::open(url, options) {
+        Ok(_) => panic!("Store::open({url:?}) succeeded"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn open_errors_are_definite_and_named() {
+    let none = BTreeMap::new();
+    for (url, needle) in [
+        ("ftp://host/dir", "ftp"),
+        ("http://127.0.0.1:5000/bucket", "http"),
+        ("s3://", "bucket"),
+        ("gs:///", "bucket"),
+        ("file://", "directory"),
+        ("just-a-path/out", "not a URL"),
+    ] {
+        let e = open_err(url, &none);
+        assert_eq!(e.kind(), Kind::Definite, "{url}: {e}");
+        assert!(e.to_string().contains(needle), "{url}: {e}");
+    }
+
+    // A directory that cannot be created: the message names it.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let under = file.join("sub");
+    let e = open_err(&format!("file://{}", under.display()), &none);
+    assert_eq!(e.kind(), Kind::Definite, "{e}");
+    assert!(e.to_string().contains(&under.display().to_string()), "{e}");
+
+    // A value object_store cannot parse.
+    let mut opts = s3_options("http://127.0.0.1:5000");
+    opts.insert("aws_allow_http".into(), "maybe".into());
+    let e = open_err("s3://some-bucket/p", &opts);
+    assert_eq!(e.kind(), Kind::Definite, "{e}");
+    assert!(e.to_string().contains("maybe"), "{e}");
+}
+
+/// A misspelt option must not be ignored: `aws_endpont` silently dropped means writing to real AWS.
+#[test]
+#[ignore = "bug: Store::open passes options to object_store::parse_url_opts, which silently drops unknown keys (src/write/store.rs, Store::open)"]
+fn open_rejects_unknown_option_keys() {
+    let mut opts = s3_options("http://127.0.0.1:5000");
+    let endpoint = opts.remove("aws_endpoint").unwrap();
+    opts.insert("aws_endpont".into(), endpoint);
+    let e = open_err("s3://some-bucket/p", &opts);
+    assert_eq!(e.kind(), Kind::Definite, "{e}");
+    assert!(e.to_string().contains("aws_endpont"), "{e}");
+}
+
+/// A bucket that does not exist cannot be detected without the network; the first write fails and
+/// says which bucket.
+#[tokio::test]
+async fn missing_bucket_is_named_on_first_write() {
+    let endpoint = common::s3_endpoint();
+    let bucket = unique_bucket("nobucket");
+    let store = Store::open(&format!("s3://{bucket}/p"), &s3_options(&endpoint)).unwrap();
+    let e = store
+        .put_bytes(&at(&store, "x"), b"x".to_vec())
+        .await
+        .expect_err("put into a missing bucket");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("NoSuchBucket") || msg.contains(&bucket),
+        "the error says the bucket is missing: {msg}"
+    );
+}
+
+/// The file URL of an object whose name `object_store` had to escape must still name that object.
+#[tokio::test]
+#[ignore = "bug: Store::url_of pastes the escaped object_store path (non-ASCII, %, #, ...) into a file:// URL; decoding it gives another file name (src/write/store.rs, url_of)"]
+async fn file_url_of_escaped_names_resolves_to_the_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        &format!("file://{}", dir.path().display()),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    for seg in ["café", "100%", "we#ird?"] {
+        let p = at(&store, &format!("{seg}/v.txt"));
+        store.put_bytes(&p, seg.to_string()).await.unwrap();
+        let url = store.url_of(&p);
+        let file = url::Url::parse(&url).unwrap().to_file_path().unwrap();
+        assert_eq!(
+            std::fs::read(&file).ok().as_deref(),
+            Some(seg.as_bytes()),
+            "{url} decodes to {}, which is not the object",
+            file.display()
+        );
+    }
+}
