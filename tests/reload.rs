@@ -127,7 +127,8 @@ async fn fresh_start_and_reload_under_load_replay_equal() {
     setup(&db, 2_000_000).await;
     let stop = Arc::new(AtomicBool::new(false));
     let load = start_load(db.url.clone(), stop.clone());
-    let env = db.daemon_env(&db.out_url());
+    let mut env = db.daemon_env(&db.out_url());
+    env.push(("CDC_EGRESS_RELOAD_INITIAL".into(), "true".into()));
     let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
     wait_slot(&db, &d).await;
     reloads_done(&db, 4).await;
@@ -283,6 +284,7 @@ async fn crashes_during_export_and_handover_recover() {
     let load = start_load(db.url.clone(), stop.clone());
     let mut env = db.daemon_env(&db.out_url());
     env.push(("CDC_EGRESS_RELOAD_PARALLELISM".into(), "2".into()));
+    env.push(("CDC_EGRESS_RELOAD_INITIAL".into(), "true".into()));
     // 1. Killed in the middle of the fresh-start export.
     let d = Daemon::start(&env, db.dir.path(), &[], "d1.log");
     wait_slot(&db, &d).await;

@@ -731,7 +731,7 @@ impl<F: SpoolFactory> Batcher<F> {
         let txn = self.txn.as_ref().expect("checked above");
         let row = &mut self.scratch;
         row.clear();
-        row.extend_from_slice(op.code().as_bytes());
+        push_value(row, Some(op.code().as_bytes()));
         row.push(b',');
         push_value(row, Some(txn.lsn_text.as_bytes()));
         row.push(b',');

@@ -49,10 +49,38 @@ pub fn check_output_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn parsed_scheme(url: &str) -> &str {
+    url.split_once("://").map(|(s, _)| s).unwrap_or("")
+}
+
+/// Rejects option keys the backend does not know (object_store would silently ignore a misspelt
+/// `aws_endpont` and talk to the real cloud).
+fn check_option_keys(scheme: &str, options: &BTreeMap<String, String>) -> Result<(), Error> {
+    use std::str::FromStr;
+    for key in options.keys() {
+        let k = key.to_ascii_lowercase();
+        let known = object_store::ClientConfigKey::from_str(&k).is_ok()
+            || match scheme {
+                "s3" | "s3a" => object_store::aws::AmazonS3ConfigKey::from_str(&k).is_ok(),
+                "gs" => object_store::gcp::GoogleConfigKey::from_str(&k).is_ok(),
+                _ => object_store::azure::AzureConfigKey::from_str(&k).is_ok(),
+            };
+        if !known {
+            return Err(Error::definite(
+                "config",
+                format!("output.options.{key} is not an option of the {scheme}:// backend (see the object_store configuration keys)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     root: Path,
+    /// The directory of a `file://` store (object names are stored as escaped file names in it).
+    local_dir: Option<std::path::PathBuf>,
     /// Prefix of every object URL shown to users (`s3://bucket`, `file:///abs/dir`), without root.
     base_url: String,
 }
@@ -99,12 +127,20 @@ impl Store {
             let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
                 .map_err(|e| Error::definite("object_store", format!("{}: {e}", dir.display())))?
                 .with_automatic_cleanup(true);
+            if let Some(k) = options.keys().next() {
+                return Err(Error::definite(
+                    "config",
+                    format!("output.options.{k}: a file:// output takes no options"),
+                ));
+            }
             return Ok(Store {
                 inner: Arc::new(fs),
                 root: Path::default(),
                 base_url: format!("file://{}", dir.display()),
+                local_dir: Some(dir),
             });
         }
+        check_option_keys(parsed_scheme(url), options)?;
         let parsed = url::Url::parse(url)
             .map_err(|e| Error::definite("config", format!("output.url {url:?}: {e}")))?;
         let (store, root) = object_store::parse_url_opts(&parsed, options.iter()).map_err(|e| {
@@ -122,6 +158,7 @@ impl Store {
             inner: Arc::from(store),
             root,
             base_url,
+            local_dir: None,
         })
     }
 
@@ -130,9 +167,16 @@ impl Store {
         &self.root
     }
 
-    /// The URL a user or consumer would use for `path`.
+    /// The URL a user or consumer would use for `path`. For `file://` stores it is a proper file URL
+    /// of the escaped file name on disk (so decoding it gives that file); for object stores it is
+    /// `scheme://bucket/key` with the key as stored.
     pub fn url_of(&self, path: &Path) -> String {
-        format!("{}/{}", self.base_url, path)
+        match &self.local_dir {
+            Some(dir) => url::Url::from_file_path(dir.join(path.as_ref()))
+                .map(|u| u.to_string())
+                .unwrap_or_else(|_| format!("{}/{}", self.base_url, path)),
+            None => format!("{}/{}", self.base_url, path),
+        }
     }
 
     pub async fn put_bytes(
@@ -224,9 +268,16 @@ impl Store {
             .list_with_delimiter(Some(prefix))
             .await
             .map_err(|e| classify("list", prefix, e))?;
+        // Names come back escaped (`100%25`); return them as they were given, so that callers can
+        // use them as path parts again.
         Ok(r.common_prefixes
             .iter()
-            .filter_map(|p| p.filename().map(str::to_string))
+            .filter_map(|p| p.filename())
+            .map(|f| {
+                percent_encoding::percent_decode_str(f)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
             .collect())
     }
 

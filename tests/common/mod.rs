@@ -194,6 +194,8 @@ impl TestDb {
             ("CDC_EGRESS_NATS_SUBJECT_PREFIX".into(), self.prefix.clone()),
             ("CDC_EGRESS_HTTP_LISTEN".into(), String::new()),
             ("CDC_EGRESS_LOG_LEVEL".into(), "info".into()),
+            // The streaming tests start from empty tables; tests/reload.rs turns this back on.
+            ("CDC_EGRESS_RELOAD_INITIAL".into(), "false".into()),
         ]
     }
 
