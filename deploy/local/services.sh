@@ -78,8 +78,14 @@ log "NATS ready"
 
 # --- S3-compatible server (tests only) -----------------------------------------------------------
 if [ "$want_s3" = 1 ]; then
+  venv="${CDC_EGRESS_VENV:-$HOME/.cache/cdc-egress/venv}"
+  # DuckDB, to prove the files load losslessly into it (tests/duckdb_load.rs).
+  if ! "$venv/bin/python" -c 'import duckdb' >/dev/null 2>&1; then
+    log "installing duckdb (Python) into $venv"
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/pip" install -q duckdb
+  fi
   if ! port_open 5000; then
-    venv="${CDC_EGRESS_VENV:-$HOME/.cache/cdc-egress/venv}"
     if [ ! -x "$venv/bin/moto_server" ]; then
       log "installing moto (S3-compatible test server) into $venv"
       python3 -m venv "$venv"
