@@ -377,3 +377,75 @@ async fn crashes_during_export_and_handover_recover() {
     assert_equal(&mut db, &["busy", "nokey", "empty_one", "big"]).await;
     db.cleanup().await;
 }
+
+/// A reload that cannot succeed (its table is dropped in the requesting transaction) ends `failed`
+/// with its reason, and does not block the other table requested with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_reload_is_visible_and_does_not_block_others() {
+    let mut db = TestDb::new("reloadfail").await;
+    setup(&db, 1000).await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE doomed (id int PRIMARY KEY); INSERT INTO doomed VALUES (1);
+         ALTER PUBLICATION {} ADD TABLE doomed;",
+        db.publication
+    ))
+    .await
+    .unwrap();
+    let env = db.daemon_env(&db.out_url());
+    let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
+    wait_slot(&db, &d).await;
+    // The plain-SQL form, in one transaction with the statement that makes the export impossible.
+    c.batch_execute(
+        "BEGIN;
+         COMMENT ON SCHEMA cdc_egress IS 'cdc-egress reload public.doomed';
+         COMMENT ON SCHEMA cdc_egress IS 'cdc-egress reload public.busy';
+         DROP TABLE doomed;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    let mut states = Vec::new();
+    for _ in 0..600 {
+        states = c
+            .query(
+                "SELECT table_name, status, coalesce(error, '') FROM cdc_egress.reloads ORDER BY table_name",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, String>(2)))
+            .collect::<Vec<_>>();
+        if states.len() == 2 && states.iter().all(|s| s.1 == "done" || s.1 == "failed") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(states.len(), 2, "{states:?}");
+    assert_eq!(
+        (states[0].0.as_str(), states[0].1.as_str()),
+        ("busy", "done"),
+        "{states:?}"
+    );
+    assert_eq!(
+        (states[1].0.as_str(), states[1].1.as_str()),
+        ("doomed", "failed"),
+        "{states:?}"
+    );
+    assert!(
+        states[1].2.contains("does not exist"),
+        "the reason is recorded: {states:?}"
+    );
+    let (code, out, _) = run_cli(&["status"], &env, db.dir.path());
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("failed") && out.contains("does not exist"),
+        "status shows it:\n{out}"
+    );
+    db.wait_caught_up(CATCH_UP).await;
+    assert!(d.stop().await.success());
+    // `busy` was reloaded (the fresh-start export is off here, so it is the only exported table).
+    assert_equal(&mut db, &["busy"]).await;
+    db.cleanup().await;
+}

@@ -83,6 +83,11 @@ pub async fn request(
                 format!("{t:?} is not a table name; use schema.table"),
             )
         })?;
+        if name.schema == *schema {
+            return Err(definite(format!(
+                "{name} is one of cdc-egress's own registry tables: they are never exported"
+            )));
+        }
         let exists = src
             .query_opt(
                 "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \

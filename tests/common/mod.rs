@@ -53,6 +53,10 @@ pub fn assert_loopback(url: &str) {
 }
 
 pub fn pg_base_url() -> String {
+    #[cfg(feature = "containers")]
+    if std::env::var("CDC_EGRESS_TEST_PG_URL").is_err() && containers::wanted() {
+        return containers::get().0.clone();
+    }
     let u = env_or(
         "CDC_EGRESS_TEST_PG_URL",
         "postgres://postgres@127.0.0.1:5432/postgres",
@@ -62,9 +66,82 @@ pub fn pg_base_url() -> String {
 }
 
 pub fn nats_url() -> String {
+    #[cfg(feature = "containers")]
+    if std::env::var("CDC_EGRESS_TEST_NATS_URL").is_err() && containers::wanted() {
+        return containers::get().1.clone();
+    }
     let u = env_or("CDC_EGRESS_TEST_NATS_URL", "nats://127.0.0.1:4222");
     assert_loopback(&u);
     u
+}
+
+/// With `--features containers` and `CDC_EGRESS_TEST_CONTAINERS=1`, PostgreSQL (wal_level=logical)
+/// and NATS (JetStream) run in throwaway containers through testcontainers, published on loopback
+/// ports, for machines with a Docker engine. The machines this project is built and tested on have
+/// none; there the harness uses the local servers above.
+#[cfg(feature = "containers")]
+mod containers {
+    use std::sync::OnceLock;
+    use testcontainers::core::{IntoContainerPort, WaitFor};
+    use testcontainers::runners::SyncRunner;
+    use testcontainers::{Container, GenericImage, ImageExt};
+
+    struct Running {
+        urls: (String, String),
+        _pg: Container<GenericImage>,
+        _nats: Container<GenericImage>,
+    }
+
+    static RUNNING: OnceLock<Running> = OnceLock::new();
+
+    pub fn wanted() -> bool {
+        std::env::var("CDC_EGRESS_TEST_CONTAINERS").as_deref() == Ok("1")
+    }
+
+    pub fn get() -> &'static (String, String) {
+        &RUNNING
+            .get_or_init(|| {
+                // The blocking runner drives its own runtime: start the containers off the test's.
+                std::thread::spawn(|| {
+                    let pg = GenericImage::new("postgres", "16")
+                        .with_exposed_port(5432.tcp())
+                        .with_wait_for(WaitFor::message_on_stderr(
+                            "database system is ready to accept connections",
+                        ))
+                        .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
+                        .with_cmd([
+                            "postgres",
+                            "-c",
+                            "wal_level=logical",
+                            "-c",
+                            "max_replication_slots=64",
+                            "-c",
+                            "max_wal_senders=64",
+                        ])
+                        .start()
+                        .expect("start the PostgreSQL container");
+                    let nats = GenericImage::new("nats", "2")
+                        .with_exposed_port(4222.tcp())
+                        .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
+                        .with_cmd(["-js"])
+                        .start()
+                        .expect("start the NATS container");
+                    let pg_port = pg.get_host_port_ipv4(5432).expect("PostgreSQL port");
+                    let nats_port = nats.get_host_port_ipv4(4222).expect("NATS port");
+                    Running {
+                        urls: (
+                            format!("postgres://postgres@127.0.0.1:{pg_port}/postgres"),
+                            format!("nats://127.0.0.1:{nats_port}"),
+                        ),
+                        _pg: pg,
+                        _nats: nats,
+                    }
+                })
+                .join()
+                .expect("container start-up thread")
+            })
+            .urls
+    }
 }
 
 /// The S3 endpoint, or a panic that says how to get one (S3 tests are not silently skipped).
