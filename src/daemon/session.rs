@@ -28,16 +28,28 @@ use crate::write::{self, SchemaVersions, SpooledFile, Store};
 
 /// What the reader hands the batcher thread, in stream order.
 enum Input {
-    Data(Bytes),
+    /// Consecutive frames, as many as were already buffered (at most [`CHUNK_FRAMES`] /
+    /// [`CHUNK_BYTES`]): one channel message and at most one thread wake-up for all of them.
+    Frames(Vec<Frame>),
     Relation(Arc<TableSchema>),
-    Keepalive(Lsn),
     Tick(i64),
     /// A reload's cut is known: release the table's hold.
     Release(TableName, Lsn),
     Stop,
 }
 
-const INPUT_CAPACITY: usize = 4096;
+/// One item of the replication stream.
+enum Frame {
+    Data(Bytes),
+    Keepalive(Lsn),
+}
+
+/// Chunks in flight between the reader and the batcher; with the limits below, at most ~16 MiB of
+/// frames are buffered whatever the message sizes.
+const INPUT_CAPACITY: usize = 16;
+const CHUNK_FRAMES: usize = 1024;
+const CHUNK_BYTES: usize = 1 << 20;
+const EVENTS_CAPACITY: usize = 4096;
 const SEALED_CAPACITY: usize = 16;
 
 fn now_unix_us() -> i64 {
@@ -305,7 +317,7 @@ pub async fn session(
     let (input_tx, input_rx) = mpsc::channel::<Input>(INPUT_CAPACITY);
     let (sealed_tx, sealed_rx) = mpsc::channel::<SealedBatch<SpooledFile>>(SEALED_CAPACITY);
     let (persisted_tx, persisted_rx) = mpsc::unbounded_channel::<BatchId>();
-    let (events_tx, events_rx) = mpsc::channel::<EventOut>(INPUT_CAPACITY);
+    let (events_tx, events_rx) = mpsc::channel::<EventOut>(EVENTS_CAPACITY);
     let (confirmed_tx, confirmed_rx) = watch::channel(start);
     let (controls_tx, controls_rx) = mpsc::unbounded_channel::<crate::batch::Control>();
     let (release_tx, mut release_rx) = mpsc::channel::<super::reloads::Release>(64);
@@ -547,14 +559,23 @@ fn run_batcher(
             break;
         };
         match input {
-            Input::Data(data) => {
-                let msg = decode::decode(data).map_err(|e| {
-                    Error::definite("decode", format!("undecodable pgoutput message: {e}"))
-                })?;
-                batcher.message(msg, &mut sealed)?;
+            Input::Frames(frames) => {
+                for frame in frames {
+                    match frame {
+                        Frame::Data(data) => {
+                            let msg = decode::decode(data).map_err(|e| {
+                                Error::definite(
+                                    "decode",
+                                    format!("undecodable pgoutput message: {e}"),
+                                )
+                            })?;
+                            batcher.message(msg, &mut sealed)?;
+                        }
+                        Frame::Keepalive(lsn) => batcher.keepalive(lsn),
+                    }
+                }
             }
             Input::Relation(schema) => batcher.relation(schema, &mut sealed)?,
-            Input::Keepalive(lsn) => batcher.keepalive(lsn),
             Input::Tick(now) => batcher.tick(now, &mut sealed)?,
             Input::Release(table, cut) => {
                 let n = batcher.release_hold(&table, cut, &mut sealed)?;
@@ -620,48 +641,78 @@ async fn read_stream(
     metrics: Arc<Metrics>,
     reply_now: Arc<Notify>,
 ) -> Result<(), Error> {
+    use futures::FutureExt;
+    let mut chunk: Vec<Frame> = Vec::with_capacity(CHUNK_FRAMES);
+    let mut chunk_bytes = 0usize;
     loop {
-        let Some(payload) = reader.next().await? else {
-            return Err(Error::transient(
-                "source",
-                "the server ended the replication stream",
-            ));
-        };
-        let frame = decode::parse_frame(payload).map_err(|e| {
-            Error::definite("decode", format!("undecodable replication frame: {e}"))
-        })?;
-        let input = match frame {
-            ReplicationFrame::XLogData {
-                wal_start, data, ..
-            } => {
-                metrics.messages_received.fetch_add(1, Relaxed);
-                metrics.received_lsn.fetch_max(wal_start.0, Relaxed);
-                if data.first() == Some(&b'R') {
-                    let Message::Relation(rel) = decode::decode(data).map_err(|e| {
-                        Error::definite("decode", format!("undecodable Relation message: {e}"))
-                    })?
-                    else {
-                        unreachable!("tag R decodes to a Relation")
-                    };
-                    Input::Relation(slot::describe_relation(&catalog, &rel).await?)
-                } else {
-                    Input::Data(data)
+        // Wait for one payload, then take every payload that is already buffered without waiting
+        // (`CopyReader::next` is cancel-safe), so a busy stream crosses the channel in chunks.
+        let first = reader.next().await?;
+        let mut next = Some(first);
+        let mut relation = None;
+        let mut max_lsn = 0u64;
+        let mut messages = 0u64;
+        while let Some(item) = next.take() {
+            let Some(payload) = item else {
+                return Err(Error::transient(
+                    "source",
+                    "the server ended the replication stream",
+                ));
+            };
+            let frame = decode::parse_frame(payload).map_err(|e| {
+                Error::definite("decode", format!("undecodable replication frame: {e}"))
+            })?;
+            match frame {
+                ReplicationFrame::XLogData {
+                    wal_start, data, ..
+                } => {
+                    messages += 1;
+                    max_lsn = max_lsn.max(wal_start.0);
+                    if data.first() == Some(&b'R') {
+                        relation = Some(data);
+                        break;
+                    }
+                    chunk_bytes += data.len();
+                    chunk.push(Frame::Data(data));
+                }
+                ReplicationFrame::Keepalive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                } => {
+                    max_lsn = max_lsn.max(wal_end.0);
+                    if reply_requested {
+                        reply_now.notify_one();
+                    }
+                    chunk.push(Frame::Keepalive(wal_end));
                 }
             }
-            ReplicationFrame::Keepalive {
-                wal_end,
-                reply_requested,
-                ..
-            } => {
-                metrics.received_lsn.fetch_max(wal_end.0, Relaxed);
-                if reply_requested {
-                    reply_now.notify_one();
-                }
-                Input::Keepalive(wal_end)
+            if chunk.len() >= CHUNK_FRAMES || chunk_bytes >= CHUNK_BYTES {
+                break;
             }
-        };
-        if input_tx.send(input).await.is_err() {
-            return Ok(());
+            next = reader.next().now_or_never().transpose()?;
+        }
+        metrics.messages_received.fetch_add(messages, Relaxed);
+        metrics.received_lsn.fetch_max(max_lsn, Relaxed);
+        if !chunk.is_empty() {
+            let frames = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_FRAMES));
+            chunk_bytes = 0;
+            if input_tx.send(Input::Frames(frames)).await.is_err() {
+                return Ok(());
+            }
+        }
+        // A Relation needs catalog facts: it goes after the frames before it, in order.
+        if let Some(data) = relation {
+            let Message::Relation(rel) = decode::decode(data).map_err(|e| {
+                Error::definite("decode", format!("undecodable Relation message: {e}"))
+            })?
+            else {
+                unreachable!("tag R decodes to a Relation")
+            };
+            let schema = slot::describe_relation(&catalog, &rel).await?;
+            if input_tx.send(Input::Relation(schema)).await.is_err() {
+                return Ok(());
+            }
         }
     }
 }
