@@ -52,9 +52,12 @@ STREAM=CDC_BENCH_$ID
 PREFIX=cdc_bench_$ID
 WORK=
 RECV_PID=
+RECV_JOB=
 DAEMON_PID=
+DAEMON_JOB=
 PQ_PID=
 PERF_PID=
+MP_PID_SAVED=
 
 trap 'log "error in line $LINENO: $BASH_COMMAND"' ERR
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -82,13 +85,17 @@ cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM
-    for pid in $PERF_PID $RECV_PID $DAEMON_PID; do
+    for pid in $RECV_PID $DAEMON_PID $RECV_JOB $DAEMON_JOB $PERF_PID "${STAT_PIDS[@]}"; do
         if kill -0 "$pid" 2>/dev/null; then
             kill -TERM "$pid"
             for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
             kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
         fi
     done
+    if [[ -n $MP_PID_SAVED ]]; then
+        exec {MP_IN}>&- 2>/dev/null
+        kill "$MP_PID_SAVED" 2>/dev/null
+    fi
     if [[ -n $PQ_PID ]]; then
         exec {PQ_IN}>&- 2>/dev/null
         kill "$PQ_PID" 2>/dev/null
@@ -136,25 +143,23 @@ lsn_num() { local hi=${1%/*} lo=${1#*/}; printf '%d' $(((16#$hi << 32) + 16#$lo)
 # with a timeout on a FIFO nobody writes to.
 NOW_US=0
 tick() { local t=$EPOCHREALTIME; NOW_US=$((10#${t/./})); }
-# sample LABEL PID: CPU clock ticks (user+system, all threads) into TICKS[LABEL] and context switches
-# (voluntary+involuntary, summed over the threads) into CSW[LABEL]; kept as they were when the
-# process is gone, so sampling every iteration leaves the last values before it exited.
-declare -A TICKS=() CSW=()
+# sample LABEL PID: CPU time in ns (all threads) into CPU_NS[LABEL] and the number of times its
+# threads were switched in into SLICES[LABEL] (~ context switches), from /proc/<pid>/task/*/schedstat:
+# one short line per thread, cheap enough to read every iteration. Left unchanged when the process is
+# gone, so the values are the last ones seen before it exited.
+declare -A CPU_NS=() SLICES=()
 sample() {
-    local stat rest f k v n=0 task
-    { IFS= read -r stat <"/proc/$2/stat"; } 2>/dev/null || return 0
-    rest=${stat##*) }
-    read -r -a f <<<"$rest"
+    local task a b c cpu=0 n=0
     for task in /proc/"$2"/task/*; do
-        while IFS=$': \t' read -r k v; do
-            [[ $k == *ctxt_switches ]] && n=$((n + v))
-        done 2>/dev/null <"$task/status" || true
+        { read -r a b c <"$task/schedstat"; } 2>/dev/null || return 0
+        cpu=$((cpu + a))
+        n=$((n + c))
     done
-    TICKS[$1]=$((f[11] + f[12]))
-    CSW[$1]=$n
+    ((cpu > 0)) || return 0
+    CPU_NS[$1]=$cpu
+    SLICES[$1]=$n
 }
-HZ=$(getconf CLK_TCK)
-ticks_s() { calc '%.2f' "${1:-0} / $HZ"; }
+cpu_s() { calc '%.2f' "${CPU_NS[$1]:-0} / 1e9"; }
 nap() { read -r -t 0.05 -u "$NAP_FD" _ || true; }
 
 # Optional profile of the whole machine while one consumer drains (BENCH_PERF=1): which processes and
@@ -166,7 +171,46 @@ perf_start() { # name
     PERF_PID=$!
     sleep 0.5
 }
+# ... and, per process, counts of the system calls and scheduler events that show how data moves
+# between the walsender and the consumer (perf stat on syscall tracepoints, cheap).
+PERF_EVENTS=task-clock,context-switches,cpu-migrations
+for e in read recvfrom readv write sendto writev futex epoll_wait epoll_pwait ppoll poll select pselect6; do
+    PERF_EVENTS+=,syscalls:sys_enter_$e
+done
+STAT_PIDS=()
+perf_stat() { # name pid
+    [[ ${BENCH_PERF:-0} == 1 ]] || return 0
+    perf stat -x, -e "$PERF_EVENTS" -p "$2" -o "$ROOT/benches/results/perf-stat-$1.csv" >/dev/null 2>&1 &
+    STAT_PIDS+=($!)
+}
+perf_stat_stop() {
+    local p
+    for p in "${STAT_PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    STAT_PIDS=()
+}
+# launch NAME LOG CMD...: starts CMD in the background, under `perf stat` (which follows every thread
+# it creates) when BENCH_PERF=1; sets JOB (what to wait for) and PID (the command's own process).
+launch() {
+    local name=$1 logf=$2
+    shift 2
+    if [[ ${BENCH_PERF:-0} == 1 ]]; then
+        perf stat -x, -e "$PERF_EVENTS" -o "$ROOT/benches/results/perf-stat-$name.csv" -- "$@" >"$logf" 2>&1 &
+        JOB=$!
+        PID=
+        for _ in $(seq 400); do
+            { read -r PID _ <"/proc/$JOB/task/$JOB/children"; } 2>/dev/null || true
+            [[ -n $PID ]] && break
+            sleep 0.005
+        done
+        [[ -n $PID ]] || die "cannot find the process perf stat started"
+    else
+        "$@" >"$logf" 2>&1 &
+        JOB=$!
+        PID=$!
+    fi
+}
 perf_stop() { # name
+    perf_stat_stop
     [[ -n $PERF_PID ]] || return 0
     kill -INT "$PERF_PID"
     wait "$PERF_PID" || true
@@ -199,19 +243,22 @@ slot_done() {
     fi
     [[ $done == true ]]
 }
-# GET /metrics from the daemon without forking (bash /dev/tcp).
-fetch_metrics() {
-    local fd
-    # (the group keeps the 2>/dev/null from applying to the shell itself)
-    { exec {fd}<>"/dev/tcp/127.0.0.1/$HTTP_PORT"; } 2>/dev/null || return 1
-    printf 'GET /metrics HTTP/1.0\r\n\r\n' >&"$fd"
-    METRICS=
-    IFS= read -r -d '' METRICS <&"$fd" || true
-    exec {fd}>&-
-    [[ -n $METRICS ]]
+# The daemon's metrics, through one long-lived scraper (benches/metrics.py).
+start_scraper() { # port   (FIFOs rather than a second coproc, which bash does not support well)
+    mkfifo "$WORK/scrape.in" "$WORK/scrape.out"
+    python3 -u "$ROOT/benches/metrics.py" "$1" cdc_egress_received_lsn cdc_egress_messages_received_total \
+        <"$WORK/scrape.in" >"$WORK/scrape.out" &
+    MP_PID_SAVED=$!
+    exec {MP_IN}>"$WORK/scrape.in" {MP_OUT}<"$WORK/scrape.out"
+    scrape || true # waits until python is up, so its start-up is not inside the timed run
 }
-metric() { # name -> value (first sample line), empty when absent
-    if [[ $METRICS =~ (^|$'\n')$1\ ([0-9.e+-]+) ]]; then printf '%s' "${BASH_REMATCH[2]}"; fi
+scrape() { # -> RECEIVED_LSN, MESSAGES (empty when the endpoint is not up yet)
+    printf '\n' >&"$MP_IN"
+    IFS= read -r REPLY <&"$MP_OUT"
+    RECEIVED_LSN= MESSAGES=
+    [[ $REPLY =~ ^([0-9]+)\ ([0-9]+)$ ]] || return 1
+    RECEIVED_LSN=${BASH_REMATCH[1]}
+    MESSAGES=${BASH_REMATCH[2]}
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -396,13 +443,17 @@ WALSENDER_PID=
 WALSENDER_SSL=
 perf_start recvlogical
 tick; T0_US=$NOW_US
-"$PGBIN/pg_recvlogical" -d "host=$PG_HOST port=$PG_PORT user=$PG_USER dbname=$DB" \
+launch recvlogical "$WORK/recvlogical.log" \
+    "$PGBIN/pg_recvlogical" -d "host=$PG_HOST port=$PG_PORT user=$PG_USER dbname=$DB" \
     --slot="$SLOT_REF" --start -f /dev/null -o proto_version=1 -o "publication_names=$PUB" \
-    -F 1 -s 1 -E "$TARGET" --no-loop 2>"$WORK/recvlogical.log" &
-RECV_PID=$!
+    -F 1 -s 1 -E "$TARGET" --no-loop
+RECV_PID=$PID
+RECV_JOB=$JOB
+WS_STAT=
 while :; do
     tick
     slot_done "$SLOT_REF" && break
+    [[ -n $WS_STAT || -z $WALSENDER_PID ]] || { perf_stat walsender-recvlogical "$WALSENDER_PID"; WS_STAT=1; }
     [[ -z $WALSENDER_PID ]] || sample ref_ws "$WALSENDER_PID"
     sample ref "$RECV_PID"
     if ! kill -0 "$RECV_PID" 2>/dev/null && ! slot_done "$SLOT_REF"; then
@@ -414,8 +465,9 @@ while :; do
 done
 REF_S=$(calc '%.3f' "($NOW_US - $T0_US) / 1e6")
 REF_SSL=${WALSENDER_SSL:-unknown}
-wait "$RECV_PID" || { cat "$WORK/recvlogical.log" >&2; die "pg_recvlogical failed"; }
+wait "$RECV_JOB" || { cat "$WORK/recvlogical.log" >&2; die "pg_recvlogical failed"; }
 RECV_PID=
+RECV_JOB=
 perf_stop recvlogical
 log "pg_recvlogical: ${REF_S}s"
 
@@ -448,20 +500,32 @@ WALSENDER_PID=
 WALSENDER_SSL=
 RECV_US=
 ACK_US=
-EG_TICKS_AT_RECV=0
+EG_CPU_AT_RECV_NS=0
+RSS_SERIES=
+FIRST_US=
+PAGE_KB=$(($(getconf PAGESIZE) / 1024))
+RECV_MESSAGES=0
+start_scraper "$HTTP_PORT"
+sample poller0 "$$"
+sample scraper0 "$MP_PID_SAVED"
 perf_start egress
 tick; T0_US=$NOW_US
-(cd "$WORK" && exec env "${UNSET[@]}" "${EGRESS_ENV[@]}" "$BIN" run) >"$WORK/egress.log" 2>&1 &
-DAEMON_PID=$!
+launch egress "$WORK/egress.log" env -C "$WORK" "${UNSET[@]}" "${EGRESS_ENV[@]}" "$BIN" run
+DAEMON_PID=$PID
+DAEMON_JOB=$JOB
+WS_STAT=
 while :; do
     tick
+    [[ -n $WS_STAT || -z $WALSENDER_PID ]] || { perf_stat walsender-egress "$WALSENDER_PID"; WS_STAT=1; }
     sample eg "$DAEMON_PID"
-    if [[ -z $RECV_US ]] && fetch_metrics; then
-        r=$(metric cdc_egress_received_lsn)
-        if [[ -n $r ]] && ((r >= TARGET_NUM)); then
-            RECV_US=$NOW_US
-            EG_TICKS_AT_RECV=${TICKS[eg]}
-        fi
+    if { read -r _ rss _ <"/proc/$DAEMON_PID/statm"; } 2>/dev/null; then
+        RSS_SERIES+="$(((NOW_US - T0_US) / 1000)) $((rss * PAGE_KB)) ${MESSAGES:-0}"$'\n'
+    fi
+    if [[ -z $RECV_US ]] && scrape && [[ -z $FIRST_US ]] && ((MESSAGES > 0)); then FIRST_US=$NOW_US; fi
+    if [[ -z $RECV_US && -n $RECEIVED_LSN ]] && ((RECEIVED_LSN >= TARGET_NUM)); then
+        RECV_US=$NOW_US
+        EG_CPU_AT_RECV_NS=${CPU_NS[eg]:-0}
+        RECV_MESSAGES=$MESSAGES
     fi
     if [[ -z $ACK_US ]] && slot_done "$SLOT_CDC"; then ACK_US=$NOW_US; fi
     [[ -n $RECV_US && -n $ACK_US ]] && break
@@ -474,14 +538,18 @@ done
 PEAK_RSS_KB=$(awk '/^VmHWM:/ { print $2 }' "/proc/$DAEMON_PID/status")
 sample eg "$DAEMON_PID"
 [[ -z $WALSENDER_PID ]] || sample eg_ws "$WALSENDER_PID"
-fetch_metrics || die "cannot read cdc-egress metrics"
-printf '%s' "$METRICS" >"$WORK/metrics.txt"
+sample poller1 "$$"
+sample scraper1 "$MP_PID_SAVED"
+POLL_CPU=$(calc '%.2f' "(${CPU_NS[poller1]:-0} - ${CPU_NS[poller0]:-0} + ${CPU_NS[scraper1]:-0} - ${CPU_NS[scraper0]:-0}) / 1e9")
+curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics" >"$WORK/metrics.txt" || die "cannot read cdc-egress metrics"
 perf_stop egress
 kill -TERM "$DAEMON_PID"
-wait "$DAEMON_PID" || die "cdc-egress exited with status $? after SIGTERM"
+wait "$DAEMON_JOB" || die "cdc-egress exited with status $? after SIGTERM"
 DAEMON_PID=
+DAEMON_JOB=
 EG_SSL=${WALSENDER_SSL:-unknown}
 RECV_S=$(calc '%.3f' "($RECV_US - $T0_US) / 1e6")
+FIRST_S=$(calc '%.3f' "(${FIRST_US:-$RECV_US} - $T0_US) / 1e6")
 ACK_S=$(calc '%.3f' "($ACK_US - $T0_US) / 1e6")
 log "cdc-egress: received ${RECV_S}s, confirmed ${ACK_S}s"
 
@@ -523,27 +591,27 @@ PEAK_RSS_MIB=$(calc '%.1f' "$PEAK_RSS_KB / 1024")
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 PG_VERSION=$(admin "SHOW server_version")
 GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-REF_CPU=$(ticks_s "${TICKS[ref]:-0}")
-REF_WS_CPU=$(ticks_s "${TICKS[ref_ws]:-0}")
-EG_CPU=$(ticks_s "${TICKS[eg]:-0}")
-EG_CPU_AT_RECV=$(ticks_s "$EG_TICKS_AT_RECV")
-EG_WS_CPU=$(ticks_s "${TICKS[eg_ws]:-0}")
+REF_CPU=$(cpu_s ref)
+REF_WS_CPU=$(cpu_s ref_ws)
+EG_CPU=$(cpu_s eg)
+EG_CPU_AT_RECV=$(calc '%.2f' "$EG_CPU_AT_RECV_NS / 1e9")
+EG_WS_CPU=$(cpu_s eg_ws)
 
 {
     printf '%-18s %s (%d tables; I %s / U %s / D %s; %s transactions; %s MiB WAL)\n' changes \
         "$(commas $CHANGES)" $NTABLES "$(commas $INS)" "$(commas $UPD)" "$(commas $DEL)" \
         "$(commas $TXNS)" "$(calc '%.1f' "$WAL_BYTES / 1048576")"
     printf '%-18s %7.2f s  %9s changes/s\n' pg_recvlogical "$REF_S" "$(commas "$REF_RATE")"
-    printf '%-18s %7.2f s  %9s changes/s  (%sx)  until the daemon had received the target LSN\n' \
-        "cdc-egress recv" "$RECV_S" "$(commas "$RECV_RATE")" "$(ratio "$RECV_S")"
+    printf '%-18s %7.2f s  %9s changes/s  (%sx)  until the daemon had received the target LSN (first message after %.2f s)\n' \
+        "cdc-egress recv" "$RECV_S" "$(commas "$RECV_RATE")" "$(ratio "$RECV_S")" "$FIRST_S"
     printf '%-18s %7.2f s  %9s changes/s  (%sx)  until the slot confirmed it; %.2f s of it waiting for the %ss seal deadline\n' \
         "cdc-egress acked" "$ACK_S" "$(commas "$ACK_RATE")" "$(ratio "$ACK_S")" "$SEAL_WAIT_S" "$INTERVAL_S"
     printf '%-18s %7.2f s  (%sx)  acked minus that wait\n' "cdc-egress acked*" "$ACK_NOWAIT_S" "$(ratio "$ACK_NOWAIT_S")"
     printf '%-18s %s MiB (VmHWM of cdc-egress)\n' "peak RSS" "$PEAK_RSS_MIB"
     printf '%-18s walsender %s s + pg_recvlogical %s s | walsender %s s + cdc-egress %s s (%s s at recv)\n' \
         "cpu" "$REF_WS_CPU" "$REF_CPU" "$EG_WS_CPU" "$EG_CPU" "$EG_CPU_AT_RECV"
-    printf '%-18s walsender %s + pg_recvlogical %s | walsender %s + cdc-egress %s\n' "context switches" \
-        "$(commas "${CSW[ref_ws]:-0}")" "$(commas "${CSW[ref]:-0}")" "$(commas "${CSW[eg_ws]:-0}")" "$(commas "${CSW[eg]:-0}")"
+    printf '%-18s walsender %s + pg_recvlogical %s | walsender %s + cdc-egress %s\n' "ctx switches" \
+        "$(commas "${SLICES[ref_ws]:-0}")" "$(commas "${SLICES[ref]:-0}")" "$(commas "${SLICES[eg_ws]:-0}")" "$(commas "${SLICES[eg]:-0}")"
     printf '%-18s pg_recvlogical %s, cdc-egress %s\n' "TLS (pg_stat_ssl)" "$REF_SSL" "$EG_SSL"
     printf '%-18s %s (%s files, %s rows registered, %s notices, %s MiB gz / %s MiB csv; %s warnings in log)\n' \
         "check" "$CHECK" "$FILES" "$(commas "$REG_ROWS")" "$NOTICES" "$(calc '%.1f' "$REG_GZ / 1048576")" \
@@ -553,6 +621,10 @@ EG_WS_CPU=$(ticks_s "${TICKS[eg_ws]:-0}")
 } | tee "$WORK/table.txt"
 
 mkdir -p "$ROOT/benches/results"
+{
+    echo "# cdc-egress resident set size while draining: ms since start, RSS KiB, pgoutput messages received"
+    printf '%s' "$RSS_SERIES"
+} >"$ROOT/benches/results/last-rss.txt"
 cat >"$ROOT/benches/results/last.json" <<JSON
 {
   "finished_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
@@ -565,15 +637,17 @@ cat >"$ROOT/benches/results/last.json" <<JSON
     "generation_s": $GEN_S
   },
   "pg_recvlogical": { "seconds": $REF_S, "changes_per_s": $REF_RATE, "cpu_s": $REF_CPU, "walsender_cpu_s": $REF_WS_CPU,
-                      "context_switches": ${CSW[ref]:-0}, "walsender_context_switches": ${CSW[ref_ws]:-0}, "ssl": "$REF_SSL" },
+                      "context_switches": ${SLICES[ref]:-0}, "walsender_context_switches": ${SLICES[ref_ws]:-0}, "ssl": "$REF_SSL" },
   "cdc_egress": {
     "batch_interval_s": $INTERVAL_S,
+    "first_message_s": $FIRST_S,
     "received": { "seconds": $RECV_S, "changes_per_s": $RECV_RATE, "ratio": $(ratio "$RECV_S") },
     "acked": { "seconds": $ACK_S, "changes_per_s": $ACK_RATE, "ratio": $(ratio "$ACK_S"),
                "seal_wait_s": $SEAL_WAIT_S, "seconds_without_seal_wait": $ACK_NOWAIT_S },
     "peak_rss_kib": $PEAK_RSS_KB, "cpu_s": $EG_CPU, "cpu_s_at_received": $EG_CPU_AT_RECV,
-    "walsender_cpu_s": $EG_WS_CPU, "context_switches": ${CSW[eg]:-0},
-    "walsender_context_switches": ${CSW[eg_ws]:-0}, "ssl": "$EG_SSL", "log_warnings": $WARNINGS
+    "messages_received_at_target": $RECV_MESSAGES, "poller_cpu_s": $POLL_CPU,
+    "walsender_cpu_s": $EG_WS_CPU, "context_switches": ${SLICES[eg]:-0},
+    "walsender_context_switches": ${SLICES[eg_ws]:-0}, "ssl": "$EG_SSL", "log_warnings": $WARNINGS
   },
   "check": {
     "result": "$CHECK", "files": $FILES, "registered_rows": $REG_ROWS, "registered_inserts": $REG_I,
