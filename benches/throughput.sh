@@ -452,10 +452,10 @@ RECV_JOB=$JOB
 WS_STAT=
 while :; do
     tick
-    slot_done "$SLOT_REF" && break
-    [[ -n $WS_STAT || -z $WALSENDER_PID ]] || { perf_stat walsender-recvlogical "$WALSENDER_PID"; WS_STAT=1; }
     [[ -z $WALSENDER_PID ]] || sample ref_ws "$WALSENDER_PID"
     sample ref "$RECV_PID"
+    slot_done "$SLOT_REF" && break
+    [[ -n $WS_STAT || -z $WALSENDER_PID ]] || { perf_stat walsender-recvlogical "$WALSENDER_PID"; WS_STAT=1; }
     if ! kill -0 "$RECV_PID" 2>/dev/null && ! slot_done "$SLOT_REF"; then
         cat "$WORK/recvlogical.log" >&2
         die "pg_recvlogical exited before confirming $TARGET"
