@@ -167,6 +167,7 @@ nap() { read -r -t 0.05 -u "$NAP_FD" _ || true; }
 perf_start() { # name
     [[ ${BENCH_PERF:-0} == 1 ]] || return 0
     mkdir -p "$ROOT/benches/results"
+    rm -f "$ROOT/benches/results/perf-$1.data" "$ROOT/benches/results/perf-$1.data.old"
     perf record -q -F 499 -a -o "$ROOT/benches/results/perf-$1.data" >"$WORK/perf-$1.log" 2>&1 &
     PERF_PID=$!
     sleep 0.5
