@@ -30,6 +30,9 @@
 //! when it reaches `max_rows` or `max_bytes` (uncompressed CSV bytes) at a commit.
 
 use std::collections::HashMap;
+
+/// Maps looked up once or more per change: a cheap non-cryptographic hasher (keys are our own).
+type FastMap<K, V> = rustc_hash::FxHashMap<K, V>;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -215,9 +218,9 @@ struct Txn {
 pub struct Batcher<F: SpoolFactory> {
     limits: Limits,
     factory: F,
-    relations: HashMap<u32, Arc<TableSchema>>,
-    open: HashMap<TableName, OpenBatch<F::Spool>>,
-    skip_through: HashMap<TableName, Position>,
+    relations: FastMap<u32, Arc<TableSchema>>,
+    open: FastMap<TableName, OpenBatch<F::Spool>>,
+    skip_through: FastMap<TableName, Position>,
     excluded_schema: Option<String>,
     txn: Option<Txn>,
     acks: AckTracker,
@@ -225,7 +228,7 @@ pub struct Batcher<F: SpoolFactory> {
     now_us: i64,
     scratch: Vec<u8>,
     change_events: Option<Vec<EventOut>>,
-    holds: HashMap<TableName, Hold>,
+    holds: FastMap<TableName, Hold>,
     controls: Vec<Control>,
     marker_prefix: String,
 }
@@ -259,9 +262,9 @@ impl<F: SpoolFactory> Batcher<F> {
         Batcher {
             limits,
             factory,
-            relations: HashMap::new(),
-            open: HashMap::new(),
-            skip_through,
+            relations: FastMap::default(),
+            open: FastMap::default(),
+            skip_through: skip_through.into_iter().collect(),
             excluded_schema,
             txn: None,
             acks: AckTracker::new(start),
@@ -269,7 +272,7 @@ impl<F: SpoolFactory> Batcher<F> {
             now_us: 0,
             scratch: Vec::with_capacity(4096),
             change_events: None,
-            holds: HashMap::new(),
+            holds: FastMap::default(),
             controls: Vec::new(),
             marker_prefix: "cdc_egress:cdc_egress".into(),
         }

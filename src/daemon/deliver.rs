@@ -20,7 +20,8 @@ use crate::observe::Metrics;
 use crate::register::{FileKind, Registered, Registry};
 use crate::write::{self, SchemaVersions, SpooledFile, Store};
 
-pub const UPLOAD_CONCURRENCY: usize = 4;
+/// Uploads in flight; each holds at most one 5 MiB part (or a whole small file) in memory.
+pub const UPLOAD_CONCURRENCY: usize = 2;
 
 /// Everything delivery needs, shared by the daemon and start-up recovery.
 #[derive(Clone)]

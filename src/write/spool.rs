@@ -68,8 +68,9 @@ impl Write for GzipSpool {
 impl GzipSpool {
     pub fn finish(self) -> io::Result<SpooledFile> {
         let enc = self.writer.into_inner().map_err(|e| e.into_error())?;
+        // No fsync: a spool is scratch. After a crash its changes are read again from the slot; what
+        // is durable is the uploaded object and its registry row.
         let hf = enc.finish()?;
-        hf.file.sync_data()?;
         Ok(SpooledFile {
             path: self.path,
             gz_bytes: hf.bytes,
