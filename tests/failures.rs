@@ -13,16 +13,6 @@ use common::*;
 
 const CATCH_UP: Duration = Duration::from_secs(90);
 
-async fn wait_for_slot(db: &TestDb) {
-    for _ in 0..300 {
-        if db.slot_confirmed().await.is_some() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("slot never appeared");
-}
-
 async fn replay_equal(db: &mut TestDb) {
     let target_url = db.extra_db("replay").await;
     let target = connect(&target_url).await;
@@ -42,6 +32,31 @@ async fn replay_equal(db: &mut TestDb) {
             table_rows(&source, t).await,
             "table {t} differs"
         );
+    }
+}
+
+/// Copies bytes one way until either side closes or `alive` turns false.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    alive: impl Fn() -> bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16384];
+    loop {
+        let r = tokio::time::timeout(Duration::from_millis(100), from.read(&mut buf)).await;
+        if !alive() {
+            return;
+        }
+        match r {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            Err(_) => {}
+        }
     }
 }
 
@@ -74,53 +89,12 @@ impl Proxy {
                     let Ok(server) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut sr, mut sw) = server.into_split();
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
                     let alive =
                         move || u.load(Ordering::Relaxed) && g.load(Ordering::Relaxed) == born;
-                    let alive2 = alive.clone();
-                    let a = tokio::spawn(async move {
-                        let mut buf = vec![0u8; 16384];
-                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                        loop {
-                            let r =
-                                tokio::time::timeout(Duration::from_millis(100), cr.read(&mut buf))
-                                    .await;
-                            if !alive() {
-                                return;
-                            }
-                            match r {
-                                Ok(Ok(0)) | Ok(Err(_)) => return,
-                                Ok(Ok(n)) => {
-                                    if sw.write_all(&buf[..n]).await.is_err() {
-                                        return;
-                                    }
-                                }
-                                Err(_) => {}
-                            }
-                        }
-                    });
-                    let b = tokio::spawn(async move {
-                        let mut buf = vec![0u8; 16384];
-                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                        loop {
-                            let r =
-                                tokio::time::timeout(Duration::from_millis(100), sr.read(&mut buf))
-                                    .await;
-                            if !alive2() {
-                                return;
-                            }
-                            match r {
-                                Ok(Ok(0)) | Ok(Err(_)) => return,
-                                Ok(Ok(n)) => {
-                                    if cw.write_all(&buf[..n]).await.is_err() {
-                                        return;
-                                    }
-                                }
-                                Err(_) => {}
-                            }
-                        }
-                    });
+                    let a = tokio::spawn(pump(cr, sw, alive.clone()));
+                    let b = tokio::spawn(pump(sr, cw, alive));
                     let _ = tokio::join!(a, b);
                 });
             }
@@ -157,7 +131,7 @@ async fn nats_outage_holds_the_ack_and_recovers() {
         format!("nats://127.0.0.1:{}", proxy.port),
     ));
     let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
-    wait_for_slot(&db).await;
+    db.wait_for_slot(&d).await;
     workload::phase1(&c).await;
     db.wait_caught_up(CATCH_UP).await;
     proxy.down();
@@ -233,7 +207,7 @@ async fn dropped_replication_connection_resumes() {
     workload::setup(&c, &db.publication).await;
     let env = db.daemon_env(&db.out_url());
     let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
-    wait_for_slot(&db).await;
+    db.wait_for_slot(&d).await;
     workload::phase1(&c).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let killed: i64 = c
@@ -275,7 +249,7 @@ async fn standby_waits_for_the_slot_and_takes_over() {
     workload::setup(&c, &db.publication).await;
     let env = db.daemon_env(&db.out_url());
     let first = Daemon::start(&env, db.dir.path(), &[], "first.log");
-    wait_for_slot(&db).await;
+    db.wait_for_slot(&first).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let second = Daemon::start(&env, db.dir.path(), &[], "second.log");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -304,7 +278,7 @@ async fn change_events_are_published_for_every_change() {
     let mut env = db.daemon_env(&db.out_url());
     env.push(("CDC_EGRESS_NATS_CHANGE_EVENTS".into(), "true".into()));
     let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
-    wait_for_slot(&db).await;
+    db.wait_for_slot(&d).await;
     workload::phase1(&c).await;
     workload::phase2(&c).await;
     db.wait_caught_up(CATCH_UP).await;

@@ -65,16 +65,6 @@ fn start_load(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64
     })
 }
 
-async fn wait_slot(db: &TestDb, d: &Daemon) {
-    for _ in 0..300 {
-        if db.slot_confirmed().await.is_some() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("slot never appeared:\n{}", d.log_text());
-}
-
 async fn reloads_done(db: &TestDb, at_least: i64) {
     let c = db.client().await;
     for _ in 0..1200 {
@@ -130,7 +120,7 @@ async fn fresh_start_and_reload_under_load_replay_equal() {
     let mut env = db.daemon_env(&db.out_url());
     env.push(("CDC_EGRESS_RELOAD_INITIAL".into(), "true".into()));
     let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
-    wait_slot(&db, &d).await;
+    db.wait_for_slot(&d).await;
     reloads_done(&db, 4).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (code, out, err) = run_cli(
@@ -287,7 +277,7 @@ async fn crashes_during_export_and_handover_recover() {
     env.push(("CDC_EGRESS_RELOAD_INITIAL".into(), "true".into()));
     // 1. Killed in the middle of the fresh-start export.
     let d = Daemon::start(&env, db.dir.path(), &[], "d1.log");
-    wait_slot(&db, &d).await;
+    db.wait_for_slot(&d).await;
     let c = db.client().await;
     for _ in 0..200 {
         let running: i64 = c
@@ -394,7 +384,7 @@ async fn a_failing_reload_is_visible_and_does_not_block_others() {
     .unwrap();
     let env = db.daemon_env(&db.out_url());
     let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
-    wait_slot(&db, &d).await;
+    db.wait_for_slot(&d).await;
     // The plain-SQL form, in one transaction with the statement that makes the export impossible.
     c.batch_execute(
         "BEGIN;

@@ -11,16 +11,6 @@ use common::*;
 
 const CATCH_UP: Duration = Duration::from_secs(90);
 
-async fn wait_for_slot(db: &TestDb, d: &Daemon) {
-    for _ in 0..300 {
-        if db.slot_confirmed().await.is_some() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("slot never appeared; daemon log:\n{}", d.log_text());
-}
-
 /// Replays into a fresh database and asserts every table equals the source, the registry has no
 /// overlapping positions, and JetStream holds exactly one notice per registry row.
 async fn assert_replay_equal(
@@ -99,7 +89,7 @@ async fn mixed_workload_replays_equal_to_source() {
     workload::setup(&c, &db.publication).await;
     let env = db.daemon_env(&db.out_url());
     let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
-    wait_for_slot(&db, &d).await;
+    db.wait_for_slot(&d).await;
     workload::phase1(&c).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     workload::phase2(&c).await;
@@ -165,7 +155,7 @@ async fn mixed_workload_on_s3_replays_equal_to_source() {
         ));
     }
     let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
-    wait_for_slot(&db, &d).await;
+    db.wait_for_slot(&d).await;
     workload::phase1(&c).await;
     workload::phase2(&c).await;
     db.wait_caught_up(CATCH_UP).await;
@@ -189,7 +179,7 @@ async fn crash_window(point: &str) {
         &[("CDC_EGRESS_TEST_FAILPOINT", point)],
         "crash.log",
     );
-    wait_for_slot(&db, &d).await;
+    db.wait_for_slot(&d).await;
     workload::phase1(&c).await;
     let status = d.wait_exit(Duration::from_secs(60)).await;
     assert!(
@@ -252,7 +242,7 @@ async fn sigkill_mid_stream_replays_equal() {
     workload::setup(&c, &db.publication).await;
     let env = db.daemon_env(&db.out_url());
     let d = Daemon::start(&env, db.dir.path(), &[], "d1.log");
-    wait_for_slot(&db, &d).await;
+    db.wait_for_slot(&d).await;
     workload::phase1(&c).await;
     tokio::time::sleep(Duration::from_millis(1300)).await;
     d.kill().await;
@@ -282,7 +272,7 @@ async fn idle_slot_keeps_advancing() {
     .unwrap();
     let env = db.daemon_env(&db.out_url());
     let d = Daemon::start(&env, db.dir.path(), &[], "idle.log");
-    wait_for_slot(&db, &d).await;
+    db.wait_for_slot(&d).await;
     let first = db.slot_confirmed().await.unwrap();
     // Only unpublished changes: WAL grows, nothing is published.
     for i in 0..5 {

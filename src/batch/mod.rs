@@ -174,6 +174,24 @@ pub enum EventOut {
     Close(BatchId),
 }
 
+impl<S> SealedBatch<S> {
+    /// The same batch with its spool transformed (e.g. a finished gzip spool into a spooled file).
+    pub fn map_spool<T, E>(self, f: impl FnOnce(S) -> Result<T, E>) -> Result<SealedBatch<T>, E> {
+        Ok(SealedBatch {
+            id: self.id,
+            schema: self.schema,
+            first: self.first,
+            last: self.last,
+            first_commit_ts: self.first_commit_ts,
+            last_commit_ts: self.last_commit_ts,
+            rows: self.rows,
+            csv_bytes: self.csv_bytes,
+            ops: self.ops,
+            spool: f(self.spool)?,
+        })
+    }
+}
+
 /// One change as seen by optional per-change event publishing.
 #[derive(Debug, Clone)]
 pub struct ChangeEvent {

@@ -315,6 +315,17 @@ impl TestDb {
         }
     }
 
+    /// Waits until the daemon has created (or found) its slot.
+    pub async fn wait_for_slot(&self, d: &Daemon) {
+        for _ in 0..300 {
+            if self.slot_confirmed().await.is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("slot never appeared; daemon log:\n{}", d.log_text());
+    }
+
     /// Drops the slot, the stream and the databases. Call at the end of every test.
     pub async fn cleanup(mut self) {
         self.cleaned = true;
