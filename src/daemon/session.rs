@@ -329,15 +329,9 @@ pub async fn session(
     let events_enabled = config.nats.change_events && sinks.notifier.is_some();
     let stop_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let thread_stop = stop_flag.clone();
-    let stream = StreamSide {
-        reader,
-        catalog: ep.catalog.clone(),
-        reply_now: reply_now.clone(),
-    };
-    let mut batcher_thread = Some(tokio::task::spawn_blocking(move || {
+    let batcher_thread = tokio::task::spawn_blocking(move || {
         run_batcher(
             batcher,
-            stream,
             thread_stop,
             input_rx,
             persisted_rx,
@@ -347,7 +341,16 @@ pub async fn session(
             confirmed_tx,
             batcher_metrics,
         )
-    }));
+    });
+
+    // Reader task.
+    {
+        let input_tx = input_tx.clone();
+        let catalog = ep.catalog.clone();
+        let metrics = metrics.clone();
+        let reply_now = reply_now.clone();
+        tasks.spawn(read_stream(reader, input_tx, catalog, metrics, reply_now));
+    }
     // Delivery task.
     let delivery = tokio::spawn(deliver::deliver_batches(
         sinks.clone(),
@@ -470,14 +473,6 @@ pub async fn session(
 
     let mut shutdown_rx = shutdown.clone();
     let outcome: Result<(), Error> = tokio::select! {
-        r = batcher_thread.as_mut().expect("running") => {
-            batcher_thread = None;
-            match r {
-                Ok(Ok(_)) => Err(Error::transient("daemon", "the stream reader stopped unexpectedly")),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(Error::transient("daemon", format!("batcher thread: {e}"))),
-            }
-        }
         Some(r) = tasks.join_next() => match r {
             Ok(Ok(())) => Err(Error::transient("daemon", "a session task ended unexpectedly")),
             Ok(Err(e)) => Err(e),
@@ -493,12 +488,9 @@ pub async fn session(
     stop_flag.store(true, Relaxed);
     let _ = input_tx.try_send(Input::Stop);
     drop(input_tx);
-    let batcher_result = match batcher_thread {
-        Some(t) => t
-            .await
-            .map_err(|e| Error::transient("daemon", format!("batcher thread: {e}")))?,
-        None => Err(Error::transient("daemon", "batcher thread already stopped")),
-    };
+    let batcher_result = batcher_thread
+        .await
+        .map_err(|e| Error::transient("daemon", format!("batcher thread: {e}")))?;
     let drained = tokio::time::timeout(Duration::from_secs(30), delivery).await;
     if let Ok(Ok(Err(e))) = &drained {
         tracing::warn!(error = %e, "delivery stopped with an error");
@@ -542,52 +534,9 @@ impl BatcherState {
     }
 }
 
-/// The replication stream as the batcher thread reads it.
-struct StreamSide {
-    reader: crate::source::wire::CopyReader,
-    catalog: Arc<tokio_postgres::Client>,
-    reply_now: Arc<Notify>,
-}
-
-/// The batcher thread: reads the replication socket itself and processes frames inline, like a
-/// single-threaded `pg_recvlogical`, so that data waits in the socket while rows are being encoded
-/// and compressed instead of every frame costing a thread wake-up on both sides. Between frames it
-/// takes control inputs (ticks, reload releases, stop) and persisted reports.
 #[allow(clippy::too_many_arguments)]
 fn run_batcher(
-    batcher: Batcher<GzipSpools>,
-    stream: StreamSide,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    input_rx: mpsc::Receiver<Input>,
-    persisted_rx: mpsc::UnboundedReceiver<BatchId>,
-    sealed_tx: mpsc::Sender<SealedBatch<SpooledFile>>,
-    events_tx: Option<mpsc::Sender<EventOut>>,
-    controls_tx: mpsc::UnboundedSender<crate::batch::Control>,
-    confirmed_tx: watch::Sender<Lsn>,
-    metrics: Arc<Metrics>,
-) -> Result<BatcherState, Error> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::transient("daemon", format!("batcher runtime: {e}")))?;
-    rt.block_on(batcher_loop(
-        batcher,
-        stream,
-        stop,
-        input_rx,
-        persisted_rx,
-        sealed_tx,
-        events_tx,
-        controls_tx,
-        confirmed_tx,
-        metrics,
-    ))
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn batcher_loop(
     mut batcher: Batcher<GzipSpools>,
-    mut stream: StreamSide,
     stop: Arc<std::sync::atomic::AtomicBool>,
     mut input_rx: mpsc::Receiver<Input>,
     mut persisted_rx: mpsc::UnboundedReceiver<BatchId>,
@@ -599,7 +548,6 @@ async fn batcher_loop(
 ) -> Result<BatcherState, Error> {
     let mut sealed = Vec::new();
     let mut events = Vec::new();
-    let mut inputs: Vec<Input> = Vec::new();
     loop {
         while let Ok(id) = persisted_rx.try_recv() {
             batcher.persisted(id);
@@ -607,44 +555,33 @@ async fn batcher_loop(
         if stop.load(Relaxed) {
             break;
         }
-        // Only cancel-safe futures race here: a control input, or the next payload.
-        let first = tokio::select! {
-            biased;
-            input = input_rx.recv() => match input {
-                Some(Input::Stop) | None => break,
-                Some(input) => { inputs.push(input); None }
-            },
-            payload = stream.reader.next() => Some(payload?),
+        let Some(input) = input_rx.blocking_recv() else {
+            break;
         };
-        if let Some(first) = first {
-            read_chunk(&mut stream, first, &metrics, &mut inputs).await?;
-        }
-        for input in inputs.drain(..) {
-            match input {
-                Input::Frames(frames) => {
-                    for frame in frames {
-                        match frame {
-                            Frame::Data(data) => {
-                                let msg = decode::decode(data).map_err(|e| {
-                                    Error::definite(
-                                        "decode",
-                                        format!("undecodable pgoutput message: {e}"),
-                                    )
-                                })?;
-                                batcher.message(msg, &mut sealed)?;
-                            }
-                            Frame::Keepalive(lsn) => batcher.keepalive(lsn),
+        match input {
+            Input::Frames(frames) => {
+                for frame in frames {
+                    match frame {
+                        Frame::Data(data) => {
+                            let msg = decode::decode(data).map_err(|e| {
+                                Error::definite(
+                                    "decode",
+                                    format!("undecodable pgoutput message: {e}"),
+                                )
+                            })?;
+                            batcher.message(msg, &mut sealed)?;
                         }
+                        Frame::Keepalive(lsn) => batcher.keepalive(lsn),
                     }
                 }
-                Input::Relation(schema) => batcher.relation(schema, &mut sealed)?,
-                Input::Tick(now) => batcher.tick(now, &mut sealed)?,
-                Input::Release(table, cut) => {
-                    let n = batcher.release_hold(&table, cut, &mut sealed)?;
-                    tracing::debug!(table = %table, cut = %cut, released = n, "hold released");
-                }
-                Input::Stop => {}
             }
+            Input::Relation(schema) => batcher.relation(schema, &mut sealed)?,
+            Input::Tick(now) => batcher.tick(now, &mut sealed)?,
+            Input::Release(table, cut) => {
+                let n = batcher.release_hold(&table, cut, &mut sealed)?;
+                tracing::debug!(table = %table, cut = %cut, released = n, "hold released");
+            }
+            Input::Stop => break,
         }
         let mut controls = Vec::new();
         batcher.drain_controls(&mut controls);
@@ -657,14 +594,14 @@ async fn batcher_loop(
                     Error::transient("spool", format!("cannot finish spool file: {e}"))
                 })
             })?;
-            if sealed_tx.send(b).await.is_err() {
+            if sealed_tx.blocking_send(b).is_err() {
                 return Err(Error::transient("daemon", "delivery stopped"));
             }
         }
         if let Some(tx) = &events_tx {
             batcher.drain_change_events(&mut events);
             for e in events.drain(..) {
-                if tx.send(e).await.is_err() {
+                if tx.blocking_send(e).is_err() {
                     return Err(Error::transient("daemon", "change-event publisher stopped"));
                 }
             }
@@ -686,78 +623,87 @@ async fn batcher_loop(
     })
 }
 
-/// Turns `first` and every payload already buffered behind it (at most [`CHUNK_FRAMES`] /
-/// [`CHUNK_BYTES`]) into inputs; a Relation ends the chunk and is described from the catalog.
-async fn read_chunk(
-    stream: &mut StreamSide,
-    first: Option<Bytes>,
-    metrics: &Metrics,
-    inputs: &mut Vec<Input>,
+async fn read_stream(
+    mut reader: crate::source::wire::CopyReader,
+    input_tx: mpsc::Sender<Input>,
+    catalog: Arc<tokio_postgres::Client>,
+    metrics: Arc<Metrics>,
+    reply_now: Arc<Notify>,
 ) -> Result<(), Error> {
     use futures::FutureExt;
-    let mut chunk: Vec<Frame> = Vec::with_capacity(64);
+    let mut chunk: Vec<Frame> = Vec::with_capacity(CHUNK_FRAMES);
     let mut chunk_bytes = 0usize;
-    let mut next = Some(first);
-    let mut relation = None;
-    let mut max_lsn = 0u64;
-    let mut messages = 0u64;
-    while let Some(item) = next.take() {
-        let Some(payload) = item else {
-            return Err(Error::transient(
-                "source",
-                "the server ended the replication stream",
-            ));
-        };
-        let frame = decode::parse_frame(payload).map_err(|e| {
-            Error::definite("decode", format!("undecodable replication frame: {e}"))
-        })?;
-        match frame {
-            ReplicationFrame::XLogData {
-                wal_start, data, ..
-            } => {
-                messages += 1;
-                max_lsn = max_lsn.max(wal_start.0);
-                if data.first() == Some(&b'R') {
-                    relation = Some(data);
-                    break;
+    loop {
+        // Wait for one payload, then take every payload that is already buffered without waiting
+        // (`CopyReader::next` is cancel-safe), so a busy stream crosses the channel in chunks.
+        let first = reader.next().await?;
+        let mut next = Some(first);
+        let mut relation = None;
+        let mut max_lsn = 0u64;
+        let mut messages = 0u64;
+        while let Some(item) = next.take() {
+            let Some(payload) = item else {
+                return Err(Error::transient(
+                    "source",
+                    "the server ended the replication stream",
+                ));
+            };
+            let frame = decode::parse_frame(payload).map_err(|e| {
+                Error::definite("decode", format!("undecodable replication frame: {e}"))
+            })?;
+            match frame {
+                ReplicationFrame::XLogData {
+                    wal_start, data, ..
+                } => {
+                    messages += 1;
+                    max_lsn = max_lsn.max(wal_start.0);
+                    if data.first() == Some(&b'R') {
+                        relation = Some(data);
+                        break;
+                    }
+                    chunk_bytes += data.len();
+                    chunk.push(Frame::Data(data));
                 }
-                chunk_bytes += data.len();
-                chunk.push(Frame::Data(data));
+                ReplicationFrame::Keepalive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                } => {
+                    max_lsn = max_lsn.max(wal_end.0);
+                    if reply_requested {
+                        reply_now.notify_one();
+                    }
+                    chunk.push(Frame::Keepalive(wal_end));
+                }
             }
-            ReplicationFrame::Keepalive {
-                wal_end,
-                reply_requested,
-                ..
-            } => {
-                max_lsn = max_lsn.max(wal_end.0);
-                if reply_requested {
-                    stream.reply_now.notify_one();
-                }
-                chunk.push(Frame::Keepalive(wal_end));
+            if chunk.len() >= CHUNK_FRAMES || chunk_bytes >= CHUNK_BYTES {
+                break;
+            }
+            next = reader.next().now_or_never().transpose()?;
+        }
+        metrics.messages_received.fetch_add(messages, Relaxed);
+        metrics.received_lsn.fetch_max(max_lsn, Relaxed);
+        if !chunk.is_empty() {
+            let frames = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_FRAMES));
+            chunk_bytes = 0;
+            if input_tx.send(Input::Frames(frames)).await.is_err() {
+                return Ok(());
             }
         }
-        if chunk.len() >= CHUNK_FRAMES || chunk_bytes >= CHUNK_BYTES {
-            break;
+        // A Relation needs catalog facts: it goes after the frames before it, in order.
+        if let Some(data) = relation {
+            let Message::Relation(rel) = decode::decode(data).map_err(|e| {
+                Error::definite("decode", format!("undecodable Relation message: {e}"))
+            })?
+            else {
+                unreachable!("tag R decodes to a Relation")
+            };
+            let schema = slot::describe_relation(&catalog, &rel).await?;
+            if input_tx.send(Input::Relation(schema)).await.is_err() {
+                return Ok(());
+            }
         }
-        next = stream.reader.next().now_or_never().transpose()?;
     }
-    metrics.messages_received.fetch_add(messages, Relaxed);
-    metrics.received_lsn.fetch_max(max_lsn, Relaxed);
-    if !chunk.is_empty() {
-        inputs.push(Input::Frames(chunk));
-    }
-    // A Relation needs catalog facts: it goes after the frames before it, in order.
-    if let Some(data) = relation {
-        let Message::Relation(rel) = decode::decode(data)
-            .map_err(|e| Error::definite("decode", format!("undecodable Relation message: {e}")))?
-        else {
-            unreachable!("tag R decodes to a Relation")
-        };
-        inputs.push(Input::Relation(
-            slot::describe_relation(&stream.catalog, &rel).await?,
-        ));
-    }
-    Ok(())
 }
 
 async fn send_status(
