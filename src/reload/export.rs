@@ -443,19 +443,52 @@ async fn export_part(
         .await
         .map_err(|e| pg_error(&e).context(format!("export {}", job.table)))?;
     futures::pin_mut!(stream);
+    // Receiving and compressing overlap: chunks go through a bounded channel to a blocking
+    // compressor, like `COPY … | gzip` in two processes.
+    const HANDOFF: usize = 256 * 1024;
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+    let compressor = tokio::task::spawn_blocking(move || {
+        while let Some(chunk) = rx.blocking_recv() {
+            spool.write_all(&chunk)?;
+        }
+        spool.finish()
+    });
     let mut counter = RecordCounter::default();
     let mut csv_bytes = 0u64;
+    let mut failure = None;
+    let mut buffer: Vec<u8> = Vec::with_capacity(HANDOFF + 4096);
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| pg_error(&e).context(format!("export {}", job.table)))?;
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                failure = Some(pg_error(&e).context(format!("export {}", job.table)));
+                break;
+            }
+        };
         counter.feed(&chunk);
         csv_bytes += chunk.len() as u64;
-        tokio::task::block_in_place(|| spool.write_all(&chunk))
-            .map_err(|e| Error::transient("spool", format!("cannot write spool file: {e}")))?;
+        // COPY yields one row per chunk: hand rows over in 256 KiB buffers.
+        buffer.extend_from_slice(&chunk);
+        if buffer.len() >= HANDOFF {
+            let full = std::mem::replace(&mut buffer, Vec::with_capacity(HANDOFF + 4096));
+            if tx.send(full).await.is_err() {
+                break;
+            }
+        }
+    }
+    if !buffer.is_empty() {
+        let _ = tx.send(buffer).await;
+    }
+    drop(tx);
+    let spooled = compressor
+        .await
+        .map_err(|e| Error::transient("spool", format!("compressor: {e}")))?
+        .map_err(|e| Error::transient("spool", format!("cannot write spool file: {e}")))?;
+    if let Some(e) = failure {
+        return Err(e);
     }
     let rows = counter.records.saturating_sub(1);
     job.progress.rows.fetch_add(rows, Relaxed);
-    let spooled = tokio::task::block_in_place(|| spool.finish())
-        .map_err(|e| Error::transient("spool", format!("cannot finish spool file: {e}")))?;
     let path = layout::reload_dir(store.root(), &job.table, job.reload_id)
         .join(layout::part_file(part.index).as_str());
     store

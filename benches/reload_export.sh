@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Parallel table export: `cdc-egress reload <table> --wait` against the reference
+# `psql -c "COPY (… ctid range …) TO STDOUT (FORMAT csv)" | gzip -1` run with the same number of
+# parallel pipelines over the same ctid ranges, on the same table, in one run. Prints both wall times
+# and the ratio (reference time / cdc-egress time: above 1 means cdc-egress is faster).
+#
+#   bash benches/reload_export.sh              # defaults: 3,000,000 rows, parallelism 2
+#   ROWS=5000000 PARALLELISM=2 bash benches/reload_export.sh
+# Needs the local services (deploy/local/services.sh) and a release build (built if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rows="${ROWS:-3000000}"
+par="${PARALLELISM:-2}"
+db="cdc_export_bench_$$"
+work=$(mktemp -d)
+bin=target/release/cdc-egress
+psql_() { psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
+cleanup() {
+  [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  psql_ -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE '${db}%'" >/dev/null 2>&1 || true
+  psql_ -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+  python3 benches/jetstream.py nats://127.0.0.1:4222 delete "EXPORT_BENCH_$$" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+[ -x "$bin" ] || cargo build --release --quiet
+psql_ -d postgres -c "CREATE DATABASE $db"
+psql_ -d "$db" -c "CREATE TABLE big (id bigint PRIMARY KEY, customer int, amount numeric(12,2), note text, created timestamptz)" \
+      -c "INSERT INTO big SELECT g, g % 9973, (g % 100000) / 100.0, 'order note ' || md5(g::text), '2024-01-01'::timestamptz + g * interval '1 second' FROM generate_series(1, $rows) g" \
+      -c "VACUUM ANALYZE big" -c "CREATE PUBLICATION cdc_egress FOR TABLE big"
+pages=$(psql_ -d "$db" -c "SELECT pg_relation_size('big') / current_setting('block_size')::int")
+size=$(psql_ -d "$db" -c "SELECT pg_size_pretty(pg_relation_size('big'))")
+echo "table: $rows rows, $pages pages ($size), parallelism $par"
+
+# Reference: $par parallel COPY | gzip -1 pipelines over equal ctid ranges.
+step=$(( (pages + par - 1) / par ))
+start=$(date +%s.%N)
+for k in $(seq 0 $((par - 1))); do
+  lo=$((k * step)); hi=$(((k + 1) * step))
+  cond="ctid >= '($lo,0)'::tid"; [ "$k" -lt $((par - 1)) ] && cond="$cond AND ctid < '($hi,0)'::tid"
+  ( psql -h 127.0.0.1 -U postgres -d "$db" -qAt -c "COPY (SELECT * FROM big WHERE $cond) TO STDOUT (FORMAT csv)" | gzip -1 > "$work/ref-$k.csv.gz" ) &
+done
+wait
+ref=$(echo "$(date +%s.%N) - $start" | bc)
+ref_bytes=$(cat "$work"/ref-*.csv.gz | wc -c)
+
+# cdc-egress: the daemon exports on request, through its marker, with reload.parallelism = $par.
+export CDC_EGRESS_SOURCE_URL="postgres://postgres@127.0.0.1:5432/$db"
+export CDC_EGRESS_SOURCE_SLOT="${db}_slot" CDC_EGRESS_OUTPUT_URL="file://$work/out" CDC_EGRESS_RELOAD_INITIAL=false
+export CDC_EGRESS_RELOAD_PARALLELISM="$par" CDC_EGRESS_NATS_STREAM="EXPORT_BENCH_$$" CDC_EGRESS_NATS_SUBJECT_PREFIX="exportbench$$"
+export CDC_EGRESS_HTTP_LISTEN="" CDC_EGRESS_OUTPUT_SPOOL_DIR="$work/spool"
+"$bin" run >"$work/daemon.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 100); do
+  [ "$(psql_ -d "$db" -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '${db}_slot' AND active")" = 1 ] && break
+  sleep 0.1
+done
+start=$(date +%s.%N)
+"$bin" reload public.big --wait >/dev/null 2>"$work/reload.log"
+egress=$(echo "$(date +%s.%N) - $start" | bc)
+read -r exported eg_bytes parts <<<"$(psql_ -d "$db" -F ' ' -c "SELECT rows, bytes, parts FROM cdc_egress.reloads WHERE status = 'done'")"
+[ "$exported" = "$rows" ] || { echo "cdc-egress exported $exported rows, expected $rows"; exit 1; }
+printf 'COPY | gzip -1   %6.2f s  (%s bytes gz)\n' "$ref" "$ref_bytes"
+printf 'cdc-egress       %6.2f s  (%s bytes gz, %s parts, request to done)\n' "$egress" "$eg_bytes" "$parts"
+printf 'ratio            %.2fx  (reference time / cdc-egress time)\n' "$(echo "$ref / $egress" | bc -l)"
