@@ -91,4 +91,8 @@ say "cdc-egress status"
 "$bin" --config "$demo/cdc-egress.yml" status
 say "newest JetStream notices (stream CDC_EGRESS_DEMO, subjects demo.batch.<schema>.<table>)"
 "$bin" --config "$demo/cdc-egress.yml" notices --limit 2
-say "done: everything is in ./demo (config, log, out/). Stop retaining WAL with: target/release/cdc-egress --config demo/cdc-egress.yml drop-slot"
+if [ -z "${DEMO_KEEP_SLOT:-}" ]; then
+  # A slot nobody reads retains WAL forever: drop it (DEMO_KEEP_SLOT=1 keeps it to run the daemon again).
+  "$bin" --config "$demo/cdc-egress.yml" drop-slot
+fi
+say "done: everything is in ./demo (config, log, out/); run it again with: target/release/cdc-egress --config demo/cdc-egress.yml run"

@@ -77,7 +77,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    cdc_egress::observe::init_logging(&config.log.format, &config.log.level);
+    // One-shot commands print their result on stdout; their logs default to warnings only.
+    let level = match cli.command {
+        Command::Run => config.log.level.as_str(),
+        _ => "warn",
+    };
+    cdc_egress::observe::init_logging(&config.log.format, level);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
