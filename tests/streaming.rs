@@ -301,3 +301,91 @@ async fn idle_slot_keeps_advancing() {
     assert!(d.stop().await.success());
     db.cleanup().await;
 }
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// PRODUCT.md §9.4: memory does not grow with batch or transaction size. One transaction of about
+/// 1,000,000 rows (~110 MB of CSV) goes into a batch that cannot seal (1 h interval, no row or byte
+/// limit reached): the rows must be on disk in the spool, not in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_for_a_huge_open_batch() {
+    let db = TestDb::new("memory").await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE wide (id bigint PRIMARY KEY, a text, b text, n numeric);
+         CREATE PUBLICATION {} FOR TABLE wide;",
+        db.publication
+    ))
+    .await
+    .unwrap();
+    let mut env = db.daemon_env(&db.out_url());
+    env.push(("CDC_EGRESS_BATCH_INTERVAL".into(), "1h".into()));
+    env.push(("CDC_EGRESS_BATCH_MAX_ROWS".into(), "100000000".into()));
+    env.push(("CDC_EGRESS_BATCH_MAX_BYTES".into(), "10GiB".into()));
+    let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
+    db.wait_for_slot(&d).await;
+    c.batch_execute(
+        "INSERT INTO wide SELECT g, md5(g::text) || md5((g + 1)::text), repeat('x', 20), g / 3.0
+         FROM generate_series(1, 1000000) g",
+    )
+    .await
+    .unwrap();
+    // Wait until the daemon has received the whole transaction.
+    let target = db.current_lsn().await;
+    let pid = d.child.id().unwrap();
+    let spool = db.dir.path().join("spool").join(&db.slot);
+    // Wait until the spool stops growing: the whole transaction has been written into it.
+    let mut spooled = 0u64;
+    let mut stable = 0;
+    for _ in 0..1200 {
+        assert!(
+            !d.log_text().contains("ERROR"),
+            "daemon failed:\n{}",
+            d.log_text()
+        );
+        let now: u64 = std::fs::read_dir(&spool)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        stable = if now == spooled && now > 0 {
+            stable + 1
+        } else {
+            0
+        };
+        spooled = now;
+        if stable >= 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = target;
+    assert!(
+        spooled > 10_000_000,
+        "the open batch should be spooled to disk ({spooled} bytes)"
+    );
+    let files: i64 = c
+        .query_one("SELECT count(*) FROM cdc_egress.files", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(files, 0, "the batch must still be open");
+    let rss = peak_rss_kib(pid);
+    assert!(
+        { eprintln!("MEASURED peak_rss_kib={rss} spooled={spooled}"); rss < 96 * 1024 },
+        "peak RSS {rss} KiB while ~110 MB of CSV went through one open batch: rows are held in memory"
+    );
+    assert!(d.stop().await.success());
+    db.cleanup().await;
+}
