@@ -68,6 +68,14 @@ pub struct Coordinator {
     pub release: mpsc::Sender<Release>,
 }
 
+/// The export jobs of this coordinator. They are aborted when it is dropped (session end), so an
+/// attempt of an earlier session can never keep writing into a reload directory a new attempt uses.
+#[derive(Default)]
+struct Jobs {
+    started: u64,
+    running: tokio::task::JoinSet<()>,
+}
+
 enum JobEvent {
     Cut {
         tables: Vec<TableName>,
@@ -91,7 +99,7 @@ impl Coordinator {
     ) -> Result<(), Error> {
         let (events_tx, mut events) = mpsc::unbounded_channel::<JobEvent>();
         let mut active: HashMap<TableName, Active> = HashMap::new();
-        let mut jobs = 0u64;
+        let mut jobs = Jobs::default();
         if !resume.is_empty() {
             for (t, id, request) in &resume {
                 active.insert(
@@ -181,12 +189,13 @@ impl Coordinator {
 
     async fn start_job(
         &self,
-        jobs: &mut u64,
+        jobs: &mut Jobs,
         tables: &[TableName],
         active: &HashMap<TableName, Active>,
         events: &mpsc::UnboundedSender<JobEvent>,
     ) -> Result<(), Error> {
-        *jobs += 1;
+        jobs.started += 1;
+        while jobs.running.try_join_next().is_some() {}
         let mut list = Vec::new();
         for t in tables {
             let Some(a) = active.get(t) else { continue };
@@ -205,8 +214,8 @@ impl Coordinator {
         }
         let exporter = self.exporter.clone();
         let events = events.clone();
-        let tag = format!("{}_{}", std::process::id(), jobs);
-        tokio::spawn(async move {
+        let tag = format!("{}_{}", std::process::id(), jobs.started);
+        jobs.running.spawn(async move {
             let names: Vec<TableName> = list.iter().map(|j| j.table.clone()).collect();
             let cut =
                 match export::take_cut(&exporter.source, &exporter_slot(&exporter), &tag).await {
@@ -248,7 +257,7 @@ impl Coordinator {
         &self,
         done: TableExport,
         active: &mut HashMap<TableName, Active>,
-        jobs: &mut u64,
+        jobs: &mut Jobs,
         events: &mpsc::UnboundedSender<JobEvent>,
     ) -> Result<(), Error> {
         let Some(a) = active.get(&done.table) else {

@@ -491,9 +491,18 @@ pub async fn session(
     let batcher_result = batcher_thread
         .await
         .map_err(|e| Error::transient("daemon", format!("batcher thread: {e}")))?;
-    let drained = tokio::time::timeout(Duration::from_secs(30), delivery).await;
-    if let Ok(Ok(Err(e))) = &drained {
-        tracing::warn!(error = %e, "delivery stopped with an error");
+    let mut delivery = delivery;
+    match tokio::time::timeout(Duration::from_secs(30), &mut delivery).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "delivery stopped with an error"),
+        Ok(_) => {}
+        Err(_) => {
+            // Never leave a delivery running behind the next session (it would register batches
+            // the next session's skip positions do not know). A registry commit is atomic, and a
+            // committed row without its notice is completed at start-up.
+            tracing::warn!("in-flight batches did not finish within 30 s; abandoning them");
+            delivery.abort();
+            let _ = delivery.await;
+        }
     }
     if let Ok(mut state) = batcher_result {
         // Apply the persisted reports that arrived after the batcher thread stopped.
