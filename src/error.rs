@@ -22,7 +22,7 @@ pub enum Kind {
 }
 
 /// A classified error with a human-readable, actionable message.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Error {
     kind: Kind,
     /// Short stable label for metrics (`errors_total{kind=...}`), e.g. `object_store`, `registry`.

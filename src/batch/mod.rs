@@ -247,6 +247,9 @@ pub struct Batcher<F: SpoolFactory> {
     scratch: Vec<u8>,
     change_events: Option<Vec<EventOut>>,
     holds: FastMap<TableName, Hold>,
+    /// Reload cuts not yet passed by the stream: the table's open batch holds only rows below the
+    /// cut, and the first row at or after it seals that batch first (so no batch straddles a cut).
+    cuts: FastMap<TableName, Lsn>,
     controls: Vec<Control>,
     marker_prefix: String,
 }
@@ -291,6 +294,7 @@ impl<F: SpoolFactory> Batcher<F> {
             scratch: Vec::with_capacity(4096),
             change_events: None,
             holds: FastMap::default(),
+            cuts: FastMap::default(),
             controls: Vec::new(),
             marker_prefix: "cdc_egress:cdc_egress".into(),
         }
@@ -411,17 +415,23 @@ impl<F: SpoolFactory> Batcher<F> {
                 }
             }
             Message::Insert(i) => {
-                self.change(i.relation_oid, Op::Insert, None, Some(&i.new))?;
+                self.change(i.relation_oid, Op::Insert, None, Some(&i.new), sealed)?;
             }
             Message::Update(u) => {
-                self.change(u.relation_oid, Op::Update, u.old.as_ref(), Some(&u.new))?;
+                self.change(
+                    u.relation_oid,
+                    Op::Update,
+                    u.old.as_ref(),
+                    Some(&u.new),
+                    sealed,
+                )?;
             }
             Message::Delete(d) => {
-                self.change(d.relation_oid, Op::Delete, Some(&d.old), None)?;
+                self.change(d.relation_oid, Op::Delete, Some(&d.old), None, sealed)?;
             }
             Message::Truncate(t) => {
                 for oid in t.relation_oids {
-                    self.change(oid, Op::Truncate, None, None)?;
+                    self.change(oid, Op::Truncate, None, None, sealed)?;
                 }
             }
         }
@@ -604,17 +614,20 @@ impl<F: SpoolFactory> Batcher<F> {
     }
 
     /// The reload of `table` is consistent at `cut` (its snapshot holds exactly the transactions
-    /// committed below `cut`): parked rows below the cut are dropped, the others start the table's
-    /// next batch, and from now on rows below the cut are dropped as they arrive. Returns the number of
-    /// rows released into the batch.
+    /// committed below `cut`). Parked rows are streamed again, nothing is dropped: rows below the cut
+    /// form a batch of their own (they are in the export too, and the consumer rule skips them), and
+    /// the first row at or after the cut seals it and starts the next batch. So no batch straddles
+    /// the cut, and if the export fails nothing is lost. `Lsn::ZERO` releases without a split.
+    /// Returns the number of rows released.
     pub fn release_hold(
         &mut self,
         table: &TableName,
         cut: Lsn,
         sealed: &mut Vec<SealedBatch<F::Spool>>,
     ) -> Result<u64, Error> {
-        let skip = Position::new(cut, 0);
-        self.set_skip_through(table.clone(), skip);
+        if cut > Lsn::ZERO {
+            self.cuts.insert(table.clone(), cut);
+        }
         let Some(hold) = self.holds.remove(table) else {
             return Ok(0);
         };
@@ -627,9 +640,14 @@ impl<F: SpoolFactory> Batcher<F> {
         {
             let (schema, pos, commit_ts, xid, op, row) =
                 rec.map_err(|e| Error::transient("spool", format!("cannot read hold file: {e}")))?;
-            if pos <= skip {
+            if self
+                .skip_through
+                .get(table)
+                .is_some_and(|skip| pos <= *skip)
+            {
                 continue;
             }
+            self.split_at_cut(table, pos, sealed)?;
             if current
                 .as_ref()
                 .is_some_and(|c| c.fingerprint() != schema.fingerprint())
@@ -699,12 +717,31 @@ impl<F: SpoolFactory> Batcher<F> {
         Ok(())
     }
 
+    /// Seals `table`'s open batch when `pos` is the first position at or after a pending cut.
+    fn split_at_cut(
+        &mut self,
+        table: &TableName,
+        pos: Position,
+        sealed: &mut Vec<SealedBatch<F::Spool>>,
+    ) -> Result<(), Error> {
+        if self
+            .cuts
+            .get(table)
+            .is_some_and(|cut| pos.commit_lsn >= *cut)
+        {
+            self.cuts.remove(table);
+            self.seal_table(table, sealed)?;
+        }
+        Ok(())
+    }
+
     fn change(
         &mut self,
         relation_oid: u32,
         op: Op,
         old: Option<&OldTuple>,
         new: Option<&Tuple>,
+        sealed: &mut Vec<SealedBatch<F::Spool>>,
     ) -> Result<(), Error> {
         let Some(txn) = self.txn.as_mut() else {
             return Err(protocol(format!(
@@ -727,11 +764,14 @@ impl<F: SpoolFactory> Batcher<F> {
         {
             return Ok(());
         }
-        if self
+        // At or below the skip position the row is already in a registered batch (re-sent after a
+        // restart). Its change event may not have been acknowledged then, so with events enabled it
+        // is encoded and published again (deduplicated by its Nats-Msg-Id), but not batched again.
+        let already_registered = self
             .skip_through
             .get(&schema.table)
-            .is_some_and(|skip| pos <= *skip)
-        {
+            .is_some_and(|skip| pos <= *skip);
+        if already_registered && self.change_events.is_none() {
             return Ok(());
         }
         let ncols = schema.columns.len();
@@ -791,13 +831,20 @@ impl<F: SpoolFactory> Batcher<F> {
         row.push(b'\n');
 
         // Held tables (a reload cut is being taken) park their rows; others stream into the batch.
-        if let Some(hold) = self.holds.get_mut(&schema.table) {
+        if already_registered {
+            // Only the change event (see above).
+        } else if let Some(hold) = self.holds.get_mut(&schema.table) {
             hold.park(&schema, pos, txn.commit_ts, txn.xid, op, &self.scratch)
                 .map_err(|e| Error::transient("spool", format!("cannot write hold file: {e}")))?;
             return Ok(());
         }
         let commit_ts = txn.commit_ts;
-        self.append_row(&schema, pos, commit_ts, op, None)?;
+        if !already_registered {
+            if !self.cuts.is_empty() {
+                self.split_at_cut(&schema.table, pos, sealed)?;
+            }
+            self.append_row(&schema, pos, commit_ts, op, None)?;
+        }
         if let Some(events) = self.change_events.as_mut() {
             let txn = self.txn.as_mut().expect("checked above");
             let unit = match txn.event_unit {

@@ -554,3 +554,92 @@ proptest! {
         prop_assert_eq!(sim.batcher.confirmed(), *all.iter().last().unwrap());
     }
 }
+
+/// A hold parks rows and pins the ack; releasing at a cut drops nothing and splits the table's
+/// batches exactly at the cut (rows below it in their own batch).
+#[test]
+fn release_splits_at_the_cut_and_drops_nothing() {
+    let mut b = Batcher::new(
+        limits(1_000_000_000, 1_000),
+        VecSpools,
+        Lsn(1),
+        HashMap::new(),
+        None,
+    );
+    let mut sealed = Vec::new();
+    b.relation(schema(0), &mut sealed).unwrap();
+    let txn =
+        |b: &mut Batcher<VecSpools>, lsn: u64, id: &str, sealed: &mut Vec<SealedBatch<Vec<u8>>>| {
+            b.message(
+                Message::Begin(Begin {
+                    final_lsn: Lsn(lsn),
+                    commit_ts: 0,
+                    xid: 1,
+                }),
+                sealed,
+            )
+            .unwrap();
+            b.message(
+                Message::Insert(Insert {
+                    relation_oid: 1000,
+                    new: Tuple(vec![text(id), text("v")]),
+                }),
+                sealed,
+            )
+            .unwrap();
+            b.message(
+                Message::Commit(Commit {
+                    flags: 0,
+                    commit_lsn: Lsn(lsn),
+                    end_lsn: Lsn(lsn + 5),
+                    commit_ts: 0,
+                }),
+                sealed,
+            )
+            .unwrap();
+        };
+    txn(&mut b, 10, "1", &mut sealed);
+    b.begin_hold(&schema(0).table, &mut sealed).unwrap();
+    assert_eq!(
+        sealed.len(),
+        1,
+        "the batch before the marker is sealed at the marker"
+    );
+    txn(&mut b, 20, "2", &mut sealed);
+    txn(&mut b, 30, "3", &mut sealed);
+    b.persisted(sealed[0].id);
+    assert_eq!(
+        b.confirmed(),
+        Lsn(15),
+        "the hold pins the ack below the parked rows"
+    );
+    // The cut falls between the two parked transactions; a third arrives after the release but
+    // below the cut (the stream lagged behind the cut), a fourth above it.
+    b.release_hold(&schema(0).table, Lsn(32), &mut sealed)
+        .unwrap();
+    txn(&mut b, 31, "4", &mut sealed);
+    txn(&mut b, 40, "5", &mut sealed);
+    assert_eq!(
+        sealed.len(),
+        2,
+        "the first row at or after the cut seals the pre-cut batch"
+    );
+    b.seal_all(&mut sealed).unwrap();
+    let ids = |s: &SealedBatch<Vec<u8>>| {
+        rows_of(&s.spool)
+            .into_iter()
+            .map(|r| r.2[0].clone().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&sealed[1]),
+        vec!["2", "3", "4"],
+        "rows below the cut: kept, in their own batch"
+    );
+    assert_eq!(ids(&sealed[2]), vec!["5"]);
+    assert!(sealed[1].last.commit_lsn < Lsn(32) && sealed[2].first.commit_lsn >= Lsn(32));
+    for s in &sealed[1..] {
+        b.persisted(s.id);
+    }
+    assert_eq!(b.confirmed(), Lsn(45));
+}

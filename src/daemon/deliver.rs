@@ -44,7 +44,16 @@ where
     let mut shutdown = sinks.shutdown.clone();
     let mut failed = false;
     loop {
-        match op().await {
+        // Once failing, an attempt may hang (a black-holed server): let shutdown interrupt it.
+        let attempt = if failed {
+            tokio::select! {
+                r = op() => r,
+                _ = shutdown.wait_for(|s| *s) => return Err(Error::transient("daemon", format!("{what}: interrupted by shutdown"))),
+            }
+        } else {
+            op().await
+        };
+        match attempt {
             Ok(v) => {
                 if failed {
                     tracing::info!("{what}: recovered");

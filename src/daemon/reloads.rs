@@ -77,6 +77,8 @@ struct Jobs {
 }
 
 enum JobEvent {
+    /// Start another attempt for these tables (after a backoff).
+    Retry(Vec<TableName>),
     Cut {
         tables: Vec<TableName>,
         cut: Lsn,
@@ -131,10 +133,15 @@ impl Coordinator {
                         }
                         continue;
                     }
-                    let id = retry("record reload request", &self.sinks, || {
+                    let Some(id) = retry("record reload request", &self.sinks, || {
                         self.sinks.registry.reload_for_marker(&table, &request, marker_commit_lsn)
                     })
-                    .await?;
+                    .await? else {
+                        // The marker of a finished reload, read again after a restart: stream on.
+                        tracing::info!(table = %table, "marker of a finished reload read again; nothing to do");
+                        let _ = self.release.send(Release { table, cut: Lsn::ZERO }).await;
+                        continue;
+                    };
                     tracing::info!(table = %table, reload = id, marker = %marker_commit_lsn, "reload requested");
                     active.insert(table.clone(), Active { reload_id: id, request, cut: None, attempts: 0, progress: Default::default() });
                     self.start_job(&mut jobs, std::slice::from_ref(&table), &active, &events_tx).await?;
@@ -163,13 +170,29 @@ impl Coordinator {
                     JobEvent::Export(ExportEvent::Finished(done)) => {
                         self.finished(done, &mut active, &mut jobs, &events_tx).await?;
                     }
+                    JobEvent::Retry(tables) => {
+                        let tables: Vec<TableName> = tables.into_iter().filter(|t| active.contains_key(t)).collect();
+                        if !tables.is_empty() {
+                            self.start_job(&mut jobs, &tables, &active, &events_tx).await?;
+                        }
+                    }
                     JobEvent::Failed { tables, error } => {
                         for t in tables {
+                            // A failed cut counts as an attempt too (with backoff), so it cannot spin.
+                            if let Some(a) = active.get_mut(&t) {
+                                if a.cut.is_none() {
+                                    a.attempts += 1;
+                                }
+                            }
                             let failed = TableExport {
                                 table: t.clone(),
                                 reload_id: active.get(&t).map(|a| a.reload_id).unwrap_or(0),
                                 schema: crate::table::TableSchema::new(t, 0, crate::table::ReplicaIdentity::Default, vec![]),
-                                result: Err(Error::transient(error.component(), error.message().to_string())),
+                                result: Err(if error.is_transient() {
+                                    Error::transient(error.component(), error.message().to_string())
+                                } else {
+                                    Error::definite(error.component(), error.message().to_string())
+                                }),
                             };
                             self.finished(failed, &mut active, &mut jobs, &events_tx).await?;
                         }
@@ -278,14 +301,29 @@ impl Coordinator {
                 active.remove(&done.table);
             }
             Err(e) if e.is_transient() && a.attempts < MAX_ATTEMPTS => {
-                tracing::warn!(table = %done.table, reload = id, error = %e, "reload attempt failed; retrying with a new cut");
+                let backoff = Duration::from_secs(2u64.pow(a.attempts.min(5)));
+                tracing::warn!(table = %done.table, reload = id, error = %e, retry_in = ?backoff, "reload attempt failed; retrying with a new cut");
                 self.sinks.metrics.error(&e);
-                self.start_job(jobs, std::slice::from_ref(&done.table), active, events)
-                    .await?;
+                let events = events.clone();
+                let table = done.table.clone();
+                jobs.running.spawn(async move {
+                    tokio::time::sleep(backoff).await;
+                    let _ = events.send(JobEvent::Retry(vec![table]));
+                });
             }
             Err(e) => {
                 tracing::error!(table = %done.table, reload = id, error = %e, "reload failed");
                 self.sinks.metrics.error(&e);
+                if a.cut.is_none() {
+                    // Still held (no cut was ever taken): stream the table on, nothing dropped.
+                    let _ = self
+                        .release
+                        .send(Release {
+                            table: done.table.clone(),
+                            cut: Lsn::ZERO,
+                        })
+                        .await;
+                }
                 let msg = e.to_string();
                 retry("record reload failure", &self.sinks, || {
                     self.sinks.registry.fail_reload(id, &msg)

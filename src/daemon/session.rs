@@ -191,13 +191,8 @@ pub async fn session(
     match slot::slot_info(&ep.catalog, slot_name).await? {
         Some(info) => slot::check_slot(&info, slot_name, ep.source.dbname())?,
         None => {
-            repl.simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
-                quote_ident(slot_name)
-            ))
-            .await
-            .map_err(|e| e.context(format!("create replication slot {slot_name}")))?;
-            tracing::info!(slot = slot_name, "created replication slot");
+            // The initial exports are requested before the slot exists: a crash in between finds
+            // no slot next time and comes back here (requests of active reloads are not repeated).
             if config.reload.initial {
                 let tables =
                     slot::published_tables(&ep.catalog, &config.source.publication).await?;
@@ -214,6 +209,13 @@ pub async fn session(
                 );
                 sinks.registry.request_initial_reloads(&tables).await?;
             }
+            repl.simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+                quote_ident(slot_name)
+            ))
+            .await
+            .map_err(|e| e.context(format!("create replication slot {slot_name}")))?;
+            tracing::info!(slot = slot_name, "created replication slot");
         }
     }
     let start = slot::slot_info(&ep.catalog, slot_name)
@@ -329,7 +331,7 @@ pub async fn session(
     let events_enabled = config.nats.change_events && sinks.notifier.is_some();
     let stop_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let thread_stop = stop_flag.clone();
-    let batcher_thread = tokio::task::spawn_blocking(move || {
+    let mut batcher_thread = tokio::task::spawn_blocking(move || {
         run_batcher(
             batcher,
             thread_stop,
@@ -352,7 +354,7 @@ pub async fn session(
         tasks.spawn(read_stream(reader, input_tx, catalog, metrics, reply_now));
     }
     // Delivery task.
-    let delivery = tokio::spawn(deliver::deliver_batches(
+    let mut delivery = tokio::spawn(deliver::deliver_batches(
         sinks.clone(),
         sealed_rx,
         versions,
@@ -472,7 +474,28 @@ pub async fn session(
     ));
 
     let mut shutdown_rx = shutdown.clone();
+    let mut batcher_done = None;
+    let mut delivery_done = false;
     let outcome: Result<(), Error> = tokio::select! {
+        r = &mut batcher_thread => {
+            let r = r
+                .map_err(|e| Error::transient("daemon", format!("batcher thread: {e}")))
+                .and_then(|x| x);
+            let e = match &r {
+                Err(e) => e.clone(),
+                Ok(_) => Error::transient("daemon", "the batcher stopped unexpectedly"),
+            };
+            batcher_done = Some(r);
+            Err(e)
+        }
+        r = &mut delivery => {
+            delivery_done = true;
+            match r {
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(())) => Err(Error::transient("daemon", "delivery stopped unexpectedly")),
+                Err(e) => Err(Error::transient("daemon", format!("delivery task: {e}"))),
+            }
+        }
         Some(r) = tasks.join_next() => match r {
             Ok(Ok(())) => Err(Error::transient("daemon", "a session task ended unexpectedly")),
             Ok(Err(e)) => Err(e),
@@ -488,11 +511,34 @@ pub async fn session(
     stop_flag.store(true, Relaxed);
     let _ = input_tx.try_send(Input::Stop);
     drop(input_tx);
-    let batcher_result = batcher_thread
-        .await
-        .map_err(|e| Error::transient("daemon", format!("batcher thread: {e}")))?;
-    let mut delivery = delivery;
-    match tokio::time::timeout(Duration::from_secs(30), &mut delivery).await {
+    if outcome.is_err() && !delivery_done {
+        // Not a graceful stop: nothing in flight is worth waiting for (it is re-sent from the slot).
+        delivery.abort();
+    }
+    let batcher_result = match batcher_done {
+        Some(r) => r,
+        None => match tokio::time::timeout(Duration::from_secs(30), &mut batcher_thread).await {
+            Ok(r) => r
+                .map_err(|e| Error::transient("daemon", format!("batcher thread: {e}")))
+                .and_then(|x| x),
+            Err(_) => {
+                // Blocked handing a batch to a stuck delivery: stop the delivery, then it returns.
+                delivery.abort();
+                batcher_thread
+                    .await
+                    .map_err(|e| Error::transient("daemon", format!("batcher thread: {e}")))
+                    .and_then(|x| x)
+            }
+        },
+    };
+    if let Err(e) = &batcher_result {
+        tracing::debug!(error = %e, "batcher thread ended with an error");
+    }
+    match if delivery_done {
+        Ok(Ok(Ok(())))
+    } else {
+        tokio::time::timeout(Duration::from_secs(30), &mut delivery).await
+    } {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "delivery stopped with an error"),
         Ok(_) => {}
         Err(_) => {

@@ -287,9 +287,12 @@ impl Registry {
                  schema_version, schema_fingerprint, columns, rows_total, updated_at) \
                  VALUES ($1, $2, $3::text::pg_lsn, $4, $5, $6, $7, $8, $9, now()) \
                  ON CONFLICT (table_schema, table_name) DO UPDATE SET \
-                   last_commit_lsn = CASE WHEN EXCLUDED.last_commit_lsn IS NULL THEN t.last_commit_lsn \
-                                          ELSE EXCLUDED.last_commit_lsn END, \
-                   last_seq = CASE WHEN EXCLUDED.last_commit_lsn IS NULL THEN t.last_seq ELSE EXCLUDED.last_seq END, \
+                   last_commit_lsn = CASE WHEN EXCLUDED.last_commit_lsn IS NULL \
+                         OR (t.last_commit_lsn, t.last_seq) >= (EXCLUDED.last_commit_lsn, EXCLUDED.last_seq) \
+                         THEN t.last_commit_lsn ELSE EXCLUDED.last_commit_lsn END, \
+                   last_seq = CASE WHEN EXCLUDED.last_commit_lsn IS NULL \
+                         OR (t.last_commit_lsn, t.last_seq) >= (EXCLUDED.last_commit_lsn, EXCLUDED.last_seq) \
+                         THEN t.last_seq ELSE EXCLUDED.last_seq END, \
                    last_file_id = EXCLUDED.last_file_id, \
                    schema_version = GREATEST(t.schema_version, EXCLUDED.schema_version), \
                    schema_fingerprint = EXCLUDED.schema_fingerprint, \

@@ -23,17 +23,29 @@ pub struct ActiveReload {
 }
 
 impl Registry {
-    /// The reload for a marker: the existing row of the same request (a marker re-read after a
-    /// restart), else the table's active reload, else a new `running` row. Returns its id.
+    /// The reload for a marker: the active row of the same request (a marker re-read after a
+    /// restart), else the table's active reload, else a new `running` row. `None` when the request
+    /// already finished (its marker was read again after a restart): nothing is to be done.
     pub async fn reload_for_marker(
         &self,
         table: &TableName,
         request: &str,
         marker: Lsn,
-    ) -> Result<i64, Error> {
+    ) -> Result<Option<i64>, Error> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(|e| pg_err("begin", e))?;
         let r = self.t("reloads");
+        let finished = tx
+            .query_opt(
+                &format!("SELECT 1 FROM {r} WHERE request = $1 AND status IN ('done', 'failed')"),
+                &[&request],
+            )
+            .await
+            .map_err(|e| pg_err("find reload", e))?
+            .is_some();
+        if finished {
+            return Ok(None);
+        }
         let existing = tx
             .query_opt(
                 &format!(
@@ -61,7 +73,7 @@ impl Registry {
         };
         self.set_mode(&tx, table, "reloading").await?;
         tx.commit().await.map_err(|e| pg_err("commit", e))?;
-        Ok(id)
+        Ok(Some(id))
     }
 
     async fn set_mode(
