@@ -5,9 +5,10 @@
 //!    *holds* the table (its next rows are parked on disk; the ack cannot pass them).
 //! 2. The coordinator records the reload (`running`), takes a cut `C` (temporary slot +
 //!    exported snapshot, so `C` is after `M`'s commit), records `C` in the registry, and only then
-//!    releases the hold with `C`: parked rows with commit LSN < `C` are dropped (the snapshot has
-//!    them), the rest start the table's next batch. The table's streaming batches after the reload
-//!    therefore begin at or after `C`; those before it end at `M`.
+//!    releases the hold with `C`: parked rows are streamed again, those below `C` (also in the
+//!    export) in a batch of their own that the first row at or after `C` seals. The table's streaming
+//!    batches after the reload therefore begin at or after `C`, and nothing is dropped, so a reload
+//!    that fails later loses nothing.
 //! 3. The export runs from the snapshot in the background; the stream, this table included, goes on,
 //!    and the ack with it: the hold lasted only as long as taking the cut.
 //! 4. When the parts are uploaded, the parts and `done` commit in one registry transaction; then the
@@ -21,8 +22,10 @@
 //!   `C'`; they are superseded by the reload, which is why the documented consumer rule applies
 //!   streaming rows with `_commit_lsn >= cut_lsn` (for reloads that never restarted, this is exactly
 //!   "every streaming batch after the reload").
-//! - A transient export failure retries with a new cut (up to [`MAX_ATTEMPTS`]); a definite one, or
-//!   too many, marks the reload `failed` with its reason. Other tables are not affected.
+//! - A transient failure (of the cut or the export) retries with a new cut after a backoff (up to
+//!   [`MAX_ATTEMPTS`]); a definite one, or too many, marks the reload `failed` with its reason and
+//!   releases a table still held. Other tables are not affected.
+//! - The marker of a reload that already finished, read again after a restart, is ignored.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
