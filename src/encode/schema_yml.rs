@@ -88,35 +88,10 @@ pub const CSV_DIALECT: &str =
     "RFC 4180, UTF-8, comma, LF, header row, gzip; every value double-quoted, NULL is unquoted \\N";
 
 impl<'a> SchemaDoc<'a> {
-    pub fn streaming(
-        schema: &'a TableSchema,
-        schema_version: i32,
-        range: LsnRange,
-        rows: u64,
-    ) -> Self {
+    fn base(kind: &'static str, schema: &'a TableSchema, schema_version: i32, rows: u64) -> Self {
         SchemaDoc {
             format_version: 1,
-            kind: "streaming",
-            schema: &schema.table.schema,
-            table: &schema.table.name,
-            relation_oid: schema.relation_oid,
-            schema_version,
-            schema_fingerprint: schema.fingerprint(),
-            replica_identity: schema.replica_identity,
-            columns: &schema.columns,
-            metadata_columns: metadata_columns(),
-            lsn_range: Some(range),
-            cut_lsn: None,
-            rows,
-            csv_dialect: CSV_DIALECT,
-        }
-    }
-
-    /// A reload's schema.yml: the table's columns only, consistent at `cut`.
-    pub fn reload(schema: &'a TableSchema, schema_version: i32, cut: Lsn, rows: u64) -> Self {
-        SchemaDoc {
-            format_version: 1,
-            kind: "reload",
+            kind,
             schema: &schema.table.schema,
             table: &schema.table.name,
             relation_oid: schema.relation_oid,
@@ -126,9 +101,31 @@ impl<'a> SchemaDoc<'a> {
             columns: &schema.columns,
             metadata_columns: Vec::new(),
             lsn_range: None,
-            cut_lsn: Some(cut),
+            cut_lsn: None,
             rows,
             csv_dialect: CSV_DIALECT,
+        }
+    }
+
+    /// A streaming batch's schema.yml: metadata columns, then the table's columns.
+    pub fn streaming(
+        schema: &'a TableSchema,
+        schema_version: i32,
+        range: LsnRange,
+        rows: u64,
+    ) -> Self {
+        SchemaDoc {
+            metadata_columns: metadata_columns(),
+            lsn_range: Some(range),
+            ..Self::base("streaming", schema, schema_version, rows)
+        }
+    }
+
+    /// A reload's schema.yml: the table's columns only, consistent at `cut`.
+    pub fn reload(schema: &'a TableSchema, schema_version: i32, cut: Lsn, rows: u64) -> Self {
+        SchemaDoc {
+            cut_lsn: Some(cut),
+            ..Self::base("reload", schema, schema_version, rows)
         }
     }
 
