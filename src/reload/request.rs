@@ -173,6 +173,7 @@ pub async fn wait(config: &Config, requests: &[(TableName, String)]) -> Result<(
     let mut shown: std::collections::HashMap<String, indicatif::ProgressBar> = Default::default();
     let started = Instant::now();
     let mut last_line = Instant::now() - Duration::from_secs(60);
+    let mut hinted = false;
     loop {
         let rows = registry
             .query(
@@ -226,6 +227,14 @@ pub async fn wait(config: &Config, requests: &[(TableName, String)]) -> Result<(
                 );
             }
             last_line = Instant::now();
+        }
+        if rows.len() < ids.len() && !hinted && started.elapsed() > Duration::from_secs(10) {
+            // The registry row is created by the daemon when it reads the marker from the WAL.
+            eprintln!(
+                "still waiting for the daemon to read the request from the WAL: is `cdc-egress run` running for slot {}?",
+                config.source.slot
+            );
+            hinted = true;
         }
         if finished == ids.len() && rows.len() == ids.len() {
             if failed.is_empty() {
