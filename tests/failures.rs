@@ -4,7 +4,6 @@
 mod common;
 mod workload;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,25 +13,7 @@ use common::*;
 const CATCH_UP: Duration = Duration::from_secs(90);
 
 async fn replay_equal(db: &mut TestDb) {
-    let target_url = db.extra_db("replay").await;
-    let target = connect(&target_url).await;
-    workload::setup_target(&target).await;
-    replay_with_reloads(
-        &db.url,
-        "cdc_egress",
-        &db.out_url(),
-        &HashMap::new(),
-        &target,
-    )
-    .await;
-    let source = db.client().await;
-    for t in workload::TABLES {
-        assert_eq!(
-            table_rows(&target, t).await,
-            table_rows(&source, t).await,
-            "table {t} differs"
-        );
-    }
+    assert_replays_equal(db, workload::DDL, workload::TABLES).await;
 }
 
 /// Copies bytes one way until either side closes or `alive` turns false.

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,29 +84,6 @@ async fn reloads_done(db: &TestDb, at_least: i64) {
     panic!("fewer than {at_least} reloads finished in time");
 }
 
-async fn assert_equal(db: &mut TestDb, tables: &[&str]) -> HashMap<String, String> {
-    let target_url = db.extra_db("replay").await;
-    let target = connect(&target_url).await;
-    target.batch_execute(DDL).await.unwrap();
-    let cuts = replay_with_reloads(
-        &db.url,
-        "cdc_egress",
-        &db.out_url(),
-        &HashMap::new(),
-        &target,
-    )
-    .await;
-    let source = db.client().await;
-    for t in tables {
-        assert_eq!(
-            table_rows(&target, t).await,
-            table_rows(&source, t).await,
-            "table {t} differs after replay"
-        );
-    }
-    cuts
-}
-
 /// Fresh start under load (an empty table, a large one), then an on-demand reload of a busy table and
 /// of a table without a primary key while the load goes on: every table replays equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,7 +163,7 @@ async fn fresh_start_and_reload_under_load_replay_equal() {
         parts >= 2,
         "the large table was exported in {parts} part(s)"
     );
-    let cuts = assert_equal(&mut db, &["busy", "nokey", "empty_one", "big"]).await;
+    let cuts = assert_replays_equal(&mut db, DDL, &["busy", "nokey", "empty_one", "big"]).await;
     assert_eq!(cuts.len(), 4);
     db.cleanup().await;
 }
@@ -364,7 +340,7 @@ async fn crashes_during_export_and_handover_recover() {
             }
         }
     }
-    assert_equal(&mut db, &["busy", "nokey", "empty_one", "big"]).await;
+    assert_replays_equal(&mut db, DDL, &["busy", "nokey", "empty_one", "big"]).await;
     db.cleanup().await;
 }
 
@@ -436,6 +412,6 @@ async fn a_failing_reload_is_visible_and_does_not_block_others() {
     db.wait_caught_up(CATCH_UP).await;
     assert!(d.stop().await.success());
     // `busy` was reloaded (the fresh-start export is off here, so it is the only exported table).
-    assert_equal(&mut db, &["busy"]).await;
+    assert_replays_equal(&mut db, DDL, &["busy"]).await;
     db.cleanup().await;
 }

@@ -258,9 +258,6 @@ fn protocol(msg: impl Into<String>) -> Error {
     Error::definite("decode", msg)
 }
 
-/// Microseconds between 1970-01-01 and 2000-01-01 (the PostgreSQL epoch).
-const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
-
 /// `2026-11-21 05:52:10.123456+00`: PostgreSQL's ISO output for timestamptz in UTC, always with six
 /// fractional digits so the column sorts and parses uniformly.
 pub fn format_commit_ts(pg_micros: i64) -> String {
@@ -312,10 +309,6 @@ impl<F: SpoolFactory> Batcher<F> {
         }
     }
 
-    pub fn in_transaction(&self) -> bool {
-        self.txn.is_some()
-    }
-
     pub fn open_batches(&self) -> usize {
         self.open.len()
     }
@@ -328,17 +321,6 @@ impl<F: SpoolFactory> Batcher<F> {
     /// The batch `id` is persisted (uploaded, registered, notified).
     pub fn persisted(&mut self, id: BatchId) {
         self.acks.persisted(id);
-    }
-
-    /// The last position of `table` that is sealed (or was registered before this session).
-    pub fn skip_position(&self, table: &TableName) -> Option<Position> {
-        self.skip_through.get(table).copied()
-    }
-
-    /// Marks everything at or below `pos` of `table` as already persisted (used by reload hand-over).
-    pub fn set_skip_through(&mut self, table: TableName, pos: Position) {
-        let e = self.skip_through.entry(table).or_insert(pos);
-        *e = (*e).max(pos);
     }
 
     /// Registers a table schema from a Relation message. Seals the open batch of the table if its
@@ -609,10 +591,6 @@ impl<F: SpoolFactory> Batcher<F> {
         Ok(())
     }
 
-    pub fn is_holding(&self, table: &TableName) -> bool {
-        self.holds.contains_key(table)
-    }
-
     /// The reload of `table` is consistent at `cut` (its snapshot holds exactly the transactions
     /// committed below `cut`). Parked rows are streamed again, nothing is dropped: rows below the cut
     /// form a batch of their own (they are in the export too, and the consumer rule skips them), and
@@ -831,15 +809,16 @@ impl<F: SpoolFactory> Batcher<F> {
         row.push(b'\n');
 
         // Held tables (a reload cut is being taken) park their rows; others stream into the batch.
-        if already_registered {
-            // Only the change event (see above).
-        } else if let Some(hold) = self.holds.get_mut(&schema.table) {
-            hold.park(&schema, pos, txn.commit_ts, txn.xid, op, &self.scratch)
-                .map_err(|e| Error::transient("spool", format!("cannot write hold file: {e}")))?;
-            return Ok(());
-        }
-        let commit_ts = txn.commit_ts;
+        // A row already registered only gets its change event again (see above).
         if !already_registered {
+            if let Some(hold) = self.holds.get_mut(&schema.table) {
+                hold.park(&schema, pos, txn.commit_ts, txn.xid, op, &self.scratch)
+                    .map_err(|e| {
+                        Error::transient("spool", format!("cannot write hold file: {e}"))
+                    })?;
+                return Ok(());
+            }
+            let commit_ts = txn.commit_ts;
             if !self.cuts.is_empty() {
                 self.split_at_cut(&schema.table, pos, sealed)?;
             }
@@ -919,11 +898,6 @@ fn unchanged_json(schema: &TableSchema) -> impl Fn(&Tuple) -> Option<String> + '
             .collect();
         (!names.is_empty()).then(|| serde_json::to_string(&names).expect("strings serialize"))
     }
-}
-
-/// Converts PostgreSQL-epoch microseconds to Unix microseconds.
-pub fn pg_micros_to_unix(pg_micros: i64) -> i64 {
-    pg_micros.saturating_add(PG_EPOCH_OFFSET_US)
 }
 
 #[cfg(test)]

@@ -66,7 +66,6 @@ pub struct Coordinator {
     pub sinks: Sinks,
     pub exporter: Arc<Exporter>,
     pub catalog: Arc<tokio_postgres::Client>,
-    pub slot: String,
     pub registry_schema: String,
     pub release: mpsc::Sender<Release>,
 }
@@ -243,17 +242,16 @@ impl Coordinator {
         let tag = format!("{}_{}", std::process::id(), jobs.started);
         jobs.running.spawn(async move {
             let names: Vec<TableName> = list.iter().map(|j| j.table.clone()).collect();
-            let cut =
-                match export::take_cut(&exporter.source, &exporter_slot(&exporter), &tag).await {
-                    Ok(c) => c,
-                    Err(error) => {
-                        let _ = events.send(JobEvent::Failed {
-                            tables: names,
-                            error,
-                        });
-                        return;
-                    }
-                };
+            let cut = match export::take_cut(&exporter.source, &exporter.slot_name, &tag).await {
+                Ok(c) => c,
+                Err(error) => {
+                    let _ = events.send(JobEvent::Failed {
+                        tables: names,
+                        error,
+                    });
+                    return;
+                }
+            };
             let _ = events.send(JobEvent::Cut {
                 tables: names.clone(),
                 cut: cut.lsn,
@@ -414,10 +412,6 @@ impl Coordinator {
             tracing::warn!(error = %e, table = %table, "could not write the reload END marker");
         }
     }
-}
-
-fn exporter_slot(e: &Exporter) -> String {
-    e.slot_name.clone()
 }
 
 /// Manifest and notice of a registered reload (also used by start-up recovery).

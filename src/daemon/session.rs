@@ -381,7 +381,6 @@ pub async fn session(
                 parallelism: config.reload.parallelism,
             }),
             catalog: ep.catalog.clone(),
-            slot: slot_name.to_string(),
             registry_schema: config.registry.schema.clone(),
             release: release_tx,
         };
@@ -534,20 +533,18 @@ pub async fn session(
     if let Err(e) = &batcher_result {
         tracing::debug!(error = %e, "batcher thread ended with an error");
     }
-    match if delivery_done {
-        Ok(Ok(Ok(())))
-    } else {
-        tokio::time::timeout(Duration::from_secs(30), &mut delivery).await
-    } {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "delivery stopped with an error"),
-        Ok(_) => {}
-        Err(_) => {
-            // Never leave a delivery running behind the next session (it would register batches
-            // the next session's skip positions do not know). A registry commit is atomic, and a
-            // committed row without its notice is completed at start-up.
-            tracing::warn!("in-flight batches did not finish within 30 s; abandoning them");
-            delivery.abort();
-            let _ = delivery.await;
+    if !delivery_done {
+        match tokio::time::timeout(Duration::from_secs(30), &mut delivery).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "delivery stopped with an error"),
+            Ok(_) => {}
+            Err(_) => {
+                // Never leave a delivery running behind the next session (it would register batches
+                // the next session's skip positions do not know). A registry commit is atomic, and a
+                // committed row without its notice is completed at start-up.
+                tracing::warn!("in-flight batches did not finish within 30 s; abandoning them");
+                delivery.abort();
+                let _ = delivery.await;
+            }
         }
     }
     if let Ok(mut state) = batcher_result {

@@ -87,14 +87,6 @@ impl Notifier {
         Ok(Some(n))
     }
 
-    pub fn stream_name(&self) -> &str {
-        &self.stream
-    }
-
-    pub fn context(&self) -> &jetstream::Context {
-        &self.js
-    }
-
     async fn ensure_stream(&self) -> Result<(), Error> {
         let wanted = format!("{}.>", self.prefix);
         let mut s = self

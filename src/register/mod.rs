@@ -337,11 +337,6 @@ impl Registry {
         self.files_where("notified_stream_seq IS NULL", &[]).await
     }
 
-    /// Every file of the log with id greater than `after`, in registry order (consumers, tests).
-    pub async fn files_after(&self, after: i64) -> Result<Vec<Registered>, Error> {
-        self.files_where("id > $1", &[&after]).await
-    }
-
     pub(crate) async fn files_where_pub(
         &self,
         cond: &str,

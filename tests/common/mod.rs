@@ -883,6 +883,35 @@ pub async fn replay_with_reloads(
     cuts
 }
 
+/// Replays the registry by the consumer rule into a fresh database created with `ddl`, and asserts
+/// that each of `tables` equals the source. Returns the reload cuts used.
+pub async fn assert_replays_equal(
+    db: &mut TestDb,
+    ddl: &str,
+    tables: &[&str],
+) -> HashMap<String, String> {
+    let target_url = db.extra_db("replay").await;
+    let target = connect(&target_url).await;
+    target.batch_execute(ddl).await.unwrap();
+    let cuts = replay_with_reloads(
+        &db.url,
+        "cdc_egress",
+        &db.out_url(),
+        &HashMap::new(),
+        &target,
+    )
+    .await;
+    let source = db.client().await;
+    for t in tables {
+        assert_eq!(
+            table_rows(&target, t).await,
+            table_rows(&source, t).await,
+            "table {t} differs after replay"
+        );
+    }
+    cuts
+}
+
 /// Every row of `table` as text, sorted: equal vectors mean equal tables (EXCEPT both ways).
 pub async fn table_rows(c: &Client, table: &str) -> Vec<String> {
     c.query(&format!("SELECT t::text FROM {table} t ORDER BY 1"), &[])
