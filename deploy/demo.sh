@@ -11,26 +11,47 @@ root=$(pwd)
 demo="$root/demo"
 db=cdc_egress_demo
 seconds="${DEMO_SECONDS:-20}"
-psql_() { psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q "$@"; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+step="starting the local services"
+pid=""
+bin="$root/target/release/cdc-egress"
+# On every exit: stop the daemon, drop the demo slot (a slot nobody reads retains WAL forever), and
+# say which step failed.
+finish() {
+  local rc=$?
+  [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+  if [ -z "${DEMO_KEEP_SLOT:-}" ] && [ -n "${pg_url:-}" ]; then
+    psql "$pg_url" -Atqc "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'cdc_egress_demo' AND NOT active" >/dev/null 2>&1 || true
+  fi
+  if [ "$rc" != 0 ]; then
+    printf '\n\033[1;31mdemo failed while %s (exit %s)\033[0m\n' "$step" "$rc" >&2
+    [ -f "$demo/cdc-egress.log" ] && { echo "last lines of demo/cdc-egress.log:" >&2; tail -n 15 "$demo/cdc-egress.log" >&2; }
+  fi
+  exit "$rc"
+}
+trap finish EXIT
 
-bash deploy/local/services.sh
+pg_url=$(bash deploy/local/services.sh --pg-url)
+db_url="${pg_url%/*}/$db"
+psql_() { psql "$1" -v ON_ERROR_STOP=1 -q "${@:2}"; }
+q() { psql "$db_url" -Atqc "$1"; }
+step="building cdc-egress (cargo build --release)"
 say "building cdc-egress (release)"
 cargo build --release --quiet
-bin="$root/target/release/cdc-egress"
 
+step="creating the sample database $db"
 say "sample database $db"
 rm -rf "$demo" && mkdir -p "$demo"
-psql_ -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'cdc_egress_demo'" >/dev/null
-psql_ -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
-psql_ -d "$db" <<'SQL'
+psql_ "$pg_url" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'cdc_egress_demo'" >/dev/null
+psql_ "$pg_url" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
+psql_ "$db_url" <<'SQL'
 CREATE TABLE customers (id bigint PRIMARY KEY, name text NOT NULL, email text, created_at timestamptz DEFAULT now());
 CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id bigint REFERENCES customers, amount numeric(12,2), status text, note text);
 CREATE PUBLICATION cdc_egress FOR ALL TABLES;
 SQL
 cat > "$demo/cdc-egress.yml" <<YML
 source:
-  url: postgres://postgres@127.0.0.1:5432/$db
+  url: $db_url
   slot: cdc_egress_demo
 batch:
   interval: 5s
@@ -43,22 +64,23 @@ nats:
 http:
   listen: 127.0.0.1:9187
 YML
-"$bin" --config "$demo/cdc-egress.yml" drop-slot >/dev/null || true
 
+step="starting cdc-egress run"
 say "running cdc-egress (log: demo/cdc-egress.log, metrics: http://127.0.0.1:9187/metrics)"
 "$bin" --config "$demo/cdc-egress.yml" run >"$demo/cdc-egress.log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do
-  [ "$(psql -h 127.0.0.1 -U postgres -d $db -Atqc "select count(*) from pg_replication_slots where slot_name='cdc_egress_demo'")" = 1 ] && break
+  [ "$(q "select count(*) from pg_replication_slots where slot_name='cdc_egress_demo'")" = 1 ] && break
+  kill -0 "$pid" 2>/dev/null || { echo "cdc-egress run exited early" >&2; exit 1; }
   sleep 0.2
 done
 
+step="running the sample workload"
 say "sample workload for ${seconds}s: inserts, updates, deletes, multi-table transactions"
 end=$((SECONDS + seconds)); i=0
 while [ $SECONDS -lt $end ]; do
   i=$((i + 1))
-  psql_ -d "$db" <<SQL
+  psql_ "$db_url" <<SQL
 BEGIN;
 INSERT INTO customers SELECT g, 'customer ' || g, 'c' || g || '@example.com' FROM generate_series($i * 100, $i * 100 + 99) g;
 INSERT INTO orders (customer_id, amount, status, note)
@@ -69,30 +91,38 @@ DELETE FROM orders WHERE id % 11 = 0;
 SQL
   sleep 1
 done
-target=$(psql -h 127.0.0.1 -U postgres -d $db -Atqc "select pg_current_wal_lsn()")
+target=$(q "select pg_current_wal_lsn()")
+step="waiting for cdc-egress to confirm $target"
 say "waiting until cdc-egress has confirmed $target"
+ok=f
 for _ in $(seq 1 300); do
-  ok=$(psql -h 127.0.0.1 -U postgres -d $db -Atqc "select confirmed_flush_lsn >= '$target' from pg_replication_slots where slot_name='cdc_egress_demo'")
+  ok=$(q "select confirmed_flush_lsn >= '$target' from pg_replication_slots where slot_name='cdc_egress_demo'")
   [ "$ok" = t ] && break
   sleep 0.5
 done
-kill -TERM $pid; wait $pid || true; trap - EXIT
+[ "$ok" = t ] || { echo "cdc-egress did not confirm $target within 150 s" >&2; exit 1; }
+step="stopping cdc-egress"
+kill -TERM "$pid"; wait "$pid" || { echo "cdc-egress run exited with an error" >&2; exit 1; }
+pid=""
 
+step="showing the results"
 say "files (a batch directory is complete when its manifest.json exists)"
-find "$demo/out" -type f | sed "s|$root/||" | sort | head -20
-first=$(find "$demo/out" -name data.csv.gz | sort | head -1)
+find "$demo/out" -type f | sed "s|$root/||" | sort | sed -n 1,20p
+first=$(find "$demo/out" -name data.csv.gz | sort | sed -n 1p)
+[ -n "$first" ] || { echo "no data.csv.gz was written under demo/out" >&2; exit 1; }
 say "first lines of $(basename "$(dirname "$first")")/data.csv.gz"
-gzip -dc "$first" | head -5
+# Read the whole file (no early-closing pipe: under pipefail `gzip | head` fails with SIGPIPE).
+gzip -dc "$first" | sed -n 1,5p
 say "its schema.yml (excerpt)"
 head -24 "$(dirname "$first")/schema.yml"
 say "registry file log (cdc_egress.files)"
-psql -h 127.0.0.1 -U postgres -d $db -c "SELECT id, table_name, row_count, byte_size, first_commit_lsn, last_commit_lsn, notified_stream_seq FROM cdc_egress.files ORDER BY id LIMIT 10"
+psql "$db_url" -c "SELECT id, table_name, row_count, byte_size, first_commit_lsn, last_commit_lsn, notified_stream_seq FROM cdc_egress.files ORDER BY id LIMIT 10"
 say "cdc-egress status"
 "$bin" --config "$demo/cdc-egress.yml" status
 say "newest JetStream notices (stream CDC_EGRESS_DEMO, subjects demo.batch.<schema>.<table>)"
 "$bin" --config "$demo/cdc-egress.yml" notices --limit 2
 if [ -z "${DEMO_KEEP_SLOT:-}" ]; then
   # A slot nobody reads retains WAL forever: drop it (DEMO_KEEP_SLOT=1 keeps it to run the daemon again).
-  "$bin" --config "$demo/cdc-egress.yml" drop-slot
+  "$bin" --config "$demo/cdc-egress.yml" drop-slot --yes
 fi
 say "done: everything is in ./demo (config, log, out/); run it again with: target/release/cdc-egress --config demo/cdc-egress.yml run"

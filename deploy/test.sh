@@ -2,7 +2,9 @@
 # Runs every test: starts (or installs) the local services, then `cargo test` over all targets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash deploy/local/services.sh --s3
+CDC_EGRESS_TEST_PG_URL=$(bash deploy/local/services.sh --s3 --pg-url)
+export CDC_EGRESS_TEST_PG_URL
 export CDC_EGRESS_TEST_S3_ENDPOINT="${CDC_EGRESS_TEST_S3_ENDPOINT:-http://127.0.0.1:5000}"
 export CDC_EGRESS_TEST_PYTHON="${CDC_EGRESS_TEST_PYTHON:-${CDC_EGRESS_VENV:-$HOME/.cache/cdc-egress/venv}/bin/python}"
+echo "[test] PostgreSQL for the tests: $CDC_EGRESS_TEST_PG_URL" >&2
 cargo test --all-targets "$@"

@@ -9,8 +9,14 @@
 //! - Secrets never leave this module in clear text through `Display`/`Debug`: URLs print redacted and
 //!   `output.options` values whose key looks like a credential print as `***`.
 //!
-//! Variables named `CDC_EGRESS_TEST_*` belong to the test harness and are ignored here, as is
-//! `CDC_EGRESS_CONFIG` (the config file path, same as `--config`).
+//! - Secrets can come from files: `*.password_file` and the `nats.*_file` keys name files, and any
+//!   key can be given as `CDC_EGRESS_<SECTION>_<KEY>_FILE=<path>` (the container-secrets
+//!   convention): the value is the file's content without its trailing newline.
+//!
+//! Only variables whose first word after `CDC_EGRESS_` is a section name (`SOURCE`, `REGISTRY`,
+//! `OUTPUT`, `BATCH`, `NATS`, `RELOAD`, `HTTP`, `LOG`) are configuration; others (`CDC_EGRESS_CONFIG`,
+//! the config file path; `CDC_EGRESS_TEST_*`, `CDC_EGRESS_VENV` and the like used by scripts) are
+//! ignored.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -26,8 +32,10 @@ pub const KEYS: &[&str] = &[
     "source.slot",
     "source.heartbeat_interval",
     "source.status_interval",
+    "source.password_file",
     "registry.url",
     "registry.schema",
+    "registry.password_file",
     "output.url",
     "output.options",
     "output.spool_dir",
@@ -38,6 +46,13 @@ pub const KEYS: &[&str] = &[
     "nats.stream",
     "nats.subject_prefix",
     "nats.change_events",
+    "nats.creds_file",
+    "nats.token_file",
+    "nats.nkey_file",
+    "nats.password_file",
+    "nats.tls_ca_file",
+    "nats.tls_cert_file",
+    "nats.tls_key_file",
     "reload.parallelism",
     "reload.initial",
     "http.listen",
@@ -80,6 +95,8 @@ pub struct Config {
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
     pub url: SecretUrl,
+    /// A file holding the password, used when `url` has none (before `$PGPASSWORD` / `~/.pgpass`).
+    pub password_file: Option<PathBuf>,
     pub publication: String,
     pub slot: String,
     /// How often a heartbeat logical message is written so that an idle slot still advances.
@@ -91,6 +108,8 @@ pub struct SourceConfig {
 #[derive(Clone, Debug)]
 pub struct RegistryConfig {
     pub url: SecretUrl,
+    /// As `source.password_file`; defaults to it when `registry.url` is not set.
+    pub password_file: Option<PathBuf>,
     pub schema: String,
 }
 
@@ -116,6 +135,25 @@ pub struct NatsConfig {
     pub stream: String,
     pub subject_prefix: String,
     pub change_events: bool,
+    pub auth: NatsAuth,
+}
+
+/// NATS credentials and TLS, each from a file (never inline in the configuration).
+#[derive(Clone, Debug, Default)]
+pub struct NatsAuth {
+    /// A `.creds` file (user JWT + nkey seed), as `nsc` writes it.
+    pub creds_file: Option<PathBuf>,
+    /// A file holding an authentication token.
+    pub token_file: Option<PathBuf>,
+    /// A file holding an nkey seed (`SU…`).
+    pub nkey_file: Option<PathBuf>,
+    /// A file holding the password of the user named in `nats.url` (`nats://user@host`).
+    pub password_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the server's certificate (implies TLS).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM), for servers that verify clients.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -269,6 +307,20 @@ fn usage(msg: impl Into<String>) -> Error {
 }
 
 impl Config {
+    /// The source connection: `source.url` with a missing password filled from
+    /// `source.password_file`, `$PGPASSWORD` or the password file (see
+    /// [`ConnInfo::with_password_fallback`](crate::source::conninfo::ConnInfo::with_password_fallback)).
+    pub fn source_conninfo(&self) -> Result<crate::source::conninfo::ConnInfo, Error> {
+        crate::source::conninfo::ConnInfo::parse(self.source.url.expose())?
+            .with_password_fallback(self.source.password_file.as_deref())
+    }
+
+    /// The registry connection, likewise with `registry.password_file`.
+    pub fn registry_conninfo(&self) -> Result<crate::source::conninfo::ConnInfo, Error> {
+        crate::source::conninfo::ConnInfo::parse(self.registry.url.expose())?
+            .with_password_fallback(self.registry.password_file.as_deref())
+    }
+
     /// Loads the configuration. `path` is `--config`; when `None`, `CDC_EGRESS_CONFIG` and then
     /// `./cdc-egress.yml` are tried (a missing default file is fine; a missing named file is not).
     pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Config, Error> {
@@ -447,16 +499,21 @@ impl Layers {
             let Some(rest) = name.strip_prefix("CDC_EGRESS_") else {
                 continue;
             };
-            if rest == "CONFIG" || rest.starts_with("TEST_") {
+            let Some(key) = env_to_key(rest) else {
+                // Not a configuration variable (CDC_EGRESS_CONFIG, CDC_EGRESS_TEST_*, scripts' own).
+                continue;
+            };
+            let origin = Origin::Env(name.clone());
+            // `CDC_EGRESS_<SECTION>_<KEY>_FILE`: the value of <KEY> is the content of that file,
+            // unless `<key>_file` is itself a key (e.g. source.password_file takes a path).
+            let is_key = KEYS.contains(&key.as_str()) || key.starts_with("output.options.");
+            if let (false, Some(base)) = (is_key, key.strip_suffix("_file")) {
+                let text = std::fs::read_to_string(value)
+                    .map_err(|e| usage(format!("cannot read {value:?} named by {name}: {e}")))?;
+                let text = text.trim_end_matches(['\n', '\r']).to_string();
+                self.set(base, text, origin)?;
                 continue;
             }
-            let origin = Origin::Env(name.clone());
-            let key = env_to_key(rest).ok_or_else(|| {
-                usage(format!(
-                    "unknown environment variable {name}: expected CDC_EGRESS_<SECTION>_<KEY> for one of {}",
-                    KEYS.join(", ")
-                ))
-            })?;
             self.set(&key, value.clone(), origin)?;
         }
         Ok(())
@@ -500,6 +557,14 @@ impl Layers {
         }
     }
 
+    /// An optional path (empty means unset).
+    fn path(&self, key: &str) -> Option<PathBuf> {
+        self.get(key)
+            .map(|(v, _)| v.trim())
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    }
+
     fn identifier(&self, key: &str, default: &str) -> Result<String, Error> {
         let v = self.string(key, default);
         if v.is_empty() || v.len() > 63 || v.contains('\0') {
@@ -530,6 +595,9 @@ impl Layers {
             &source_url,
             self.get("source.url").map(|x| &x.1),
         )?;
+        let registry_url_given = self
+            .get("registry.url")
+            .is_some_and(|(v, _)| !v.trim().is_empty());
         let registry_url = match self.get("registry.url") {
             Some((v, o)) if !v.trim().is_empty() => {
                 check_pg_url("registry.url", v.trim(), Some(o))?;
@@ -610,6 +678,7 @@ impl Layers {
         let config = Config {
             source: SourceConfig {
                 url: SecretUrl::new(source_url),
+                password_file: self.path("source.password_file"),
                 publication: self.identifier("source.publication", "cdc_egress")?,
                 slot,
                 heartbeat_interval: self.parsed(
@@ -627,6 +696,13 @@ impl Layers {
             },
             registry: RegistryConfig {
                 url: SecretUrl::new(registry_url),
+                password_file: self.path("registry.password_file").or_else(|| {
+                    if registry_url_given {
+                        None
+                    } else {
+                        self.path("source.password_file")
+                    }
+                }),
                 schema: self.identifier("registry.schema", "cdc_egress")?,
             },
             output: OutputConfig {
@@ -668,6 +744,15 @@ impl Layers {
                     "true or false",
                     parse_bool,
                 )?,
+                auth: NatsAuth {
+                    creds_file: self.path("nats.creds_file"),
+                    token_file: self.path("nats.token_file"),
+                    nkey_file: self.path("nats.nkey_file"),
+                    password_file: self.path("nats.password_file"),
+                    tls_ca_file: self.path("nats.tls_ca_file"),
+                    tls_cert_file: self.path("nats.tls_cert_file"),
+                    tls_key_file: self.path("nats.tls_key_file"),
+                },
             },
             reload: ReloadConfig {
                 parallelism: self.parsed(
@@ -706,14 +791,22 @@ fn check_pg_url(key: &str, url: &str, origin: Option<&Origin>) -> Result<(), Err
         .map_err(|e| usage(format!("invalid `{key}` (from {origin}): {e}")))
 }
 
+/// Configuration sections, as the first word of `CDC_EGRESS_<SECTION>_<KEY>` variables.
+const SECTIONS: &[&str] = &[
+    "source", "registry", "output", "batch", "nats", "reload", "http", "log",
+];
+
 /// `CDC_EGRESS_BATCH_MAX_ROWS` → `batch.max_rows`; the section is the first `_`-separated word.
+/// `None` when that word is not a section (the variable is not configuration).
 fn env_to_key(rest: &str) -> Option<String> {
     let lower = rest.to_ascii_lowercase();
     if let Some(opt) = lower.strip_prefix("output_options_") {
         return Some(format!("output.options.{opt}"));
     }
     let (section, key) = lower.split_once('_')?;
-    Some(format!("{section}.{key}"))
+    SECTIONS
+        .contains(&section)
+        .then(|| format!("{section}.{key}"))
 }
 
 fn parse_bool(s: &str) -> Option<bool> {

@@ -1,5 +1,5 @@
-//! The `cdc-egress` command line (PRODUCT.md §2). Exit codes: 0 ok, 1 runtime error, 2 usage or
-//! configuration error.
+//! The `cdc-egress` command line (README.md, "Running it"). Exit codes: 0 ok, 1 runtime error, 2
+//! usage or configuration error (including credentials the server rejects).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +43,9 @@ enum Command {
         /// Wait until the reloads are done, showing progress.
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up (exit 1) after this long, e.g. 10m; the reloads themselves go on.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "wait")]
+        timeout: Option<std::time::Duration>,
     },
     /// Show tables, modes, last batches, confirmed LSN, slot lag and reloads.
     Status {
@@ -50,8 +53,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Drop the replication slot (stops WAL retention; the next `run` starts afresh).
-    DropSlot,
+    /// Drop the replication slot (stops WAL retention; the next `run` starts afresh with a full export).
+    DropSlot {
+        /// Do not ask for confirmation (needed when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Print the newest JetStream notices of the configured stream.
     Notices {
         /// How many messages, newest last.
@@ -60,8 +67,14 @@ enum Command {
     },
 }
 
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 30s, 10m)"))
+}
+
+/// 2 for configuration problems, credentials included (SQLSTATE class 28: the server rejected the
+/// role or its password); 1 for everything else.
 fn exit_for(e: &Error) -> ExitCode {
-    if e.component() == "config" {
+    if e.component() == "config" || e.sqlstate().is_some_and(|c| c.starts_with("28")) {
         ExitCode::from(2)
     } else {
         ExitCode::from(1)
@@ -78,9 +91,11 @@ fn main() -> ExitCode {
         }
     };
     // One-shot commands print their result on stdout; their logs default to warnings only.
-    let level = match cli.command {
-        Command::Run => config.log.level.as_str(),
-        _ => "warn",
+    let is_daemon = matches!(cli.command, Command::Run);
+    let level = if is_daemon {
+        config.log.level.as_str()
+    } else {
+        "warn"
     };
     cdc_egress::observe::init_logging(&config.log.format, level);
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -109,14 +124,18 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Command::DropSlot => drop_slot(&config).await,
-            Command::Reload { tables, wait } => {
+            Command::DropSlot { yes } => drop_slot(&config, yes).await,
+            Command::Reload {
+                tables,
+                wait,
+                timeout,
+            } => {
                 let requests = cdc_egress::reload::request::request(&config, &tables).await?;
                 for (t, id) in &requests {
                     println!("reload of {t} requested (request {id})");
                 }
                 if wait {
-                    cdc_egress::reload::request::wait(&config, &requests).await?;
+                    cdc_egress::reload::request::wait(&config, &requests, timeout).await?;
                 }
                 Ok(())
             }
@@ -126,16 +145,19 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "exiting");
-            eprintln!("cdc-egress: {e}");
+            // Once: the daemon's log is its stderr; one-shot commands print the error themselves.
+            if is_daemon {
+                tracing::error!(error = %e, "exiting");
+            } else {
+                eprintln!("cdc-egress: {e}");
+            }
             exit_for(&e)
         }
     }
 }
 
 async fn migrate(config: &Config) -> Result<(), Error> {
-    let info = cdc_egress::source::conninfo::ConnInfo::parse(config.registry.url.expose())?;
-    let mut c = info.connect().await?;
+    let mut c = config.registry_conninfo()?.connect().await?;
     let applied = cdc_egress::register::migrate(&mut c, &config.registry.schema).await?;
     if applied.is_empty() {
         println!("registry schema {} is up to date", config.registry.schema);
@@ -145,30 +167,33 @@ async fn migrate(config: &Config) -> Result<(), Error> {
             config.registry.schema
         );
     }
-    let source = cdc_egress::source::conninfo::ConnInfo::parse(config.source.url.expose())?;
-    let src = source.connect().await?;
-    let installed = cdc_egress::register::migrate::install_reload_marker(
+    let src = config.source_conninfo()?.connect().await?;
+    let trigger = cdc_egress::register::migrate::marker_trigger_name(&config.registry.schema);
+    use cdc_egress::register::migrate::MarkerTrigger;
+    match cdc_egress::register::migrate::install_reload_marker(
         &src,
         &config.registry.schema,
         &config.source.publication,
     )
-    .await?;
-    if installed {
-        println!(
-            "reload-marker event trigger {} installed in the source database",
-            cdc_egress::register::migrate::marker_trigger_name(&config.registry.schema)
-        );
-    } else {
-        eprintln!(
-            "warning: the source role is not a superuser, so the reload-marker event trigger was not installed; \
-             `cdc-egress reload` needs it: run `cdc-egress migrate` once as a superuser"
-        );
+    .await?
+    {
+        MarkerTrigger::Installed => {
+            println!("reload-marker event trigger {trigger} installed in the source database")
+        }
+        MarkerTrigger::AlreadyInstalled => println!(
+            "reload-marker event trigger {trigger} is installed in the source database \
+             (left as it is: refreshing it needs a superuser)"
+        ),
+        MarkerTrigger::Missing => eprintln!(
+            "warning: the reload-marker event trigger {trigger} is not installed and the source role is not a \
+             superuser; `cdc-egress reload` needs it: run `cdc-egress migrate` once as a superuser"
+        ),
     }
     Ok(())
 }
 
 async fn notices(config: &Config, limit: u64) -> Result<(), Error> {
-    let Some(n) = cdc_egress::notify::Notifier::connect(&config.nats).await? else {
+    let Some(n) = cdc_egress::notify::Notifier::open_existing(&config.nats).await? else {
         return Err(Error::definite(
             "config",
             "nats.url is empty: notices are disabled",
@@ -180,24 +205,58 @@ async fn notices(config: &Config, limit: u64) -> Result<(), Error> {
     Ok(())
 }
 
-async fn drop_slot(config: &Config) -> Result<(), Error> {
-    let info = cdc_egress::source::conninfo::ConnInfo::parse(config.source.url.expose())?;
+async fn drop_slot(config: &Config, yes: bool) -> Result<(), Error> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let info = config.source_conninfo()?;
+    let slot = &config.source.slot;
+    let where_ = format!("{} on {}", info.dbname(), info.host_description());
     let c = info.connect().await?;
+    let Some(s) = cdc_egress::source::slot::slot_info(&c, slot).await? else {
+        println!("no replication slot {slot} in {where_}: nothing to drop");
+        return Ok(());
+    };
+    if s.active_pid.is_some() {
+        return Err(Error::definite(
+            "slot",
+            format!(
+                "replication slot {slot} in {where_} is in use by a running daemon (pid {}): stop it first",
+                s.active_pid.unwrap_or_default()
+            ),
+        ));
+    }
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(Error::definite(
+                "config",
+                format!(
+                    "dropping replication slot {slot} in {where_} needs confirmation: pass --yes"
+                ),
+            ));
+        }
+        eprint!(
+            "Drop replication slot {slot} in {where_}? The WAL it retains is released; the next `run` \
+             starts afresh and re-exports every table. Type the slot name to confirm: "
+        );
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut answer);
+        if answer.trim() != slot {
+            println!("not dropped");
+            return Ok(());
+        }
+    }
     let n = c
         .execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-            &[&config.source.slot],
+            &[slot],
         )
         .await
-        .map_err(|e| Error::transient("source", format!("drop slot: {e}")))?;
-    println!(
-        "{}",
-        if n > 0 {
-            "replication slot dropped"
-        } else {
-            "no such replication slot"
-        }
-    );
+        .map_err(|e| cdc_egress::source::conninfo::pg_error(&e).context(format!("drop slot {slot}")))?;
+    if n > 0 {
+        println!("replication slot {slot} dropped in {where_}");
+    } else {
+        println!("no replication slot {slot} in {where_}: nothing to drop");
+    }
     Ok(())
 }
 

@@ -6,7 +6,6 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::source::conninfo::ConnInfo;
 use crate::table::quote_ident;
 
 #[derive(Debug, Serialize)]
@@ -32,17 +31,42 @@ pub struct ReloadStatus {
     pub error: Option<String>,
 }
 
+/// A `cdc-egress reload` request whose marker no daemon has read yet.
+#[derive(Debug, Serialize)]
+pub struct PendingRequest {
+    pub request: String,
+    pub table: String,
+    pub requested_at: String,
+    /// The marker lies below this source WAL position.
+    pub before_lsn: Option<String>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub source: String,
+    pub publication: String,
+    pub publication_exists: bool,
     pub slot: String,
     pub slot_exists: bool,
     pub slot_active: bool,
     pub confirmed_flush_lsn: Option<String>,
     pub slot_lag_bytes: Option<i64>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub slot_wal_status: Option<String>,
+    /// WAL that may still be written before the slot is lost (`max_slot_wal_keep_size`).
+    pub slot_safe_wal_bytes: Option<i64>,
+    pub slot_invalidation_reason: Option<String>,
     pub daemon_state: Option<String>,
     pub daemon_heartbeat_at: Option<String>,
+    pub daemon_seconds_since_heartbeat: Option<f64>,
+    pub daemon_pid: Option<i32>,
+    pub daemon_host: Option<String>,
     pub daemon_last_error: Option<String>,
+    pub pending_requests: Vec<PendingRequest>,
+    /// Open transactions a reload's cut is waiting for.
+    pub cut_blockers: Vec<crate::source::slot::CutBlocker>,
+    /// Things an operator should act on, in words.
+    pub warnings: Vec<String>,
     pub files: i64,
     pub unnotified_files: i64,
     pub tables: Vec<TableStatus>,
@@ -63,17 +87,35 @@ fn pg(what: &str, e: tokio_postgres::Error) -> Error {
 }
 
 pub async fn collect(config: &Config) -> Result<Status, Error> {
-    let source = ConnInfo::parse(config.source.url.expose())?;
+    let source = config.source_conninfo()?;
     let src = source.connect().await?;
-    let reg = ConnInfo::parse(config.registry.url.expose())?
-        .connect()
-        .await?;
+    let reg = config.registry_conninfo()?.connect().await?;
     let s = quote_ident(&config.registry.schema);
+    let version =
+        crate::register::migrate::installed_version(&reg, &config.registry.schema).await?;
+    if version == 0 {
+        return Err(Error::definite(
+            "registry",
+            format!(
+                "the registry schema {} is not installed: run `cdc-egress migrate` (or start the daemon)",
+                config.registry.schema
+            ),
+        ));
+    }
     let slot = crate::source::slot::slot_info(&src, &config.source.slot).await?;
+    let publication_exists = src
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&config.source.publication],
+        )
+        .await
+        .map_err(|e| crate::source::conninfo::pg_error(&e))?
+        .is_some();
     let daemon = reg
         .query_opt(
             &format!(
-                "SELECT state, heartbeat_at::text, last_error FROM {s}.daemon WHERE slot_name = $1"
+                "SELECT state, heartbeat_at::text, last_error, pid, host, \
+                 extract(epoch FROM now() - heartbeat_at)::float8 FROM {s}.daemon WHERE slot_name = $1"
             ),
             &[&config.source.slot],
         )
@@ -108,7 +150,7 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             schema_version: r.get(6),
         })
         .collect();
-    let reloads = reg
+    let reloads: Vec<ReloadStatus> = reg
         .query(
             &format!(
                 "SELECT id, table_schema || '.' || table_name, status, requested_at::text, cut_lsn::text, rows, \
@@ -131,8 +173,40 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             error: r.get(7),
         })
         .collect();
-    Ok(Status {
+    let pending_requests = if version >= 3 {
+        reg.query(
+            &format!(
+                "SELECT q.request, q.table_schema || '.' || q.table_name, q.requested_at::text, q.wal_lsn::text \
+                 FROM {s}.reload_requests q WHERE NOT EXISTS (SELECT 1 FROM {s}.reloads r WHERE r.request = q.request) \
+                 AND q.requested_at > now() - interval '7 days' ORDER BY q.requested_at"
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| pg("read reload requests", e))?
+        .iter()
+        .map(|r| PendingRequest {
+            request: r.get(0),
+            table: r.get(1),
+            requested_at: r.get(2),
+            before_lsn: r.get(3),
+        })
+        .collect()
+    } else {
+        Vec::new()
+    };
+    let waiting_for_cut = reloads
+        .iter()
+        .any(|r: &ReloadStatus| r.status == "running" && r.cut_lsn.is_none());
+    let cut_blockers = if waiting_for_cut {
+        crate::source::slot::cut_blockers(&src, &config.source.slot).await?
+    } else {
+        Vec::new()
+    };
+    let mut status = Status {
         source: source.redacted(),
+        publication: config.source.publication.clone(),
+        publication_exists,
         slot: config.source.slot.clone(),
         slot_exists: slot.is_some(),
         slot_active: slot.as_ref().is_some_and(|s| s.active_pid.is_some()),
@@ -141,14 +215,86 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             .and_then(|s| s.confirmed_flush)
             .map(|l| l.to_string()),
         slot_lag_bytes: slot.as_ref().and_then(|s| s.lag_bytes),
+        slot_wal_status: slot.as_ref().and_then(|s| s.wal_status.clone()),
+        slot_safe_wal_bytes: slot.as_ref().and_then(|s| s.safe_wal_size),
+        slot_invalidation_reason: slot.as_ref().and_then(|s| s.invalidation_reason.clone()),
         daemon_state: daemon.as_ref().map(|r| r.get(0)),
         daemon_heartbeat_at: daemon.as_ref().map(|r| r.get(1)),
+        daemon_seconds_since_heartbeat: daemon.as_ref().and_then(|r| r.get(5)),
+        daemon_pid: daemon.as_ref().and_then(|r| r.get(3)),
+        daemon_host: daemon.as_ref().and_then(|r| r.get(4)),
         daemon_last_error: daemon.as_ref().and_then(|r| r.get(2)),
+        pending_requests,
+        cut_blockers,
+        warnings: Vec::new(),
         files: counts.get(0),
         unnotified_files: counts.get(1),
         tables,
         reloads,
-    })
+    };
+    status.warnings = warnings(&status);
+    Ok(status)
+}
+
+/// Seconds after which a daemon that has not written its row is presumed gone (it writes every 5 s).
+const STALE_AFTER_SECONDS: f64 = 60.0;
+
+/// What an operator should act on, derived from the facts above.
+fn warnings(s: &Status) -> Vec<String> {
+    let mut w = Vec::new();
+    if !s.publication_exists {
+        w.push(format!(
+            "publication {} does not exist in the source database: the daemon cannot stream (CREATE PUBLICATION … or fix source.publication)",
+            s.publication
+        ));
+    }
+    if let Some(reason) = &s.slot_invalidation_reason {
+        w.push(format!(
+            "replication slot {} was invalidated ({reason}): it can no longer stream; see source.slot_lost in the README",
+            s.slot
+        ));
+    } else if s.slot_wal_status.as_deref() == Some("lost") {
+        w.push(format!(
+            "replication slot {} has lost required WAL: it can no longer stream; see source.slot_lost in the README",
+            s.slot
+        ));
+    } else if s.slot_wal_status.as_deref() == Some("unreserved") {
+        w.push(format!(
+            "replication slot {} retains more WAL than max_slot_wal_keep_size allows: it will be lost at the next checkpoint unless the daemon catches up",
+            s.slot
+        ));
+    } else if let (Some(safe), Some(lag)) = (s.slot_safe_wal_bytes, s.slot_lag_bytes) {
+        if safe < lag / 4 {
+            w.push(format!(
+                "replication slot {} can retain only {safe} more bytes of WAL before max_slot_wal_keep_size invalidates it (retaining {lag})",
+                s.slot
+            ));
+        }
+    }
+    let stale = s
+        .daemon_seconds_since_heartbeat
+        .is_some_and(|a| a > STALE_AFTER_SECONDS);
+    if s.slot_exists && !s.slot_active && (s.daemon_state.is_none() || stale) {
+        w.push(format!(
+            "no daemon is reading slot {}: WAL accumulates until `cdc-egress run` starts (or `cdc-egress drop-slot` if it is retired)",
+            s.slot
+        ));
+    }
+    for p in &s.pending_requests {
+        w.push(format!(
+            "reload of {} (request {}) has waited since {} for a daemon to read its marker (before {} in the WAL)",
+            p.table,
+            p.request,
+            p.requested_at,
+            p.before_lsn.as_deref().unwrap_or("-")
+        ));
+    }
+    for b in &s.cut_blockers {
+        w.push(format!(
+            "a reload's cut waits for an open transaction to end, and the slot retains WAL meanwhile: {b}"
+        ));
+    }
+    w
 }
 
 pub fn render_text(s: &Status) -> String {
@@ -176,10 +322,47 @@ pub fn render_text(s: &Status) -> String {
     );
     let _ = writeln!(
         o,
-        "daemon      {} (last seen {})",
-        s.daemon_state.as_deref().unwrap_or("never ran"),
-        s.daemon_heartbeat_at.as_deref().unwrap_or("-")
+        "publication {}{}",
+        s.publication,
+        if s.publication_exists {
+            ""
+        } else {
+            " (missing)"
+        }
     );
+    if let Some(ws) = &s.slot_wal_status {
+        let _ = writeln!(
+            o,
+            "slot WAL    {ws}{}{}",
+            s.slot_safe_wal_bytes
+                .map(|b| format!(", {b} bytes until max_slot_wal_keep_size"))
+                .unwrap_or_default(),
+            s.slot_invalidation_reason
+                .as_deref()
+                .map(|r| format!(", invalidated: {r}"))
+                .unwrap_or_default()
+        );
+    }
+    let daemon = match (&s.daemon_state, s.daemon_seconds_since_heartbeat) {
+        (None, _) => "never ran".to_string(),
+        (Some(state), age) => {
+            let age = age.unwrap_or(0.0);
+            let who = format!(
+                "pid {} on {}",
+                s.daemon_pid.map(|p| p.to_string()).unwrap_or("-".into()),
+                s.daemon_host
+                    .as_deref()
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or("?")
+            );
+            if age > STALE_AFTER_SECONDS && !s.slot_active {
+                format!("not running (last: {state}, {who}, {age:.0}s ago)")
+            } else {
+                format!("{state} ({who}, last seen {age:.0}s ago)")
+            }
+        }
+    };
+    let _ = writeln!(o, "daemon      {daemon}");
     if let Some(e) = &s.daemon_last_error {
         let _ = writeln!(o, "last error  {e}");
     }
@@ -204,6 +387,9 @@ pub fn render_text(s: &Status) -> String {
             t.last_commit_lsn.as_deref().unwrap_or("-"),
             t.last_batch.as_deref().unwrap_or("-")
         );
+    }
+    for wmsg in &s.warnings {
+        let _ = writeln!(o, "warning     {wmsg}");
     }
     if !s.reloads.is_empty() {
         let _ = writeln!(o, "\nRELOADS");

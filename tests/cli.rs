@@ -453,13 +453,24 @@ async fn drop_slot_drops_the_slot() {
         ("CDC_EGRESS_SOURCE_URL", &db.url),
         ("CDC_EGRESS_SOURCE_SLOT", &db.slot),
     ]);
-    let (code, out, err) = run_cli_timeout(&["drop-slot"], &e, dir.path(), QUICK);
+    // Without a terminal to ask on, it wants --yes, names the slot and the database, drops nothing.
+    let (code, _, err) = run_cli_timeout(&["drop-slot"], &e, dir.path(), QUICK);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--yes") && err.contains(&db.slot) && err.contains(&db.name),
+        "{err}"
+    );
+    assert_eq!(slots().await, 1, "nothing dropped without confirmation");
+    let (code, out, err) = run_cli_timeout(&["drop-slot", "--yes"], &e, dir.path(), QUICK);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("dropped"), "{out}");
+    assert!(
+        out.contains("dropped") && out.contains(&db.slot),
+        "names the slot: {out}"
+    );
     assert_eq!(slots().await, 0);
-    let (code, out, err) = run_cli_timeout(&["drop-slot"], &e, dir.path(), QUICK);
+    let (code, out, err) = run_cli_timeout(&["drop-slot", "--yes"], &e, dir.path(), QUICK);
     assert_eq!(code, 0, "dropping a missing slot is fine: {err}");
-    assert!(out.contains("no such"), "{out}");
+    assert!(out.contains("nothing to drop"), "{out}");
     db.cleanup().await;
 }
 
@@ -575,9 +586,445 @@ async fn run_keeps_retrying_while_nats_is_down() {
     let log = d.log_text();
     assert!(log.contains("retry"), "{log}");
     assert!(log.contains("127.0.0.1:1"), "names the NATS server: {log}");
+    // `status` tells a running, retrying daemon from one that never ran, with the error.
+    let (code, out, err) = run_cli_timeout(&["status", "--json"], &e, db.dir.path(), QUICK);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["daemon_state"], "retrying", "{out}");
+    assert!(
+        v["daemon_last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("127.0.0.1:1")),
+        "{out}"
+    );
+    assert_no_secret("status while NATS is down", &out, &err);
     let status = d.stop().await;
     let log = std::fs::read_to_string(db.dir.path().join("daemon.log")).unwrap();
     assert_eq!(status.code(), Some(0), "{log}");
     assert_no_secret("run log", "", &log);
     db.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operators: environment, passwords, confirmations, honest status.
+
+/// Variables of the project's scripts (`CDC_EGRESS_VENV`, `CDC_EGRESS_TEST_*`) are not
+/// configuration; a misspelt key of a real section still is an error that names it.
+#[test]
+fn only_section_variables_are_configuration() {
+    let dir = cwd();
+    let base = [
+        ("CDC_EGRESS_SOURCE_URL", "postgres://postgres@127.0.0.1:1/x"),
+        ("CDC_EGRESS_VENV", "/x"),
+        ("CDC_EGRESS_PRIVATE_PG_PORT", "1"),
+    ];
+    let (code, _, err) = run_cli_timeout(&["status"], &env(&base), dir.path(), QUICK);
+    assert_eq!(
+        code, 1,
+        "a connection error, not a configuration error: {err}"
+    );
+    assert!(!err.contains("CDC_EGRESS_VENV"), "{err}");
+    let mut bad = base.to_vec();
+    bad.push(("CDC_EGRESS_SOURCE_SLOTT", "x"));
+    let (code, _, err) = run_cli_timeout(&["status"], &env(&bad), dir.path(), QUICK);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("CDC_EGRESS_SOURCE_SLOTT"), "{err}");
+}
+
+/// `CDC_EGRESS_<SECTION>_<KEY>_FILE` reads the value from a file (container secrets).
+#[test]
+fn any_key_can_come_from_a_file() {
+    let dir = cwd();
+    let f = dir.path().join("url");
+    std::fs::write(&f, "postgres://postgres@127.0.0.1:1/from_file\n").unwrap();
+    let (code, _, err) = run_cli_timeout(
+        &["status"],
+        &env(&[("CDC_EGRESS_SOURCE_URL_FILE", f.to_str().unwrap())]),
+        dir.path(),
+        QUICK,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("127.0.0.1:1"),
+        "the URL came from the file: {err}"
+    );
+    let (code, _, err) = run_cli_timeout(
+        &["status"],
+        &env(&[("CDC_EGRESS_SOURCE_URL_FILE", "/nonexistent/url")]),
+        dir.path(),
+        QUICK,
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("CDC_EGRESS_SOURCE_URL_FILE"), "{err}");
+}
+
+/// A loopback server that asks for a cleartext password, records what it gets, and rejects it
+/// with SQLSTATE 28P01: enough to see which password the client sends.
+fn password_server() -> (u16, std::sync::mpsc::Receiver<Option<String>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            let mut len = [0u8; 4];
+            if c.read_exact(&mut len).is_err() {
+                continue;
+            }
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+            let _ = c.read_exact(&mut body);
+            if body.starts_with(&[0x04, 0xd2, 0x16, 0x2f]) {
+                // SSLRequest: no TLS here; the client goes on in plain text.
+                let _ = c.write_all(b"N");
+                let _ = c.read_exact(&mut len);
+                let mut body = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+                let _ = c.read_exact(&mut body);
+            }
+            let _ = c.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3]);
+            let mut tag = [0u8; 1];
+            let got = if c.read_exact(&mut tag).is_ok() && tag[0] == b'p' {
+                let _ = c.read_exact(&mut len);
+                let mut pw = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+                let _ = c.read_exact(&mut pw);
+                Some(
+                    String::from_utf8_lossy(&pw)
+                        .trim_end_matches('\0')
+                        .to_string(),
+                )
+            } else {
+                None
+            };
+            let mut err = Vec::new();
+            for (k, v) in [
+                (b'S', "FATAL"),
+                (b'C', "28P01"),
+                (b'M', "password authentication failed"),
+            ] {
+                err.push(k);
+                err.extend_from_slice(v.as_bytes());
+                err.push(0);
+            }
+            err.push(0);
+            let mut msg = vec![b'E'];
+            msg.extend_from_slice(&(err.len() as u32 + 4).to_be_bytes());
+            msg.extend_from_slice(&err);
+            let _ = c.write_all(&msg);
+            let _ = tx.send(got);
+        }
+    });
+    (port, rx)
+}
+
+/// Passwords the usual ways: `PGPASSWORD`, `PGPASSFILE`, `source.password_file`; none at all is
+/// a configuration error (exit 2) that says where a password can go; a rejected one exits 2 too.
+#[test]
+fn passwords_come_from_pgpassword_pgpassfile_and_password_files() {
+    let dir = cwd();
+    let (port, rx) = password_server();
+    let url = format!("postgres://egress@127.0.0.1:{port}/db?sslmode=disable");
+    let pgpass = dir.path().join("pgpass");
+    std::fs::write(&pgpass, format!("127.0.0.1:{port}:db:egress:{PW}-pgpass\n")).unwrap();
+    let pwfile = dir.path().join("pw");
+    std::fs::write(&pwfile, format!("{PW}-file\n")).unwrap();
+    let nowhere = dir.path().join("no-such-pgpass");
+    let env_pw = format!("{PW}-env");
+    type Case<'a> = (Vec<(&'a str, &'a str)>, Option<String>);
+    let cases: [Case; 4] = [
+        (vec![("PGPASSWORD", &env_pw)], Some(env_pw.clone())),
+        (
+            vec![("PGPASSFILE", pgpass.to_str().unwrap())],
+            Some(format!("{PW}-pgpass")),
+        ),
+        (
+            vec![
+                ("CDC_EGRESS_SOURCE_PASSWORD_FILE", pwfile.to_str().unwrap()),
+                ("PGPASSWORD", "loses"),
+            ],
+            Some(format!("{PW}-file")),
+        ),
+        (vec![("HOME", nowhere.to_str().unwrap())], None),
+    ];
+    for (extra, want) in cases {
+        let mut e = env(&[("CDC_EGRESS_SOURCE_URL", &url)]);
+        e.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cdc-egress"));
+        cmd.arg("status").current_dir(dir.path());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("CDC_EGRESS_") || k.starts_with("PG") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("HOME", dir.path());
+        for (k, v) in &e {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(!err.contains(PW), "{extra:?}: the password leaked: {err}");
+        match want {
+            Some(pw) => {
+                let got = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+                assert_eq!(got.as_deref(), Some(pw.as_str()), "{extra:?}");
+                assert!(err.contains("28P01"), "{extra:?}: {err}");
+            }
+            None => {
+                assert!(
+                    err.contains("PGPASSWORD") && err.contains("password_file"),
+                    "says where a password can go: {err}"
+                );
+                let _ = rx.recv_timeout(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// `notices` reads the stream; it does not create it.
+#[test]
+fn notices_does_not_create_the_stream() {
+    let dir = cwd();
+    let name = unique("clinotices").to_uppercase();
+    let (code, _, err) = run_cli_timeout(
+        &["notices"],
+        &env(&[
+            ("CDC_EGRESS_SOURCE_URL", PLACEHOLDER_URL),
+            ("CDC_EGRESS_NATS_URL", &nats_url()),
+            ("CDC_EGRESS_NATS_STREAM", &name),
+        ]),
+        dir.path(),
+        QUICK,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&name) && err.contains("does not exist"),
+        "{err}"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+        assert!(
+            js.get_stream(&name).await.is_err(),
+            "stream {name} was created"
+        );
+    });
+}
+
+/// A reload against a publication that does not exist blames the publication; `status` warns;
+/// `migrate` run by a non-superuser says the trigger a superuser installed earlier is there.
+#[tokio::test]
+async fn missing_publication_and_installed_trigger_are_reported_truthfully() {
+    let db = TestDb::new("clitruth").await;
+    let role = format!("{}_r", db.name);
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE ROLE {role} LOGIN REPLICATION; \
+         ALTER DATABASE {} OWNER TO {role}; ALTER TABLE t OWNER TO {role}",
+        db.name
+    ))
+    .await
+    .unwrap();
+    let dir = cwd();
+    let role_url = db.url.replacen("postgres@", &format!("{role}@"), 1);
+    let e = |source: &str| {
+        env(&[
+            ("CDC_EGRESS_SOURCE_URL", source),
+            ("CDC_EGRESS_REGISTRY_URL", &role_url),
+            ("CDC_EGRESS_SOURCE_SLOT", &db.slot),
+            ("CDC_EGRESS_SOURCE_PUBLICATION", &db.publication),
+        ])
+    };
+    // A superuser installs the trigger (the registry belongs to the role).
+    let (code, out, err) = run_cli_timeout(&["migrate"], &e(&db.url), dir.path(), QUICK);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("installed"), "{out}");
+    assert!(!err.contains("NOTICE"), "no NOTICE noise: {err}");
+    // The role alone: told the trigger is there, no false warning.
+    let (code, out, err) = run_cli_timeout(&["migrate"], &e(&role_url), dir.path(), QUICK);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("is installed"), "{out}");
+    assert!(!err.contains("warning"), "{err}");
+    // No publication yet.
+    let (code, _, err) = run_cli_timeout(&["reload", "public.t"], &e(&db.url), dir.path(), QUICK);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&db.publication)
+            && err.contains("does not exist")
+            && !err.contains("table public.t"),
+        "blames the publication, not the table: {err}"
+    );
+    let (code, out, err) = run_cli_timeout(&["status"], &e(&db.url), dir.path(), QUICK);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("warning") && out.contains(&db.publication),
+        "status warns about the publication: {out}"
+    );
+    db.cleanup().await;
+    let _ = connect(&pg_base_url())
+        .await
+        .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+        .await;
+}
+
+/// `reload --wait` with no daemon: says why it waits, gives up at --timeout (exit 1), and the
+/// request shows as pending in `status`.
+#[tokio::test]
+async fn reload_wait_times_out_and_status_shows_the_pending_request() {
+    let db = TestDb::new("clipending").await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION {} FOR ALL TABLES",
+            db.publication
+        ))
+        .await
+        .unwrap();
+    let dir = cwd();
+    let e = env(&[
+        ("CDC_EGRESS_SOURCE_URL", &db.url),
+        ("CDC_EGRESS_SOURCE_SLOT", &db.slot),
+        ("CDC_EGRESS_SOURCE_PUBLICATION", &db.publication),
+    ]);
+    let (code, _, err) = run_cli_timeout(&["migrate"], &e, dir.path(), QUICK);
+    assert_eq!(code, 0, "{err}");
+    let started = std::time::Instant::now();
+    let (code, out, err) = run_cli_timeout(
+        &["reload", "public.t", "--wait", "--timeout", "12s"],
+        &e,
+        dir.path(),
+        QUICK,
+    );
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(started.elapsed() < Duration::from_secs(50));
+    assert!(out.contains("requested (request "), "{out}");
+    assert!(err.contains("gave up waiting after 12s"), "{err}");
+    assert!(
+        err.contains(&format!("replication slot {} does not exist", db.slot)),
+        "says why nothing happens: {err}"
+    );
+    let (code, out, err) = run_cli_timeout(&["status", "--json"], &e, dir.path(), QUICK);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["pending_requests"][0]["table"], "public.t", "{out}");
+    db.cleanup().await;
+}
+
+/// A reload whose cut waits behind an open transaction says so: `status` names the blocking
+/// session (pid, age, query), `/metrics` has its age; after the transaction ends, `reload --wait`
+/// ends with the reload id, the rows, and where the files are.
+#[tokio::test]
+async fn a_cut_blocked_by_an_open_transaction_is_explained() {
+    let db = TestDb::new("cliblock").await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 500); \
+             CREATE PUBLICATION {} FOR ALL TABLES",
+            db.publication
+        ))
+        .await
+        .unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut e = db.daemon_env(&db.out_url());
+    e.push(("CDC_EGRESS_HTTP_LISTEN".into(), format!("127.0.0.1:{port}")));
+    e.push(("CDC_EGRESS_RELOAD_INITIAL".into(), "false".into()));
+    let d = Daemon::start(&e, db.dir.path(), &[], "daemon.log");
+    db.wait_for_slot(&d).await;
+    // An idle session holding an xid.
+    let blocker = db.client().await;
+    let blocker_pid: i32 = blocker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    blocker
+        .batch_execute("BEGIN; SELECT txid_current(); SELECT 'cdct blocker'")
+        .await
+        .unwrap();
+    let (code, _, err) = run_cli_timeout(&["reload", "public.t"], &e, db.dir.path(), QUICK);
+    assert_eq!(code, 0, "{err}");
+    let mut seen = None;
+    for _ in 0..60 {
+        let (_, out, _) = run_cli_timeout(&["status", "--json"], &e, db.dir.path(), QUICK);
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&out) {
+            if let Some(b) = v["cut_blockers"].as_array().and_then(|a| a.first()) {
+                seen = Some((b.clone(), v["warnings"].clone()));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (b, warnings) =
+        seen.unwrap_or_else(|| panic!("status never named the blocker; log:\n{}", d.log_text()));
+    assert_eq!(b["pid"], blocker_pid, "{b}");
+    assert!(
+        b["query"].as_str().unwrap_or("").contains("cdct blocker"),
+        "{b}"
+    );
+    assert!(
+        warnings.to_string().contains(&blocker_pid.to_string()),
+        "{warnings}"
+    );
+    let mut metric = 0.0;
+    for _ in 0..30 {
+        let body = http_get(port, "/metrics").await;
+        metric = body
+            .lines()
+            .find(|l| l.starts_with("cdc_egress_reload_cut_blocked_seconds "))
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if metric > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(metric > 0.0, "the metric shows the wait");
+    blocker.batch_execute("COMMIT").await.unwrap();
+    // The reload now finishes; --wait on a fresh request reports where the files are.
+    let (code, out, err) = run_cli_timeout(
+        &["reload", "public.t", "--wait", "--timeout", "60s"],
+        &e,
+        db.dir.path(),
+        Duration::from_secs(90),
+    );
+    if code != 0 {
+        // The first reload may still be finishing: wait for it, then ask again.
+        assert!(err.contains("already"), "{out}\n{err}");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let (code, out, err) = run_cli_timeout(
+            &["reload", "public.t", "--wait", "--timeout", "60s"],
+            &e,
+            db.dir.path(),
+            Duration::from_secs(90),
+        );
+        assert_eq!(code, 0, "{out}\n{err}\nlog:\n{}", d.log_text());
+        check_done(&out);
+    } else {
+        check_done(&out);
+    }
+    fn check_done(out: &str) {
+        assert!(
+            out.contains("done: 500 rows") && out.contains("manifest file://"),
+            "{out}"
+        );
+    }
+    d.stop().await;
+    db.cleanup().await;
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return String::new();
+    };
+    let _ = s
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await;
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body).await;
+    body
 }

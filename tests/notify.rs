@@ -33,6 +33,7 @@ impl World {
             stream: self.stream.clone(),
             subject_prefix: self.prefix.clone(),
             change_events: false,
+            auth: Default::default(),
         }
     }
 
@@ -380,6 +381,7 @@ async fn nats_down_is_transient_and_names_the_url() {
             stream: "UNUSED".into(),
             subject_prefix: "unused".into(),
             change_events: false,
+            auth: Default::default(),
         };
         let started = std::time::Instant::now();
         let e = match Notifier::connect(&cfg).await {
@@ -401,6 +403,128 @@ async fn no_url_means_no_notices() {
         stream: "UNUSED".into(),
         subject_prefix: "unused".into(),
         change_events: false,
+        auth: Default::default(),
     };
     assert!(Notifier::connect(&cfg).await.unwrap().is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Message ids per registry incarnation; collisions; one-shot readers.
+
+/// A registry recreated next to a surviving stream (the demo recreates its database) restarts its
+/// reload ids at 1. Ids carry the registry's incarnation, so the new notice is stored, not dropped
+/// as a duplicate of the old run's.
+#[tokio::test]
+async fn a_recreated_registry_never_reuses_an_old_runs_ids() {
+    let t = World::new("incarn");
+    let subject = format!("{}.reload.public.t", t.prefix);
+    let old = t.notifier().await.with_incarnation("aaaaaaaaaaaa");
+    let new = t.notifier().await.with_incarnation("bbbbbbbbbbbb");
+    let s1 = old
+        .publish_once(
+            &subject,
+            "reload-1",
+            Bytes::from_static(b"{\"cut\":\"0/1\"}"),
+        )
+        .await
+        .unwrap();
+    let s2 = new
+        .publish_once(
+            &subject,
+            "reload-1",
+            Bytes::from_static(b"{\"cut\":\"0/2\"}"),
+        )
+        .await
+        .unwrap();
+    assert_ne!(s1, s2, "the new run's notice is a new message");
+    assert_eq!(common::stream_count(&t.stream, &subject).await, 2);
+}
+
+/// JetStream calling a publish a duplicate while the last message on the subject is not ours means
+/// another message holds the id: reported as a collision, never a silent drop.
+#[tokio::test]
+async fn an_id_collision_is_an_error_not_a_silent_drop() {
+    let t = World::new("collide");
+    let n = t.notifier().await.with_incarnation("cccccccccccc");
+    let a = format!("{}.batch.public.a", t.prefix);
+    let b = format!("{}.batch.public.b", t.prefix);
+    n.publish_once(&a, "same-id", Bytes::from_static(b"first"))
+        .await
+        .unwrap();
+    let err = n
+        .publish_once(&b, "same-id", Bytes::from_static(b"second"))
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    assert!(
+        err.to_string().contains("collision") && err.to_string().contains(&a),
+        "names what collided: {err}"
+    );
+    assert_eq!(common::stream_count(&t.stream, &b).await, 0);
+}
+
+/// A notice published before ids carried the incarnation is recognised by its payload after an
+/// upgrade, so completing it at start-up does not publish it twice.
+#[tokio::test]
+async fn a_notice_from_before_the_upgrade_is_recognised() {
+    let t = World::new("legacy");
+    let subject = format!("{}.batch.public.t", t.prefix);
+    let legacy = t.notifier().await;
+    let payload = Bytes::from_static(b"{\"batch_id\":\"x\"}");
+    let s1 = legacy
+        .publish_once(&subject, "x", payload.clone())
+        .await
+        .unwrap();
+    let upgraded = t.notifier().await.with_incarnation("dddddddddddd");
+    let s2 = upgraded.publish_once(&subject, "x", payload).await.unwrap();
+    assert_eq!(s1, s2);
+    assert_eq!(common::stream_count(&t.stream, &subject).await, 1);
+}
+
+/// `cdc-egress notices` reads a stream; it must not create one.
+#[tokio::test]
+async fn readers_do_not_create_the_stream() {
+    let t = World::new("nocreate");
+    let err = match Notifier::open_existing(&t.config()).await {
+        Ok(_) => panic!("opened a stream that does not exist"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    assert!(
+        js().await.get_stream(&t.stream).await.is_err(),
+        "the stream was not created"
+    );
+}
+
+/// NATS credentials come from files; a file that cannot be read is a configuration error naming
+/// the key, before anything connects.
+#[tokio::test]
+async fn credential_files_are_read_and_named_when_missing() {
+    let t = World::new("creds");
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cr3t-token\n").unwrap();
+    // The test server takes no auth; a token it does not need is accepted.
+    let mut cfg = t.config();
+    cfg.auth.token_file = Some(token);
+    Notifier::connect(&cfg).await.unwrap().unwrap();
+    for (set, key) in [
+        (0, "nats.token_file"),
+        (1, "nats.creds_file"),
+        (2, "nats.nkey_file"),
+    ] {
+        let mut cfg = t.config();
+        let missing = Some(dir.path().join("missing"));
+        match set {
+            0 => cfg.auth.token_file = missing,
+            1 => cfg.auth.creds_file = missing,
+            _ => cfg.auth.nkey_file = missing,
+        }
+        let err = match Notifier::connect(&cfg).await {
+            Ok(_) => panic!("{key}: connected with a missing file"),
+            Err(e) => e,
+        };
+        assert_eq!(err.component(), "config", "{key}: {err}");
+        assert!(err.to_string().contains(key), "{key}: {err}");
+    }
 }

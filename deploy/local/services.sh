@@ -1,16 +1,30 @@
 #!/usr/bin/env bash
 # Makes sure the local services the demo and the tests need are running, idempotently:
-#   PostgreSQL on 127.0.0.1:5432 with wal_level=logical, NATS with JetStream on 127.0.0.1:4222, and
-#   (with --s3) an S3-compatible test server (moto) on 127.0.0.1:5000.
+#   PostgreSQL with wal_level=logical, NATS with JetStream on 127.0.0.1:4222, and (with --s3) an
+#   S3-compatible test server (moto) on 127.0.0.1:5000.
 # Installs missing pieces from Debian packages / PyPI. Loopback only. Safe to run any number of times.
+#
+# PostgreSQL: a server already running on 127.0.0.1:5432 is used when it has what cdc-egress needs
+# (wal_level=logical, enough replication slots). It is never reconfigured or restarted: when it lacks
+# something, a private server is started instead (the machine's own PostgreSQL binaries, a data
+# directory under ${TMPDIR:-/tmp}, 127.0.0.1:${CDC_EGRESS_PRIVATE_PG_PORT:-54329}), and that one is ours.
+#
+#   bash deploy/local/services.sh [--s3] [--pg-url]   # --pg-url: print the PostgreSQL URL to use on stdout
+#   bash deploy/local/services.sh --stop-private      # stop the private PostgreSQL server, if any
 set -euo pipefail
 
-want_s3=0
-[ "${1:-}" = "--s3" ] && want_s3=1
+want_s3=0; print_url=0; stop_private=0
+for arg in "$@"; do
+  case "$arg" in
+    --s3) want_s3=1 ;;
+    --pg-url) print_url=1 ;;
+    --stop-private) stop_private=1 ;;
+    *) echo "usage: $0 [--s3] [--pg-url] [--stop-private]" >&2; exit 2 ;;
+  esac
+done
 
 log() { printf '[services] %s\n' "$*" >&2; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && exec 3>&- 3<&-; }
-as_postgres() { if [ "$(id -u)" = 0 ]; then su postgres -c "$*"; else sh -c "$*"; fi; }
 apt_install() {
   if [ "$(id -u)" != 0 ]; then log "need root to apt-get install $*"; exit 1; fi
   if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq >/dev/null; APT_UPDATED=1; fi
@@ -22,45 +36,75 @@ wait_port() {
 }
 
 # --- PostgreSQL -----------------------------------------------------------------------------------
-if ! command -v pg_lsclusters >/dev/null 2>&1 && ! port_open 5432; then
-  log "installing PostgreSQL"
-  apt_install postgresql
+private_port="${CDC_EGRESS_PRIVATE_PG_PORT:-54329}"
+private_dir="${TMPDIR:-/tmp}/cdc-egress-pg"
+# The private server runs as an unprivileged user (initdb refuses root).
+run_as() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+pg_bindir() {
+  local d
+  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+  [ -n "$d" ] && [ -x "$d/initdb" ] && { echo "$d"; return; }
+  command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/initdb" ] && { pg_config --bindir; return; }
+  return 1
+}
+if [ "$stop_private" = 1 ]; then
+  if [ -f "$private_dir/data/postmaster.pid" ]; then
+    run_as "$(pg_bindir)/pg_ctl" -D "$private_dir/data" -m fast -w stop >/dev/null && log "private PostgreSQL stopped"
+  else
+    log "no private PostgreSQL is running"
+  fi
+  exit 0
 fi
-if ! port_open 5432; then
-  cluster=$(pg_lsclusters -h | awk 'NR==1 {print $1" "$2}')
-  log "starting PostgreSQL cluster $cluster"
-  # shellcheck disable=SC2086
-  pg_ctlcluster --skip-systemctl-redirect $cluster start || true
-  wait_port 5432
+can_use() { # $1 = port: does the server there have what we need?
+  local q="psql -h 127.0.0.1 -p $1 -U postgres -d postgres -Atqc"
+  [ "$($q "show wal_level" 2>/dev/null)" = logical ] || return 1
+  [ "$($q "show max_replication_slots")" -ge "${CDC_EGRESS_MIN_SLOTS:-10}" ] || return 1
+  [ "$($q "show max_wal_senders")" -ge "${CDC_EGRESS_MIN_SLOTS:-10}" ] || return 1
+}
+start_private() {
+  local bindir
+  if ! bindir=$(pg_bindir); then
+    log "installing PostgreSQL (Debian package) for a private server"
+    apt_install postgresql
+    bindir=$(pg_bindir)
+  fi
+  mkdir -p "$private_dir"
+  [ "$(id -u)" = 0 ] && chown postgres: "$private_dir"
+  if [ ! -f "$private_dir/data/PG_VERSION" ]; then
+    log "creating a private PostgreSQL cluster in $private_dir/data"
+    run_as "$bindir/initdb" -D "$private_dir/data" -U postgres -A trust -E UTF8 --locale=C.UTF-8 >"$private_dir/initdb.log" 2>&1 \
+      || { log "initdb failed: see $private_dir/initdb.log"; exit 1; }
+  fi
+  log "starting the private PostgreSQL on 127.0.0.1:$private_port (wal_level=logical; log: $private_dir/server.log)"
+  run_as "$bindir/pg_ctl" -D "$private_dir/data" -l "$private_dir/server.log" -w -t 60 start \
+    -o "-c listen_addresses=127.0.0.1 -p $private_port -k $private_dir -c wal_level=logical -c max_replication_slots=40 -c max_wal_senders=40 -c max_connections=200 -c fsync=off" >/dev/null \
+    || { log "the private PostgreSQL did not start: see $private_dir/server.log"; exit 1; }
+}
+if [ -n "${CDC_EGRESS_TEST_PG_URL:-}" ]; then
+  pg_url="$CDC_EGRESS_TEST_PG_URL"
+  log "PostgreSQL: using CDC_EGRESS_TEST_PG_URL as given"
+else
+  if ! port_open 5432 && ! command -v pg_lsclusters >/dev/null 2>&1 && ! pg_bindir >/dev/null; then
+    log "installing PostgreSQL"
+    apt_install postgresql
+  fi
+  if port_open 5432 && can_use 5432; then
+    pg_url="postgres://postgres@127.0.0.1:5432/postgres"
+    log "PostgreSQL ready on 127.0.0.1:5432 (wal_level=logical)"
+  else
+    if port_open 5432; then
+      log "the PostgreSQL on 127.0.0.1:5432 lacks wal_level=logical or ${CDC_EGRESS_MIN_SLOTS:-10} replication slots;"
+      log "it is not ours to reconfigure, so a private server is used instead"
+    fi
+    if port_open "$private_port"; then
+      can_use "$private_port" || { log "127.0.0.1:$private_port is taken by something that is not a usable PostgreSQL: set CDC_EGRESS_PRIVATE_PG_PORT"; exit 1; }
+    else
+      start_private
+    fi
+    pg_url="postgres://postgres@127.0.0.1:$private_port/postgres"
+    log "PostgreSQL ready on 127.0.0.1:$private_port (private; stop it with: bash deploy/local/services.sh --stop-private)"
+  fi
 fi
-psql_() { psql -h 127.0.0.1 -U postgres -d postgres -Atqc "$1"; }
-if ! psql_ "select 1" >/dev/null 2>&1; then
-  log "cannot connect to PostgreSQL as postgres on 127.0.0.1 without a password;"
-  log "add 'host all all 127.0.0.1/32 trust' to pg_hba.conf or set CDC_EGRESS_TEST_PG_URL"
-  exit 1
-fi
-if [ "$(psql_ "show wal_level")" != "logical" ]; then
-  log "setting wal_level = logical and restarting PostgreSQL"
-  psql_ "ALTER SYSTEM SET wal_level = logical" >/dev/null
-  cluster=$(pg_lsclusters -h | awk 'NR==1 {print $1" "$2}')
-  # shellcheck disable=SC2086
-  pg_ctlcluster --skip-systemctl-redirect $cluster restart
-  wait_port 5432
-  for _ in $(seq 1 50); do psql_ "select 1" >/dev/null 2>&1 && break; sleep 0.2; done
-fi
-# Tests run many sessions at once; make sure there is room for their slots and senders.
-slots=$(psql_ "show max_replication_slots")
-if [ "$slots" -lt 40 ]; then
-  log "raising max_replication_slots / max_wal_senders to 64 and restarting PostgreSQL"
-  psql_ "ALTER SYSTEM SET max_replication_slots = 64" >/dev/null
-  psql_ "ALTER SYSTEM SET max_wal_senders = 64" >/dev/null
-  cluster=$(pg_lsclusters -h | awk 'NR==1 {print $1" "$2}')
-  # shellcheck disable=SC2086
-  pg_ctlcluster --skip-systemctl-redirect $cluster restart
-  wait_port 5432
-  for _ in $(seq 1 50); do psql_ "select 1" >/dev/null 2>&1 && break; sleep 0.2; done
-fi
-log "PostgreSQL ready (wal_level=logical)"
 
 # --- NATS with JetStream --------------------------------------------------------------------------
 if ! port_open 4222; then
@@ -97,3 +141,5 @@ if [ "$want_s3" = 1 ]; then
   fi
   log "S3 test server ready on 127.0.0.1:5000"
 fi
+[ "$print_url" = 1 ] && echo "$pg_url"
+exit 0

@@ -59,6 +59,7 @@ pub async fn run(
                     delay = Duration::from_millis(500);
                 }
                 tracing::warn!(error = %e, retry_in = ?delay, "session ended; restarting from the confirmed LSN");
+                record_state(&config, "retrying", Some(&e.to_string())).await;
                 let mut s = shutdown.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -68,8 +69,26 @@ pub async fn run(
             }
             Err(e) => {
                 metrics.error(&e);
+                record_state(&config, "stopped", Some(&e.to_string())).await;
                 return Err(e);
             }
         }
+    }
+}
+
+/// Best effort: writes the daemon's state to the registry between sessions (the registry may be
+/// the very thing that is down; then `status` cannot be reached either, and the log has it).
+async fn record_state(config: &Config, state: &str, error: Option<&str>) {
+    let write = async {
+        let pool = config.registry_conninfo()?.pool(1)?;
+        let registry = crate::register::Registry::new(pool, &config.registry.schema);
+        registry
+            .report_daemon_state(&config.source.slot, state, error)
+            .await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), write).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "cannot record the daemon state in the registry"),
+        Err(_) => tracing::debug!("recording the daemon state in the registry timed out"),
     }
 }

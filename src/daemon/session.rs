@@ -70,7 +70,7 @@ pub async fn connect(
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Endpoints, Error> {
-    let source = ConnInfo::parse(config.source.url.expose())?;
+    let source = config.source_conninfo()?;
     let catalog = source.connect().await?;
     slot::check_source(&catalog, &config.source.publication).await?;
     let installed = crate::register::migrate::install_reload_marker(
@@ -79,17 +79,18 @@ pub async fn connect(
         &config.source.publication,
     )
     .await?;
-    if !installed {
+    if installed == crate::register::migrate::MarkerTrigger::Missing {
         tracing::warn!(
             "the source role is not a superuser: the reload-marker event trigger is not installed, so \
              `cdc-egress reload` is unavailable until `cdc-egress migrate` runs as a superuser"
         );
     }
-    let registry_info = ConnInfo::parse(config.registry.url.expose())?;
+    let registry_info = config.registry_conninfo()?;
     let mut reg_client = registry_info.connect().await?;
     crate::register::migrate(&mut reg_client, &config.registry.schema).await?;
     drop(reg_client);
     let registry = Registry::new(registry_info.pool(4)?, &config.registry.schema);
+    let incarnation = registry.incarnation().await?;
     let options: BTreeMap<String, String> = config
         .output
         .options
@@ -97,7 +98,9 @@ pub async fn connect(
         .map(|(k, v)| (k.clone(), v.0.clone()))
         .collect();
     let store = Store::open(&config.output.url, &options)?;
-    let notifier = Notifier::connect(&config.nats).await?;
+    let notifier = Notifier::connect(&config.nats)
+        .await?
+        .map(|n| n.with_incarnation(&incarnation));
     Ok(Endpoints {
         source,
         catalog: Arc::new(catalog),
@@ -436,12 +439,30 @@ pub async fn session(
         let confirmed_rx = confirmed_rx.clone();
         tasks.spawn(async move {
             let mut iv = tokio::time::interval(Duration::from_secs(5));
+            let mut warned_blocker = Instant::now() - Duration::from_secs(3600);
             loop {
                 iv.tick().await;
                 if let Ok(Some(info)) = slot::slot_info(&catalog, &slot).await {
                     metrics
                         .slot_lag_bytes
                         .store(info.lag_bytes.unwrap_or(0), Relaxed);
+                    metrics
+                        .slot_safe_wal_bytes
+                        .store(info.safe_wal_size.unwrap_or(-1), Relaxed);
+                    if info.wal_status.as_deref() == Some("unreserved") {
+                        tracing::warn!(slot = %slot, lag_bytes = info.lag_bytes, "the slot retains more WAL than max_slot_wal_keep_size allows: it will be invalidated at the next checkpoint unless streaming catches up");
+                    }
+                }
+                let blockers = slot::cut_blockers(&catalog, &slot).await.unwrap_or_default();
+                let oldest = blockers.first().map(|b| b.xact_age_seconds).unwrap_or(0.0);
+                metrics
+                    .reload_cut_blocked_seconds
+                    .store(oldest as i64, Relaxed);
+                if let Some(b) = blockers.first() {
+                    if warned_blocker.elapsed() >= Duration::from_secs(60) {
+                        warned_blocker = Instant::now();
+                        tracing::warn!(blocker = %b, lag_bytes = metrics.slot_lag_bytes.load(Relaxed), "a reload's cut waits for an open transaction to end; the slot's confirmed LSN stands still meanwhile");
+                    }
                 }
                 let err = metrics.last_error();
                 let state = if err.is_some() {

@@ -7,8 +7,12 @@
 //!   1. it reads the last message on the notice's subject; if that message carries our `Nats-Msg-Id`,
 //!      the notice is already stored (a previous run crashed after the publish, before recording the
 //!      sequence) and its sequence is returned;
-//!   2. otherwise it publishes with `Nats-Msg-Id` = batch id **and**
+//!   2. otherwise it publishes with `Nats-Msg-Id` = `<registry incarnation>:<batch id>` **and**
 //!      `Nats-Expected-Last-Subject-Sequence` = the sequence found in step 1, then awaits the PubAck.
+//!
+//!   If JetStream nevertheless calls it a duplicate, another message with the same id is in the
+//!   window: the same notice (same subject and payload) counts as landed, anything else is reported
+//!   as an id collision (a definite error) instead of being lost silently.
 //!
 //!   The id gives de-duplication inside the stream's duplicate window; the subject-sequence condition
 //!   gives it after any downtime, because notices of one subject are published one at a time, in
@@ -32,6 +36,8 @@ pub struct Notifier {
     js: jetstream::Context,
     stream: String,
     prefix: String,
+    /// `<registry incarnation>:` (see [`Notifier::with_incarnation`]).
+    id_prefix: String,
 }
 
 fn transient(what: &str, e: impl std::fmt::Display) -> Error {
@@ -59,16 +65,109 @@ pub fn subject_token(name: &str) -> String {
     out
 }
 
+/// Reads a credential file named by the configuration (a definite configuration error if it cannot).
+fn read_secret(key: &str, path: &std::path::Path) -> Result<String, Error> {
+    std::fs::read_to_string(path)
+        .map(|t| t.trim().to_string())
+        .map_err(|e| {
+            Error::definite(
+                "config",
+                format!("cannot read {key} {}: {e}", path.display()),
+            )
+        })
+}
+
+/// Connection options with the configured credentials and TLS (every secret from a file).
+async fn connect_options(cfg: &NatsConfig) -> Result<async_nats::ConnectOptions, Error> {
+    let a = &cfg.auth;
+    let mut o = match &a.creds_file {
+        Some(p) => async_nats::ConnectOptions::with_credentials_file(p)
+            .await
+            .map_err(|e| {
+                Error::definite("config", format!("nats.creds_file {}: {e}", p.display()))
+            })?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let Some(p) = &a.token_file {
+        o = o.token(read_secret("nats.token_file", p)?);
+    }
+    if let Some(p) = &a.nkey_file {
+        o = o.nkey(read_secret("nats.nkey_file", p)?);
+    }
+    if let Some(p) = &a.password_file {
+        let user = cfg
+            .url
+            .as_ref()
+            .and_then(|u| url::Url::parse(u.expose()).ok())
+            .map(|u| u.username().to_string())
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| {
+                Error::definite(
+                    "config",
+                    "nats.password_file needs the user name in nats.url (nats://user@host:4222)",
+                )
+            })?;
+        o = o.user_and_password(user, read_secret("nats.password_file", p)?);
+    }
+    if let Some(p) = &a.tls_ca_file {
+        o = o.add_root_certificates(p.clone()).require_tls(true);
+    }
+    match (&a.tls_cert_file, &a.tls_key_file) {
+        (Some(c), Some(k)) => {
+            o = o
+                .add_client_certificate(c.clone(), k.clone())
+                .require_tls(true)
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::definite(
+                "config",
+                "nats.tls_cert_file and nats.tls_key_file go together: set both or neither",
+            ))
+        }
+    }
+    Ok(o.connection_timeout(Duration::from_secs(5))
+        .name("cdc-egress"))
+}
+
 impl Notifier {
     /// Connects (failing fast with a clear message when the server is down) and makes sure the
-    /// stream exists.
+    /// stream exists (the daemon).
     pub async fn connect(cfg: &NatsConfig) -> Result<Option<Notifier>, Error> {
+        let Some(n) = Self::connect_only(cfg).await? else {
+            return Ok(None);
+        };
+        n.ensure_stream().await?;
+        Ok(Some(n))
+    }
+
+    /// Connects to an existing stream without creating or changing anything (one-shot readers such
+    /// as `cdc-egress notices`): a missing stream is a definite error that names it.
+    pub async fn open_existing(cfg: &NatsConfig) -> Result<Option<Notifier>, Error> {
+        let Some(n) = Self::connect_only(cfg).await? else {
+            return Ok(None);
+        };
+        match n.js.get_stream(&n.stream).await {
+            Ok(_) => Ok(Some(n)),
+            Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) => {
+                Err(Error::definite(
+                    "nats",
+                    format!(
+                        "JetStream stream {} does not exist ({e}): the daemon creates it on its first run",
+                        n.stream
+                    ),
+                ))
+            }
+            Err(e) => Err(transient(&format!("open stream {}", n.stream), e)),
+        }
+    }
+
+    async fn connect_only(cfg: &NatsConfig) -> Result<Option<Notifier>, Error> {
         let Some(url) = &cfg.url else {
             return Ok(None);
         };
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(Duration::from_secs(5))
-            .name("cdc-egress")
+        let client = connect_options(cfg)
+            .await?
             .connect(url.expose())
             .await
             .map_err(|e| {
@@ -77,14 +176,25 @@ impl Notifier {
                     format!("{e}; is nats-server running with JetStream (-js)?"),
                 )
             })?;
-        let js = jetstream::new(client);
-        let n = Notifier {
-            js,
+        Ok(Some(Notifier {
+            js: jetstream::new(client),
             stream: cfg.stream.clone(),
             prefix: cfg.subject_prefix.clone(),
-        };
-        n.ensure_stream().await?;
-        Ok(Some(n))
+            id_prefix: String::new(),
+        }))
+    }
+
+    /// Message ids of this notifier are `<incarnation>:<id>`: `incarnation` is the registry's own
+    /// identity (`registry_info.incarnation`, new whenever a registry is created), so a recreated
+    /// registry or database writing into a surviving stream never reuses an earlier run's ids.
+    pub fn with_incarnation(mut self, incarnation: &str) -> Notifier {
+        self.id_prefix = format!("{incarnation}:");
+        self
+    }
+
+    /// The `Nats-Msg-Id` of the notice or event whose own id is `id`.
+    pub fn msg_id(&self, id: &str) -> String {
+        format!("{}{id}", self.id_prefix)
     }
 
     async fn ensure_stream(&self) -> Result<(), Error> {
@@ -143,14 +253,15 @@ impl Notifier {
         format!("{}.{op}", self.subject("change", table))
     }
 
-    /// Publishes `payload` on `subject` with `msg_id` exactly once (see the module contract) and
-    /// returns its stream sequence.
+    /// Publishes `payload` on `subject` with the message id of `id` exactly once (see the module
+    /// contract) and returns its stream sequence.
     pub async fn publish_once(
         &self,
         subject: &str,
-        msg_id: &str,
+        id: &str,
         payload: Bytes,
     ) -> Result<u64, Error> {
+        let (id_bare, msg_id) = (id, &self.msg_id(id));
         let stream = self
             .js
             .get_stream(&self.stream)
@@ -163,7 +274,10 @@ impl Notifier {
                         .headers
                         .get(async_nats::header::NATS_MESSAGE_ID)
                         .map(|v| v.as_str().to_string());
-                    if id.as_deref() == Some(msg_id) {
+                    // Ours: our id, or a notice published before ids carried the registry
+                    // incarnation (the bare id) with the very same payload.
+                    let legacy = id.as_deref() == Some(id_bare) && m.payload == payload;
+                    if id.as_deref() == Some(msg_id.as_str()) || legacy {
                         return Ok(m.sequence);
                     }
                     m.sequence
@@ -181,6 +295,11 @@ impl Notifier {
                 .await
                 .map_err(|e| transient(&format!("publish on {subject}"), e))?;
             match ack.await {
+                Ok(a) if a.duplicate => {
+                    return self
+                        .check_duplicate(subject, msg_id, &payload, a.sequence)
+                        .await
+                }
                 Ok(a) => return Ok(a.sequence),
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
                 Err(e) => return Err(transient(&format!("publish ack on {subject}"), e)),
@@ -190,6 +309,40 @@ impl Notifier {
             "nats",
             format!(
                 "another publisher keeps writing to {subject}: cdc-egress must be the only publisher of its notice subjects"
+            ),
+        ))
+    }
+
+    /// The server called our publish a duplicate although the last message on the subject is not
+    /// ours: some *other* message carries the same `Nats-Msg-Id` inside the duplicate window. If it
+    /// is the same notice (same subject and payload) it landed; anything else is an id collision,
+    /// which would silently drop this notice: a definite error that says what collided.
+    async fn check_duplicate(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        payload: &Bytes,
+        seq: u64,
+    ) -> Result<u64, Error> {
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| transient(&format!("open stream {}", self.stream), e))?;
+        let other = stream
+            .get_raw_message(seq)
+            .await
+            .map_err(|e| transient(&format!("read message {seq}"), e))?;
+        if other.subject.as_str() == subject && other.payload == *payload {
+            return Ok(seq);
+        }
+        Err(Error::definite(
+            "nats",
+            format!(
+                "Nats-Msg-Id collision: JetStream dropped the notice {msg_id} on {subject} as a duplicate of \
+                 message {seq} on {} with different content. Another writer (or an earlier registry) uses the \
+                 same ids in stream {}: give each deployment its own nats.stream or nats.subject_prefix",
+                other.subject, self.stream
             ),
         ))
     }
@@ -230,12 +383,12 @@ impl Notifier {
     pub async fn publish_pipelined(
         &self,
         subject: String,
-        msg_id: &str,
+        id: &str,
         payload: Bytes,
     ) -> Result<jetstream::context::PublishAckFuture, Error> {
         let publish = jetstream::message::PublishMessage::build()
             .payload(payload)
-            .message_id(msg_id);
+            .message_id(self.msg_id(id));
         self.js
             .send_publish(subject.clone(), publish)
             .await

@@ -23,6 +23,11 @@ pub struct Metrics {
     pub confirmed_lsn: AtomicU64,
     pub received_lsn: AtomicU64,
     pub slot_lag_bytes: AtomicI64,
+    /// WAL that may still be written before `max_slot_wal_keep_size` invalidates the slot; -1 when
+    /// unlimited or unknown.
+    pub slot_safe_wal_bytes: AtomicI64,
+    /// Age in seconds of the oldest open transaction a reload's cut waits for; 0 when none.
+    pub reload_cut_blocked_seconds: AtomicI64,
     pub pending_batches: AtomicI64,
     pub bytes_written: AtomicU64,
     pub ready: std::sync::atomic::AtomicBool,
@@ -126,6 +131,20 @@ impl Metrics {
             "WAL retained by the slot (current WAL LSN minus restart LSN)",
             "gauge",
             self.slot_lag_bytes.load(Relaxed).to_string(),
+        );
+        g(
+            &mut o,
+            "cdc_egress_slot_safe_wal_bytes",
+            "WAL that may still be written before max_slot_wal_keep_size invalidates the slot (-1: no limit)",
+            "gauge",
+            self.slot_safe_wal_bytes.load(Relaxed).to_string(),
+        );
+        g(
+            &mut o,
+            "cdc_egress_reload_cut_blocked_seconds",
+            "age of the oldest open transaction a reload's cut is waiting for (0: none)",
+            "gauge",
+            self.reload_cut_blocked_seconds.load(Relaxed).to_string(),
         );
         g(
             &mut o,

@@ -21,6 +21,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "reload_requests",
         include_str!("../../migrations/0002_reload_requests.sql"),
     ),
+    (
+        3,
+        "operators",
+        include_str!("../../migrations/0003_operators.sql"),
+    ),
 ];
 
 /// The reload-marker event trigger, installed in the source database (see the file's header).
@@ -40,24 +45,41 @@ pub fn marker_trigger_name(schema: &str) -> String {
     name
 }
 
-/// Installs (or refreshes) the reload-marker event trigger in the source database. Returns `false`,
-/// changing nothing, when the role is not a superuser (event triggers require one): reload requests
-/// then fail with a message that says so.
+/// What [`install_reload_marker`] found or did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkerTrigger {
+    /// Installed or refreshed just now.
+    Installed,
+    /// Not a superuser, but a superuser installed it earlier: it works, it was not refreshed.
+    AlreadyInstalled,
+    /// Not a superuser and not installed: `cdc-egress reload` cannot work until a superuser runs
+    /// `migrate`.
+    Missing,
+}
+
+/// Installs (or refreshes) the reload-marker event trigger in the source database. Event triggers
+/// need a superuser; without one nothing is changed and the result says whether an earlier
+/// installation is there.
 pub async fn install_reload_marker(
     c: &tokio_postgres::Client,
     schema: &str,
     publication: &str,
-) -> Result<bool, Error> {
-    let superuser: bool = c
+) -> Result<MarkerTrigger, Error> {
+    let row = c
         .query_one(
-            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
-            &[],
+            "SELECT rolsuper, EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = $1 AND evtenabled <> 'D') \
+             FROM pg_roles WHERE rolname = current_user",
+            &[&marker_trigger_name(schema)],
         )
         .await
-        .map_err(|e| pg("check superuser", e))?
-        .get(0);
+        .map_err(|e| pg("check superuser", e))?;
+    let (superuser, present): (bool, bool) = (row.get(0), row.get(1));
     if !superuser {
-        return Ok(false);
+        return Ok(if present {
+            MarkerTrigger::AlreadyInstalled
+        } else {
+            MarkerTrigger::Missing
+        });
     }
     let sql = RELOAD_MARKER_SQL
         .replace("{{schema}}", &quote_ident(schema))
@@ -73,12 +95,12 @@ pub async fn install_reload_marker(
             &quote_literal(&marker_trigger_name(schema)),
         );
     c.batch_execute(&format!(
-        "SELECT pg_advisory_lock(hashtext('cdc_egress.marker:' || {lit})); {sql}; SELECT pg_advisory_unlock(hashtext('cdc_egress.marker:' || {lit}));",
+        "SET client_min_messages = warning; SELECT pg_advisory_lock(hashtext('cdc_egress.marker:' || {lit})); {sql}; SELECT pg_advisory_unlock(hashtext('cdc_egress.marker:' || {lit}));",
         lit = quote_literal(schema)
     ))
     .await
     .map_err(|e| pg("install the reload-marker event trigger", e))?;
-    Ok(true)
+    Ok(MarkerTrigger::Installed)
 }
 
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -139,8 +161,9 @@ pub async fn migrate(c: &mut tokio_postgres::Client, schema: &str) -> Result<Vec
         )
         .await
         .map_err(|e| pg("lock", e))?;
+        // `IF NOT EXISTS` raises NOTICEs on every start otherwise; they are noise, not news.
         tx.batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {q}; \
+            "SET LOCAL client_min_messages = warning; CREATE SCHEMA IF NOT EXISTS {q}; \
              CREATE TABLE IF NOT EXISTS {q}.schema_migrations (version integer PRIMARY KEY, name text NOT NULL, \
              applied_at timestamptz NOT NULL DEFAULT now());"
         ))

@@ -396,6 +396,45 @@ impl Registry {
             .collect())
     }
 
+    /// The registry's identity (`registry_info.incarnation`), new for every registry created.
+    pub async fn incarnation(&self) -> Result<String, Error> {
+        let c = self.client().await?;
+        let row = c
+            .query_one(
+                &format!("SELECT incarnation FROM {}", self.t("registry_info")),
+                &[],
+            )
+            .await
+            .map_err(|e| pg_err("read registry incarnation", e))?;
+        Ok(row.get(0))
+    }
+
+    /// Records the daemon's state and last error without touching its positions: between sessions,
+    /// when it is retrying a failure and has no stream (so `status` never says "never ran" about a
+    /// daemon that is running and retrying).
+    pub async fn report_daemon_state(
+        &self,
+        slot: &str,
+        state: &str,
+        last_error: Option<&str>,
+    ) -> Result<(), Error> {
+        let c = self.client().await?;
+        let host = std::env::var("HOSTNAME").unwrap_or_default();
+        c.execute(
+            &format!(
+                "INSERT INTO {} (slot_name, state, last_error, pid, host, heartbeat_at) \
+                 VALUES ($1, $2, $3, $4, $5, now()) \
+                 ON CONFLICT (slot_name) DO UPDATE SET state = EXCLUDED.state, last_error = EXCLUDED.last_error, \
+                 pid = EXCLUDED.pid, host = EXCLUDED.host, heartbeat_at = now()",
+                self.t("daemon")
+            ),
+            &[&slot, &state, &last_error, &(std::process::id() as i32), &host],
+        )
+        .await
+        .map_err(|e| pg_err("report daemon state", e))?;
+        Ok(())
+    }
+
     /// Upserts the daemon's row (state, positions, last error) for `status`.
     pub async fn report_daemon(
         &self,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::error::Error;
 use crate::register::migrate::{installed_version, marker_trigger_name};
-use crate::source::conninfo::{pg_error, ConnInfo};
+use crate::source::conninfo::pg_error;
 use crate::table::{quote_ident, quote_literal, TableName};
 
 fn definite(msg: impl Into<String>) -> Error {
@@ -49,12 +49,28 @@ pub async fn request(
             "name at least one table: cdc-egress reload schema.table ...",
         ));
     }
-    let source = ConnInfo::parse(config.source.url.expose())?;
-    let mut src = source.connect().await?;
-    let registry = ConnInfo::parse(config.registry.url.expose())?
-        .connect()
-        .await?;
+    let mut src = config.source_conninfo()?.connect().await?;
+    let registry = config.registry_conninfo()?.connect().await?;
     let schema = &config.registry.schema;
+    let publication = &config.source.publication;
+    let pub_exists = src
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
+        .await
+        .map_err(|e| pg_error(&e))?
+        .is_some();
+    if !pub_exists {
+        return Err(Error::definite(
+            "config",
+            format!(
+                "publication {publication} (source.publication) does not exist in the source database: \
+                 create it (CREATE PUBLICATION {} FOR ALL TABLES) or fix source.publication",
+                quote_ident(publication)
+            ),
+        ));
+    }
     if installed_version(&registry, schema).await? == 0 {
         return Err(definite(format!(
             "the registry schema {schema} is not installed: run `cdc-egress migrate` first"
@@ -153,15 +169,55 @@ pub async fn request(
         .map_err(|e| pg_error(&e).context(format!("request a reload of {name}")))?;
     }
     tx.commit().await.map_err(|e| pg_error(&e))?;
+    // Remember the requests, so `status` and `--wait` can tell that no daemon has read them yet. The
+    // markers are in the WAL already; this row is only for people, so failing to write it is a warning.
+    let wal: Option<String> = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .ok()
+        .map(|r| r.get(0));
+    for (name, id) in &parsed {
+        if let Err(e) = registry
+            .execute(
+                &format!(
+                    "INSERT INTO {}.reload_requests (request, table_schema, table_name, wal_lsn) \
+                     VALUES ($1, $2, $3, $4::text::pg_lsn) ON CONFLICT DO NOTHING",
+                    quote_ident(schema)
+                ),
+                &[id, &name.schema, &name.name, &wal],
+            )
+            .await
+        {
+            tracing::warn!(error = %pg_error(&e), "cannot record the reload request in the registry");
+        }
+    }
     Ok(parsed)
 }
 
+/// A reload as `--wait` last saw it.
+struct Seen {
+    id: i64,
+    table: String,
+    status: String,
+    rows: i64,
+    estimate: i64,
+    bytes: i64,
+    parts: i32,
+    cut: Option<String>,
+    error: Option<String>,
+}
+
 /// Waits until every requested reload is done or failed, showing progress (a bar on a terminal,
-/// log lines otherwise). Fails if any reload failed.
-pub async fn wait(config: &Config, requests: &[(TableName, String)]) -> Result<(), Error> {
-    let registry = ConnInfo::parse(config.registry.url.expose())?
-        .connect()
-        .await?;
+/// log lines otherwise), and says what it waits for when nothing moves: no daemon reading the
+/// request, or open transactions the cut must wait for. Ends with each reload's id, rows and where
+/// its files are. Fails if any reload failed, or when `timeout` passes first (the reloads go on).
+pub async fn wait(
+    config: &Config,
+    requests: &[(TableName, String)],
+    timeout: Option<Duration>,
+) -> Result<(), Error> {
+    let registry = config.registry_conninfo()?.connect().await?;
+    let source = config.source_conninfo()?.connect().await?;
     let ids: Vec<String> = requests.iter().map(|(_, r)| r.clone()).collect();
     let tty = std::io::stderr().is_terminal();
     let bars = indicatif::MultiProgress::new();
@@ -170,85 +226,174 @@ pub async fn wait(config: &Config, requests: &[(TableName, String)]) -> Result<(
     )
     .expect("valid template")
     .progress_chars("=> ");
-    let mut shown: std::collections::HashMap<String, indicatif::ProgressBar> = Default::default();
+    let mut shown: std::collections::HashMap<i64, indicatif::ProgressBar> = Default::default();
     let started = Instant::now();
     let mut last_line = Instant::now() - Duration::from_secs(60);
-    let mut hinted = false;
+    let mut last_hint = Instant::now();
+    let rs = quote_ident(&config.registry.schema);
     loop {
-        let rows = registry
+        let seen: Vec<Seen> = registry
             .query(
                 &format!(
-                    "SELECT request, table_schema || '.' || table_name, status, coalesce(rows, 0), \
-                     coalesce(estimate_rows, 0), coalesce(bytes, 0), error FROM {}.reloads WHERE request = ANY($1)",
-                    quote_ident(&config.registry.schema)
+                    "SELECT id, table_schema || '.' || table_name, status, coalesce(rows, 0), \
+                     coalesce(estimate_rows, 0), coalesce(bytes, 0), coalesce(parts, 0), cut_lsn::text, error \
+                     FROM {rs}.reloads WHERE request = ANY($1) ORDER BY id"
                 ),
                 &[&ids],
             )
             .await
-            .map_err(|e| pg_error(&e))?;
-        let mut finished = 0;
-        let mut failed = Vec::new();
-        for r in &rows {
-            let (req, table, status): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-            let (done_rows, est, bytes): (i64, i64, i64) = (r.get(3), r.get(4), r.get(5));
-            if status == "done" || status == "failed" {
-                finished += 1;
-            }
-            if status == "failed" {
-                failed.push(format!(
-                    "{table}: {}",
-                    r.get::<_, Option<String>>(6).unwrap_or_default()
-                ));
-            }
+            .map_err(|e| pg_error(&e))?
+            .iter()
+            .map(|r| Seen {
+                id: r.get(0),
+                table: r.get(1),
+                status: r.get(2),
+                rows: r.get(3),
+                estimate: r.get(4),
+                bytes: r.get(5),
+                parts: r.get(6),
+                cut: r.get(7),
+                error: r.get(8),
+            })
+            .collect();
+        let finished = seen
+            .iter()
+            .filter(|r| r.status == "done" || r.status == "failed")
+            .count();
+        for r in &seen {
             if tty {
-                let bar = shown.entry(req).or_insert_with(|| {
-                    let b = bars.add(indicatif::ProgressBar::new(est.max(1) as u64));
+                let bar = shown.entry(r.id).or_insert_with(|| {
+                    let b = bars.add(indicatif::ProgressBar::new(r.estimate.max(1) as u64));
                     b.set_style(style.clone());
-                    b.set_prefix(table.clone());
+                    b.set_prefix(r.table.clone());
                     b
                 });
-                bar.set_length(est.max(done_rows).max(1) as u64);
-                bar.set_position(done_rows as u64);
-                bar.set_message(format!("{} {status}", indicatif::HumanBytes(bytes as u64)));
-                if status == "done" || status == "failed" {
+                bar.set_length(r.estimate.max(r.rows).max(1) as u64);
+                bar.set_position(r.rows as u64);
+                bar.set_message(format!(
+                    "{} {}",
+                    indicatif::HumanBytes(r.bytes as u64),
+                    r.status
+                ));
+                if r.status == "done" || r.status == "failed" {
                     bar.finish();
                 }
+            } else if last_line.elapsed() >= Duration::from_secs(5) {
+                eprintln!(
+                    "reload #{} {}: {} rows of ~{} exported, {} bytes, {}",
+                    r.id, r.table, r.rows, r.estimate, r.bytes, r.status
+                );
             }
         }
         if !tty && last_line.elapsed() >= Duration::from_secs(5) {
-            for r in &rows {
-                eprintln!(
-                    "reload {}: {} rows of ~{} exported, {} bytes, {}",
-                    r.get::<_, String>(1),
-                    r.get::<_, i64>(3),
-                    r.get::<_, i64>(4),
-                    r.get::<_, i64>(5),
-                    r.get::<_, String>(2)
-                );
-            }
             last_line = Instant::now();
         }
-        if rows.len() < ids.len() && !hinted && started.elapsed() > Duration::from_secs(10) {
-            // The registry row is created by the daemon when it reads the marker from the WAL.
-            eprintln!(
-                "still waiting for the daemon to read the request from the WAL: is `cdc-egress run` running for slot {}?",
-                config.source.slot
-            );
-            hinted = true;
+        if finished == ids.len() && seen.len() == ids.len() {
+            return finish(config, &registry, &seen, started.elapsed()).await;
         }
-        if finished == ids.len() && rows.len() == ids.len() {
-            if failed.is_empty() {
-                eprintln!(
-                    "all reloads done in {:.1}s",
-                    started.elapsed().as_secs_f64()
-                );
-                return Ok(());
+        if last_hint.elapsed() >= Duration::from_secs(10) {
+            last_hint = Instant::now();
+            if seen.len() < ids.len() {
+                // The registry row is created by the daemon when it reads the marker from the WAL.
+                let slot = crate::source::slot::slot_info(&source, &config.source.slot).await?;
+                let why = match slot {
+                    None => format!("replication slot {} does not exist", config.source.slot),
+                    Some(s) if s.active_pid.is_none() => format!(
+                        "no daemon is reading slot {} (confirmed {})",
+                        config.source.slot,
+                        s.confirmed_flush
+                            .map(|l| l.to_string())
+                            .unwrap_or("-".into())
+                    ),
+                    Some(s) => format!(
+                        "the daemon (pid {}) has not reached the request yet (confirmed {})",
+                        s.active_pid.unwrap_or_default(),
+                        s.confirmed_flush
+                            .map(|l| l.to_string())
+                            .unwrap_or("-".into())
+                    ),
+                };
+                eprintln!("waiting for a daemon to read the request from the WAL: {why}; is `cdc-egress run` running?");
             }
-            return Err(Error::definite(
+            if seen
+                .iter()
+                .any(|r| r.status == "running" && r.cut.is_none())
+            {
+                for b in crate::source::slot::cut_blockers(&source, &config.source.slot).await? {
+                    eprintln!("the reload's cut waits for an open transaction to end: {b}");
+                }
+            }
+        }
+        if let Some(t) = timeout.filter(|t| started.elapsed() >= *t) {
+            return Err(Error::transient(
                 "reload",
-                format!("reload failed: {}", failed.join("; ")),
+                format!(
+                    "gave up waiting after {}: {} of {} reloads finished (they go on; see cdc-egress status)",
+                    humantime::format_duration(t),
+                    finished,
+                    ids.len()
+                ),
             ));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Prints each finished reload (id, rows, parts, where its files are) and fails if any failed.
+async fn finish(
+    config: &Config,
+    registry: &tokio_postgres::Client,
+    seen: &[Seen],
+    took: Duration,
+) -> Result<(), Error> {
+    let options = config
+        .output
+        .options
+        .iter()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    let store = crate::write::store::Store::open(&config.output.url, &options).ok();
+    let mut failed = Vec::new();
+    for r in seen {
+        if r.status == "failed" {
+            failed.push(format!(
+                "{}: {}",
+                r.table,
+                r.error.clone().unwrap_or_default()
+            ));
+            continue;
+        }
+        let manifest: Option<String> = registry
+            .query_opt(
+                &format!(
+                    "SELECT manifest_path FROM {}.files WHERE reload_id = $1 ORDER BY id LIMIT 1",
+                    quote_ident(&config.registry.schema)
+                ),
+                &[&r.id],
+            )
+            .await
+            .map_err(|e| pg_error(&e))?
+            .and_then(|row| row.get(0));
+        let place = match (manifest, &store) {
+            (Some(m), Some(st)) => st.url_of(&object_store::path::Path::from(m.as_str())),
+            (Some(m), None) => m,
+            (None, _) => "-".into(),
+        };
+        println!(
+            "reload #{} of {} done: {} rows in {} part(s), cut {}, manifest {place}",
+            r.id,
+            r.table,
+            r.rows,
+            r.parts,
+            r.cut.as_deref().unwrap_or("-")
+        );
+    }
+    if !failed.is_empty() {
+        return Err(Error::definite(
+            "reload",
+            format!("reload failed: {}", failed.join("; ")),
+        ));
+    }
+    eprintln!("all reloads done in {:.1}s", took.as_secs_f64());
+    Ok(())
 }

@@ -246,6 +246,53 @@ impl ConnInfo {
         })
     }
 
+    /// Fills in a missing password the way libpq does, after the URL's own: `password_file` (the
+    /// configuration's `*.password_file`, a file whose content is the password), then `$PGPASSWORD`,
+    /// then the first matching line of `$PGPASSFILE` (default `~/.pgpass`). A password given in the
+    /// URL always wins. A named password file that cannot be read is a configuration error; a
+    /// missing default `~/.pgpass` is not.
+    pub fn with_password_fallback(mut self, password_file: Option<&Path>) -> Result<Self, Error> {
+        if self.password.is_some() {
+            return Ok(self);
+        }
+        if let Some(path) = password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                config_error(format!(
+                    "cannot read the password file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            self.password = Some(text.trim_end_matches(['\n', '\r']).to_string());
+            return Ok(self);
+        }
+        if let Some(p) = std::env::var("PGPASSWORD").ok().filter(|p| !p.is_empty()) {
+            self.password = Some(p);
+            return Ok(self);
+        }
+        let (file, named) = match std::env::var_os("PGPASSFILE").filter(|f| !f.is_empty()) {
+            Some(f) => (PathBuf::from(f), true),
+            None => match std::env::var_os("HOME") {
+                Some(h) => (PathBuf::from(h).join(".pgpass"), false),
+                None => return Ok(self),
+            },
+        };
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let host = match &self.host {
+                    Host::Tcp(h) => h.clone(),
+                    Host::Unix(d) => d.display().to_string(),
+                };
+                self.password = pgpass_lookup(&text, &host, self.port, &self.dbname, &self.user);
+                Ok(self)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !named => Ok(self),
+            Err(e) => Err(config_error(format!(
+                "cannot read the password file {} (PGPASSFILE): {e}",
+                file.display()
+            ))),
+        }
+    }
+
     pub fn dbname(&self) -> &str {
         &self.dbname
     }
@@ -494,10 +541,46 @@ pub fn pg_error(err: &tokio_postgres::Error) -> Error {
     } else {
         Kind::Transient
     };
+    if text.contains("password missing") {
+        return Error::definite(CONFIG, wire::NO_PASSWORD);
+    }
     match kind {
         Kind::Definite => Error::definite(COMPONENT, text),
         Kind::Transient => Error::transient(COMPONENT, text),
     }
+}
+
+/// The password of the first line of a libpq password file (`host:port:database:user:password`,
+/// `*` matches anything, `\\` escapes `:` and `\\`) that matches. A unix-socket connection also
+/// matches the host `localhost`, as in libpq. Comment lines start with `#`.
+pub fn pgpass_lookup(text: &str, host: &str, port: u16, db: &str, user: &str) -> Option<String> {
+    let port = port.to_string();
+    let socket = host.starts_with('/');
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = Vec::with_capacity(5);
+        let mut cur = String::new();
+        let mut chars = line.trim_end_matches('\r').chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => cur.extend(chars.next()),
+                ':' if fields.len() < 4 => fields.push(std::mem::take(&mut cur)),
+                c => cur.push(c),
+            }
+        }
+        fields.push(cur);
+        if fields.len() != 5 {
+            continue;
+        }
+        let m = |pattern: &str, value: &str| pattern == "*" || pattern == value;
+        let host_ok = m(&fields[0], host) || (socket && fields[0] == "localhost");
+        if host_ok && m(&fields[1], &port) && m(&fields[2], db) && m(&fields[3], user) {
+            return Some(fields[4].clone());
+        }
+    }
+    None
 }
 
 // ---- parsing ----
@@ -678,6 +761,52 @@ mod tests {
 
     fn p(s: &str) -> ConnInfo {
         ConnInfo::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn pgpass_lines_match_like_libpq() {
+        let text = "# comment\n\
+                    db.example:5432:app:alice:first\n\
+                    127.0.0.1:*:*:postgres:p\\:w\\\\d\n\
+                    *:5433:*:*:fallback\n\
+                    localhost:5432:*:bob:viasocket\n";
+        assert_eq!(
+            pgpass_lookup(text, "db.example", 5432, "app", "alice").as_deref(),
+            Some("first")
+        );
+        assert_eq!(
+            pgpass_lookup(text, "127.0.0.1", 5432, "x", "postgres").as_deref(),
+            Some("p:w\\d")
+        );
+        assert_eq!(
+            pgpass_lookup(text, "elsewhere", 5433, "x", "y").as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(
+            pgpass_lookup(text, "/var/run/postgresql", 5432, "x", "bob").as_deref(),
+            Some("viasocket")
+        );
+        assert_eq!(pgpass_lookup(text, "elsewhere", 5432, "x", "y"), None);
+    }
+
+    #[test]
+    fn a_password_file_fills_a_missing_password_but_never_replaces_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "from-file\n").unwrap();
+        let c = p("postgres://u@h/db")
+            .with_password_fallback(Some(&f))
+            .unwrap();
+        assert_eq!(c.password(), Some("from-file"));
+        let c = p("postgres://u:inurl@h/db")
+            .with_password_fallback(Some(&f))
+            .unwrap();
+        assert_eq!(c.password(), Some("inurl"));
+        let err = p("postgres://u@h/db")
+            .with_password_fallback(Some(&dir.path().join("missing")))
+            .unwrap_err();
+        assert_eq!(err.component(), "config");
+        assert!(err.message().contains("password file"), "{err}");
     }
 
     #[test]

@@ -24,13 +24,126 @@ fn pg(what: &str, e: tokio_postgres::Error) -> Error {
 }
 
 /// The slot as `pg_replication_slots` shows it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SlotInfo {
     pub plugin: Option<String>,
     pub database: Option<String>,
     pub confirmed_flush: Option<Lsn>,
     pub active_pid: Option<i32>,
+    /// WAL retained by the slot: current WAL LSN minus its restart LSN.
     pub lag_bytes: Option<i64>,
+    /// `reserved`, `extended`, `unreserved` (about to be lost) or `lost` (PostgreSQL 13+).
+    pub wal_status: Option<String>,
+    /// Bytes of WAL that can still be written before the slot is lost, when
+    /// `max_slot_wal_keep_size` limits it (PostgreSQL 13+).
+    pub safe_wal_size: Option<i64>,
+    /// Why the slot was invalidated (PostgreSQL 17+: `wal_removed`, `idle_timeout`, …; `conflicting`
+    /// before that). `None` while it is valid.
+    pub invalidation_reason: Option<String>,
+}
+
+impl SlotInfo {
+    /// The slot can no longer stream: its WAL is gone or it was invalidated. Nothing retries this
+    /// away; see the `source.slot_lost` policy.
+    pub fn is_lost(&self) -> bool {
+        self.wal_status.as_deref() == Some("lost") || self.invalidation_reason.is_some()
+    }
+}
+
+/// Reads the slot's row. Columns that differ between PostgreSQL versions are read through
+/// `to_jsonb`, so one query serves 14 to 18 (a missing column is simply `None`).
+pub async fn slot_info(c: &Client, slot: &str) -> Result<Option<SlotInfo>, Error> {
+    let row = c
+        .query_opt(
+            "SELECT to_jsonb(s)::text, (pg_current_wal_lsn() - s.restart_lsn)::bigint \
+             FROM pg_replication_slots s WHERE s.slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| pg("look up replication slot", e))?;
+    Ok(row.map(|r| {
+        let j: serde_json::Value = serde_json::from_str(&r.get::<_, String>(0)).unwrap_or_default();
+        let text = |k: &str| j.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        let int = |k: &str| j.get(k).and_then(|v| v.as_i64());
+        let invalidation_reason = text("invalidation_reason").or_else(|| {
+            (j.get("conflicting").and_then(|v| v.as_bool()) == Some(true))
+                .then(|| "conflicting".to_string())
+        });
+        SlotInfo {
+            plugin: text("plugin"),
+            database: text("database"),
+            confirmed_flush: text("confirmed_flush_lsn").and_then(|s| s.parse().ok()),
+            active_pid: int("active_pid").map(|p| p as i32),
+            lag_bytes: r.get(1),
+            wal_status: text("wal_status"),
+            safe_wal_size: int("safe_wal_size"),
+            invalidation_reason,
+        }
+    }))
+}
+
+/// A session whose open transaction keeps a reload's cut from being taken.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CutBlocker {
+    pub pid: i32,
+    /// Seconds since its transaction began.
+    pub xact_age_seconds: f64,
+    pub state: Option<String>,
+    pub user: Option<String>,
+    pub application_name: Option<String>,
+    /// The start of its current or last query (at most 200 characters).
+    pub query: Option<String>,
+}
+
+/// The transactions a reload's cut waits for. Taking a cut creates a temporary slot, and PostgreSQL
+/// only finishes creating a logical slot once every transaction that was running when it started
+/// has ended; the walsender waits on their locks, so `pg_blocking_pids` names them. Empty when no
+/// cut of `slot` is waiting.
+pub async fn cut_blockers(c: &Client, slot: &str) -> Result<Vec<CutBlocker>, Error> {
+    let pattern = format!("CREATE_REPLICATION_SLOT \"{slot}_cut_%");
+    let rows = c
+        .query(
+            "SELECT b.pid, extract(epoch FROM now() - b.xact_start)::float8, b.state, b.usename::text, \
+             b.application_name, left(b.query, 200) \
+             FROM pg_stat_activity w \
+             CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS bp(pid) \
+             JOIN pg_stat_activity b ON b.pid = bp.pid \
+             WHERE w.backend_type = 'walsender' AND w.query LIKE $1 \
+             ORDER BY b.xact_start NULLS LAST",
+            &[&pattern],
+        )
+        .await
+        .map_err(|e| pg("look up what a reload cut waits for", e))?;
+    Ok(rows
+        .iter()
+        .map(|r| CutBlocker {
+            pid: r.get(0),
+            xact_age_seconds: r.get::<_, Option<f64>>(1).unwrap_or(0.0),
+            state: r.get(2),
+            user: r.get(3),
+            application_name: r.get(4),
+            query: r.get(5),
+        })
+        .collect())
+}
+
+impl std::fmt::Display for CutBlocker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {} ({}, transaction open for {:.0}s",
+            self.pid,
+            self.state.as_deref().unwrap_or("?"),
+            self.xact_age_seconds
+        )?;
+        if let Some(u) = &self.user {
+            write!(f, ", user {u}")?;
+        }
+        if let Some(q) = self.query.as_deref().filter(|q| !q.is_empty()) {
+            write!(f, ", query: {}", q.replace('\n', " "))?;
+        }
+        f.write_str(")")
+    }
 }
 
 /// Checks `wal_level`, the server version, the database encoding and the publication.
@@ -95,25 +208,6 @@ pub async fn check_source(c: &Client, publication: &str) -> Result<(), Error> {
         ));
     }
     Ok(())
-}
-
-pub async fn slot_info(c: &Client, slot: &str) -> Result<Option<SlotInfo>, Error> {
-    let row = c
-        .query_opt(
-            "SELECT plugin::text, database::text, confirmed_flush_lsn::text, active_pid, \
-             (pg_current_wal_lsn() - restart_lsn)::bigint \
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| pg("look up replication slot", e))?;
-    Ok(row.map(|r| SlotInfo {
-        plugin: r.get(0),
-        database: r.get(1),
-        confirmed_flush: r.get::<_, Option<String>>(2).and_then(|s| s.parse().ok()),
-        active_pid: r.get(3),
-        lag_bytes: r.get(4),
-    }))
 }
 
 /// Verifies an existing slot is a pgoutput slot of this database.

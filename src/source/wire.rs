@@ -45,6 +45,9 @@ use crate::source::conninfo::{ConnInfo, Host};
 use crate::source::tls;
 
 const COMPONENT: &str = "postgres";
+/// What to say when the server wants a password and the configuration has none.
+pub(crate) const NO_PASSWORD: &str = "the server requested a password but none was given: put it in the URL, \
+in source.password_file / registry.password_file, $PGPASSWORD, or a password file ($PGPASSFILE, ~/.pgpass)";
 /// Read buffer growth step; one `read` can fill this much.
 const READ_CHUNK: usize = 128 * 1024;
 /// Below this much free space the read buffer is grown before reading.
@@ -505,7 +508,10 @@ impl ReplicationConnection {
         };
         let password = || {
             info.password().ok_or_else(|| {
-                auth_err("the server requested a password but none was given".into())
+                Error::definite(
+                    "config",
+                    format!("authenticating to {peer} as {}: {NO_PASSWORD}", info.user()),
+                )
             })
         };
         let build_err = |e: io::Error| auth_err(format!("building message: {e}"));

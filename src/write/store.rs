@@ -56,23 +56,54 @@ fn parsed_scheme(url: &str) -> &str {
 /// Rejects option keys the backend does not know (object_store would silently ignore a misspelt
 /// `aws_endpont` and talk to the real cloud).
 fn check_option_keys(scheme: &str, options: &BTreeMap<String, String>) -> Result<(), Error> {
-    use std::str::FromStr;
     for key in options.keys() {
-        let k = key.to_ascii_lowercase();
-        let known = object_store::ClientConfigKey::from_str(&k).is_ok()
-            || match scheme {
-                "s3" | "s3a" => object_store::aws::AmazonS3ConfigKey::from_str(&k).is_ok(),
-                "gs" => object_store::gcp::GoogleConfigKey::from_str(&k).is_ok(),
-                _ => object_store::azure::AzureConfigKey::from_str(&k).is_ok(),
-            };
-        if !known {
+        if !is_option_key(scheme, key) {
             return Err(Error::definite(
                 "config",
-                format!("output.options.{key} is not an option of the {scheme}:// backend (see the object_store configuration keys)"),
+                format!("output.options.{key} is not an option of the {scheme}:// backend (see the object_store configuration keys; any of them can also be given as <key>_file)"),
             ));
         }
     }
     Ok(())
+}
+
+/// Whether `key` is a configuration key of the `scheme` backend (or of every client).
+fn is_option_key(scheme: &str, key: &str) -> bool {
+    use std::str::FromStr;
+    let k = key.to_ascii_lowercase();
+    object_store::ClientConfigKey::from_str(&k).is_ok()
+        || match scheme {
+            "s3" | "s3a" => object_store::aws::AmazonS3ConfigKey::from_str(&k).is_ok(),
+            "gs" => object_store::gcp::GoogleConfigKey::from_str(&k).is_ok(),
+            _ => object_store::azure::AzureConfigKey::from_str(&k).is_ok(),
+        }
+}
+
+/// `<key>_file = <path>` gives the value of `<key>` from a file (its content without the trailing
+/// newline), so credentials such as `aws_secret_access_key_file` can come from mounted secrets.
+/// Keys the backend itself takes as paths (`aws_web_identity_token_file`, …) pass unchanged.
+fn options_from_files(
+    scheme: &str,
+    options: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, Error> {
+    let mut out = BTreeMap::new();
+    for (key, value) in options {
+        match key.strip_suffix("_file") {
+            Some(base) if !is_option_key(scheme, key) && is_option_key(scheme, base) => {
+                let text = std::fs::read_to_string(value).map_err(|e| {
+                    Error::definite("config", format!("output.options.{key} {value}: {e}"))
+                })?;
+                out.insert(
+                    base.to_string(),
+                    text.trim_end_matches(['\n', '\r']).to_string(),
+                );
+            }
+            _ => {
+                out.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Clone)]
@@ -140,6 +171,7 @@ impl Store {
                 local_dir: Some(dir),
             });
         }
+        let options = &options_from_files(parsed_scheme(url), options)?;
         check_option_keys(parsed_scheme(url), options)?;
         let parsed = url::Url::parse(url)
             .map_err(|e| Error::definite("config", format!("output.url {url:?}: {e}")))?;

@@ -1,0 +1,23 @@
+-- cdc-egress registry, version 3: the registry's own identity, and reload requests that no daemon
+-- has read yet.
+
+-- One row. `incarnation` is new for every registry created (a dropped and recreated registry or
+-- database gets another), and prefixes every JetStream `Nats-Msg-Id`, so a stream that outlives its
+-- registry never mistakes a new notice for an old one.
+CREATE TABLE {{schema}}.registry_info (
+    singleton   boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
+    incarnation text        NOT NULL DEFAULT substr(md5(gen_random_uuid()::text), 1, 12),
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO {{schema}}.registry_info DEFAULT VALUES;
+
+-- Written by `cdc-egress reload` next to the marker it places in the WAL, so `status` and
+-- `reload --wait` can say that a request is waiting for a daemon to read it. `wal_lsn` is the source's
+-- WAL position right after the marker committed: the marker lies below it.
+CREATE TABLE {{schema}}.reload_requests (
+    request       text        PRIMARY KEY,
+    table_schema  text        NOT NULL,
+    table_name    text        NOT NULL,
+    wal_lsn       pg_lsn,
+    requested_at  timestamptz NOT NULL DEFAULT now()
+);
