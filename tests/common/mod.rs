@@ -11,6 +11,8 @@
 
 #![allow(dead_code)]
 
+pub mod gcs;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
