@@ -2,7 +2,9 @@
 # Runs every test: starts (or installs) the local services, then `cargo test` over all targets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash deploy/local/services.sh --s3
+bash deploy/local/services.sh --s3 --azure --gcs
 export CDC_EGRESS_TEST_S3_ENDPOINT="${CDC_EGRESS_TEST_S3_ENDPOINT:-http://127.0.0.1:5000}"
+export CDC_EGRESS_TEST_AZURE_ENDPOINT="${CDC_EGRESS_TEST_AZURE_ENDPOINT:-http://127.0.0.1:10000}"
+export CDC_EGRESS_TEST_GCS_ENDPOINT="${CDC_EGRESS_TEST_GCS_ENDPOINT:-http://127.0.0.1:4443}"
 export CDC_EGRESS_TEST_PYTHON="${CDC_EGRESS_TEST_PYTHON:-${CDC_EGRESS_VENV:-$HOME/.cache/cdc-egress/venv}/bin/python}"
 cargo test --all-targets "$@"
