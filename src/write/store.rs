@@ -9,8 +9,9 @@
 //! - Errors are classified: authentication/permission/invalid-path problems are definite; everything
 //!   else (network, throttling, 5xx) is transient and retried by the caller.
 //!
-//! The conformance suite in `tests/store_conformance.rs` runs these operations against every backend
-//! we can run here: the local filesystem and a real S3-compatible server on loopback.
+//! The conformance suite in `tests/store_conformance.rs` runs these operations against every backend,
+//! each a server on loopback: the local filesystem, S3 (moto), Azure (Azurite) and GCS
+//! (fake-gcs-server, which has no multipart upload, so the large-file checks are skipped there).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -2,12 +2,16 @@
 //!
 //! Real servers only, on loopback: PostgreSQL (`CDC_EGRESS_TEST_PG_URL`, default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), NATS with JetStream (`CDC_EGRESS_TEST_NATS_URL`,
-//! default `nats://127.0.0.1:4222`) and, for S3 tests, an S3-compatible server
-//! (`CDC_EGRESS_TEST_S3_ENDPOINT`, e.g. `http://127.0.0.1:5000`, started by `scripts/test`).
+//! default `nats://127.0.0.1:4222`) and, for the object store tests, an S3-compatible server
+//! (`CDC_EGRESS_TEST_S3_ENDPOINT`, e.g. `http://127.0.0.1:5000`), Azurite
+//! (`CDC_EGRESS_TEST_AZURE_ENDPOINT`, e.g. `http://127.0.0.1:10000`) and fake-gcs-server
+//! (`CDC_EGRESS_TEST_GCS_ENDPOINT`, e.g. `http://127.0.0.1:4443`), all started by `deploy/test.sh`.
 //! Every test gets its own database, slot, publication, JetStream stream, subject prefix and output
 //! directory; [`TestDb::cleanup`] (and, as a fallback, `Drop`) drops the slot and the database.
 
 #![allow(dead_code)]
+
+pub mod gcs;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -148,7 +152,7 @@ mod containers {
 pub fn s3_endpoint() -> String {
     let u = std::env::var("CDC_EGRESS_TEST_S3_ENDPOINT").unwrap_or_else(|_| {
         panic!(
-            "CDC_EGRESS_TEST_S3_ENDPOINT is not set: run the tests with scripts/test (it starts a local \
+            "CDC_EGRESS_TEST_S3_ENDPOINT is not set: run the tests with deploy/test.sh (it starts a local \
              S3-compatible server), or start one yourself (pip install 'moto[server]'; moto_server -p 5000) and \
              export CDC_EGRESS_TEST_S3_ENDPOINT=http://127.0.0.1:5000"
         )
@@ -172,6 +176,202 @@ pub async fn create_bucket(endpoint: &str, bucket: &str) {
         resp.starts_with("HTTP/1.1 200") || resp.contains("BucketAlreadyOwnedByYou"),
         "create bucket: {resp}"
     );
+}
+
+/// One HTTP/1.1 request to a loopback test server (no TLS, `Connection: close`); returns the status
+/// and the body as text.
+pub async fn http_request(
+    endpoint: &str,
+    method: &str,
+    target: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    assert_loopback(endpoint);
+    let hostport = endpoint
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let mut s = tokio::net::TcpStream::connect(hostport)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the test server at {endpoint}: {e}"));
+    let mut req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status line from {endpoint}: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A bucket or container name every object store accepts (lower case, digits, dashes, at most 63
+/// characters) that no other test uses.
+pub fn unique_bucket(tag: &str) -> String {
+    let mut b = unique(tag).replace('_', "-").to_ascii_lowercase();
+    b.truncate(63);
+    b.trim_end_matches('-').to_string()
+}
+
+fn options(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `output.options` for the loopback S3 server.
+pub fn s3_options(endpoint: &str) -> std::collections::BTreeMap<String, String> {
+    options(&[
+        ("aws_endpoint", endpoint),
+        ("aws_allow_http", "true"),
+        ("aws_region", "us-east-1"),
+        ("aws_access_key_id", "test"),
+        ("aws_secret_access_key", "test"),
+        ("aws_virtual_hosted_style_request", "false"),
+    ])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Azure: Azurite's blob service.
+
+/// Azurite's well-known development account and key (published by Microsoft for the emulator; it
+/// grants nothing anywhere else).
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// The Azurite blob service address, or a panic that says how to get one (not silently skipped).
+pub fn azure_endpoint() -> String {
+    let u = std::env::var("CDC_EGRESS_TEST_AZURE_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "CDC_EGRESS_TEST_AZURE_ENDPOINT is not set: run the tests with deploy/test.sh (it starts Azurite), \
+             or run `bash deploy/local/services.sh --azure` and export \
+             CDC_EGRESS_TEST_AZURE_ENDPOINT=http://127.0.0.1:10000"
+        )
+    });
+    assert_loopback(&u);
+    u.trim_end_matches('/').to_string()
+}
+
+/// `output.options` for an `az://container/prefix` output on Azurite: the development account and
+/// key, and its path-style account URL over plain HTTP.
+pub fn azure_options(endpoint: &str) -> std::collections::BTreeMap<String, String> {
+    let account_url = format!("{endpoint}/{AZURITE_ACCOUNT}");
+    options(&[
+        ("azure_storage_account_name", AZURITE_ACCOUNT),
+        ("azure_storage_account_key", AZURITE_KEY),
+        ("azure_storage_endpoint", &account_url),
+        ("azure_allow_http", "true"),
+    ])
+}
+
+/// Creates (`PUT`) or deletes (`DELETE`, with every blob in it) a container on Azurite, signed with
+/// the development key (Azurite has no unauthenticated mode).
+pub async fn azure_container(endpoint: &str, method: &str, container: &str) {
+    let date = chrono::Utc::now()
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
+    let version = "2021-08-06";
+    let path = format!("/{AZURITE_ACCOUNT}/{container}");
+    // Shared Key: the verb, eleven standard headers (all empty here), the x-ms- headers, the resource.
+    let to_sign = format!(
+        "{method}\n{}x-ms-date:{date}\nx-ms-version:{version}\n/{AZURITE_ACCOUNT}{path}\nrestype:container",
+        "\n".repeat(11)
+    );
+    let signature = base64_encode(&hmac_sha256(
+        &base64_decode(AZURITE_KEY),
+        to_sign.as_bytes(),
+    ));
+    let (status, body) = http_request(
+        endpoint,
+        method,
+        &format!("{path}?restype=container"),
+        &[
+            ("x-ms-date", date),
+            ("x-ms-version", version.to_string()),
+            (
+                "Authorization",
+                format!("SharedKey {AZURITE_ACCOUNT}:{signature}"),
+            ),
+        ],
+        b"",
+    )
+    .await;
+    assert!(
+        (200..300).contains(&status),
+        "{method} container {container}: {status} {body}"
+    );
+}
+
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&sha2::Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = sha2::Sha256::new();
+    inner.update(k.map(|b| b ^ 0x36));
+    inner.update(msg);
+    let mut outer = sha2::Sha256::new();
+    outer.update(k.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().into()
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn base64_encode(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes().filter(|c| *c != b'=') {
+        let v = B64.iter().position(|b| *b == c).expect("base64") as u32;
+        acc = acc << 6 | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
 }
 
 /// The same server URL pointing at another database.
