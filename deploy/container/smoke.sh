@@ -91,6 +91,6 @@ took=$(( $(date +%s) - t0 ))
 [ $rc = 0 ] && ok "smoke: SIGTERM → exit 0 after ${took}s" || bad "smoke: SIGTERM → exit $rc: $(tail -n5 "$work/run.log")"
 
 out=$(run_image CDC_EGRESS_SOURCE_URL="$user_url" "$CHROOT" --userspec=10001:10001 "$rootfs" \
-      /cdc-egress drop-slot --config /etc/cdc-egress/cdc-egress.yml 2>&1); rc=$?
+      /cdc-egress drop-slot --yes --config /etc/cdc-egress/cdc-egress.yml 2>&1); rc=$?
 [ $rc = 0 ] && ok "smoke: drop-slot → '$out'" || bad "smoke: drop-slot exit $rc: $out"
 rm -f "$rootfs/etc/cdc-egress/cdc-egress.yml"
