@@ -21,3 +21,19 @@ CREATE TABLE {{schema}}.reload_requests (
     wal_lsn       pg_lsn,
     requested_at  timestamptz NOT NULL DEFAULT now()
 );
+
+-- The life of each replication slot as the daemons saw it: `created` (by a daemon, at its
+-- consistent point), `dropped` (by `cdc-egress drop-slot`), `lost` (found invalidated or missing
+-- after it had been created: the changes from `lsn`, its last confirmed position, up to the next
+-- `created` are not in any streaming file, and every table was re-exported). A `lost` event is
+-- announced on NATS; `notified_stream_seq` records that it was.
+CREATE TABLE {{schema}}.slot_events (
+    id                  bigserial   PRIMARY KEY,
+    slot_name           text        NOT NULL,
+    event               text        NOT NULL CHECK (event IN ('created', 'dropped', 'lost')),
+    lsn                 pg_lsn,
+    detail              text,
+    notified_stream_seq bigint,
+    at                  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX slot_events_slot_idx ON {{schema}}.slot_events (slot_name, id);

@@ -33,6 +33,8 @@ pub const KEYS: &[&str] = &[
     "source.heartbeat_interval",
     "source.status_interval",
     "source.password_file",
+    "source.slot_lost",
+    "source.slot_failover",
     "registry.url",
     "registry.schema",
     "registry.password_file",
@@ -97,6 +99,11 @@ pub struct SourceConfig {
     pub url: SecretUrl,
     /// A file holding the password, used when `url` has none (before `$PGPASSWORD` / `~/.pgpass`).
     pub password_file: Option<PathBuf>,
+    /// What to do when the slot was invalidated or dropped behind our back.
+    pub slot_lost: SlotLostPolicy,
+    /// Create the slot with `FAILOVER` (PostgreSQL 17+), so it is synchronized to standbys and
+    /// survives a switch-over.
+    pub slot_failover: bool,
     pub publication: String,
     pub slot: String,
     /// How often a heartbeat logical message is written so that an idle slot still advances.
@@ -136,6 +143,17 @@ pub struct NatsConfig {
     pub subject_prefix: String,
     pub change_events: bool,
     pub auth: NatsAuth,
+}
+
+/// `source.slot_lost`: what the daemon does when its slot can no longer stream (invalidated by
+/// `max_slot_wal_keep_size` or an idle timeout, or dropped while the registry says it existed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotLostPolicy {
+    /// Stop with a definite error that explains the gap and the choices (default: a person decides).
+    Error,
+    /// Record the gap, create a new slot and export every published table consistently from it, so
+    /// the files are exact again by the consumer rule; announce it on NATS.
+    Reexport,
 }
 
 /// NATS credentials and TLS, each from a file (never inline in the configuration).
@@ -679,6 +697,22 @@ impl Layers {
             source: SourceConfig {
                 url: SecretUrl::new(source_url),
                 password_file: self.path("source.password_file"),
+                slot_lost: self.parsed(
+                    "source.slot_lost",
+                    SlotLostPolicy::Error,
+                    "error or reexport",
+                    |s| match s {
+                        "error" => Some(SlotLostPolicy::Error),
+                        "reexport" => Some(SlotLostPolicy::Reexport),
+                        _ => None,
+                    },
+                )?,
+                slot_failover: self.parsed(
+                    "source.slot_failover",
+                    false,
+                    "true or false",
+                    parse_bool,
+                )?,
                 publication: self.identifier("source.publication", "cdc_egress")?,
                 slot,
                 heartbeat_interval: self.parsed(

@@ -253,6 +253,17 @@ async fn drop_slot(config: &Config, yes: bool) -> Result<(), Error> {
         .await
         .map_err(|e| cdc_egress::source::conninfo::pg_error(&e).context(format!("drop slot {slot}")))?;
     if n > 0 {
+        // Tell the registry it was on purpose, so the next `run` starts afresh instead of taking
+        // the slot for lost (best effort: the registry may not be installed).
+        if let Ok(pool) = config.registry_conninfo().and_then(|r| r.pool(1)) {
+            let registry = cdc_egress::register::Registry::new(pool, &config.registry.schema);
+            if let Err(e) = registry
+                .record_slot_event(slot, "dropped", None, None)
+                .await
+            {
+                tracing::debug!(error = %e, "cannot record the dropped slot in the registry");
+            }
+        }
         println!("replication slot {slot} dropped in {where_}");
     } else {
         println!("no replication slot {slot} in {where_}: nothing to drop");

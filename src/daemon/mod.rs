@@ -69,10 +69,30 @@ pub async fn run(
             }
             Err(e) => {
                 metrics.error(&e);
+                if config.source.slot_lost == crate::config::SlotLostPolicy::Reexport
+                    && slot_gone(&config).await
+                {
+                    // Invalidated or dropped while streaming: the next session re-exports.
+                    tracing::error!(error = %e, "the replication slot was lost while streaming; starting over with source.slot_lost: reexport");
+                    continue;
+                }
                 record_state(&config, "stopped", Some(&e.to_string())).await;
                 return Err(e);
             }
         }
+    }
+}
+
+/// Whether the slot is missing or invalidated now (so a definite streaming error was its loss).
+async fn slot_gone(config: &Config) -> bool {
+    let check = async {
+        let c = config.source_conninfo()?.connect().await?;
+        crate::source::slot::slot_info(&c, &config.source.slot).await
+    };
+    match tokio::time::timeout(Duration::from_secs(10), check).await {
+        Ok(Ok(None)) => true,
+        Ok(Ok(Some(info))) => info.is_lost(),
+        _ => false,
     }
 }
 

@@ -114,6 +114,42 @@ pub async fn connect(
     })
 }
 
+/// Publishes every unannounced `lost` event of the slot on `<prefix>.slot.<slot>`, exactly once
+/// (as notices are), so NATS consumers learn of the gap and of the re-export that repairs it.
+async fn announce_slot_losses(
+    sinks: &Sinks,
+    slot: &str,
+    nats: &crate::config::NatsConfig,
+) -> Result<(), Error> {
+    let Some(n) = &sinks.notifier else {
+        return Ok(());
+    };
+    for (id, lsn, detail, at) in sinks.registry.unannounced_slot_losses(slot).await? {
+        let subject = format!(
+            "{}.slot.{}",
+            nats.subject_prefix,
+            crate::notify::subject_token(slot)
+        );
+        let body = serde_json::json!({
+            "event": "slot_lost",
+            "slot": slot,
+            "lost_after_lsn": lsn,
+            "reason": detail,
+            "at": at,
+            "action": "reexport: every published table is exported again from the new slot's cut",
+        });
+        let seq = n
+            .publish_once(
+                &subject,
+                &format!("slot-event-{id}"),
+                serde_json::to_vec(&body).expect("json").into(),
+            )
+            .await?;
+        sinks.registry.mark_slot_event_announced(id, seq).await?;
+    }
+    Ok(())
+}
+
 /// Removes uploads of batches that never reached the registry: for tables the registry knows, on the
 /// dates from its last batch until today; for table directories it does not know yet, on every date.
 async fn remove_orphans(sinks: &Sinks) -> Result<usize, Error> {
@@ -189,38 +225,78 @@ pub async fn session(
     }
     remove_orphans(&sinks).await?;
 
-    // The slot.
+    // The slot: healthy, new, or lost (README "Slot lifecycle"; `slot::plan_slot`).
     let mut repl = ReplicationConnection::connect(&ep.source).await?;
-    match slot::slot_info(&ep.catalog, slot_name).await? {
-        Some(info) => slot::check_slot(&info, slot_name, ep.source.dbname())?,
-        None => {
-            // The initial exports are requested before the slot exists: a crash in between finds
-            // no slot next time and comes back here (requests of active reloads are not repeated).
-            if config.reload.initial {
-                let tables =
-                    slot::published_tables(&ep.catalog, &config.source.publication).await?;
-                let tables: Vec<TableName> = tables
-                    .into_iter()
-                    .filter(|t| {
-                        config.registry.url != config.source.url
-                            || t.schema != config.registry.schema
-                    })
-                    .collect();
-                tracing::info!(
-                    tables = tables.len(),
-                    "fresh start: exporting every published table"
-                );
-                sinks.registry.request_initial_reloads(&tables).await?;
+    let info = slot::slot_info(&ep.catalog, slot_name).await?;
+    let last_event = sinks.registry.last_slot_event(slot_name).await?;
+    let plan = slot::plan_slot(
+        slot_name,
+        info.as_ref(),
+        last_event.as_deref(),
+        config.source.slot_lost,
+    );
+    let export_all = match &plan {
+        slot::SlotPlan::Stream => {
+            let info = info.as_ref().expect("a slot to stream from");
+            slot::check_slot(info, slot_name, ep.source.dbname())?;
+            if config.source.slot_failover && info.failover == Some(false) {
+                slot::enable_failover(&mut repl, slot_name).await?;
             }
-            repl.simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
-                quote_ident(slot_name)
-            ))
-            .await
-            .map_err(|e| e.context(format!("create replication slot {slot_name}")))?;
-            tracing::info!(slot = slot_name, "created replication slot");
+            false
         }
+        slot::SlotPlan::Refuse { reason } => {
+            return Err(Error::definite("slot", reason.clone()));
+        }
+        slot::SlotPlan::Create => config.reload.initial,
+        slot::SlotPlan::Recreate { reason } => {
+            tracing::error!(slot = slot_name, %reason, "replication slot lost: re-exporting every table through a new slot");
+            if last_event.as_deref() != Some("lost") {
+                let at = info.as_ref().and_then(|i| i.confirmed_flush);
+                sinks
+                    .registry
+                    .record_slot_event(slot_name, "lost", at, Some(reason))
+                    .await?;
+            }
+            if info.is_some() {
+                ep.catalog
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&slot_name])
+                    .await
+                    .map_err(|e| {
+                        crate::source::conninfo::pg_error(&e)
+                            .context(format!("drop the lost slot {slot_name}"))
+                    })?;
+            }
+            true
+        }
+    };
+    if matches!(
+        plan,
+        slot::SlotPlan::Create | slot::SlotPlan::Recreate { .. }
+    ) {
+        // The exports are requested before the slot exists: a crash in between finds no slot next
+        // time and comes back here (requests of active reloads are not repeated).
+        if export_all {
+            let tables = slot::published_tables(&ep.catalog, &config.source.publication).await?;
+            let tables: Vec<TableName> = tables
+                .into_iter()
+                .filter(|t| {
+                    config.registry.url != config.source.url || t.schema != config.registry.schema
+                })
+                .collect();
+            tracing::info!(
+                tables = tables.len(),
+                "exporting every published table from the new slot's cut"
+            );
+            sinks.registry.request_initial_reloads(&tables).await?;
+        }
+        let created = slot::create_slot(&mut repl, slot_name, config.source.slot_failover).await?;
+        sinks
+            .registry
+            .record_slot_event(slot_name, "created", Some(created), None)
+            .await?;
+        tracing::info!(slot = slot_name, lsn = %created, "created replication slot");
     }
+    announce_slot_losses(&sinks, slot_name, &config.nats).await?;
     let start = slot::slot_info(&ep.catalog, slot_name)
         .await?
         .and_then(|i| i.confirmed_flush)

@@ -435,6 +435,81 @@ impl Registry {
         Ok(())
     }
 
+    /// Appends a slot event (`created`, `dropped`, `lost`); returns its id.
+    pub async fn record_slot_event(
+        &self,
+        slot: &str,
+        event: &str,
+        lsn: Option<Lsn>,
+        detail: Option<&str>,
+    ) -> Result<i64, Error> {
+        let c = self.client().await?;
+        let row = c
+            .query_one(
+                &format!(
+                    "INSERT INTO {} (slot_name, event, lsn, detail) VALUES ($1, $2, $3::text::pg_lsn, $4) RETURNING id",
+                    self.t("slot_events")
+                ),
+                &[&slot, &event, &lsn.map(|l| l.to_string()), &detail],
+            )
+            .await
+            .map_err(|e| pg_err("record slot event", e))?;
+        Ok(row.get(0))
+    }
+
+    /// The newest event of `slot`, if any.
+    pub async fn last_slot_event(&self, slot: &str) -> Result<Option<String>, Error> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                &format!(
+                    "SELECT event FROM {} WHERE slot_name = $1 ORDER BY id DESC LIMIT 1",
+                    self.t("slot_events")
+                ),
+                &[&slot],
+            )
+            .await
+            .map_err(|e| pg_err("read slot events", e))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// `lost` events of `slot` not yet announced: (id, lost-at LSN, detail, time).
+    pub async fn unannounced_slot_losses(
+        &self,
+        slot: &str,
+    ) -> Result<Vec<(i64, Option<String>, Option<String>, String)>, Error> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT id, lsn::text, detail, at::text FROM {} WHERE slot_name = $1 AND event = 'lost' \
+                     AND notified_stream_seq IS NULL ORDER BY id",
+                    self.t("slot_events")
+                ),
+                &[&slot],
+            )
+            .await
+            .map_err(|e| pg_err("read slot events", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+
+    pub async fn mark_slot_event_announced(&self, id: i64, seq: u64) -> Result<(), Error> {
+        let c = self.client().await?;
+        c.execute(
+            &format!(
+                "UPDATE {} SET notified_stream_seq = $2 WHERE id = $1",
+                self.t("slot_events")
+            ),
+            &[&id, &(seq as i64)],
+        )
+        .await
+        .map_err(|e| pg_err("record slot event notice", e))?;
+        Ok(())
+    }
+
     /// Upserts the daemon's row (state, positions, last error) for `status`.
     pub async fn report_daemon(
         &self,

@@ -40,6 +40,8 @@ pub struct SlotInfo {
     /// Why the slot was invalidated (PostgreSQL 17+: `wal_removed`, `idle_timeout`, …; `conflicting`
     /// before that). `None` while it is valid.
     pub invalidation_reason: Option<String>,
+    /// Whether the slot is synchronized to standbys (PostgreSQL 17+; `None` before).
+    pub failover: Option<bool>,
 }
 
 impl SlotInfo {
@@ -78,6 +80,7 @@ pub async fn slot_info(c: &Client, slot: &str) -> Result<Option<SlotInfo>, Error
             wal_status: text("wal_status"),
             safe_wal_size: int("safe_wal_size"),
             invalidation_reason,
+            failover: j.get("failover").and_then(|v| v.as_bool()),
         }
     }))
 }
@@ -233,6 +236,130 @@ pub fn check_slot(info: &SlotInfo, slot: &str, dbname: &str) -> Result<(), Error
     Ok(())
 }
 
+/// What a session does with its slot at start. A pure decision, so every case is unit-tested.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotPlan {
+    /// The slot is healthy: stream from it.
+    Stream,
+    /// No slot and none was ever created by a daemon of this registry (or it was dropped on
+    /// purpose with `cdc-egress drop-slot`): a fresh start.
+    Create,
+    /// The slot was lost (invalidated, or missing although the registry says a daemon created it)
+    /// and the policy is `reexport`: record the gap, drop what is left of it, create a new slot
+    /// and export every table. `reason` says what happened.
+    Recreate { reason: String },
+    /// Lost, and the policy is `error`: stop with this explanation.
+    Refuse { reason: String },
+}
+
+/// Decides [`SlotPlan`] from the slot's row, the newest registry event of the slot (`created`,
+/// `dropped`, `lost`, or none) and the policy.
+pub fn plan_slot(
+    slot: &str,
+    info: Option<&SlotInfo>,
+    last_event: Option<&str>,
+    policy: crate::config::SlotLostPolicy,
+) -> SlotPlan {
+    let reason = match info {
+        Some(i) if i.is_lost() => format!(
+            "replication slot {slot} was invalidated ({}); the WAL after its confirmed position {} is gone",
+            i.invalidation_reason
+                .clone()
+                .or_else(|| i.wal_status.clone())
+                .unwrap_or_default(),
+            i.confirmed_flush.map(|l| l.to_string()).unwrap_or("-".into())
+        ),
+        Some(_) => return SlotPlan::Stream,
+        // A crash in the middle of a re-export finds `lost` last: go on with it.
+        None if last_event == Some("lost") => {
+            return SlotPlan::Recreate {
+                reason: format!("continuing the re-export after slot {slot} was lost"),
+            }
+        }
+        None if last_event == Some("created") => format!(
+            "replication slot {slot} was dropped by someone else (the registry says a daemon created it, and              `cdc-egress drop-slot` was not used); the changes since its last confirmed position are gone"
+        ),
+        None => return SlotPlan::Create,
+    };
+    match policy {
+        crate::config::SlotLostPolicy::Reexport => SlotPlan::Recreate { reason },
+        crate::config::SlotLostPolicy::Error => SlotPlan::Refuse {
+            reason: format!(
+                "{reason}. The files cannot be continued exactly from here. Either set source.slot_lost: reexport \
+                 (a new slot, every published table exported again, the gap recorded in the registry and \
+                 announced on NATS), or run `cdc-egress drop-slot --yes` to start afresh; raise \
+                 max_slot_wal_keep_size (or idle_replication_slot_timeout) so it does not happen again"
+            ),
+        },
+    }
+}
+
+/// Creates the logical slot on the replication connection and returns its consistent point.
+/// `failover` (PostgreSQL 17+) makes the server synchronize it to standbys; asked of an older
+/// server it is a definite configuration error.
+pub async fn create_slot(
+    repl: &mut crate::source::wire::ReplicationConnection,
+    slot: &str,
+    failover: bool,
+) -> Result<Lsn, Error> {
+    let name = crate::table::quote_ident(slot);
+    let command = if failover {
+        require_failover_support(repl).await?;
+        format!(
+            "CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER true)"
+        )
+    } else {
+        format!("CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput NOEXPORT_SNAPSHOT")
+    };
+    let rows = repl
+        .simple_query(&command)
+        .await
+        .map_err(|e| e.context(format!("create replication slot {slot}")))?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.get(1))
+        .and_then(|v| v.as_deref())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(Lsn::ZERO))
+}
+
+/// Turns on `failover` for an existing slot (PostgreSQL 17+).
+pub async fn enable_failover(
+    repl: &mut crate::source::wire::ReplicationConnection,
+    slot: &str,
+) -> Result<(), Error> {
+    require_failover_support(repl).await?;
+    repl.simple_query(&format!(
+        "ALTER_REPLICATION_SLOT {} (FAILOVER true)",
+        crate::table::quote_ident(slot)
+    ))
+    .await
+    .map_err(|e| e.context(format!("enable failover on replication slot {slot}")))?;
+    tracing::info!(slot, "enabled failover on the replication slot");
+    Ok(())
+}
+
+async fn require_failover_support(
+    repl: &mut crate::source::wire::ReplicationConnection,
+) -> Result<(), Error> {
+    let rows = repl.simple_query("SHOW server_version_num").await?;
+    let version: i32 = rows
+        .first()
+        .and_then(|r| r.first())
+        .and_then(|v| v.as_deref())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if version < 170000 {
+        return Err(Error::definite(
+            "config",
+            format!(
+                "source.slot_failover needs PostgreSQL 17 or later (the source is {version}): unset it, or upgrade"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Tables in the publication (what a fresh start exports and what `reload` accepts).
 pub async fn published_tables(c: &Client, publication: &str) -> Result<Vec<TableName>, Error> {
     let rows = c
@@ -302,4 +429,77 @@ pub async fn describe_relation(c: &Client, rel: &Relation) -> Result<Arc<TableSc
         identity,
         columns,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SlotLostPolicy::{Error as Stop, Reexport};
+
+    fn healthy() -> SlotInfo {
+        SlotInfo {
+            wal_status: Some("reserved".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn slot_plans_for_every_case() {
+        let lost = SlotInfo {
+            wal_status: Some("lost".into()),
+            confirmed_flush: Some(Lsn(0x1_0000_0000)),
+            ..Default::default()
+        };
+        let idle = SlotInfo {
+            invalidation_reason: Some("idle_timeout".into()),
+            ..healthy()
+        };
+        assert_eq!(
+            plan_slot("s", Some(&healthy()), Some("created"), Stop),
+            SlotPlan::Stream
+        );
+        assert_eq!(
+            plan_slot("s", Some(&healthy()), None, Stop),
+            SlotPlan::Stream
+        );
+        assert_eq!(plan_slot("s", None, None, Stop), SlotPlan::Create);
+        assert_eq!(
+            plan_slot("s", None, Some("dropped"), Stop),
+            SlotPlan::Create
+        );
+        for (info, last) in [
+            (Some(&lost), Some("created")),
+            (Some(&idle), None),
+            (None, Some("created")),
+        ] {
+            match plan_slot("s", info, last, Stop) {
+                SlotPlan::Refuse { reason } => {
+                    assert!(
+                        reason.contains("slot_lost: reexport") && reason.contains("drop-slot"),
+                        "{reason}"
+                    )
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(matches!(
+                plan_slot("s", info, last, Reexport),
+                SlotPlan::Recreate { .. }
+            ));
+        }
+        match plan_slot("s", Some(&lost), None, Stop) {
+            SlotPlan::Refuse { reason } => {
+                assert!(reason.contains("1/0"), "names the position: {reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        match plan_slot("s", Some(&idle), None, Reexport) {
+            SlotPlan::Recreate { reason } => assert!(reason.contains("idle_timeout"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // A crash in the middle of a re-export continues it, whatever the policy says now.
+        assert!(matches!(
+            plan_slot("s", None, Some("lost"), Stop),
+            SlotPlan::Recreate { .. }
+        ));
+    }
 }

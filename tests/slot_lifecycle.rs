@@ -1,0 +1,162 @@
+//! Slot lifecycle end to end (README "Slot lifecycle"): a slot dropped behind the daemon's back is
+//! a loss, never a silent fresh start. With `source.slot_lost: error` (the default) the daemon stops
+//! with a definite error that explains the choices and creates nothing; with `reexport` it records
+//! the gap, creates a new slot, exports every table again and announces the loss on NATS, and the
+//! files replay equal to the source by the consumer rule. `drop-slot` is on purpose: afterwards the
+//! next run is a plain fresh start.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const DDL: &str = "CREATE TABLE acc (id int PRIMARY KEY, v text); CREATE TABLE other (k text PRIMARY KEY, n int);";
+const TABLES: &[&str] = &["acc", "other"];
+const CATCH_UP: Duration = Duration::from_secs(90);
+
+async fn write(db: &TestDb, from: i32, to: i32) {
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO acc SELECT g, 'v' || g FROM generate_series({from}, {to}) g;
+             UPDATE acc SET v = v || '+' WHERE id % 7 = 0;
+             DELETE FROM acc WHERE id % 11 = 0 AND id >= {from};
+             INSERT INTO other SELECT 'k' || g, g FROM generate_series({from}, {to}) g;"
+        ))
+        .await
+        .unwrap();
+}
+
+async fn slot_events(db: &TestDb) -> Vec<String> {
+    db.client()
+        .await
+        .query(
+            "SELECT event FROM cdc_egress.slot_events WHERE slot_name = $1 ORDER BY id",
+            &[&db.slot],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn slot_exists(db: &TestDb) -> bool {
+    db.client()
+        .await
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.slot],
+        )
+        .await
+        .unwrap()
+        .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_behind_our_back_is_refused_or_reexported_never_silently_restarted() {
+    let mut db = TestDb::new("slotlost").await;
+    db.client().await.batch_execute(DDL).await.unwrap();
+    write(&db, 1, 200).await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR ALL TABLES",
+            db.publication
+        ))
+        .await
+        .unwrap();
+    let mut env = db.daemon_env(&db.out_url());
+    env.push(("CDC_EGRESS_RELOAD_INITIAL".into(), "true".into()));
+    let d = Daemon::start(&env, db.dir.path(), &[], "run1.log");
+    db.wait_for_slot(&d).await;
+    write(&db, 201, 400).await;
+    db.wait_caught_up(CATCH_UP).await;
+    d.stop().await;
+    assert_eq!(slot_events(&db).await, ["created"]);
+
+    // Someone drops the slot; rows change meanwhile (the gap no slot will ever send).
+    write(&db, 401, 600).await;
+    db.client()
+        .await
+        .execute("SELECT pg_drop_replication_slot($1)", &[&db.slot])
+        .await
+        .unwrap();
+    write(&db, 601, 700).await;
+
+    // Default policy: a definite stop that says what happened and what to do; no new slot.
+    let d = Daemon::start(&env, db.dir.path(), &[], "run2.log");
+    let status = d.wait_exit(Duration::from_secs(60)).await;
+    let log = std::fs::read_to_string(db.dir.path().join("run2.log")).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("dropped by someone else") && log.contains("slot_lost: reexport"),
+        "{log}"
+    );
+    assert!(
+        !slot_exists(&db).await,
+        "nothing created under the error policy"
+    );
+
+    // reexport: a new slot, every table exported again, the loss recorded and announced.
+    let mut env2 = env.clone();
+    env2.push(("CDC_EGRESS_SOURCE_SLOT_LOST".into(), "reexport".into()));
+    let d = Daemon::start(&env2, db.dir.path(), &[], "run3.log");
+    db.wait_for_slot(&d).await;
+    write(&db, 701, 800).await;
+    db.wait_caught_up(CATCH_UP).await;
+    let mut reloads = 0;
+    for _ in 0..300 {
+        reloads = db
+            .client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM cdc_egress.reloads WHERE status = 'done' AND reason = 'initial'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if reloads >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        reloads, 4,
+        "both tables exported at the start and again after the loss"
+    );
+    assert_eq!(slot_events(&db).await, ["created", "lost", "created"]);
+    let subject = format!("{}.slot.{}", db.prefix, db.slot);
+    for _ in 0..50 {
+        if stream_count(&db.stream, &subject).await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        stream_count(&db.stream, &subject).await,
+        1,
+        "the loss is announced once"
+    );
+    d.stop().await;
+    assert_replays_equal(&mut db, DDL, TABLES).await;
+
+    // drop-slot is on purpose: the next run is a plain fresh start, under the default policy.
+    let (code, _, err) = run_cli_timeout(&["drop-slot", "--yes"], &env, db.dir.path(), CATCH_UP);
+    assert_eq!(code, 0, "{err}");
+    let d = Daemon::start(&env, db.dir.path(), &[], "run4.log");
+    db.wait_for_slot(&d).await;
+    db.wait_caught_up(CATCH_UP).await;
+    let want = ["created", "lost", "created", "dropped", "created"];
+    for _ in 0..50 {
+        if slot_events(&db).await == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(slot_events(&db).await, want, "log:\n{}", d.log_text());
+    d.stop().await;
+    db.cleanup().await;
+}
