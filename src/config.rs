@@ -1,5 +1,5 @@
 //! Configuration: one YAML file, overridden by `CDC_EGRESS_<SECTION>_<KEY>` environment variables, then
-//! by `--set section.key=value` flags (PRODUCT.md §3).
+//! by `--set section.key=value` flags (README.md "Configuration").
 //!
 //! # Contract
 //! - Every key is known in advance ([`KEYS`]); an unknown key in the file, an unknown `CDC_EGRESS_*`

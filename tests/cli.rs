@@ -1,4 +1,4 @@
-//! The command line (PRODUCT.md §2, §3) through the real binary: help, exit codes, configuration
+//! The command line (README.md "Running it", "Configuration") through the real binary: help, exit codes, configuration
 //! errors that name the key, secrets kept out of every output, `migrate`, `status`, `drop-slot`, and
 //! how `run` reacts to a missing publication (definite: exit 1, no slot left) and to a source that is
 //! down (transient: keeps retrying until SIGTERM).

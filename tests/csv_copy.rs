@@ -1,4 +1,4 @@
-//! The CSV dialect (PRODUCT.md §5) checked against PostgreSQL itself:
+//! The CSV dialect (README.md "CSV dialect") checked against PostgreSQL itself:
 //! - whatever text values and NULLs we encode, `COPY … FROM (FORMAT csv, HEADER MATCH, NULL '\N')`
 //!   reads back exactly those values (NULL, `""` and `"\N"` stay distinct), and the header we write is
 //!   the header PostgreSQL expects;

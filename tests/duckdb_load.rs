@@ -1,4 +1,4 @@
-//! The files load losslessly into DuckDB with the options README.md documents (PRODUCT.md §5).
+//! The files load losslessly into DuckDB with the options README.md documents.
 //!
 //! Needs a Python with the `duckdb` package: `CDC_EGRESS_TEST_PYTHON` (set by deploy/test.sh).
 

@@ -351,7 +351,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-/// PRODUCT.md §9.4: memory does not grow with batch or transaction size. One transaction of about
+/// ARCHITECTURE.md, invariant 4: memory does not grow with batch or transaction size. One transaction of about
 /// 1,000,000 rows (~110 MB of CSV) goes into a batch that cannot seal (1 h interval, no row or byte
 /// limit reached): the rows must be on disk in the spool, not in memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@
 //!   a Commit's end LSN, or (only while no transaction is open) a keepalive's WAL end or the position of a
 //!   non-transactional logical message such as our heartbeat.
 //!
-//! # Invariant (PRODUCT.md §9.1)
+//! # Invariant (ARCHITECTURE.md, invariant 1)
 //! [`AckTracker::confirmed`] never passes a change that is not persisted. Every batch gets, when it is
 //! opened, a *floor*: the boundary at the start of the transaction holding its first row. Every
 //! transaction before that one committed below the floor, and every row in the batch belongs to a

@@ -21,7 +21,7 @@
 //! 3. Consecutive batches of a table cover increasing, non-overlapping position ranges, so the last
 //!    registered position of a table (the *skip position*, loaded from the registry at start) tells
 //!    exactly which re-sent changes are already persisted. Changes at or below it are dropped; this is
-//!    what makes the replay after a crash exactly-once (PRODUCT.md §9.2).
+//!    what makes the replay after a crash exactly-once (ARCHITECTURE.md, invariant 2).
 //! 4. The acknowledgement rule lives in [`crate::ack`]; every open batch is registered there with its
 //!    floor before its first row is written.
 //!

@@ -1,6 +1,6 @@
 //! The daemon's side of reloads: react to markers, take cuts, release holds, register exports.
 //!
-//! # Hand-over, step by step (PRODUCT.md §9.3)
+//! # Hand-over, step by step (ARCHITECTURE.md, invariant 3)
 //! 1. The batcher reads a START marker in transaction `M`: it seals the table's open batch there and
 //!    *holds* the table (its next rows are parked on disk; the ack cannot pass them).
 //! 2. The coordinator records the reload (`running`), takes a cut `C` (temporary slot +

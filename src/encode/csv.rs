@@ -1,4 +1,4 @@
-//! The CSV dialect, shared by streaming batches and reload parts (PRODUCT.md §5).
+//! The CSV dialect, shared by streaming batches and reload parts (README.md "CSV dialect").
 //!
 //! # Contract
 //! - RFC 4180, UTF-8, `,` delimiter, `\n` line ends, one header row.

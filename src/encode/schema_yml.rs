@@ -1,4 +1,4 @@
-//! `schema.yml`: the description stored next to every batch and reload (PRODUCT.md §6).
+//! `schema.yml`: the description stored next to every batch and reload (README.md "schema.yml").
 //!
 //! It says what the CSV columns are (metadata columns, then the table's columns with PostgreSQL type
 //! names including typmods), which table and relation they came from, the LSN range the file covers,

@@ -1,4 +1,4 @@
-//! JetStream notices (PRODUCT.md §8).
+//! JetStream notices (README.md "Notices").
 //!
 //! # Contract
 //! - The stream `nats.stream` exists on `<prefix>.>` with file storage (created if missing; an existing

@@ -7,7 +7,7 @@
 //! - `files.batch_id` is unique and deterministic (see `write::layout`): registering the same batch
 //!   twice is a no-op that returns the existing row, never a second row.
 //! - Rows are appended in seal order per table; `files.id` order is registry order. A consumer that
-//!   reads `files` by id finds every file exactly once (PRODUCT.md §7).
+//!   reads `files` by id finds every file exactly once (README.md "Replaying").
 //! - `files.notified_stream_seq` is set only after JetStream acknowledged the notice; rows where it is
 //!   NULL are completed (manifest, notice) at start-up before streaming resumes.
 //!

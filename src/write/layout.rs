@@ -1,4 +1,4 @@
-//! Object names (PRODUCT.md §4). Every name is derived from the table and the positions the object
+//! Object names (README.md "What it writes"). Every name is derived from the table and the positions the object
 //! covers, never from the clock or a counter, so a replay after a crash produces the same names.
 //!
 //! ```text

@@ -2,7 +2,7 @@
 //!
 //! # Contract
 //! - Rows are compressed as they arrive; memory per open batch is the gzip state plus a 64 KiB buffer,
-//!   whatever the batch size (PRODUCT.md §9.4).
+//!   whatever the batch size (ARCHITECTURE.md, invariant 4).
 //! - [`GzipSpool::finish`] returns the compressed size and SHA-256 computed while writing, so the file
 //!   is read once more only to upload it.
 //! - Spool files are temporary files below `<spool_dir>/<slot>/`; they are deleted when dropped, and
