@@ -3,7 +3,8 @@
 //! with a definite error that explains the choices and creates nothing; with `reexport` it records
 //! the gap, creates a new slot, exports every table again and announces the loss on NATS, and the
 //! files replay equal to the source by the consumer rule. `drop-slot` is on purpose: afterwards the
-//! next run is a plain fresh start.
+//! next run is a plain fresh start. And a slot that PostgreSQL itself invalidates
+//! (`max_slot_wal_keep_size`, on a private server of our own) is found lost and handled the same way.
 
 mod common;
 
@@ -158,5 +159,94 @@ async fn a_slot_dropped_behind_our_back_is_refused_or_reexported_never_silently_
     }
     assert_eq!(slot_events(&db).await, want, "log:\n{}", d.log_text());
     d.stop().await;
+    db.cleanup().await;
+}
+
+/// A real invalidation: a private server with a small `max_slot_wal_keep_size`, the daemon stopped
+/// while more WAL than that is written and checkpointed, so PostgreSQL marks the slot `lost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_invalidated_by_max_slot_wal_keep_size_is_detected() {
+    let pg = PrivatePg::start(
+        &PrivatePg::system_bindir(),
+        &[("max_slot_wal_keep_size", "32MB"), ("wal_keep_size", "0")],
+    );
+    let mut db = TestDb::new_on(&pg.url, "slotinval").await;
+    db.client().await.batch_execute(DDL).await.unwrap();
+    write(&db, 1, 100).await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE acc, other",
+            db.publication
+        ))
+        .await
+        .unwrap();
+    let mut env = db.daemon_env(&db.out_url());
+    env.push(("CDC_EGRESS_RELOAD_INITIAL".into(), "true".into()));
+    let d = Daemon::start(&env, db.dir.path(), &[], "run1.log");
+    db.wait_for_slot(&d).await;
+    write(&db, 101, 200).await;
+    db.wait_caught_up(CATCH_UP).await;
+    d.stop().await;
+
+    // ~100 MB of WAL while nobody reads the slot, with checkpoints: PostgreSQL invalidates it.
+    let c = db.client().await;
+    c.batch_execute("CREATE TABLE ballast (b text)")
+        .await
+        .unwrap();
+    let mut lost = false;
+    for _ in 0..12 {
+        c.batch_execute(
+            "INSERT INTO ballast SELECT repeat(md5(g::text), 32) FROM generate_series(1, 8000) g; \
+             SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .await
+        .unwrap();
+        let status: Option<String> = c
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if status.as_deref() == Some("lost") {
+            lost = true;
+            break;
+        }
+    }
+    assert!(lost, "the server did not invalidate the slot");
+    write(&db, 201, 300).await;
+
+    let d = Daemon::start(&env, db.dir.path(), &[], "run2.log");
+    let status = d.wait_exit(Duration::from_secs(60)).await;
+    let log = std::fs::read_to_string(db.dir.path().join("run2.log")).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("was invalidated"), "{log}");
+    let (code, out, err) = run_cli_timeout(&["status"], &env, db.dir.path(), CATCH_UP);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("lost") && out.contains("warning"), "{out}");
+
+    env.push(("CDC_EGRESS_SOURCE_SLOT_LOST".into(), "reexport".into()));
+    let d = Daemon::start(&env, db.dir.path(), &[], "run3.log");
+    db.wait_for_slot(&d).await;
+    write(&db, 301, 400).await;
+    db.wait_caught_up(CATCH_UP).await;
+    for _ in 0..300 {
+        let done: i64 = c
+            .query_one(
+                "SELECT count(*) FROM cdc_egress.reloads WHERE status = 'done'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if done >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    d.stop().await;
+    assert_replays_equal(&mut db, DDL, TABLES).await;
     db.cleanup().await;
 }

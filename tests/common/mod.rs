@@ -395,6 +395,8 @@ pub async fn connect(url: &str) -> Client {
 
 /// One test's private world.
 pub struct TestDb {
+    /// The server's maintenance URL (`CDC_EGRESS_TEST_PG_URL`, or a private server's).
+    pub base: String,
     pub name: String,
     pub url: String,
     pub slot: String,
@@ -408,8 +410,13 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new(tag: &str) -> TestDb {
+        Self::new_on(&pg_base_url(), tag).await
+    }
+
+    /// As [`TestDb::new`], on the server of `base` (e.g. a [`PrivatePg`]).
+    pub async fn new_on(base: &str, tag: &str) -> TestDb {
         let name = unique(tag);
-        let base = pg_base_url();
+        let base = base.to_string();
         let admin = connect(&base).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&name)))
@@ -417,6 +424,7 @@ impl TestDb {
             .unwrap();
         let url = with_db(&base, &name);
         TestDb {
+            base: base.clone(),
             slot: format!("{name}_slot"),
             publication: format!("{name}_pub"),
             stream: name.to_uppercase(),
@@ -436,13 +444,13 @@ impl TestDb {
     /// A second, empty database on the same server (replay target).
     pub async fn extra_db(&mut self, suffix: &str) -> String {
         let name = format!("{}_{suffix}", self.name);
-        let admin = connect(&pg_base_url()).await;
+        let admin = connect(&self.base).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&name)))
             .await
             .unwrap();
         self.extra_dbs.push(name.clone());
-        with_db(&pg_base_url(), &name)
+        with_db(&self.base, &name)
     }
 
     pub fn out_url(&self) -> String {
@@ -529,7 +537,14 @@ impl TestDb {
     /// Drops the slot, the stream and the databases. Call at the end of every test.
     pub async fn cleanup(mut self) {
         self.cleaned = true;
-        drop_everything(&self.name, &self.slot, &self.extra_dbs, Some(&self.stream)).await;
+        drop_everything(
+            &self.base,
+            &self.name,
+            &self.slot,
+            &self.extra_dbs,
+            Some(&self.stream),
+        )
+        .await;
     }
 }
 
@@ -538,7 +553,8 @@ impl Drop for TestDb {
         if self.cleaned {
             return;
         }
-        let (name, slot, extra, stream) = (
+        let (base, name, slot, extra, stream) = (
+            self.base.clone(),
             self.name.clone(),
             self.slot.clone(),
             self.extra_dbs.clone(),
@@ -550,14 +566,20 @@ impl Drop for TestDb {
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(drop_everything(&name, &slot, &extra, Some(&stream)));
+            rt.block_on(drop_everything(&base, &name, &slot, &extra, Some(&stream)));
         })
         .join();
     }
 }
 
-async fn drop_everything(name: &str, slot: &str, extra: &[String], stream: Option<&str>) {
-    let Ok(admin) = ConnInfo::parse(&pg_base_url()).unwrap().connect().await else {
+async fn drop_everything(
+    base: &str,
+    name: &str,
+    slot: &str,
+    extra: &[String],
+    stream: Option<&str>,
+) {
+    let Ok(admin) = ConnInfo::parse(base).unwrap().connect().await else {
         return;
     };
     for _ in 0..50 {
@@ -1189,5 +1211,143 @@ pub fn run_cli_timeout(
         None => panic!(
             "cdc-egress {args:?} did not exit within {timeout:?}\nstdout:\n{out}\nstderr:\n{err}"
         ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A private PostgreSQL server, for tests that need settings the shared server must not be given.
+
+/// A throwaway server: its own data directory and port, started with the given settings, stopped
+/// and removed on drop. Runs as the `postgres` system user when the tests run as root (initdb
+/// refuses root).
+pub struct PrivatePg {
+    pub url: String,
+    dir: PathBuf,
+    bindir: PathBuf,
+    as_root: bool,
+}
+
+impl PrivatePg {
+    /// The newest server binaries of the machine (`/usr/lib/postgresql/<major>/bin`).
+    pub fn system_bindir() -> PathBuf {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .expect(
+                "PostgreSQL server binaries under /usr/lib/postgresql (apt-get install postgresql)",
+            )
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|d| d.join("initdb").exists())
+            .collect();
+        dirs.sort_by_key(|d| {
+            d.parent()
+                .and_then(|p| p.file_name())
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<u32>().ok())
+                .unwrap_or(0)
+        });
+        dirs.pop()
+            .expect("an initdb under /usr/lib/postgresql/*/bin")
+    }
+
+    pub fn start(bindir: &std::path::Path, settings: &[(&str, &str)]) -> PrivatePg {
+        let root = std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into());
+        let dir = PathBuf::from(root).join(unique("privpg"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let as_root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.trim_ascii() == b"0")
+            .unwrap_or(false);
+        if as_root {
+            let _ = std::process::Command::new("chown")
+                .args(["-R", "postgres:", dir.to_str().unwrap()])
+                .status();
+        }
+        let run = |program: &std::path::Path, args: &[String]| {
+            let mut cmd = if as_root {
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(program);
+                c
+            } else {
+                std::process::Command::new(program)
+            };
+            let out = cmd.args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{} {args:?}: {}{}",
+                program.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let data = dir.join("data");
+        run(
+            &bindir.join("initdb"),
+            &[
+                "-D".into(),
+                data.display().to_string(),
+                "-U".into(),
+                "postgres".into(),
+                "-A".into(),
+                "trust".into(),
+                "-E".into(),
+                "UTF8".into(),
+                "--locale=C".into(),
+            ],
+        );
+        let mut opts = format!(
+            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c wal_level=logical -c max_replication_slots=10 -c max_wal_senders=10 -c fsync=off",
+            dir.display()
+        );
+        for (k, v) in settings {
+            opts.push_str(&format!(" -c {k}={v}"));
+        }
+        run(
+            &bindir.join("pg_ctl"),
+            &[
+                "-D".into(),
+                data.display().to_string(),
+                "-l".into(),
+                dir.join("server.log").display().to_string(),
+                "-w".into(),
+                "-o".into(),
+                opts,
+                "start".into(),
+            ],
+        );
+        PrivatePg {
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            dir,
+            bindir: bindir.to_path_buf(),
+            as_root,
+        }
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let pg_ctl = self.bindir.join("pg_ctl");
+        let args = [
+            "-D",
+            data.to_str().unwrap(),
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ];
+        let _ = if self.as_root {
+            std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&pg_ctl)
+                .args(args)
+                .output()
+        } else {
+            std::process::Command::new(&pg_ctl).args(args).output()
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
