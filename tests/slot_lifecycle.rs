@@ -250,3 +250,49 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_is_detected() {
     assert_replays_equal(&mut db, DDL, TABLES).await;
     db.cleanup().await;
 }
+
+/// `source.slot_failover`: on PostgreSQL 17+ the slot is created with `failover = true`; an older
+/// server refuses it as a configuration error before any slot exists. Both sides run: the first on
+/// the shared server (15), the second in the version matrix (`deploy/local/pg_versions.sh`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_failover_is_set_on_17_and_refused_before() {
+    let db = TestDb::new("slotfailover").await;
+    db.client().await.batch_execute(DDL).await.unwrap();
+    db.client()
+        .await
+        .batch_execute(&format!("CREATE PUBLICATION {} FOR ALL TABLES", db.publication))
+        .await
+        .unwrap();
+    let version: i32 = db
+        .client()
+        .await
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut env = db.daemon_env(&db.out_url());
+    env.push(("CDC_EGRESS_SOURCE_SLOT_FAILOVER".into(), "true".into()));
+    let d = Daemon::start(&env, db.dir.path(), &[], "run.log");
+    if version < 170000 {
+        let status = d.wait_exit(Duration::from_secs(60)).await;
+        let log = std::fs::read_to_string(db.dir.path().join("run.log")).unwrap();
+        assert_eq!(status.code(), Some(2), "{log}");
+        assert!(log.contains("slot_failover needs PostgreSQL 17"), "{log}");
+        assert!(!slot_exists(&db).await);
+    } else {
+        db.wait_for_slot(&d).await;
+        let failover: bool = db
+            .client()
+            .await
+            .query_one(
+                "SELECT (to_jsonb(s)->>'failover')::bool FROM pg_replication_slots s WHERE slot_name = $1",
+                &[&db.slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(failover, "the slot is synchronized to standbys");
+        d.stop().await;
+    }
+    db.cleanup().await;
+}

@@ -227,6 +227,10 @@ pub async fn session(
 
     // The slot: healthy, new, or lost (README "Slot lifecycle"; `slot::plan_slot`).
     let mut repl = ReplicationConnection::connect(&ep.source).await?;
+    if config.source.slot_failover {
+        // Before anything is requested or created: a configuration error changes nothing.
+        slot::require_failover_support(&mut repl).await?;
+    }
     let info = slot::slot_info(&ep.catalog, slot_name).await?;
     let last_event = sinks.registry.last_slot_event(slot_name).await?;
     let plan = slot::plan_slot(

@@ -339,7 +339,8 @@ pub async fn enable_failover(
     Ok(())
 }
 
-async fn require_failover_support(
+/// A definite configuration error unless the server can synchronize slots (PostgreSQL 17+).
+pub async fn require_failover_support(
     repl: &mut crate::source::wire::ReplicationConnection,
 ) -> Result<(), Error> {
     let rows = repl.simple_query("SHOW server_version_num").await?;
