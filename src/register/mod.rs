@@ -419,7 +419,7 @@ impl Registry {
         last_error: Option<&str>,
     ) -> Result<(), Error> {
         let c = self.client().await?;
-        let host = std::env::var("HOSTNAME").unwrap_or_default();
+        let host = host_name();
         c.execute(
             &format!(
                 "INSERT INTO {} (slot_name, state, last_error, pid, host, heartbeat_at) \
@@ -520,7 +520,7 @@ impl Registry {
         last_error: Option<&str>,
     ) -> Result<(), Error> {
         let c = self.client().await?;
-        let host = std::env::var("HOSTNAME").unwrap_or_default();
+        let host = host_name();
         c.execute(
             &format!(
                 "INSERT INTO {} (slot_name, confirmed_lsn, received_lsn, state, last_error, pid, host, heartbeat_at) \
@@ -544,6 +544,17 @@ impl Registry {
         .map_err(|e| pg_err("report daemon state", e))?;
         Ok(())
     }
+}
+
+/// This machine's name for the daemon row: `$HOSTNAME`, else the kernel's (shells do not export
+/// `HOSTNAME`, and services rarely have it).
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn registered_from_row(r: &Row) -> Registered {
