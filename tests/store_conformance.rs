@@ -824,3 +824,30 @@ async fn file_url_of_escaped_names_resolves_to_the_object() {
         );
     }
 }
+
+/// A local upload killed in the middle leaves `<name>#<n>`, which listings hide but a reader of the
+/// directory sees: writing the directory's manifest removes it (and nothing else).
+#[tokio::test]
+async fn a_manifest_clears_stale_staging_files_of_interrupted_local_uploads() {
+    let (_dir, store, ctx) = local_store();
+    let Backend::File { dir: root } = &ctx.backend else {
+        unreachable!()
+    };
+    let batch = Path::from("public.t/reload/7");
+    store
+        .put_bytes(&batch.clone().join("part-00001.csv.gz"), b"data".to_vec())
+        .await
+        .unwrap();
+    let on_disk = root.join("public.t/reload/7");
+    std::fs::write(on_disk.join("part-00002.csv.gz#1"), b"half").unwrap();
+    std::fs::write(on_disk.join("keep#me"), b"not a staging name").unwrap();
+    cdc_egress::write::put_manifest(&store, &batch.clone().join("manifest.json"), b"{}".to_vec())
+        .await
+        .unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&on_disk)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["keep#me", "manifest.json", "part-00001.csv.gz"]);
+}

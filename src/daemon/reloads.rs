@@ -426,7 +426,7 @@ pub async fn finish_reload(sinks: &Sinks, reload_id: i64) -> Result<(), Error> {
     let manifest = object_store::path::Path::from(parts[0].record.manifest_path.as_str());
     let body = notice.to_json();
     retry("write reload manifest", sinks, || {
-        sinks.store.put_bytes(&manifest, body.clone())
+        crate::write::put_manifest(&sinks.store, &manifest, body.clone())
     })
     .await?;
     let seq = match &sinks.notifier {

@@ -180,12 +180,31 @@ impl Notice {
 /// Writes `manifest.json` for a committed file row (idempotent: same content every time).
 pub async fn write_manifest(store: &Store, reg: &Registered) -> Result<(), Error> {
     let notice = Notice::new(store, reg);
-    store
-        .put_bytes(
-            &Path::from(reg.record.manifest_path.as_str()),
-            notice.to_json(),
-        )
-        .await
+    put_manifest(
+        store,
+        &Path::from(reg.record.manifest_path.as_str()),
+        notice.to_json(),
+    )
+    .await
+}
+
+/// Writes a directory's `manifest.json`, the mark that it is complete, after removing stale
+/// staging files of interrupted local uploads from it (see [`Store::remove_stale_staging`]), so a
+/// complete directory holds exactly the files its manifest lists.
+pub async fn put_manifest(
+    store: &Store,
+    manifest: &Path,
+    body: impl Into<bytes::Bytes>,
+) -> Result<(), Error> {
+    let dir: Path = manifest
+        .parts()
+        .take(manifest.parts().count().saturating_sub(1))
+        .collect();
+    let removed = store.remove_stale_staging(&dir)?;
+    if removed > 0 {
+        tracing::info!(dir = %dir, files = removed, "removed staging files of interrupted uploads");
+    }
+    store.put_bytes(manifest, body).await
 }
 
 /// Deletes streaming batch directories below the table directory `table_dir` (the `schema.table`

@@ -212,6 +212,43 @@ impl Store {
         }
     }
 
+    /// Removes what interrupted uploads left in the directory `dir` of a `file://` store: the
+    /// local backend writes a multipart upload to `<name>#<n>` and renames it when complete, so a
+    /// process killed in the middle leaves that file behind, invisible to listings but visible to
+    /// anyone reading the directory. Call it only for a directory whose uploads are all complete
+    /// (right before its `manifest.json` is written): any staging file left there is stale. A no-op
+    /// on object stores, whose unfinished multipart uploads are invisible.
+    pub fn remove_stale_staging(&self, dir: &Path) -> Result<usize, Error> {
+        let Some(root) = &self.local_dir else {
+            return Ok(0);
+        };
+        let dir = root.join(dir.as_ref());
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => {
+                return Err(Error::transient(
+                    "object_store",
+                    format!("list {}: {e}", dir.display()),
+                ))
+            }
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let is_staging =
+                name.to_str()
+                    .and_then(|n| n.rsplit_once('#'))
+                    .is_some_and(|(stem, n)| {
+                        !stem.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                    });
+            if is_staging && std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     pub async fn put_bytes(
         &self,
         path: &Path,
