@@ -14,6 +14,7 @@
 # touched; NATS must be running on CDC_EGRESS_TEST_NATS_URL (default 127.0.0.1:4222, see services.sh).
 # Prints a pass/fail table and exits non-zero if any major failed. Logs: target/pg-versions/.
 #
+# The packaged binaries find their libraries through RUNPATH ($ORIGIN/../lib): no LD_LIBRARY_PATH.
 # The servers refuse to run as root: as root they run as PG_RUN_AS (default the `postgres` system
 # user, else `nobody`), from a copy of the binaries inside the temporary directory (the cache under
 # /root is not readable by that user).
@@ -66,6 +67,9 @@ REFUSAL_TESTS="cli::server_version_is_checked"
 
 log() { printf '[pg-versions] %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
+for major in $PG_MAJORS; do
+  [[ "$major" =~ ^[0-9]+$ ]] || die "PG_MAJORS: $major is not a major version number (e.g. PG_MAJORS=\"14 17\")"
+done
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && exec 3>&- 3<&-; }
 
 # ---- who runs the servers --------------------------------------------------------------------------
@@ -124,7 +128,7 @@ trap 'exit 130' INT TERM
 # Starts PostgreSQL <major>; sets $port. Returns non-zero (with the reason logged) on failure.
 start_server() {
   local major=$1 server_log=$2
-  tmp=$(mktemp -d "${TMPDIR:-/tmp}/cdc-egress-pg$major.XXXXXX")
+  tmp=$(mktemp -d "${TMPDIR:-/tmp}/cdc-egress-pgver$major.XXXXXX")
   chmod 755 "$tmp"
   bin="$(pkg_dir "$major")/native/bin"
   if [ -n "$run_as" ]; then
