@@ -39,7 +39,8 @@ MIN_MAJOR=14
 # (slots, exported snapshots, COPY BOTH streaming, SQLSTATEs), CSV equal to COPY's output for every
 # type, streaming with a mixed workload, SIGKILL mid-stream, a crash between registry commit and
 # manifest, a dropped walsender connection, heartbeats on an idle slot, reloads (a failing one next to a
-# good one; request checks, event trigger), the one-shot commands and the version gate.
+# good one; request checks, event trigger), a lost slot (wal_status / invalidation_reason differ per
+# version), source.slot_failover (17+), the one-shot commands and the version gate.
 # Not here: reload::crashes_during_export_and_handover_recover is flaky on every version (a killed
 # local-file upload can leave object_store's `part-…#1` staging file in a reload directory), and
 # reload::fresh_start_and_reload_under_load_replay_equal takes minutes (2M rows).
@@ -58,7 +59,11 @@ streaming::idle_slot_keeps_advancing
 reload::a_failing_reload_is_visible_and_does_not_block_others
 reload::bad_reload_requests_are_refused
 failures::dropped_replication_connection_resumes
+slot_lifecycle::a_slot_dropped_behind_our_back_is_refused_or_reexported_never_silently_restarted
+slot_lifecycle::slot_failover_is_set_on_17_and_refused_before
 cli::status_before_and_after_migrate
+cli::missing_publication_and_installed_trigger_are_reported_truthfully
+cli::reload_wait_times_out_and_status_shows_the_pending_request
 cli::drop_slot_drops_the_slot
 cli::server_version_is_checked
 "
