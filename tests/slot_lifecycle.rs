@@ -260,7 +260,10 @@ async fn slot_failover_is_set_on_17_and_refused_before() {
     db.client().await.batch_execute(DDL).await.unwrap();
     db.client()
         .await
-        .batch_execute(&format!("CREATE PUBLICATION {} FOR ALL TABLES", db.publication))
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR ALL TABLES",
+            db.publication
+        ))
         .await
         .unwrap();
     let version: i32 = db
