@@ -12,7 +12,7 @@ export CDC_EGRESS_TEST_PYTHON="${CDC_EGRESS_TEST_PYTHON:-${CDC_EGRESS_VENV:-$HOM
 echo "[test] PostgreSQL for the tests: $CDC_EGRESS_TEST_PG_URL" >&2
 cargo test --all-targets "$@"
 # Then a subset again on private PostgreSQL 14, 15, 16, 17 and 18 servers, and the refusal of 13
-# (about 2.5 minutes; CDC_EGRESS_PG_VERSIONS=0 skips it). Those servers are its own, not the one above.
+# (about 3.5 minutes; CDC_EGRESS_PG_VERSIONS=0 skips it). Those servers are its own, not the one above.
 if [ "${CDC_EGRESS_PG_VERSIONS:-1}" != 0 ]; then
   bash deploy/local/pg_versions.sh
 fi
