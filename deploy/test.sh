@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test: starts (or installs) the local services, then `cargo test` over all targets.
+# Runs every test: starts (or installs) the local services, then `cargo test` over all targets, then
+# the PostgreSQL version matrix (deploy/local/pg_versions.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CDC_EGRESS_TEST_PG_URL=$(bash deploy/local/services.sh --s3 --azure --gcs --pg-url)
@@ -10,3 +11,8 @@ export CDC_EGRESS_TEST_GCS_ENDPOINT="${CDC_EGRESS_TEST_GCS_ENDPOINT:-http://127.
 export CDC_EGRESS_TEST_PYTHON="${CDC_EGRESS_TEST_PYTHON:-${CDC_EGRESS_VENV:-$HOME/.cache/cdc-egress/venv}/bin/python}"
 echo "[test] PostgreSQL for the tests: $CDC_EGRESS_TEST_PG_URL" >&2
 cargo test --all-targets "$@"
+# Then a subset again on private PostgreSQL 14, 15, 16, 17 and 18 servers, and the refusal of 13
+# (about 3.5 minutes; CDC_EGRESS_PG_VERSIONS=0 skips it). Those servers are its own, not the one above.
+if [ "${CDC_EGRESS_PG_VERSIONS:-1}" != 0 ]; then
+  bash deploy/local/pg_versions.sh
+fi

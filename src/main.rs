@@ -157,6 +157,8 @@ fn main() -> ExitCode {
 }
 
 async fn migrate(config: &Config) -> Result<(), Error> {
+    // The source first, so an unsupported server is refused before the registry is changed.
+    let src = cdc_egress::source::slot::connect_source(&config.source_conninfo()?).await?;
     let mut c = config.registry_conninfo()?.connect().await?;
     let applied = cdc_egress::register::migrate(&mut c, &config.registry.schema).await?;
     if applied.is_empty() {
@@ -167,7 +169,6 @@ async fn migrate(config: &Config) -> Result<(), Error> {
             config.registry.schema
         );
     }
-    let src = config.source_conninfo()?.connect().await?;
     let trigger = cdc_egress::register::migrate::marker_trigger_name(&config.registry.schema);
     use cdc_egress::register::migrate::MarkerTrigger;
     match cdc_egress::register::migrate::install_reload_marker(
@@ -210,7 +211,7 @@ async fn drop_slot(config: &Config, yes: bool) -> Result<(), Error> {
     let info = config.source_conninfo()?;
     let slot = &config.source.slot;
     let where_ = format!("{} on {}", info.dbname(), info.host_description());
-    let c = info.connect().await?;
+    let c = cdc_egress::source::slot::connect_source(&info).await?;
     let Some(s) = cdc_egress::source::slot::slot_info(&c, slot).await? else {
         println!("no replication slot {slot} in {where_}: nothing to drop");
         return Ok(());

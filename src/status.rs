@@ -88,7 +88,7 @@ fn pg(what: &str, e: tokio_postgres::Error) -> Error {
 
 pub async fn collect(config: &Config) -> Result<Status, Error> {
     let source = config.source_conninfo()?;
-    let src = source.connect().await?;
+    let src = crate::source::slot::connect_source(&source).await?;
     let reg = config.registry_conninfo()?.connect().await?;
     let s = quote_ident(&config.registry.schema);
     let version =

@@ -1032,3 +1032,58 @@ async fn http_get(port: u16, path: &str) -> String {
     let _ = s.read_to_string(&mut body).await;
     body
 }
+
+/// The supported range is enforced on connect: against PostgreSQL 14 or newer the commands work;
+/// against an older server (deploy/local/pg_versions.sh runs this on 13) every command that talks to
+/// the source refuses with a configuration error (exit 2) before changing anything.
+#[tokio::test]
+async fn server_version_is_checked() {
+    let db = TestDb::new("cliversion").await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION {} FOR ALL TABLES",
+        db.publication
+    ))
+    .await
+    .unwrap();
+    let num: i32 = c
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let dir = cwd();
+    let e = db.daemon_env(&db.out_url());
+    if num >= 140000 {
+        let (code, out, err) = run_cli_timeout(&["drop-slot"], &e, dir.path(), QUICK);
+        assert_eq!(code, 0, "PostgreSQL {num} is supported: {err}");
+        assert!(out.contains("nothing to drop"), "{out}");
+    } else {
+        let refusal = format!(
+            "PostgreSQL {}.{} is not supported: cdc-egress needs 14 or newer",
+            num / 10000,
+            num % 10000
+        );
+        for args in [
+            &["run"][..],
+            &["migrate"],
+            &["status"],
+            &["reload", "public.t"],
+            &["drop-slot"],
+        ] {
+            let (code, _, err) = run_cli_timeout(args, &e, dir.path(), QUICK);
+            assert_eq!(code, 2, "{args:?} against PostgreSQL {num}: {err}");
+            assert!(err.contains(&refusal), "{args:?}: {err}");
+        }
+        let registry: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'cdc_egress'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(registry, 0, "nothing was installed on the refused server");
+        assert_eq!(slots_of(&db).await, 0, "no slot on the refused server");
+    }
+    db.cleanup().await;
+}

@@ -49,7 +49,7 @@ pub async fn request(
             "name at least one table: cdc-egress reload schema.table ...",
         ));
     }
-    let mut src = config.source_conninfo()?.connect().await?;
+    let mut src = crate::source::slot::connect_source(&config.source_conninfo()?).await?;
     let registry = config.registry_conninfo()?.connect().await?;
     let schema = &config.registry.schema;
     let publication = &config.source.publication;

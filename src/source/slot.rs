@@ -11,6 +11,7 @@ use tokio_postgres::Client;
 use crate::decode::{Relation, ReplicaIdentity as WireIdentity};
 use crate::error::Error;
 use crate::lsn::Lsn;
+use crate::source::conninfo::ConnInfo;
 use crate::table::{ColumnSchema, ReplicaIdentity, TableName, TableSchema};
 
 fn pg(what: &str, e: tokio_postgres::Error) -> Error {
@@ -149,7 +150,45 @@ impl std::fmt::Display for CutBlocker {
     }
 }
 
-/// Checks `wal_level`, the server version, the database encoding and the publication.
+/// The oldest supported source server, as `server_version_num`: PostgreSQL 14, the first whose
+/// pgoutput has the `messages` option (heartbeats and reload markers are logical messages). 14–18 are
+/// tested by `deploy/local/pg_versions.sh`; README ("The source needs PostgreSQL 14 or newer").
+pub const MIN_SERVER_VERSION_NUM: i32 = 140000;
+
+/// Refuses a source older than [`MIN_SERVER_VERSION_NUM`]. `num` is the server's `server_version_num`
+/// (e.g. 130012 for 13.12). A configuration-class definite error: pointing cdc-egress at that server
+/// is the mistake, and retrying cannot help (exit code 2).
+pub fn check_server_version(num: i32) -> Result<(), Error> {
+    if num >= MIN_SERVER_VERSION_NUM {
+        return Ok(());
+    }
+    // Since PostgreSQL 10: major * 10000 + minor; before: major * 10000 + minor * 100 + patch.
+    let version = if num >= 100000 {
+        format!("{}.{}", num / 10000, num % 10000)
+    } else {
+        format!("{}.{}.{}", num / 10000, num / 100 % 100, num % 100)
+    };
+    Err(Error::definite(
+        "config",
+        format!("PostgreSQL {version} is not supported: cdc-egress needs 14 or newer"),
+    ))
+}
+
+/// An ordinary connection to the source that has passed [`check_server_version`]. The one-shot
+/// commands open their first source connection with this (the daemon checks in [`check_source`]), so
+/// an unsupported server is refused before anything else happens.
+pub async fn connect_source(info: &ConnInfo) -> Result<Client, Error> {
+    let c = info.connect().await?;
+    let num: i32 = c
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(|e| pg("read the source server version", e))?
+        .get(0);
+    check_server_version(num)?;
+    Ok(c)
+}
+
+/// Checks the server version (first), `wal_level`, the database encoding and the publication.
 pub async fn check_source(c: &Client, publication: &str) -> Result<(), Error> {
     let row = c
         .query_one(
@@ -165,6 +204,7 @@ pub async fn check_source(c: &Client, publication: &str) -> Result<(), Error> {
     let version: i32 = row.get(1);
     let encoding: String = row.get(2);
     let can_replicate: bool = row.get::<_, Option<bool>>(3).unwrap_or(false);
+    check_server_version(version)?;
     if wal_level != "logical" {
         return Err(Error::definite(
             "source",
@@ -172,12 +212,6 @@ pub async fn check_source(c: &Client, publication: &str) -> Result<(), Error> {
                 "the source has wal_level = {wal_level}; logical replication needs wal_level = logical: \
                  run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL"
             ),
-        ));
-    }
-    if version < 140000 {
-        return Err(Error::definite(
-            "source",
-            format!("PostgreSQL {version} is too old: cdc-egress needs PostgreSQL 14 or later"),
         ));
     }
     if encoding != "UTF8" {
@@ -502,5 +536,27 @@ mod tests {
             plan_slot("s", None, Some("lost"), Stop),
             SlotPlan::Recreate { .. }
         ));
+    }
+
+    #[test]
+    fn servers_older_than_14_are_refused_as_configuration_errors() {
+        use crate::error::Kind;
+        for (num, shown) in [
+            (130012, "13.12"),
+            (130000, "13.0"),
+            (120022, "12.22"),
+            (90624, "9.6.24"),
+        ] {
+            let e = check_server_version(num).expect_err("too old");
+            assert_eq!(e.kind(), Kind::Definite);
+            assert_eq!(e.component(), "config", "exit code 2");
+            assert_eq!(
+                e.message(),
+                format!("PostgreSQL {shown} is not supported: cdc-egress needs 14 or newer")
+            );
+        }
+        for num in [140000, 140023, 150018, 160014, 170010, 180004, 190000] {
+            assert!(check_server_version(num).is_ok(), "{num}");
+        }
     }
 }
