@@ -6,20 +6,24 @@
 -- registry never mistakes a new notice for an old one.
 CREATE TABLE {{schema}}.registry_info (
     singleton   boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
-    incarnation text        NOT NULL DEFAULT substr(md5(gen_random_uuid()::text), 1, 12),
+    incarnation text        NOT NULL DEFAULT substr(replace(gen_random_uuid()::text, '-', ''), 1, 12),
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO {{schema}}.registry_info DEFAULT VALUES;
 
 -- Written by `cdc-egress reload` next to the marker it places in the WAL, so `status` and
 -- `reload --wait` can say that a request is waiting for a daemon to read it. `wal_lsn` is the source's
--- WAL position right after the marker committed: the marker lies below it.
+-- WAL position right after the marker committed: the marker lies below it. The daemon sets
+-- `reload_id` and `read_at` when it reads the marker (the reload may be one already running for the
+-- table, which the request joins).
 CREATE TABLE {{schema}}.reload_requests (
     request       text        PRIMARY KEY,
     table_schema  text        NOT NULL,
     table_name    text        NOT NULL,
     wal_lsn       pg_lsn,
-    requested_at  timestamptz NOT NULL DEFAULT now()
+    requested_at  timestamptz NOT NULL DEFAULT now(),
+    reload_id     bigint,
+    read_at       timestamptz
 );
 
 -- The life of each replication slot as the daemons saw it: `created` (by a daemon, at its

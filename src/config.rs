@@ -513,6 +513,8 @@ impl Layers {
     }
 
     fn read_env(&mut self, env: &[(String, String)]) -> Result<(), Error> {
+        // Which variable set each key, so `X` and `X_FILE` together are an error, not a silent pick.
+        let mut set_by: BTreeMap<String, &str> = BTreeMap::new();
         for (name, value) in env {
             let Some(rest) = name.strip_prefix("CDC_EGRESS_") else {
                 continue;
@@ -525,14 +527,22 @@ impl Layers {
             // `CDC_EGRESS_<SECTION>_<KEY>_FILE`: the value of <KEY> is the content of that file,
             // unless `<key>_file` is itself a key (e.g. source.password_file takes a path).
             let is_key = KEYS.contains(&key.as_str()) || key.starts_with("output.options.");
-            if let (false, Some(base)) = (is_key, key.strip_suffix("_file")) {
-                let text = std::fs::read_to_string(value)
-                    .map_err(|e| usage(format!("cannot read {value:?} named by {name}: {e}")))?;
-                let text = text.trim_end_matches(['\n', '\r']).to_string();
-                self.set(base, text, origin)?;
-                continue;
+            let (key, value) = match (is_key, key.strip_suffix("_file")) {
+                (false, Some(base)) => {
+                    let text = std::fs::read_to_string(value).map_err(|e| {
+                        usage(format!("cannot read {value:?} named by {name}: {e}"))
+                    })?;
+                    let text = text.trim_end_matches(['\n', '\r']).to_string();
+                    (base.to_string(), text)
+                }
+                _ => (key, value.clone()),
+            };
+            if let Some(other) = set_by.insert(key.clone(), name.as_str()) {
+                return Err(usage(format!(
+                    "both {other} and {name} set `{key}`: keep one of them"
+                )));
             }
-            self.set(&key, value.clone(), origin)?;
+            self.set(&key, value, origin)?;
         }
         Ok(())
     }
@@ -873,6 +883,24 @@ pub fn parse_size(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_and_its_file_variable_together_are_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("url");
+        std::fs::write(&f, "postgres://u@h/db\n").unwrap();
+        let both = env(&[
+            ("CDC_EGRESS_SOURCE_URL", "postgres://u@h/x"),
+            ("CDC_EGRESS_SOURCE_URL_FILE", f.to_str().unwrap()),
+        ]);
+        let err = Config::load_from(None, &both, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("CDC_EGRESS_SOURCE_URL_FILE") && err.contains("keep one"),
+            "{err}"
+        );
+        let c = Config::load_from(None, &both[1..], &[]).unwrap();
+        assert_eq!(c.source.url.expose(), "postgres://u@h/db");
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

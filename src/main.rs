@@ -212,16 +212,37 @@ async fn drop_slot(config: &Config, yes: bool) -> Result<(), Error> {
     let slot = &config.source.slot;
     let where_ = format!("{} on {}", info.dbname(), info.host_description());
     let c = cdc_egress::source::slot::connect_source(&info).await?;
-    let Some(s) = cdc_egress::source::slot::slot_info(&c, slot).await? else {
+    // The registry learns that the drop is deliberate, so the next `run` starts afresh instead of
+    // taking the slot for lost (README "Slot lifecycle").
+    let registry = match cdc_egress::register::migrate::installed_version(
+        &config.registry_conninfo()?.connect().await?,
+        &config.registry.schema,
+    )
+    .await?
+    {
+        v if v >= 3 => Some(cdc_egress::register::Registry::new(
+            config.registry_conninfo()?.pool(1)?,
+            &config.registry.schema,
+        )),
+        _ => None,
+    };
+    let last_event = match &registry {
+        Some(r) => r.last_slot_event(slot).await?,
+        None => None,
+    };
+    let existing = cdc_egress::source::slot::slot_info(&c, slot).await?;
+    // A slot lost earlier (dropped by someone else) is missing, but the registry still expects it:
+    // recording the drop is what lets the next run start afresh.
+    let expected = matches!(last_event.as_deref(), Some("created") | Some("lost"));
+    if existing.is_none() && !expected {
         println!("no replication slot {slot} in {where_}: nothing to drop");
         return Ok(());
-    };
-    if s.active_pid.is_some() {
+    }
+    if let Some(pid) = existing.as_ref().and_then(|s| s.active_pid) {
         return Err(Error::definite(
             "slot",
             format!(
-                "replication slot {slot} in {where_} is in use by a running daemon (pid {}): stop it first",
-                s.active_pid.unwrap_or_default()
+                "replication slot {slot} in {where_} is in use by a running daemon (pid {pid}): stop it first"
             ),
         ));
     }
@@ -242,32 +263,27 @@ async fn drop_slot(config: &Config, yes: bool) -> Result<(), Error> {
         let mut answer = String::new();
         let _ = std::io::stdin().lock().read_line(&mut answer);
         if answer.trim() != slot {
-            println!("not dropped");
-            return Ok(());
+            return Err(Error::definite("config", "not confirmed: nothing dropped"));
         }
     }
-    let n = c
-        .execute(
+    if let Some(r) = &registry {
+        r.record_slot_event(slot, "dropped", None, Some("cdc-egress drop-slot"))
+            .await?;
+    }
+    if existing.is_some() {
+        c.execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
             &[slot],
         )
         .await
-        .map_err(|e| cdc_egress::source::conninfo::pg_error(&e).context(format!("drop slot {slot}")))?;
-    if n > 0 {
-        // Tell the registry it was on purpose, so the next `run` starts afresh instead of taking
-        // the slot for lost (best effort: the registry may not be installed).
-        if let Ok(pool) = config.registry_conninfo().and_then(|r| r.pool(1)) {
-            let registry = cdc_egress::register::Registry::new(pool, &config.registry.schema);
-            if let Err(e) = registry
-                .record_slot_event(slot, "dropped", None, None)
-                .await
-            {
-                tracing::debug!(error = %e, "cannot record the dropped slot in the registry");
-            }
-        }
+        .map_err(|e| {
+            cdc_egress::source::conninfo::pg_error(&e).context(format!("drop slot {slot}"))
+        })?;
         println!("replication slot {slot} dropped in {where_}");
     } else {
-        println!("no replication slot {slot} in {where_}: nothing to drop");
+        println!(
+            "replication slot {slot} was already gone from {where_}; recorded as dropped, so the next run starts afresh"
+        );
     }
     Ok(())
 }

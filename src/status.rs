@@ -177,7 +177,7 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
         reg.query(
             &format!(
                 "SELECT q.request, q.table_schema || '.' || q.table_name, q.requested_at::text, q.wal_lsn::text \
-                 FROM {s}.reload_requests q WHERE NOT EXISTS (SELECT 1 FROM {s}.reloads r WHERE r.request = q.request) \
+                 FROM {s}.reload_requests q WHERE q.read_at IS NULL \
                  AND q.requested_at > now() - interval '7 days' ORDER BY q.requested_at"
             ),
             &[],
@@ -232,7 +232,11 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
         tables,
         reloads,
     };
-    status.warnings = warnings(&status);
+    status.warnings = warnings(
+        &status,
+        slot.as_ref()
+            .and_then(crate::source::slot::retention_warning),
+    );
     Ok(status)
 }
 
@@ -240,7 +244,7 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
 const STALE_AFTER_SECONDS: f64 = 60.0;
 
 /// What an operator should act on, derived from the facts above.
-fn warnings(s: &Status) -> Vec<String> {
+fn warnings(s: &Status, slot_retention: Option<String>) -> Vec<String> {
     let mut w = Vec::new();
     if !s.publication_exists {
         w.push(format!(
@@ -258,18 +262,8 @@ fn warnings(s: &Status) -> Vec<String> {
             "replication slot {} has lost required WAL: it can no longer stream; see source.slot_lost in the README",
             s.slot
         ));
-    } else if s.slot_wal_status.as_deref() == Some("unreserved") {
-        w.push(format!(
-            "replication slot {} retains more WAL than max_slot_wal_keep_size allows: it will be lost at the next checkpoint unless the daemon catches up",
-            s.slot
-        ));
-    } else if let (Some(safe), Some(lag)) = (s.slot_safe_wal_bytes, s.slot_lag_bytes) {
-        if safe < lag / 4 {
-            w.push(format!(
-                "replication slot {} can retain only {safe} more bytes of WAL before max_slot_wal_keep_size invalidates it (retaining {lag})",
-                s.slot
-            ));
-        }
+    } else if let Some(wmsg) = slot_retention.as_deref() {
+        w.push(format!("replication slot {}: {wmsg}", s.slot));
     }
     let stale = s
         .daemon_seconds_since_heartbeat

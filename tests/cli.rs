@@ -725,6 +725,11 @@ fn passwords_come_from_pgpassword_pgpassfile_and_password_files() {
     let url = format!("postgres://egress@127.0.0.1:{port}/db?sslmode=disable");
     let pgpass = dir.path().join("pgpass");
     std::fs::write(&pgpass, format!("127.0.0.1:{port}:db:egress:{PW}-pgpass\n")).unwrap();
+    {
+        // libpq's rule, kept: a password file others can read is ignored.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let pwfile = dir.path().join("pw");
     std::fs::write(&pwfile, format!("{PW}-file\n")).unwrap();
     let nowhere = dir.path().join("no-such-pgpass");

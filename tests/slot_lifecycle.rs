@@ -299,3 +299,134 @@ async fn slot_failover_is_set_on_17_and_refused_before() {
     }
     db.cleanup().await;
 }
+
+/// The refusal's advice works: `drop-slot --yes` on a slot someone else already dropped records the
+/// drop, and the next run is a plain fresh start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_slot_clears_the_refusal_for_a_slot_already_gone() {
+    let db = TestDb::new("slotgone").await;
+    db.client().await.batch_execute(DDL).await.unwrap();
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR ALL TABLES",
+            db.publication
+        ))
+        .await
+        .unwrap();
+    let env = db.daemon_env(&db.out_url());
+    let d = Daemon::start(&env, db.dir.path(), &[], "run1.log");
+    db.wait_for_slot(&d).await;
+    d.stop().await;
+    db.client()
+        .await
+        .execute("SELECT pg_drop_replication_slot($1)", &[&db.slot])
+        .await
+        .unwrap();
+    let d = Daemon::start(&env, db.dir.path(), &[], "run2.log");
+    assert_eq!(d.wait_exit(Duration::from_secs(60)).await.code(), Some(1));
+    let (code, out, err) = run_cli_timeout(&["drop-slot", "--yes"], &env, db.dir.path(), CATCH_UP);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("already gone") && out.contains("recorded"),
+        "{out}"
+    );
+    let d = Daemon::start(&env, db.dir.path(), &[], "run3.log");
+    db.wait_for_slot(&d).await;
+    d.stop().await;
+    let want = ["created", "dropped", "created"];
+    assert_eq!(slot_events(&db).await, want);
+    db.cleanup().await;
+}
+
+/// A reload whose marker was read but whose cut was never taken (it waited behind an open
+/// transaction) when the slot was lost: its marker is in the lost WAL, so the re-export takes it
+/// over instead of leaving it stuck, and the table replays equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_waiting_for_its_cut_is_taken_over_by_the_reexport() {
+    let mut db = TestDb::new("slotuncut").await;
+    db.client().await.batch_execute(DDL).await.unwrap();
+    write(&db, 1, 100).await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR ALL TABLES",
+            db.publication
+        ))
+        .await
+        .unwrap();
+    let mut env = db.daemon_env(&db.out_url());
+    env.push(("CDC_EGRESS_SOURCE_SLOT_LOST".into(), "reexport".into()));
+    let d = Daemon::start(&env, db.dir.path(), &[], "run1.log");
+    db.wait_for_slot(&d).await;
+    let blocker = db.client().await;
+    blocker
+        .batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .unwrap();
+    let (code, _, err) = run_cli_timeout(&["reload", "public.acc"], &env, db.dir.path(), CATCH_UP);
+    assert_eq!(code, 0, "{err}");
+    let c = db.client().await;
+    let mut running = false;
+    for _ in 0..100 {
+        running = c
+            .query_opt(
+                "SELECT 1 FROM cdc_egress.reloads WHERE status = 'running' AND cut_lsn IS NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .is_some();
+        if running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        running,
+        "the reload waits for its cut; log:\n{}",
+        d.log_text()
+    );
+    d.kill().await;
+    write(&db, 101, 200).await;
+    // The slot goes (its walsender and the cut's temporary slot with it).
+    c.batch_execute(&format!(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name LIKE '{}%' AND active_pid IS NOT NULL",
+        db.slot
+    ))
+    .await
+    .unwrap();
+    for _ in 0..50 {
+        if c.execute("SELECT pg_drop_replication_slot($1)", &[&db.slot])
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let d = Daemon::start(&env, db.dir.path(), &[], "run2.log");
+    db.wait_for_slot(&d).await;
+    let mut active = 1;
+    for _ in 0..300 {
+        active = c
+            .query_one(
+                "SELECT count(*) FROM cdc_egress.reloads WHERE status IN ('requested', 'running')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if active == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(active, 0, "no reload stays stuck; log:\n{}", d.log_text());
+    write(&db, 201, 300).await;
+    db.wait_caught_up(CATCH_UP).await;
+    d.stop().await;
+    assert_replays_equal(&mut db, DDL, TABLES).await;
+    db.cleanup().await;
+}

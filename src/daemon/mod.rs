@@ -48,52 +48,69 @@ pub async fn run(
         metrics
             .ready
             .store(false, std::sync::atomic::Ordering::Relaxed);
-        match result {
+        let e = match result {
             Ok(()) => return Ok(()),
-            Err(e) if e.is_transient() => {
-                metrics.error(&e);
-                if *shutdown.borrow() {
-                    return Ok(());
-                }
-                if started.elapsed() > Duration::from_secs(60) {
-                    delay = Duration::from_millis(500);
-                }
-                tracing::warn!(error = %e, retry_in = ?delay, "session ended; restarting from the confirmed LSN");
-                record_state(&config, "retrying", Some(&e.to_string())).await;
-                let mut s = shutdown.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = s.wait_for(|v| *v) => return Ok(()),
-                }
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-            Err(e) => {
-                metrics.error(&e);
-                if config.source.slot_lost == crate::config::SlotLostPolicy::Reexport
-                    && slot_gone(&config).await
-                {
-                    // Invalidated or dropped while streaming: the next session re-exports.
-                    tracing::error!(error = %e, "the replication slot was lost while streaming; starting over with source.slot_lost: reexport");
-                    continue;
-                }
-                record_state(&config, "stopped", Some(&e.to_string())).await;
-                return Err(e);
-            }
+            Err(e) => e,
+        };
+        metrics.error(&e);
+        let lost = !e.is_transient() && lost_while_streaming(&config, &e).await;
+        if !e.is_transient() && !lost {
+            record_state(&config, "stopped", Some(&e.to_string())).await;
+            return Err(e);
         }
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            delay = Duration::from_millis(500);
+        }
+        if lost {
+            // Invalidated or dropped while streaming: the next session re-exports.
+            tracing::error!(error = %e, retry_in = ?delay, "the replication slot was lost while streaming; starting over (source.slot_lost: reexport)");
+        } else {
+            tracing::warn!(error = %e, retry_in = ?delay, "session ended; restarting from the confirmed LSN");
+        }
+        // A standby waiting for the slot is not the daemon's state: the active one reports that.
+        if e.component() != session::STANDBY {
+            record_state(&config, "retrying", Some(&e.to_string())).await;
+        }
+        let mut s = shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = s.wait_for(|v| *v) => return Ok(()),
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
     }
 }
 
-/// Whether the slot is missing or invalidated now (so a definite streaming error was its loss).
-async fn slot_gone(config: &Config) -> bool {
+/// Whether a definite error ended a session because the slot was lost under
+/// `source.slot_lost: reexport`: the same decision the next session makes at start
+/// ([`crate::source::slot::plan_slot`] says `Recreate`). Never for configuration errors.
+async fn lost_while_streaming(config: &Config, e: &Error) -> bool {
+    if config.source.slot_lost != crate::config::SlotLostPolicy::Reexport
+        || e.component() == "config"
+    {
+        return false;
+    }
     let check = async {
         let c = config.source_conninfo()?.connect().await?;
-        crate::source::slot::slot_info(&c, &config.source.slot).await
+        let info = crate::source::slot::slot_info(&c, &config.source.slot).await?;
+        let registry = crate::register::Registry::new(
+            config.registry_conninfo()?.pool(1)?,
+            &config.registry.schema,
+        );
+        let last = registry.last_slot_event(&config.source.slot).await?;
+        Ok::<_, Error>(crate::source::slot::plan_slot(
+            &config.source.slot,
+            info.as_ref(),
+            last.as_deref(),
+            config.source.slot_lost,
+        ))
     };
-    match tokio::time::timeout(Duration::from_secs(10), check).await {
-        Ok(Ok(None)) => true,
-        Ok(Ok(Some(info))) => info.is_lost(),
-        _ => false,
-    }
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), check).await,
+        Ok(Ok(crate::source::slot::SlotPlan::Recreate { .. }))
+    )
 }
 
 /// Best effort: writes the daemon's state to the registry between sessions (the registry may be

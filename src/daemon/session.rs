@@ -63,6 +63,10 @@ pub struct Endpoints {
     pub sinks: Sinks,
 }
 
+/// Component of the "another instance holds the slot" error: a standby waiting, not a failure of
+/// the active daemon (the driver does not record it as the daemon's state).
+pub const STANDBY: &str = "standby";
+
 /// Connects to the source (checking its preconditions), the registry (migrating it), the object store
 /// and NATS.
 pub async fn connect(
@@ -213,7 +217,7 @@ pub async fn session(
         .get(0);
     if !locked {
         return Err(Error::transient(
-            "source",
+            STANDBY,
             format!("another process holds the slot {slot_name}; this instance waits as a standby and retries"),
         ));
     }
@@ -246,6 +250,14 @@ pub async fn session(
             if config.source.slot_failover && info.failover == Some(false) {
                 slot::enable_failover(&mut repl, slot_name).await?;
             }
+            if last_event.as_deref() != Some("created") {
+                // A slot from before the registry kept slot events, or a crash between creating
+                // it and recording it: record it now, so its loss is recognised as one.
+                sinks
+                    .registry
+                    .record_slot_event(slot_name, "created", info.confirmed_flush, None)
+                    .await?;
+            }
             false
         }
         slot::SlotPlan::Refuse { reason } => {
@@ -255,12 +267,20 @@ pub async fn session(
         slot::SlotPlan::Recreate { reason } => {
             tracing::error!(slot = slot_name, %reason, "replication slot lost: re-exporting every table through a new slot");
             if last_event.as_deref() != Some("lost") {
-                let at = info.as_ref().and_then(|i| i.confirmed_flush);
+                // Changes after this position are gone: the slot's own confirmed position, or
+                // for a slot that no longer exists the last one the daemon reported.
+                let at = match info.as_ref().and_then(|i| i.confirmed_flush) {
+                    Some(lsn) => Some(lsn),
+                    None => sinks.registry.last_confirmed(slot_name).await?,
+                };
                 sinks
                     .registry
                     .record_slot_event(slot_name, "lost", at, Some(reason))
                     .await?;
             }
+            // Reloads waiting for their marker to be read again can no longer get it (it is in
+            // the lost WAL): they become part of the re-export instead of staying stuck.
+            sinks.registry.restart_uncut_reloads_as_initial().await?;
             if info.is_some() {
                 ep.catalog
                     .execute("SELECT pg_drop_replication_slot($1)", &[&slot_name])
@@ -388,9 +408,12 @@ pub async fn session(
         .await
         .map_err(|e| {
             if e.sqlstate() == Some("55006") {
-                e.context(format!(
-                    "another process holds the slot {slot_name}; this instance waits as a standby and retries"
-                ))
+                Error::transient(
+                    STANDBY,
+                    format!(
+                        "another process holds the slot {slot_name}; this instance waits as a standby and retries ({e})"
+                    ),
+                )
             } else {
                 e.context(format!("start replication on slot {slot_name}"))
             }
@@ -520,6 +543,7 @@ pub async fn session(
         tasks.spawn(async move {
             let mut iv = tokio::time::interval(Duration::from_secs(5));
             let mut warned_blocker = Instant::now() - Duration::from_secs(3600);
+            let mut warned_retention = warned_blocker;
             loop {
                 iv.tick().await;
                 if let Ok(Some(info)) = slot::slot_info(&catalog, &slot).await {
@@ -529,8 +553,11 @@ pub async fn session(
                     metrics
                         .slot_safe_wal_bytes
                         .store(info.safe_wal_size.unwrap_or(-1), Relaxed);
-                    if info.wal_status.as_deref() == Some("unreserved") {
-                        tracing::warn!(slot = %slot, lag_bytes = info.lag_bytes, "the slot retains more WAL than max_slot_wal_keep_size allows: it will be invalidated at the next checkpoint unless streaming catches up");
+                    if let Some(warning) = crate::source::slot::retention_warning(&info) {
+                        if warned_retention.elapsed() >= Duration::from_secs(60) {
+                            warned_retention = Instant::now();
+                            tracing::warn!(slot = %slot, "{warning}");
+                        }
                     }
                 }
                 let blockers = slot::cut_blockers(&catalog, &slot).await.unwrap_or_default();

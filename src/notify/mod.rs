@@ -68,7 +68,7 @@ pub fn subject_token(name: &str) -> String {
 /// Reads a credential file named by the configuration (a definite configuration error if it cannot).
 fn read_secret(key: &str, path: &std::path::Path) -> Result<String, Error> {
     std::fs::read_to_string(path)
-        .map(|t| t.trim().to_string())
+        .map(|t| t.trim_end_matches(['\n', '\r']).to_string())
         .map_err(|e| {
             Error::definite(
                 "config",
@@ -149,7 +149,13 @@ impl Notifier {
         };
         match n.js.get_stream(&n.stream).await {
             Ok(_) => Ok(Some(n)),
-            Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                ) =>
+            {
                 Err(Error::definite(
                     "nats",
                     format!(
@@ -171,10 +177,22 @@ impl Notifier {
             .connect(url.expose())
             .await
             .map_err(|e| {
-                transient(
-                    &format!("connect to {}", url.redacted()),
-                    format!("{e}; is nats-server running with JetStream (-js)?"),
-                )
+                use async_nats::ConnectErrorKind as K;
+                match e.kind() {
+                    // The server refused our credentials, or they could not be used: configuration.
+                    K::AuthorizationViolation | K::Authentication => Error::definite(
+                        "config",
+                        format!(
+                            "NATS {} rejected the credentials ({e}): check nats.url's user, nats.password_file, \
+                             nats.token_file, nats.nkey_file or nats.creds_file",
+                            url.redacted()
+                        ),
+                    ),
+                    _ => transient(
+                        &format!("connect to {}", url.redacted()),
+                        format!("{e}; is nats-server running with JetStream (-js)?"),
+                    ),
+                }
             })?;
         Ok(Some(Notifier {
             js: jetstream::new(client),

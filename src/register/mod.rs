@@ -418,17 +418,54 @@ impl Registry {
         state: &str,
         last_error: Option<&str>,
     ) -> Result<(), Error> {
+        self.upsert_daemon(slot, None, state, last_error).await
+    }
+
+    /// Upserts the daemon's row (state, positions, last error) for `status`.
+    pub async fn report_daemon(
+        &self,
+        slot: &str,
+        confirmed: Lsn,
+        received: Lsn,
+        state: &str,
+        last_error: Option<&str>,
+    ) -> Result<(), Error> {
+        self.upsert_daemon(slot, Some((confirmed, received)), state, last_error)
+            .await
+    }
+
+    /// One upsert for both: positions are kept as they are when `positions` is `None`.
+    async fn upsert_daemon(
+        &self,
+        slot: &str,
+        positions: Option<(Lsn, Lsn)>,
+        state: &str,
+        last_error: Option<&str>,
+    ) -> Result<(), Error> {
         let c = self.client().await?;
-        let host = host_name();
+        let (confirmed, received) = match positions {
+            Some((c, r)) => (Some(c.to_string()), Some(r.to_string())),
+            None => (None, None),
+        };
         c.execute(
             &format!(
-                "INSERT INTO {} (slot_name, state, last_error, pid, host, heartbeat_at) \
-                 VALUES ($1, $2, $3, $4, $5, now()) \
-                 ON CONFLICT (slot_name) DO UPDATE SET state = EXCLUDED.state, last_error = EXCLUDED.last_error, \
-                 pid = EXCLUDED.pid, host = EXCLUDED.host, heartbeat_at = now()",
-                self.t("daemon")
+                "INSERT INTO {t} (slot_name, confirmed_lsn, received_lsn, state, last_error, pid, host, heartbeat_at) \
+                 VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, $6, $7, now()) \
+                 ON CONFLICT (slot_name) DO UPDATE SET \
+                 confirmed_lsn = coalesce(EXCLUDED.confirmed_lsn, {t}.confirmed_lsn), \
+                 received_lsn = coalesce(EXCLUDED.received_lsn, {t}.received_lsn), state = EXCLUDED.state, \
+                 last_error = EXCLUDED.last_error, pid = EXCLUDED.pid, host = EXCLUDED.host, heartbeat_at = now()",
+                t = self.t("daemon")
             ),
-            &[&slot, &state, &last_error, &(std::process::id() as i32), &host],
+            &[
+                &slot,
+                &confirmed,
+                &received,
+                &state,
+                &last_error,
+                &(std::process::id() as i32),
+                &host_name(),
+            ],
         )
         .await
         .map_err(|e| pg_err("report daemon state", e))?;
@@ -510,39 +547,20 @@ impl Registry {
         Ok(())
     }
 
-    /// Upserts the daemon's row (state, positions, last error) for `status`.
-    pub async fn report_daemon(
-        &self,
-        slot: &str,
-        confirmed: Lsn,
-        received: Lsn,
-        state: &str,
-        last_error: Option<&str>,
-    ) -> Result<(), Error> {
+    /// The last confirmed LSN the daemon of `slot` reported.
+    pub async fn last_confirmed(&self, slot: &str) -> Result<Option<Lsn>, Error> {
         let c = self.client().await?;
-        let host = host_name();
-        c.execute(
-            &format!(
-                "INSERT INTO {} (slot_name, confirmed_lsn, received_lsn, state, last_error, pid, host, heartbeat_at) \
-                 VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, $6, $7, now()) \
-                 ON CONFLICT (slot_name) DO UPDATE SET confirmed_lsn = EXCLUDED.confirmed_lsn, \
-                 received_lsn = EXCLUDED.received_lsn, state = EXCLUDED.state, last_error = EXCLUDED.last_error, \
-                 pid = EXCLUDED.pid, host = EXCLUDED.host, heartbeat_at = now()",
-                self.t("daemon")
-            ),
-            &[
-                &slot,
-                &confirmed.to_string(),
-                &received.to_string(),
-                &state,
-                &last_error,
-                &(std::process::id() as i32),
-                &host,
-            ],
-        )
-        .await
-        .map_err(|e| pg_err("report daemon state", e))?;
-        Ok(())
+        let row = c
+            .query_opt(
+                &format!(
+                    "SELECT confirmed_lsn::text FROM {} WHERE slot_name = $1",
+                    self.t("daemon")
+                ),
+                &[&slot],
+            )
+            .await
+            .map_err(|e| pg_err("read daemon state", e))?;
+        Ok(parse_lsn(row.and_then(|r| r.get(0))))
     }
 }
 

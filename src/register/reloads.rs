@@ -44,6 +44,16 @@ impl Registry {
             .map_err(|e| pg_err("find reload", e))?
             .is_some();
         if finished {
+            tx.execute(
+                &format!(
+                    "UPDATE {} SET read_at = coalesce(read_at, now()) WHERE request = $1",
+                    self.t("reload_requests")
+                ),
+                &[&request],
+            )
+            .await
+            .map_err(|e| pg_err("record the request as read", e))?;
+            tx.commit().await.map_err(|e| pg_err("commit", e))?;
             return Ok(None);
         }
         let existing = tx
@@ -72,8 +82,34 @@ impl Registry {
                 .get(0),
         };
         self.set_mode(&tx, table, "reloading").await?;
+        tx.execute(
+            &format!(
+                "UPDATE {} SET reload_id = $2, read_at = now() WHERE request = $1",
+                self.t("reload_requests")
+            ),
+            &[&request, &id],
+        )
+        .await
+        .map_err(|e| pg_err("record the request as read", e))?;
         tx.commit().await.map_err(|e| pg_err("commit", e))?;
         Ok(Some(id))
+    }
+
+    /// After the slot was lost: active reloads that wait for their marker to be read again (no cut
+    /// yet, created from a marker) can never get it, since it is in the lost WAL. They become
+    /// `requested` initial reloads, exported from the new slot's cut with every other table.
+    pub async fn restart_uncut_reloads_as_initial(&self) -> Result<u64, Error> {
+        let c = self.client().await?;
+        c.execute(
+            &format!(
+                "UPDATE {} SET status = 'requested', reason = 'initial', started_at = NULL \
+                 WHERE status IN ('requested', 'running') AND cut_lsn IS NULL",
+                self.t("reloads")
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| pg_err("restart reloads after the slot was lost", e))
     }
 
     async fn set_mode(

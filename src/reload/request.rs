@@ -71,10 +71,20 @@ pub async fn request(
             ),
         ));
     }
-    if installed_version(&registry, schema).await? == 0 {
-        return Err(definite(format!(
-            "the registry schema {schema} is not installed: run `cdc-egress migrate` first"
-        )));
+    match installed_version(&registry, schema).await? {
+        0 => {
+            return Err(definite(format!(
+                "the registry schema {schema} is not installed: run `cdc-egress migrate` first"
+            )))
+        }
+        v if v < crate::register::migrate::LATEST => {
+            return Err(definite(format!(
+                "the registry schema {schema} is at version {v}, this cdc-egress needs {}: run `cdc-egress migrate` \
+                 (or restart the daemon with this version) first",
+                crate::register::migrate::LATEST
+            )))
+        }
+        _ => {}
     }
     let trigger = marker_trigger_name(schema);
     let has_trigger = src
@@ -234,10 +244,13 @@ pub async fn wait(
     loop {
         let seen: Vec<Seen> = registry
             .query(
+                // A request is answered by the reload it created or joined (another request's
+                // reload of the same table, when one was already active).
                 &format!(
                     "SELECT id, table_schema || '.' || table_name, status, coalesce(rows, 0), \
                      coalesce(estimate_rows, 0), coalesce(bytes, 0), coalesce(parts, 0), cut_lsn::text, error \
-                     FROM {rs}.reloads WHERE request = ANY($1) ORDER BY id"
+                     FROM {rs}.reloads WHERE request = ANY($1) \
+                     OR id IN (SELECT reload_id FROM {rs}.reload_requests WHERE request = ANY($1)) ORDER BY id"
                 ),
                 &[&ids],
             )
@@ -288,12 +301,26 @@ pub async fn wait(
         if !tty && last_line.elapsed() >= Duration::from_secs(5) {
             last_line = Instant::now();
         }
-        if finished == ids.len() && seen.len() == ids.len() {
+        // Requests a daemon has read: each has its own reload row or joined another one.
+        let answered: i64 = registry
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM unnest($1::text[]) q(request) \
+                     WHERE EXISTS (SELECT 1 FROM {rs}.reloads r WHERE r.request = q.request) \
+                     OR EXISTS (SELECT 1 FROM {rs}.reload_requests p WHERE p.request = q.request AND p.reload_id IS NOT NULL)"
+                ),
+                &[&ids],
+            )
+            .await
+            .map_err(|e| pg_error(&e))?
+            .get(0);
+        let all_answered = answered as usize == ids.len();
+        if all_answered && finished == seen.len() {
             return finish(config, &registry, &seen, started.elapsed()).await;
         }
         if last_hint.elapsed() >= Duration::from_secs(10) {
             last_hint = Instant::now();
-            if seen.len() < ids.len() {
+            if !all_answered {
                 // The registry row is created by the daemon when it reads the marker from the WAL.
                 let slot = crate::source::slot::slot_info(&source, &config.source.slot).await?;
                 let why = match slot {
@@ -328,10 +355,13 @@ pub async fn wait(
             return Err(Error::transient(
                 "reload",
                 format!(
-                    "gave up waiting after {}: {} of {} reloads finished (they go on; see cdc-egress status)",
+                    "gave up waiting after {}: {} of {} requests read by a daemon, {} of {} reloads finished \
+                     (they go on; see cdc-egress status)",
                     humantime::format_duration(t),
+                    answered,
+                    ids.len(),
                     finished,
-                    ids.len()
+                    seen.len()
                 ),
             ));
         }

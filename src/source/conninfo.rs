@@ -276,6 +276,15 @@ impl ConnInfo {
                 None => return Ok(self),
             },
         };
+        // Like libpq: a password file others can read is ignored, with a warning.
+        #[cfg(unix)]
+        if let Ok(meta) = std::fs::metadata(&file) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(file = %file.display(), "password file has group or world access; it is ignored (chmod 0600 it)");
+                return Ok(self);
+            }
+        }
         match std::fs::read_to_string(&file) {
             Ok(text) => {
                 let host = match &self.host {
@@ -551,11 +560,16 @@ pub fn pg_error(err: &tokio_postgres::Error) -> Error {
 }
 
 /// The password of the first line of a libpq password file (`host:port:database:user:password`,
-/// `*` matches anything, `\\` escapes `:` and `\\`) that matches. A unix-socket connection also
-/// matches the host `localhost`, as in libpq. Comment lines start with `#`.
+/// `*` matches anything, `\\` escapes `:` and `\\`) that matches, as libpq reads it: a unix-socket
+/// connection is matched as the host `localhost`, and the password ends at the first unescaped `:`.
+/// Comment lines start with `#`.
 pub fn pgpass_lookup(text: &str, host: &str, port: u16, db: &str, user: &str) -> Option<String> {
     let port = port.to_string();
-    let socket = host.starts_with('/');
+    let host = if host.starts_with('/') {
+        "localhost"
+    } else {
+        host
+    };
     for line in text.lines() {
         if line.starts_with('#') || line.trim().is_empty() {
             continue;
@@ -567,6 +581,7 @@ pub fn pgpass_lookup(text: &str, host: &str, port: u16, db: &str, user: &str) ->
             match c {
                 '\\' => cur.extend(chars.next()),
                 ':' if fields.len() < 4 => fields.push(std::mem::take(&mut cur)),
+                ':' => break,
                 c => cur.push(c),
             }
         }
@@ -575,8 +590,7 @@ pub fn pgpass_lookup(text: &str, host: &str, port: u16, db: &str, user: &str) ->
             continue;
         }
         let m = |pattern: &str, value: &str| pattern == "*" || pattern == value;
-        let host_ok = m(&fields[0], host) || (socket && fields[0] == "localhost");
-        if host_ok && m(&fields[1], &port) && m(&fields[2], db) && m(&fields[3], user) {
+        if m(&fields[0], host) && m(&fields[1], &port) && m(&fields[2], db) && m(&fields[3], user) {
             return Some(fields[4].clone());
         }
     }
@@ -769,7 +783,8 @@ mod tests {
                     db.example:5432:app:alice:first\n\
                     127.0.0.1:*:*:postgres:p\\:w\\\\d\n\
                     *:5433:*:*:fallback\n\
-                    localhost:5432:*:bob:viasocket\n";
+                    localhost:5432:*:bob:viasocket\n\
+                    h2:1:d:u:pass:trailing\n";
         assert_eq!(
             pgpass_lookup(text, "db.example", 5432, "app", "alice").as_deref(),
             Some("first")
@@ -787,6 +802,11 @@ mod tests {
             Some("viasocket")
         );
         assert_eq!(pgpass_lookup(text, "elsewhere", 5432, "x", "y"), None);
+        assert_eq!(
+            pgpass_lookup(text, "h2", 1, "d", "u").as_deref(),
+            Some("pass"),
+            "the password ends at an unescaped colon"
+        );
     }
 
     #[test]

@@ -53,6 +53,29 @@ impl SlotInfo {
     }
 }
 
+/// A warning when the slot is about to be invalidated by `max_slot_wal_keep_size`: its WAL status
+/// is `unreserved`, or less than a quarter of what it retains can still be written. Shared by
+/// `status` and the daemon's log.
+pub fn retention_warning(i: &SlotInfo) -> Option<String> {
+    if i.is_lost() {
+        return None;
+    }
+    if i.wal_status.as_deref() == Some("unreserved") {
+        return Some(
+            "the slot retains more WAL than max_slot_wal_keep_size allows: it will be invalidated at the next \
+             checkpoint unless streaming catches up"
+                .to_string(),
+        );
+    }
+    match (i.safe_wal_size, i.lag_bytes) {
+        (Some(safe), Some(lag)) if safe < lag / 4 => Some(format!(
+            "the slot can retain only {safe} more bytes of WAL before max_slot_wal_keep_size invalidates it \
+             (it retains {lag})"
+        )),
+        _ => None,
+    }
+}
+
 /// Reads the slot's row. Columns that differ between PostgreSQL versions are read through
 /// `to_jsonb`, so one query serves 14 to 18 (a missing column is simply `None`).
 pub async fn slot_info(c: &Client, slot: &str) -> Result<Option<SlotInfo>, Error> {
@@ -104,7 +127,17 @@ pub struct CutBlocker {
 /// has ended; the walsender waits on their locks, so `pg_blocking_pids` names them. Empty when no
 /// cut of `slot` is waiting.
 pub async fn cut_blockers(c: &Client, slot: &str) -> Result<Vec<CutBlocker>, Error> {
-    let pattern = format!("CREATE_REPLICATION_SLOT \"{slot}_cut_%");
+    // The cut slot is `<slot>_cut_<tag>` cut to 63 bytes (`reload::export::take_cut`): match the
+    // part of that prefix that survives the truncation.
+    let mut prefix = format!("{slot}_cut_");
+    while prefix.len() > 63 {
+        prefix.pop();
+    }
+    let escaped = prefix
+        .replace('\\', "\\\\")
+        .replace('_', "\\_")
+        .replace('%', "\\%");
+    let pattern = format!("CREATE_REPLICATION_SLOT \"{escaped}%");
     let rows = c
         .query(
             "SELECT b.pid, extract(epoch FROM now() - b.xact_start)::float8, b.state, b.usename::text, \
@@ -295,6 +328,13 @@ pub fn plan_slot(
     policy: crate::config::SlotLostPolicy,
 ) -> SlotPlan {
     let reason = match info {
+        // A crash in the middle of a re-export (the `lost` event recorded, the slot not dropped
+        // yet) goes on with it, whatever the policy says now.
+        Some(i) if i.is_lost() && last_event == Some("lost") => {
+            return SlotPlan::Recreate {
+                reason: format!("continuing the re-export after slot {slot} was lost"),
+            }
+        }
         Some(i) if i.is_lost() => format!(
             "replication slot {slot} was invalidated ({}); the WAL after its confirmed position {} is gone",
             i.invalidation_reason
@@ -311,7 +351,8 @@ pub fn plan_slot(
             }
         }
         None if last_event == Some("created") => format!(
-            "replication slot {slot} was dropped by someone else (the registry says a daemon created it, and              `cdc-egress drop-slot` was not used); the changes since its last confirmed position are gone"
+            "replication slot {slot} was dropped by someone else (the registry says a daemon created it, and \
+             `cdc-egress drop-slot` was not used); the changes since its last confirmed position are gone"
         ),
         None => return SlotPlan::Create,
     };
@@ -329,8 +370,8 @@ pub fn plan_slot(
 }
 
 /// Creates the logical slot on the replication connection and returns its consistent point.
-/// `failover` (PostgreSQL 17+) makes the server synchronize it to standbys; asked of an older
-/// server it is a definite configuration error.
+/// `failover` (PostgreSQL 17+; the caller has checked [`require_failover_support`]) makes the
+/// server synchronize it to standbys.
 pub async fn create_slot(
     repl: &mut crate::source::wire::ReplicationConnection,
     slot: &str,
@@ -338,7 +379,6 @@ pub async fn create_slot(
 ) -> Result<Lsn, Error> {
     let name = crate::table::quote_ident(slot);
     let command = if failover {
-        require_failover_support(repl).await?;
         format!(
             "CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER true)"
         )
@@ -357,12 +397,11 @@ pub async fn create_slot(
         .unwrap_or(Lsn::ZERO))
 }
 
-/// Turns on `failover` for an existing slot (PostgreSQL 17+).
+/// Turns on `failover` for an existing slot (PostgreSQL 17+; checked by the caller).
 pub async fn enable_failover(
     repl: &mut crate::source::wire::ReplicationConnection,
     slot: &str,
 ) -> Result<(), Error> {
-    require_failover_support(repl).await?;
     repl.simple_query(&format!(
         "ALTER_REPLICATION_SLOT {} (FAILOVER true)",
         crate::table::quote_ident(slot)

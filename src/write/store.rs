@@ -91,6 +91,12 @@ fn options_from_files(
     for (key, value) in options {
         match key.strip_suffix("_file") {
             Some(base) if !is_option_key(scheme, key) && is_option_key(scheme, base) => {
+                if options.contains_key(base) {
+                    return Err(Error::definite(
+                        "config",
+                        format!("output.options.{base} and output.options.{key} are both set: keep one of them"),
+                    ));
+                }
                 let text = std::fs::read_to_string(value).map_err(|e| {
                     Error::definite("config", format!("output.options.{key} {value}: {e}"))
                 })?;
