@@ -83,6 +83,10 @@ fn exit_for(e: &Error) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS crypto provider for the whole process (ring). Libraries that build their rustls
+    // configuration from the process default (async-nats, the object store's HTTP client) would
+    // otherwise panic on their first TLS connection, since more than one provider is compiled in.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = match Config::load(cli.config.as_deref(), &cli.set) {
         Ok(c) => c,
         Err(e) => {

@@ -1,0 +1,178 @@
+//! NATS credentials and TLS from files, against real nats-server processes of our own (a free
+//! loopback port each, stopped on drop): a token, a user's password, and TLS with our own CA. A
+//! rejected credential is a configuration error (exit 2 from the CLI), never retried as an outage.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cdc_egress::config::{NatsAuth, NatsConfig, SecretUrl};
+use cdc_egress::notify::Notifier;
+
+/// A nats-server with JetStream on a free loopback port, with extra arguments; killed on drop.
+struct Server {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("nats-server");
+        let child = std::process::Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap())
+            .spawn()
+            .expect("nats-server (apt-get install nats-server)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Server {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(url: String, auth: NatsAuth) -> NatsConfig {
+    NatsConfig {
+        url: Some(SecretUrl::new(url)),
+        stream: common::unique("natsauth").to_uppercase(),
+        subject_prefix: common::unique("natsauth"),
+        change_events: false,
+        auth,
+    }
+}
+
+fn secret_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("{text}\n")).unwrap();
+    p
+}
+
+async fn connect(cfg: &NatsConfig) -> Result<Notifier, cdc_egress::error::Error> {
+    Notifier::connect(cfg).await.map(|n| n.expect("a notifier"))
+}
+
+#[tokio::test]
+async fn a_token_from_a_file_is_used_and_a_wrong_one_is_a_configuration_error() {
+    let s = Server::start(&["--auth", "t0ken-Secret"]);
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("nats://127.0.0.1:{}", s.port);
+    let good = NatsAuth {
+        token_file: Some(secret_file(dir.path(), "token", "t0ken-Secret")),
+        ..Default::default()
+    };
+    connect(&config(url.clone(), good)).await.unwrap();
+    let bad = NatsAuth {
+        token_file: Some(secret_file(dir.path(), "bad", "wrong")),
+        ..Default::default()
+    };
+    let err = connect(&config(url.clone(), bad)).await.err().unwrap();
+    assert_eq!(err.component(), "config", "{err}");
+    assert!(!err.is_transient(), "{err}");
+    assert!(!err.to_string().contains("t0ken-Secret"), "{err}");
+    // No credentials at all, through the binary: exit 2 (configuration), not a retried outage.
+    let cwd = tempfile::tempdir().unwrap();
+    let (code, _, err) = common::run_cli_timeout(
+        &["notices"],
+        &[
+            (
+                "CDC_EGRESS_SOURCE_URL".into(),
+                "postgres://postgres@127.0.0.1:1/x".into(),
+            ),
+            ("CDC_EGRESS_NATS_URL".into(), url),
+        ],
+        cwd.path(),
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("rejected the credentials"), "{err}");
+}
+
+#[tokio::test]
+async fn a_users_password_comes_from_a_file() {
+    let s = Server::start(&["--user", "egress", "--pass", "Pa55-file"]);
+    let dir = tempfile::tempdir().unwrap();
+    let auth = NatsAuth {
+        password_file: Some(secret_file(dir.path(), "pw", "Pa55-file")),
+        ..Default::default()
+    };
+    connect(&config(
+        format!("nats://egress@127.0.0.1:{}", s.port),
+        auth.clone(),
+    ))
+    .await
+    .unwrap();
+    // The user name must be in the URL.
+    let err = connect(&config(format!("nats://127.0.0.1:{}", s.port), auth))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.component(), "config", "{err}");
+    assert!(err.to_string().contains("nats.password_file"), "{err}");
+}
+
+/// TLS with a CA of our own (made here with openssl): trusted through `nats.tls_ca_file`; without
+/// it the handshake fails.
+#[tokio::test]
+async fn tls_with_our_own_ca_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sh = |cmd: &str| {
+        let ok = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(d)
+            .output()
+            .expect("openssl (apt-get install openssl)");
+        assert!(
+            ok.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=cdct-ca");
+    sh("openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1");
+    sh("printf 'subjectAltName=IP:127.0.0.1\\n' > ext.cnf && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 1 -extfile ext.cnf");
+    let s = Server::start(&[
+        "--tls",
+        "--tlscert",
+        d.join("server.pem").to_str().unwrap(),
+        "--tlskey",
+        d.join("server.key").to_str().unwrap(),
+    ]);
+    let url = format!("tls://127.0.0.1:{}", s.port);
+    let trusted = NatsAuth {
+        tls_ca_file: Some(d.join("ca.pem")),
+        ..Default::default()
+    };
+    connect(&config(url.clone(), trusted)).await.unwrap();
+    assert!(
+        connect(&config(url, NatsAuth::default())).await.is_err(),
+        "a server certificate of an unknown CA is not trusted"
+    );
+}
