@@ -346,8 +346,20 @@ pub async fn wait(
                 .iter()
                 .any(|r| r.status == "running" && r.cut.is_none())
             {
+                let retained = crate::source::slot::slot_info(&source, &config.source.slot)
+                    .await?
+                    .and_then(|s| s.lag_bytes)
+                    .map(|b| {
+                        format!(
+                            "; slot {} retains {b} bytes of WAL meanwhile",
+                            config.source.slot
+                        )
+                    })
+                    .unwrap_or_default();
                 for b in crate::source::slot::cut_blockers(&source, &config.source.slot).await? {
-                    eprintln!("the reload's cut waits for an open transaction to end: {b}");
+                    eprintln!(
+                        "the reload's cut waits for an open transaction to end: {b}{retained}"
+                    );
                 }
             }
         }
