@@ -949,8 +949,19 @@ async fn a_cut_blocked_by_an_open_transaction_is_explained() {
         .batch_execute("BEGIN; SELECT txid_current(); SELECT 'cdct blocker'")
         .await
         .unwrap();
-    let (code, _, err) = run_cli_timeout(&["reload", "public.t"], &e, db.dir.path(), QUICK);
-    assert_eq!(code, 0, "{err}");
+    // `--wait` says what the cut waits for, and how much WAL is retained meanwhile.
+    let (code, _, err) = run_cli_timeout(
+        &["reload", "public.t", "--wait", "--timeout", "15s"],
+        &e,
+        db.dir.path(),
+        QUICK,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("open transaction to end: pid {blocker_pid} "))
+            && err.contains("bytes of WAL meanwhile"),
+        "{err}"
+    );
     // A cut waits for every transaction of the cluster that was running when it began, so other
     // tests' transactions may be listed too: ours must be among them.
     let mut seen = None;
