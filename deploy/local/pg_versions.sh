@@ -41,9 +41,7 @@ MIN_MAJOR=14
 # manifest, a dropped walsender connection, heartbeats on an idle slot, reloads (a failing one next to a
 # good one; request checks, event trigger), a lost slot (wal_status / invalidation_reason differ per
 # version), source.slot_failover (17+), the one-shot commands and the version gate.
-# Not here: reload::crashes_during_export_and_handover_recover is flaky on every version (a killed
-# local-file upload can leave object_store's `part-…#1` staging file in a reload directory), and
-# reload::fresh_start_and_reload_under_load_replay_equal takes minutes (2M rows).
+# Not here: reload::fresh_start_and_reload_under_load_replay_equal takes minutes (2M rows).
 DEFAULT_TESTS="
 lib::source::wire::tests::tcp_without_tls_identifies_the_system
 lib::source::wire::tests::streams_inserts_over_copy_both
@@ -58,6 +56,7 @@ streaming::crash_after_register
 streaming::idle_slot_keeps_advancing
 reload::a_failing_reload_is_visible_and_does_not_block_others
 reload::bad_reload_requests_are_refused
+reload::crashes_during_export_and_handover_recover
 failures::dropped_replication_connection_resumes
 slot_lifecycle::a_slot_dropped_behind_our_back_is_refused_or_reexported_never_silently_restarted
 slot_lifecycle::slot_failover_is_set_on_17_and_refused_before
