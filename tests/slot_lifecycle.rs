@@ -29,6 +29,44 @@ async fn write(db: &TestDb, from: i32, to: i32) {
         .unwrap();
 }
 
+/// A database on `base` (the shared server when `None`) with the two tables, rows 1..=`rows`, and the
+/// publication (`FOR ALL TABLES`, or `FOR TABLE acc, other` when other tables must stay out of it).
+async fn published(tag: &str, base: Option<&str>, rows: i32, all_tables: bool) -> TestDb {
+    let db = match base {
+        Some(b) => TestDb::new_on(b, tag).await,
+        None => TestDb::new(tag).await,
+    };
+    db.client().await.batch_execute(DDL).await.unwrap();
+    if rows > 0 {
+        write(&db, 1, rows).await;
+    }
+    let what = if all_tables {
+        "ALL TABLES"
+    } else {
+        "TABLE acc, other"
+    };
+    db.client()
+        .await
+        .batch_execute(&format!("CREATE PUBLICATION {} FOR {what}", db.publication))
+        .await
+        .unwrap();
+    db
+}
+
+/// The number `sql` counts, once it reaches `want` (or the last value after about a minute).
+async fn count_reaches(db: &TestDb, sql: &str, want: i64) -> i64 {
+    let c = db.client().await;
+    let mut n = 0;
+    for _ in 0..300 {
+        n = c.query_one(sql, &[]).await.unwrap().get(0);
+        if n >= want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    n
+}
+
 async fn slot_events(db: &TestDb) -> Vec<String> {
     db.client()
         .await
@@ -57,17 +95,7 @@ async fn slot_exists(db: &TestDb) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_dropped_behind_our_back_is_refused_or_reexported_never_silently_restarted() {
-    let mut db = TestDb::new("slotlost").await;
-    db.client().await.batch_execute(DDL).await.unwrap();
-    write(&db, 1, 200).await;
-    db.client()
-        .await
-        .batch_execute(&format!(
-            "CREATE PUBLICATION {} FOR ALL TABLES",
-            db.publication
-        ))
-        .await
-        .unwrap();
+    let mut db = published("slotlost", None, 200, true).await;
     let mut env = db.daemon_env(&db.out_url());
     env.push(("CDC_EGRESS_RELOAD_INITIAL".into(), "true".into()));
     let d = Daemon::start(&env, db.dir.path(), &[], "run1.log");
@@ -107,23 +135,12 @@ async fn a_slot_dropped_behind_our_back_is_refused_or_reexported_never_silently_
     db.wait_for_slot(&d).await;
     write(&db, 701, 800).await;
     db.wait_caught_up(CATCH_UP).await;
-    let mut reloads = 0;
-    for _ in 0..300 {
-        reloads = db
-            .client()
-            .await
-            .query_one(
-                "SELECT count(*) FROM cdc_egress.reloads WHERE status = 'done' AND reason = 'initial'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0);
-        if reloads >= 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let reloads = count_reaches(
+        &db,
+        "SELECT count(*) FROM cdc_egress.reloads WHERE status = 'done' AND reason = 'initial'",
+        4,
+    )
+    .await;
     assert_eq!(
         reloads, 4,
         "both tables exported at the start and again after the loss"
@@ -170,17 +187,7 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_is_detected() {
         &PrivatePg::system_bindir(),
         &[("max_slot_wal_keep_size", "32MB"), ("wal_keep_size", "0")],
     );
-    let mut db = TestDb::new_on(&pg.url, "slotinval").await;
-    db.client().await.batch_execute(DDL).await.unwrap();
-    write(&db, 1, 100).await;
-    db.client()
-        .await
-        .batch_execute(&format!(
-            "CREATE PUBLICATION {} FOR TABLE acc, other",
-            db.publication
-        ))
-        .await
-        .unwrap();
+    let mut db = published("slotinval", Some(&pg.url), 100, false).await;
     let mut env = db.daemon_env(&db.out_url());
     env.push(("CDC_EGRESS_RELOAD_INITIAL".into(), "true".into()));
     let d = Daemon::start(&env, db.dir.path(), &[], "run1.log");
@@ -232,20 +239,16 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_is_detected() {
     db.wait_for_slot(&d).await;
     write(&db, 301, 400).await;
     db.wait_caught_up(CATCH_UP).await;
-    for _ in 0..300 {
-        let done: i64 = c
-            .query_one(
-                "SELECT count(*) FROM cdc_egress.reloads WHERE status = 'done'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if done >= 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let done = count_reaches(
+        &db,
+        "SELECT count(*) FROM cdc_egress.reloads WHERE status = 'done'",
+        4,
+    )
+    .await;
+    assert_eq!(
+        done, 4,
+        "both tables exported at the start and again after the loss"
+    );
     d.stop().await;
     assert_replays_equal(&mut db, DDL, TABLES).await;
     db.cleanup().await;
@@ -256,16 +259,7 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_is_detected() {
 /// the shared server (15), the second in the version matrix (`deploy/local/pg_versions.sh`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slot_failover_is_set_on_17_and_refused_before() {
-    let db = TestDb::new("slotfailover").await;
-    db.client().await.batch_execute(DDL).await.unwrap();
-    db.client()
-        .await
-        .batch_execute(&format!(
-            "CREATE PUBLICATION {} FOR ALL TABLES",
-            db.publication
-        ))
-        .await
-        .unwrap();
+    let db = published("slotfailover", None, 0, true).await;
     let version: i32 = db
         .client()
         .await
@@ -304,16 +298,7 @@ async fn slot_failover_is_set_on_17_and_refused_before() {
 /// drop, and the next run is a plain fresh start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_slot_clears_the_refusal_for_a_slot_already_gone() {
-    let db = TestDb::new("slotgone").await;
-    db.client().await.batch_execute(DDL).await.unwrap();
-    db.client()
-        .await
-        .batch_execute(&format!(
-            "CREATE PUBLICATION {} FOR ALL TABLES",
-            db.publication
-        ))
-        .await
-        .unwrap();
+    let db = published("slotgone", None, 0, true).await;
     let env = db.daemon_env(&db.out_url());
     let d = Daemon::start(&env, db.dir.path(), &[], "run1.log");
     db.wait_for_slot(&d).await;
@@ -344,17 +329,7 @@ async fn drop_slot_clears_the_refusal_for_a_slot_already_gone() {
 /// over instead of leaving it stuck, and the table replays equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_waiting_for_its_cut_is_taken_over_by_the_reexport() {
-    let mut db = TestDb::new("slotuncut").await;
-    db.client().await.batch_execute(DDL).await.unwrap();
-    write(&db, 1, 100).await;
-    db.client()
-        .await
-        .batch_execute(&format!(
-            "CREATE PUBLICATION {} FOR ALL TABLES",
-            db.publication
-        ))
-        .await
-        .unwrap();
+    let mut db = published("slotuncut", None, 100, true).await;
     let mut env = db.daemon_env(&db.out_url());
     env.push(("CDC_EGRESS_SOURCE_SLOT_LOST".into(), "reexport".into()));
     let d = Daemon::start(&env, db.dir.path(), &[], "run1.log");
