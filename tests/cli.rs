@@ -477,6 +477,20 @@ async fn drop_slot_drops_the_slot() {
 // ---------------------------------------------------------------------------------------------
 // run: definite errors stop it, transient ones are retried.
 
+/// A test database with a table `t (id int PRIMARY KEY)` in a `FOR ALL TABLES` publication.
+async fn published_t(tag: &str) -> TestDb {
+    let db = TestDb::new(tag).await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION {} FOR ALL TABLES",
+            db.publication
+        ))
+        .await
+        .unwrap();
+    db
+}
+
 async fn slots_of(db: &TestDb) -> i64 {
     connect(&pg_base_url())
         .await
@@ -561,15 +575,7 @@ async fn run_keeps_retrying_while_the_source_is_down_and_stops_on_sigterm() {
 /// The source is fine but NATS is down: also transient, also retried; nothing is acknowledged.
 #[tokio::test]
 async fn run_keeps_retrying_while_nats_is_down() {
-    let db = TestDb::new("clinats").await;
-    db.client()
-        .await
-        .batch_execute(&format!(
-            "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION {} FOR ALL TABLES",
-            db.publication
-        ))
-        .await
-        .unwrap();
+    let db = published_t("clinats").await;
     let mut e = db.daemon_env(&db.out_url());
     e.retain(|(k, _)| k != "CDC_EGRESS_NATS_URL");
     e.push((
@@ -875,15 +881,7 @@ async fn missing_publication_and_installed_trigger_are_reported_truthfully() {
 /// request shows as pending in `status`.
 #[tokio::test]
 async fn reload_wait_times_out_and_status_shows_the_pending_request() {
-    let db = TestDb::new("clipending").await;
-    db.client()
-        .await
-        .batch_execute(&format!(
-            "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION {} FOR ALL TABLES",
-            db.publication
-        ))
-        .await
-        .unwrap();
+    let db = published_t("clipending").await;
     let dir = cwd();
     let e = env(&[
         ("CDC_EGRESS_SOURCE_URL", &db.url),
