@@ -630,6 +630,11 @@ fn only_section_variables_are_configuration() {
         "a connection error, not a configuration error: {err}"
     );
     assert!(!err.contains("CDC_EGRESS_VENV"), "{err}");
+    assert_eq!(
+        err.matches("127.0.0.1:1").count(),
+        1,
+        "the error is printed once: {err}"
+    );
     let mut bad = base.to_vec();
     bad.push(("CDC_EGRESS_SOURCE_SLOTT", "x"));
     let (code, _, err) = run_cli_timeout(&["status"], &env(&bad), dir.path(), QUICK);
