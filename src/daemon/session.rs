@@ -542,8 +542,8 @@ pub async fn session(
         let confirmed_rx = confirmed_rx.clone();
         tasks.spawn(async move {
             let mut iv = tokio::time::interval(Duration::from_secs(5));
-            let mut warned_blocker = Instant::now() - Duration::from_secs(3600);
-            let mut warned_retention = warned_blocker;
+            let mut warn_blocker = crate::observe::Throttle::new(Duration::from_secs(60));
+            let mut warn_retention = crate::observe::Throttle::new(Duration::from_secs(60));
             loop {
                 iv.tick().await;
                 if let Ok(Some(info)) = slot::slot_info(&catalog, &slot).await {
@@ -554,8 +554,7 @@ pub async fn session(
                         .slot_safe_wal_bytes
                         .store(info.safe_wal_size.unwrap_or(-1), Relaxed);
                     if let Some(warning) = crate::source::slot::retention_warning(&info) {
-                        if warned_retention.elapsed() >= Duration::from_secs(60) {
-                            warned_retention = Instant::now();
+                        if warn_retention.ready() {
                             tracing::warn!(slot = %slot, "{warning}");
                         }
                     }
@@ -566,8 +565,7 @@ pub async fn session(
                     .reload_cut_blocked_seconds
                     .store(oldest as i64, Relaxed);
                 if let Some(b) = blockers.first() {
-                    if warned_blocker.elapsed() >= Duration::from_secs(60) {
-                        warned_blocker = Instant::now();
+                    if warn_blocker.ready() {
                         tracing::warn!(blocker = %b, lag_bytes = metrics.slot_lag_bytes.load(Relaxed), "a reload's cut waits for an open transaction to end; the slot's confirmed LSN stands still meanwhile");
                     }
                 }
@@ -894,7 +892,7 @@ async fn send_status(
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    let mut last_sent = Instant::now() - every;
+    let mut last_sent: Option<Instant> = None;
     let mut iv = tokio::time::interval(Duration::from_millis(250));
     loop {
         let mut force = false;
@@ -909,13 +907,13 @@ async fn send_status(
         if changed && confirmed != Lsn::ZERO {
             crate::failpoint::hit("before_status");
         }
-        if stopping || force || changed || last_sent.elapsed() >= every {
+        if stopping || force || changed || last_sent.is_none_or(|t| t.elapsed() >= every) {
             let received = Lsn(metrics.received_lsn.load(Relaxed)).max(confirmed);
             let now = decode::utc_to_pg_micros(chrono::Utc::now());
             let msg = decode::standby_status_update(received, confirmed, confirmed, now, false);
             writer.send(&msg).await?;
             metrics.confirmed_lsn.store(confirmed.0, Relaxed);
-            last_sent = Instant::now();
+            last_sent = Some(Instant::now());
         }
         if stopping {
             let _ = writer.finish().await;

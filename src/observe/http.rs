@@ -22,9 +22,18 @@ pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, crate::erro
 }
 
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    let mut warn = super::Throttle::new(std::time::Duration::from_secs(60));
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                // E.g. out of file descriptors: wait instead of spinning on the same error.
+                if warn.ready() {
+                    tracing::warn!(error = %e, "metrics endpoint cannot accept connections");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {

@@ -238,7 +238,7 @@ pub async fn wait(
     .progress_chars("=> ");
     let mut shown: std::collections::HashMap<i64, indicatif::ProgressBar> = Default::default();
     let started = Instant::now();
-    let mut last_line = Instant::now() - Duration::from_secs(60);
+    let mut progress_line = crate::observe::Throttle::new(Duration::from_secs(5));
     let mut last_hint = Instant::now();
     let rs = quote_ident(&config.registry.schema);
     loop {
@@ -273,6 +273,7 @@ pub async fn wait(
             .iter()
             .filter(|r| r.status == "done" || r.status == "failed")
             .count();
+        let print_lines = !tty && progress_line.ready();
         for r in &seen {
             if tty {
                 let bar = shown.entry(r.id).or_insert_with(|| {
@@ -291,15 +292,12 @@ pub async fn wait(
                 if r.status == "done" || r.status == "failed" {
                     bar.finish();
                 }
-            } else if last_line.elapsed() >= Duration::from_secs(5) {
+            } else if print_lines {
                 eprintln!(
                     "reload #{} {}: {} rows of ~{} exported, {} bytes, {}",
                     r.id, r.table, r.rows, r.estimate, r.bytes, r.status
                 );
             }
-        }
-        if !tty && last_line.elapsed() >= Duration::from_secs(5) {
-            last_line = Instant::now();
         }
         // Requests a daemon has read: each has its own reload row or joined another one.
         let answered: i64 = registry
