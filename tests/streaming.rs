@@ -428,3 +428,51 @@ async fn memory_stays_bounded_for_a_huge_open_batch() {
     assert!(d.stop().await.success());
     db.cleanup().await;
 }
+
+/// A table name with a slash, spaces, quotes and non-ASCII: its data, `schema.yml` and
+/// `manifest.json` land in one directory (the manifest used to be encoded twice into another), the
+/// notice URLs name those files, and the files replay equal to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_table_name_keeps_its_batch_in_one_directory() {
+    const WEIRD_DDL: &str =
+        r#"CREATE SCHEMA a; CREATE TABLE a."Weird Name/ü ""q""" (id int PRIMARY KEY, v text);"#;
+    const WEIRD: &str = r#"a."Weird Name/ü ""q""""#;
+    let mut db = TestDb::new("weirdname").await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "{WEIRD_DDL} CREATE PUBLICATION {} FOR ALL TABLES",
+        db.publication
+    ))
+    .await
+    .unwrap();
+    let env = db.daemon_env(&db.out_url());
+    let d = Daemon::start(&env, db.dir.path(), &[], "weird.log");
+    db.wait_for_slot(&d).await;
+    c.batch_execute(&format!(
+        "INSERT INTO {WEIRD} SELECT g, 'v' || g FROM generate_series(1, 50) g; UPDATE {WEIRD} SET v = 'x' WHERE id < 5;"
+    ))
+    .await
+    .unwrap();
+    db.wait_caught_up(CATCH_UP).await;
+    assert!(d.stop().await.success());
+    let rows = c
+        .query(
+            "SELECT object_path, schema_path, manifest_path FROM cdc_egress.files",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(!rows.is_empty());
+    let out = db.dir.path().join("out");
+    for r in &rows {
+        let (data, schema, manifest): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        let dir = |p: &str| p.rsplit_once('/').map(|(d, _)| d.to_string()).unwrap();
+        assert_eq!(dir(&data), dir(&manifest), "{data} vs {manifest}");
+        assert_eq!(dir(&data), dir(&schema));
+        for p in [&data, &schema, &manifest] {
+            assert!(out.join(p).is_file(), "{p} is not on disk");
+        }
+    }
+    assert_replays_equal(&mut db, WEIRD_DDL, &[WEIRD]).await;
+    db.cleanup().await;
+}

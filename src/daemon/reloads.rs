@@ -423,7 +423,7 @@ pub async fn finish_reload(sinks: &Sinks, reload_id: i64) -> Result<(), Error> {
     let Some(notice) = ReloadNotice::new(&sinks.store, &parts) else {
         return Ok(());
     };
-    let manifest = object_store::path::Path::from(parts[0].record.manifest_path.as_str());
+    let manifest = crate::write::layout::stored_path(&parts[0].record.manifest_path);
     let body = notice.to_json();
     retry("write reload manifest", sinks, || {
         crate::write::put_manifest(&sinks.store, &manifest, body.clone())

@@ -2,7 +2,6 @@
 //! a listing reader waits for) and published on `<prefix>.reload.<schema>.<table>` with
 //! `Nats-Msg-Id` = `<schema>.<table>/reload/<id>`.
 
-use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::register::Registered;
@@ -48,7 +47,7 @@ impl ReloadNotice {
         let first = parts.first()?;
         let r = &first.record;
         let reload_id = r.reload_id?;
-        let url = |p: &str| store.url_of(&Path::from(p));
+        let url = |p: &str| store.url_of(&crate::write::layout::stored_path(p));
         Some(ReloadNotice {
             batch_id: reload_batch_id(&r.table, reload_id),
             kind: "reload".into(),

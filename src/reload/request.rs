@@ -415,7 +415,7 @@ async fn finish(
             .map_err(|e| pg_error(&e))?
             .and_then(|row| row.get(0));
         let place = match (manifest, &store) {
-            (Some(m), Some(st)) => st.url_of(&object_store::path::Path::from(m.as_str())),
+            (Some(m), Some(st)) => st.url_of(&crate::write::layout::stored_path(&m)),
             (Some(m), None) => m,
             (None, _) => "-".into(),
         };

@@ -60,6 +60,13 @@ pub fn batch_dir(root: &Path, table: &TableName, batch_id: &str) -> Path {
     })
 }
 
+/// The object path of a path string as the registry stores it (`Path::to_string`, whose segments
+/// are already percent-encoded). `Path::from` would encode them a second time (`%2F` → `%252F`) and
+/// name another object.
+pub fn stored_path(s: &str) -> Path {
+    Path::parse(s).unwrap_or_else(|_| Path::from(s))
+}
+
 /// `<root>/<schema>.<table>/reload/<reload_id>`.
 pub fn reload_dir(root: &Path, table: &TableName, reload_id: i64) -> Path {
     table_dir(root, table)
@@ -84,6 +91,28 @@ pub fn commit_date(pg_micros: i64) -> String {
 mod tests {
     use super::*;
     use crate::lsn::Lsn;
+
+    #[test]
+    fn stored_paths_name_the_same_object() {
+        for (schema, name) in [
+            ("public", "orders"),
+            ("a", "Weird Name/ü \"q\""),
+            ("a.x", "y%z"),
+            ("sp ace", "#hash?"),
+        ] {
+            let t = TableName::new(schema, name);
+            let id = streaming_batch_id(
+                &t,
+                "2026-11-21",
+                Position::new(Lsn(1), 1),
+                Position::new(Lsn(2), 1),
+            );
+            let dir = batch_dir(&Path::from("root"), &t, &id);
+            let manifest = dir.clone().join(MANIFEST_FILE);
+            assert_eq!(stored_path(manifest.as_ref()), manifest, "{t:?}");
+            assert_eq!(stored_path(dir.as_ref()), dir, "{t:?}");
+        }
+    }
 
     #[test]
     fn names_are_deterministic_and_sort_in_replay_order() {

@@ -140,7 +140,7 @@ pub struct Notice {
 impl Notice {
     pub fn new(store: &Store, reg: &Registered) -> Notice {
         let r = &reg.record;
-        let url = |p: &str| store.url_of(&Path::from(p));
+        let url = |p: &str| store.url_of(&layout::stored_path(p));
         let ts = |t: Option<chrono::DateTime<chrono::Utc>>| {
             t.map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
         };
@@ -182,7 +182,7 @@ pub async fn write_manifest(store: &Store, reg: &Registered) -> Result<(), Error
     let notice = Notice::new(store, reg);
     put_manifest(
         store,
-        &Path::from(reg.record.manifest_path.as_str()),
+        &layout::stored_path(&reg.record.manifest_path),
         notice.to_json(),
     )
     .await

@@ -785,7 +785,9 @@ pub async fn replay(
         }
         let batch_id: String = r.get(0);
         let data = store
-            .get(&object_store::path::Path::from(r.get::<_, String>(1)))
+            .get(&cdc_egress::write::layout::stored_path(
+                &r.get::<_, String>(1),
+            ))
             .await
             .unwrap();
         let checksum: String = r.get(3);
@@ -795,7 +797,9 @@ pub async fn replay(
             "checksum of {batch_id}"
         );
         let schema_text = store
-            .get(&object_store::path::Path::from(r.get::<_, String>(2)))
+            .get(&cdc_egress::write::layout::stored_path(
+                &r.get::<_, String>(2),
+            ))
             .await
             .unwrap();
         let schema: SchemaYml = serde_yaml::from_slice(&schema_text).unwrap();
@@ -1046,7 +1050,9 @@ pub async fn replay_with_reloads(
         assert!(!parts.is_empty(), "done reload {id} has no parts");
         for p in parts {
             let data = store
-                .get(&object_store::path::Path::from(p.get::<_, String>(0)))
+                .get(&cdc_egress::write::layout::stored_path(
+                    &p.get::<_, String>(0),
+                ))
                 .await
                 .unwrap();
             let mut csv = Vec::new();
@@ -1080,7 +1086,9 @@ pub async fn replay_with_reloads(
         use sha2::Digest;
         let table: String = f.get(2);
         let data = store
-            .get(&object_store::path::Path::from(f.get::<_, String>(0)))
+            .get(&cdc_egress::write::layout::stored_path(
+                &f.get::<_, String>(0),
+            ))
             .await
             .unwrap();
         assert_eq!(
@@ -1089,7 +1097,9 @@ pub async fn replay_with_reloads(
             "checksum"
         );
         let schema_text = store
-            .get(&object_store::path::Path::from(f.get::<_, String>(1)))
+            .get(&cdc_egress::write::layout::stored_path(
+                &f.get::<_, String>(1),
+            ))
             .await
             .unwrap();
         let schema: SchemaYml = serde_yaml::from_slice(&schema_text).unwrap();
