@@ -14,7 +14,7 @@ seconds="${DEMO_SECONDS:-20}"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 step="starting the local services"
 pid=""
-bin="$root/target/release/cdc-egress"
+bin="${CARGO_TARGET_DIR:-$root/target}/release/cdc-egress"
 # On every exit: stop the daemon, drop the demo slot (a slot nobody reads retains WAL forever), and
 # say which step failed.
 finish() {
@@ -125,4 +125,4 @@ if [ -z "${DEMO_KEEP_SLOT:-}" ]; then
   # A slot nobody reads retains WAL forever: drop it (DEMO_KEEP_SLOT=1 keeps it to run the daemon again).
   "$bin" --config "$demo/cdc-egress.yml" drop-slot --yes
 fi
-say "done: everything is in ./demo (config, log, out/); run it again with: target/release/cdc-egress --config demo/cdc-egress.yml run"
+say "done: everything is in ./demo (config, log, out/); run it again with: ${bin#"$root"/} --config demo/cdc-egress.yml run"

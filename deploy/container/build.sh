@@ -43,7 +43,7 @@ if [ -n "${CDC_EGRESS_BIN:-}" ]; then
 else
   log "cargo build --release --locked"
   (cd "$root" && cargo build --release --locked)
-  bin="$root/target/release/cdc-egress"
+  bin="${CARGO_TARGET_DIR:-$root/target}/release/cdc-egress"
 fi
 log "building the health probe"
 cargo build --release --quiet --manifest-path "$here/healthcheck/Cargo.toml" \
