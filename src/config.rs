@@ -297,6 +297,14 @@ impl fmt::Debug for Config {
 }
 
 impl OutputConfig {
+    /// `output.options` in clear text, to hand to the object store. Never log this.
+    pub fn options_exposed(&self) -> BTreeMap<String, String> {
+        self.options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.0.clone()))
+            .collect()
+    }
+
     /// `output.options` rendered for display: credential-like values as `***`.
     pub fn options_redacted(&self) -> BTreeMap<String, String> {
         self.options

@@ -83,10 +83,7 @@ fn exit_for(e: &Error) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // One TLS crypto provider for the whole process (ring). Libraries that build their rustls
-    // configuration from the process default (async-nats, the object store's HTTP client) would
-    // otherwise panic on their first TLS connection, since more than one provider is compiled in.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    cdc_egress::source::install_default_provider();
     let config = match Config::load(cli.config.as_deref(), &cli.set) {
         Ok(c) => c,
         Err(e) => {
@@ -224,10 +221,7 @@ async fn drop_slot(config: &Config, yes: bool) -> Result<(), Error> {
     )
     .await?
     {
-        v if v >= 3 => Some(cdc_egress::register::Registry::new(
-            config.registry_conninfo()?.pool(1)?,
-            &config.registry.schema,
-        )),
+        v if v >= 3 => Some(cdc_egress::register::Registry::open(config, 1)?),
         _ => None,
     };
     let last_event = match &registry {

@@ -1,6 +1,6 @@
 //! One replication session: from connecting to the slot until shutdown or the first error.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -95,13 +95,7 @@ pub async fn connect(
     drop(reg_client);
     let registry = Registry::new(registry_info.pool(4)?, &config.registry.schema);
     let incarnation = registry.incarnation().await?;
-    let options: BTreeMap<String, String> = config
-        .output
-        .options
-        .iter()
-        .map(|(k, v)| (k.clone(), v.0.clone()))
-        .collect();
-    let store = Store::open(&config.output.url, &options)?;
+    let store = Store::open(&config.output.url, &config.output.options_exposed())?;
     let notifier = Notifier::connect(&config.nats)
         .await?
         .map(|n| n.with_incarnation(&incarnation));

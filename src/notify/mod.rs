@@ -79,10 +79,7 @@ fn read_secret(key: &str, path: &std::path::Path) -> Result<String, Error> {
 
 /// Connection options with the configured credentials and TLS (every secret from a file).
 async fn connect_options(cfg: &NatsConfig) -> Result<async_nats::ConnectOptions, Error> {
-    // async-nats builds its rustls configuration from the process-wide default provider, which
-    // rustls cannot pick by itself when more than one is compiled in: name ours (ring, the one
-    // every other connection uses). A second call finds it installed and changes nothing.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::source::install_default_provider();
     let a = &cfg.auth;
     let mut o = match &a.creds_file {
         Some(p) => async_nats::ConnectOptions::with_credentials_file(p)

@@ -134,6 +134,14 @@ fn parse_lsn(s: Option<String>) -> Option<Lsn> {
 }
 
 impl Registry {
+    /// The registry of `config` on a pool of at most `connections` (opened lazily).
+    pub fn open(config: &crate::config::Config, connections: usize) -> Result<Self, Error> {
+        Ok(Self::new(
+            config.registry_conninfo()?.pool(connections)?,
+            &config.registry.schema,
+        ))
+    }
+
     pub fn new(pool: deadpool_postgres::Pool, schema: &str) -> Self {
         Registry {
             pool,

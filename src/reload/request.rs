@@ -318,24 +318,22 @@ pub async fn wait(
         }
         if last_hint.elapsed() >= Duration::from_secs(10) {
             last_hint = Instant::now();
+            let slot = crate::source::slot::slot_info(&source, &config.source.slot).await?;
             if !all_answered {
                 // The registry row is created by the daemon when it reads the marker from the WAL.
-                let slot = crate::source::slot::slot_info(&source, &config.source.slot).await?;
-                let why = match slot {
+                let confirmed = slot
+                    .as_ref()
+                    .and_then(|s| s.confirmed_flush)
+                    .map(|l| l.to_string())
+                    .unwrap_or("-".into());
+                let why = match slot.as_ref().map(|s| s.active_pid) {
                     None => format!("replication slot {} does not exist", config.source.slot),
-                    Some(s) if s.active_pid.is_none() => format!(
-                        "no daemon is reading slot {} (confirmed {})",
-                        config.source.slot,
-                        s.confirmed_flush
-                            .map(|l| l.to_string())
-                            .unwrap_or("-".into())
+                    Some(None) => format!(
+                        "no daemon is reading slot {} (confirmed {confirmed})",
+                        config.source.slot
                     ),
-                    Some(s) => format!(
-                        "the daemon (pid {}) has not reached the request yet (confirmed {})",
-                        s.active_pid.unwrap_or_default(),
-                        s.confirmed_flush
-                            .map(|l| l.to_string())
-                            .unwrap_or("-".into())
+                    Some(Some(pid)) => format!(
+                        "the daemon (pid {pid}) has not reached the request yet (confirmed {confirmed})"
                     ),
                 };
                 eprintln!("waiting for a daemon to read the request from the WAL: {why}; is `cdc-egress run` running?");
@@ -344,8 +342,8 @@ pub async fn wait(
                 .iter()
                 .any(|r| r.status == "running" && r.cut.is_none())
             {
-                let retained = crate::source::slot::slot_info(&source, &config.source.slot)
-                    .await?
+                let retained = slot
+                    .as_ref()
                     .and_then(|s| s.lag_bytes)
                     .map(|b| {
                         format!(
@@ -386,13 +384,8 @@ async fn finish(
     seen: &[Seen],
     took: Duration,
 ) -> Result<(), Error> {
-    let options = config
-        .output
-        .options
-        .iter()
-        .map(|(k, v)| (k.clone(), v.0.clone()))
-        .collect();
-    let store = crate::write::store::Store::open(&config.output.url, &options).ok();
+    let store =
+        crate::write::store::Store::open(&config.output.url, &config.output.options_exposed()).ok();
     let mut failed = Vec::new();
     for r in seen {
         if r.status == "failed" {

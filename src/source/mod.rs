@@ -10,4 +10,5 @@
 pub mod conninfo;
 pub mod slot;
 mod tls;
+pub use tls::install_default_provider;
 pub mod wire;

@@ -54,6 +54,13 @@ fn verify_level(mode: SslMode, rootcert: Option<&Path>) -> Verify {
     }
 }
 
+/// Installs ring as the process-wide rustls provider. Libraries that build their TLS configuration
+/// from the process default (async-nats, the object store's HTTP client) would otherwise panic on
+/// their first TLS connection, since more than one provider is compiled in. Idempotent.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
