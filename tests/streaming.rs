@@ -412,7 +412,8 @@ async fn memory_stays_bounded_for_a_huge_open_batch() {
     let _ = target;
     assert!(
         spooled > 10_000_000,
-        "the open batch should be spooled to disk ({spooled} bytes)"
+        "the open batch should be spooled to disk ({spooled} bytes); daemon log:\n{}",
+        d.log_text()
     );
     let files: i64 = c
         .query_one("SELECT count(*) FROM cdc_egress.files", &[])
