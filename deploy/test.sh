@@ -10,7 +10,15 @@ export CDC_EGRESS_TEST_AZURE_ENDPOINT="${CDC_EGRESS_TEST_AZURE_ENDPOINT:-http://
 export CDC_EGRESS_TEST_GCS_ENDPOINT="${CDC_EGRESS_TEST_GCS_ENDPOINT:-http://127.0.0.1:4443}"
 export CDC_EGRESS_TEST_PYTHON="${CDC_EGRESS_TEST_PYTHON:-${CDC_EGRESS_VENV:-$HOME/.cache/cdc-egress/venv}/bin/python}"
 echo "[test] PostgreSQL for the tests: $CDC_EGRESS_TEST_PG_URL" >&2
-cargo test --all-targets "$@"
+# A guard, not a goal: a hung test must fail the run with a message instead of holding CI until its
+# hard limit (the whole suite takes a few minutes; CDC_EGRESS_TEST_TIMEOUT is in seconds).
+limit="${CDC_EGRESS_TEST_TIMEOUT:-2400}"
+rc=0
+timeout --kill-after=30 "$limit" cargo test --all-targets "$@" || rc=$?
+if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+  echo "[test] cargo test did not finish within $limit s (CDC_EGRESS_TEST_TIMEOUT): a test hangs" >&2
+fi
+[ "$rc" = 0 ] || exit "$rc"
 # Then a subset again on private PostgreSQL 14, 15, 16, 17 and 18 servers, and the refusal of 13
 # (about 3.5 minutes; CDC_EGRESS_PG_VERSIONS=0 skips it). Those servers are its own, not the one above.
 if [ "${CDC_EGRESS_PG_VERSIONS:-1}" != 0 ]; then

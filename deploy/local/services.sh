@@ -16,6 +16,10 @@
 #
 #   bash deploy/local/services.sh [--s3] [--azure] [--gcs] [--pg-url]   # --pg-url: print the PostgreSQL URL on stdout
 #   bash deploy/local/services.sh --stop-private      # stop the private PostgreSQL server, if any
+#
+# Servers started here keep none of this script's file descriptors beyond their own log (see
+# `detached`): a server holding the caller's stdout would make `url=$(services.sh --pg-url)` wait for
+# that server to exit, that is forever.
 set -euo pipefail
 
 want_s3=0; want_azure=0; want_gcs=0; print_url=0; stop_private=0
@@ -38,6 +42,19 @@ apt_install() {
   if [ "$(id -u)" != 0 ]; then log "need root to apt-get install $*"; exit 1; fi
   if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq >/dev/null; APT_UPDATED=1; fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+# Replaces the current (sub)shell with "$@", stdin from /dev/null, stdout and stderr appended to
+# $DETACHED_LOG, every other descriptor closed, including those bash keeps for itself (it saves the
+# caller's stdout on a high descriptor while a redirected function runs). Call it as
+# `detached cmd … &` or `(detached cmd …)`, never bare: it does not return.
+detached() {
+  exec </dev/null >>"$DETACHED_LOG" 2>&1
+  local fd
+  for fd in /proc/$BASHPID/fd/*; do
+    fd=${fd##*/}
+    if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+  done
+  exec "$@"
 }
 wait_port() {
   for _ in $(seq 1 100); do port_open "$1" && return 0; sleep 0.2; done
@@ -85,9 +102,12 @@ start_private() {
       || { log "initdb failed: see $private_dir/initdb.log"; exit 1; }
   fi
   log "starting the private PostgreSQL on 127.0.0.1:$private_port (wal_level=logical; log: $private_dir/server.log)"
-  run_as "$bindir/pg_ctl" -D "$private_dir/data" -l "$private_dir/server.log" -w -t 60 start \
-    -o "-c listen_addresses=127.0.0.1 -p $private_port -k $private_dir -c wal_level=logical -c max_replication_slots=40 -c max_wal_senders=40 -c max_connections=200 -c fsync=off" >/dev/null \
-    || { log "the private PostgreSQL did not start: see $private_dir/server.log"; exit 1; }
+  local runner=()
+  [ "$(id -u)" = 0 ] && runner=(runuser -u postgres --)
+  (DETACHED_LOG="$private_dir/pg_ctl.log" detached "${runner[@]}" "$bindir/pg_ctl" -D "$private_dir/data" \
+    -l "$private_dir/server.log" -w -t 60 start \
+    -o "-c listen_addresses=127.0.0.1 -p $private_port -k $private_dir -c wal_level=logical -c max_replication_slots=40 -c max_wal_senders=40 -c max_connections=200 -c fsync=off") \
+    || { log "the private PostgreSQL did not start: see $private_dir/server.log and $private_dir/pg_ctl.log"; exit 1; }
 }
 if [ -n "${CDC_EGRESS_TEST_PG_URL:-}" ]; then
   pg_url="$CDC_EGRESS_TEST_PG_URL"
@@ -124,7 +144,7 @@ if ! port_open 4222; then
   mkdir -p /var/lib/nats-server 2>/dev/null || true
   sd=/var/lib/nats-server; [ -w "$sd" ] || sd="${TMPDIR:-/tmp}/nats-js"
   log "starting nats-server with JetStream"
-  nohup nats-server -a 127.0.0.1 -p 4222 -js -sd "$sd" >"${TMPDIR:-/tmp}/cdc-egress-nats.log" 2>&1 &
+  DETACHED_LOG="$logdir/cdc-egress-nats.log" detached nohup nats-server -a 127.0.0.1 -p 4222 -js -sd "$sd" &
   wait_port 4222
 fi
 log "NATS ready"
@@ -144,7 +164,7 @@ if [ "$want_s3" = 1 ]; then
       "$venv/bin/pip" install -q 'moto[server]'
     fi
     log "starting moto_server on 127.0.0.1:5000"
-    nohup "$venv/bin/moto_server" -H 127.0.0.1 -p 5000 >"$logdir/cdc-egress-moto.log" 2>&1 &
+    DETACHED_LOG="$logdir/cdc-egress-moto.log" detached nohup "$venv/bin/moto_server" -H 127.0.0.1 -p 5000 &
     wait_port 5000
   fi
   log "S3 test server ready on 127.0.0.1:5000"
@@ -166,8 +186,9 @@ if [ "$want_azure" = 1 ]; then
     fi
     log "starting azurite-blob on 127.0.0.1:10000"
     # In memory (nothing accumulates on disk); no telemetry (no traffic off this machine).
-    (cd "$logdir" && nohup "$azurite_blob" --blobHost 127.0.0.1 --blobPort 10000 --inMemoryPersistence \
-      --skipApiVersionCheck --loose --disableTelemetry >"$logdir/cdc-egress-azurite.log" 2>&1 &)
+    (cd "$logdir" && DETACHED_LOG="$logdir/cdc-egress-azurite.log" detached nohup "$azurite_blob" \
+      --blobHost 127.0.0.1 --blobPort 10000 --inMemoryPersistence --skipApiVersionCheck --loose \
+      --disableTelemetry &)
     wait_port 10000
   fi
   log "Azure test server ready on 127.0.0.1:10000"
@@ -195,9 +216,9 @@ PY
     [ -x "$fake_gcs" ] || chmod +x "$fake_gcs"
     log "starting fake-gcs-server on 127.0.0.1:4443"
     # -public-host: object_store uses the XML API, which fake-gcs-server serves on the public host only.
-    nohup "$fake_gcs" -scheme http -host 127.0.0.1 -port 4443 -public-host 127.0.0.1:4443 \
-      -external-url http://127.0.0.1:4443 -backend memory -log-level warn \
-      >"$logdir/cdc-egress-fake-gcs.log" 2>&1 &
+    DETACHED_LOG="$logdir/cdc-egress-fake-gcs.log" detached nohup "$fake_gcs" -scheme http -host 127.0.0.1 \
+      -port 4443 -public-host 127.0.0.1:4443 -external-url http://127.0.0.1:4443 -backend memory \
+      -log-level warn &
     wait_port 4443
   fi
   log "GCS test server ready on 127.0.0.1:4443"
