@@ -81,6 +81,8 @@ if [ "$stop_private" = 1 ]; then
   fi
   exit 0
 fi
+snakeoil_cert=/etc/ssl/certs/ssl-cert-snakeoil.pem
+snakeoil_key=/etc/ssl/private/ssl-cert-snakeoil.key
 can_use() { # $1 = port: does the server there have what we need?
   local q="psql -h 127.0.0.1 -p $1 -U postgres -d postgres -Atqc"
   [ "$($q "show wal_level" 2>/dev/null)" = logical ] || return 1
@@ -102,11 +104,16 @@ start_private() {
       || { log "initdb failed: see $private_dir/initdb.log"; exit 1; }
   fi
   log "starting the private PostgreSQL on 127.0.0.1:$private_port (wal_level=logical; log: $private_dir/server.log)"
+  # TLS like Debian's own cluster (the snakeoil certificate), so the TLS tests have a server to talk to.
+  local tls=""
+  if [ -r "$snakeoil_cert" ] && run_as test -r "$snakeoil_key"; then
+    tls="-c ssl=on -c ssl_cert_file=$snakeoil_cert -c ssl_key_file=$snakeoil_key"
+  fi
   local runner=()
   [ "$(id -u)" = 0 ] && runner=(runuser -u postgres --)
   (DETACHED_LOG="$private_dir/pg_ctl.log" detached "${runner[@]}" "$bindir/pg_ctl" -D "$private_dir/data" \
     -l "$private_dir/server.log" -w -t 60 start \
-    -o "-c listen_addresses=127.0.0.1 -p $private_port -k $private_dir -c wal_level=logical -c max_replication_slots=40 -c max_wal_senders=40 -c max_connections=200 -c fsync=off") \
+    -o "-c listen_addresses=127.0.0.1 -p $private_port -k $private_dir -c wal_level=logical -c max_replication_slots=40 -c max_wal_senders=40 -c max_connections=200 -c fsync=off $tls") \
     || { log "the private PostgreSQL did not start: see $private_dir/server.log and $private_dir/pg_ctl.log"; exit 1; }
 }
 if [ -n "${CDC_EGRESS_TEST_PG_URL:-}" ]; then
@@ -127,6 +134,13 @@ else
     fi
     if port_open "$private_port"; then
       can_use "$private_port" || { log "127.0.0.1:$private_port is taken by something that is not a usable PostgreSQL: set CDC_EGRESS_PRIVATE_PG_PORT"; exit 1; }
+      # Ours, started by an older version of this script without TLS: restart it with what start_private sets.
+      if [ -f "$private_dir/data/postmaster.pid" ] && [ -r "$snakeoil_cert" ] && run_as test -r "$snakeoil_key" &&
+        [ "$(psql -h 127.0.0.1 -p "$private_port" -U postgres -d postgres -Atqc 'show ssl')" = off ]; then
+        log "restarting the private PostgreSQL with TLS"
+        run_as "$(pg_bindir)/pg_ctl" -D "$private_dir/data" -m fast -w stop >/dev/null
+        start_private
+      fi
     else
       start_private
     fi
