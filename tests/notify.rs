@@ -46,16 +46,28 @@ impl World {
 
     /// Creates the stream ourselves (before `Notifier::connect`) with the given duplicate window.
     async fn create_stream(&self, subjects: Vec<String>, duplicate_window: Duration) {
-        js().await
-            .create_stream(stream::Config {
-                name: self.stream.clone(),
-                subjects,
-                storage: stream::StorageType::File,
-                duplicate_window,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        // Retried like `Notifier`'s own creation: nats-server 2.9 can fail a creation that races
+        // with another test deleting the account's last stream (error 10049).
+        for attempt in 1.. {
+            let created = js()
+                .await
+                .create_stream(stream::Config {
+                    name: self.stream.clone(),
+                    subjects: subjects.clone(),
+                    storage: stream::StorageType::File,
+                    duplicate_window,
+                    ..Default::default()
+                })
+                .await;
+            match created {
+                Ok(_) => break,
+                Err(e) if attempt < 5 => {
+                    eprintln!("creating stream {} again: {e}", self.stream);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("create stream {}: {e}", self.stream),
+            }
+        }
     }
 
     async fn messages(&self) -> u64 {

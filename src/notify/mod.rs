@@ -218,16 +218,36 @@ impl Notifier {
 
     async fn ensure_stream(&self) -> Result<(), Error> {
         let wanted = format!("{}.>", self.prefix);
-        let mut s = self
-            .js
-            .get_or_create_stream(stream::Config {
-                name: self.stream.clone(),
-                subjects: vec![wanted.clone()],
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| transient(&format!("create or open stream {}", self.stream), e))?;
+        // nats-server 2.9 removes an account's empty store folder when its last stream is deleted;
+        // a creation racing with that fails once ("error creating store for stream", 10049) and
+        // succeeds when asked again. A few quick tries here keep that race out of the caller's
+        // retry schedule (seen with streams created and deleted side by side on one server).
+        let mut attempt = 0;
+        let mut s = loop {
+            let created = self
+                .js
+                .get_or_create_stream(stream::Config {
+                    name: self.stream.clone(),
+                    subjects: vec![wanted.clone()],
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await;
+            match created {
+                Ok(s) => break s,
+                Err(e) if attempt < 4 => {
+                    attempt += 1;
+                    tracing::debug!(stream = %self.stream, error = %e, attempt, "creating the stream again");
+                    tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+                }
+                Err(e) => {
+                    return Err(transient(
+                        &format!("create or open stream {}", self.stream),
+                        e,
+                    ))
+                }
+            }
+        };
         let info = s
             .info()
             .await
