@@ -23,7 +23,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::error::Error;
+use crate::error::{Component, Error};
 
 /// Known keys: `(section.key, default shown in docs)`. `output.options` is a map and takes any sub-key.
 pub const KEYS: &[&str] = &[
@@ -329,7 +329,7 @@ struct Layers {
 }
 
 fn usage(msg: impl Into<String>) -> Error {
-    Error::definite("config", msg)
+    Error::definite(Component::Config, msg)
 }
 
 impl Config {

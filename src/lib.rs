@@ -8,6 +8,7 @@
 //! wires them; `config`, `observe` and `status` serve the operator.
 
 pub mod ack;
+pub mod backoff;
 pub mod batch;
 pub mod config;
 pub mod daemon;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use cdc_egress::config::Config;
-use cdc_egress::error::Error;
+use cdc_egress::error::{Component, Error};
 
 #[derive(Parser)]
 #[command(
@@ -71,14 +71,10 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 30s, 10m)"))
 }
 
-/// 2 for configuration problems, credentials included (SQLSTATE class 28: the server rejected the
-/// role or its password); 1 for everything else.
+/// The exit code the error's type gives ([`Error::exit_code`]): 2 for configuration problems,
+/// rejected credentials included; 1 for everything else.
 fn exit_for(e: &Error) -> ExitCode {
-    if e.component() == "config" || e.sqlstate().is_some_and(|c| c.starts_with("28")) {
-        ExitCode::from(2)
-    } else {
-        ExitCode::from(1)
-    }
+    ExitCode::from(e.exit_code() as u8)
 }
 
 fn main() -> ExitCode {
@@ -197,7 +193,7 @@ async fn migrate(config: &Config) -> Result<(), Error> {
 async fn notices(config: &Config, limit: u64) -> Result<(), Error> {
     let Some(n) = cdc_egress::notify::Notifier::open_existing(&config.nats).await? else {
         return Err(Error::definite(
-            "config",
+            Component::Config,
             "nats.url is empty: notices are disabled",
         ));
     };
@@ -238,7 +234,7 @@ async fn drop_slot(config: &Config, yes: bool) -> Result<(), Error> {
     }
     if let Some(pid) = existing.as_ref().and_then(|s| s.active_pid) {
         return Err(Error::definite(
-            "slot",
+            Component::Slot,
             format!(
                 "replication slot {slot} in {where_} is in use by a running daemon (pid {pid}): stop it first"
             ),
@@ -247,7 +243,7 @@ async fn drop_slot(config: &Config, yes: bool) -> Result<(), Error> {
     if !yes {
         if !std::io::stdin().is_terminal() {
             return Err(Error::definite(
-                "config",
+                Component::Config,
                 format!(
                     "dropping replication slot {slot} in {where_} needs confirmation: pass --yes"
                 ),
@@ -261,7 +257,10 @@ async fn drop_slot(config: &Config, yes: bool) -> Result<(), Error> {
         let mut answer = String::new();
         let _ = std::io::stdin().lock().read_line(&mut answer);
         if answer.trim() != slot {
-            return Err(Error::definite("config", "not confirmed: nothing dropped"));
+            return Err(Error::definite(
+                Component::Config,
+                "not confirmed: nothing dropped",
+            ));
         }
     }
     if let Some(r) = &registry {
@@ -275,7 +274,7 @@ async fn drop_slot(config: &Config, yes: bool) -> Result<(), Error> {
         )
         .await
         .map_err(|e| {
-            cdc_egress::source::conninfo::pg_error(&e).context(format!("drop slot {slot}"))
+            cdc_egress::source::conninfo::pg_error(e).context(format!("drop slot {slot}"))
         })?;
         println!("replication slot {slot} dropped in {where_}");
     } else {

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{Component, Error};
 use crate::table::quote_ident;
 
 #[derive(Debug, Serialize)]
@@ -74,15 +74,12 @@ pub struct Status {
 }
 
 fn pg(what: &str, e: tokio_postgres::Error) -> Error {
-    match e.as_db_error() {
-        Some(d) if d.code().code() == "42P01" || d.code().code() == "3F000" => Error::definite(
-            "registry",
-            format!(
-                "{what}: the registry is not installed ({}); run `cdc-egress migrate`",
-                d.message()
-            ),
-        ),
-        _ => Error::transient("registry", format!("{what}: {e}")),
+    let err = Error::postgres(Component::Registry, what, e);
+    match err.sqlstate() {
+        Some("42P01" | "3F000") => {
+            err.hint("the registry is not installed: run `cdc-egress migrate`")
+        }
+        _ => err,
     }
 }
 
@@ -95,7 +92,7 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
         crate::register::migrate::installed_version(&reg, &config.registry.schema).await?;
     if version == 0 {
         return Err(Error::definite(
-            "registry",
+            Component::Registry,
             format!(
                 "the registry schema {} is not installed: run `cdc-egress migrate` (or start the daemon)",
                 config.registry.schema
@@ -109,7 +106,7 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             &[&config.source.publication],
         )
         .await
-        .map_err(|e| crate::source::conninfo::pg_error(&e))?
+        .map_err(crate::source::conninfo::pg_error)?
         .is_some();
     let daemon = reg
         .query_opt(

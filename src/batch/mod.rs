@@ -40,7 +40,7 @@ use std::time::Duration;
 use crate::ack::{AckTracker, BatchId};
 use crate::decode::{self, Message, OldTuple, OldTupleKind, Tuple, Value};
 use crate::encode::csv::{push_header, push_value, METADATA_COLUMNS};
-use crate::error::Error;
+use crate::error::{Component, Error};
 use crate::lsn::Lsn;
 use crate::table::{TableName, TableSchema};
 
@@ -255,7 +255,7 @@ pub struct Batcher<F: SpoolFactory> {
 }
 
 fn protocol(msg: impl Into<String>) -> Error {
-    Error::definite("decode", msg)
+    Error::definite(Component::Decode, msg)
 }
 
 /// `2026-11-21 05:52:10.123456+00`: PostgreSQL's ISO output for timestamptz in UTC, always with six
@@ -520,10 +520,9 @@ impl<F: SpoolFactory> Batcher<F> {
             self.next_id += 1;
             let floor = floor.unwrap_or(self.acks.current_boundary());
             self.acks.open(id, floor);
-            let mut spool = self
-                .factory
-                .create(&schema.table)
-                .map_err(|e| Error::transient("spool", format!("cannot create spool file: {e}")))?;
+            let mut spool = self.factory.create(&schema.table).map_err(|e| {
+                Error::transient(Component::Spool, format!("cannot create spool file: {e}"))
+            })?;
             let mut header = Vec::with_capacity(256);
             push_header(
                 &mut header,
@@ -532,9 +531,9 @@ impl<F: SpoolFactory> Batcher<F> {
                     .copied()
                     .chain(schema.columns.iter().map(|c| c.name.as_str())),
             );
-            spool
-                .write_all(&header)
-                .map_err(|e| Error::transient("spool", format!("cannot write spool file: {e}")))?;
+            spool.write_all(&header).map_err(|e| {
+                Error::transient(Component::Spool, format!("cannot write spool file: {e}"))
+            })?;
             let deadline_us = self.deadline_after(self.now_us);
             self.open.insert(
                 schema.table.clone(),
@@ -554,10 +553,9 @@ impl<F: SpoolFactory> Batcher<F> {
             );
         }
         let batch = self.open.get_mut(&schema.table).expect("inserted above");
-        batch
-            .spool
-            .write_all(&self.scratch)
-            .map_err(|e| Error::transient("spool", format!("cannot write spool file: {e}")))?;
+        batch.spool.write_all(&self.scratch).map_err(|e| {
+            Error::transient(Component::Spool, format!("cannot write spool file: {e}"))
+        })?;
         batch.last = pos;
         batch.last_commit_ts = commit_ts;
         batch.rows += 1;
@@ -583,10 +581,9 @@ impl<F: SpoolFactory> Batcher<F> {
         self.next_id += 1;
         let floor = self.acks.current_boundary();
         self.acks.open(id, floor);
-        let file = self
-            .factory
-            .hold_file()
-            .map_err(|e| Error::transient("spool", format!("cannot create hold file: {e}")))?;
+        let file = self.factory.hold_file().map_err(|e| {
+            Error::transient(Component::Spool, format!("cannot create hold file: {e}"))
+        })?;
         self.holds.insert(table.clone(), Hold::new(id, floor, file));
         Ok(())
     }
@@ -612,12 +609,12 @@ impl<F: SpoolFactory> Batcher<F> {
         let (id, floor) = (hold.id, hold.floor);
         let mut released = 0;
         let mut current: Option<Arc<TableSchema>> = None;
-        for rec in hold
-            .into_records()
-            .map_err(|e| Error::transient("spool", format!("cannot read hold file: {e}")))?
-        {
-            let (schema, pos, commit_ts, xid, op, row) =
-                rec.map_err(|e| Error::transient("spool", format!("cannot read hold file: {e}")))?;
+        for rec in hold.into_records().map_err(|e| {
+            Error::transient(Component::Spool, format!("cannot read hold file: {e}"))
+        })? {
+            let (schema, pos, commit_ts, xid, op, row) = rec.map_err(|e| {
+                Error::transient(Component::Spool, format!("cannot read hold file: {e}"))
+            })?;
             if self
                 .skip_through
                 .get(table)
@@ -814,7 +811,7 @@ impl<F: SpoolFactory> Batcher<F> {
             if let Some(hold) = self.holds.get_mut(&schema.table) {
                 hold.park(&schema, pos, txn.commit_ts, txn.xid, op, &self.scratch)
                     .map_err(|e| {
-                        Error::transient("spool", format!("cannot write hold file: {e}"))
+                        Error::transient(Component::Spool, format!("cannot write hold file: {e}"))
                     })?;
                 return Ok(());
             }

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::ack::BatchId;
 use crate::batch::SealedBatch;
-use crate::error::Error;
+use crate::error::{Component, Error};
 use crate::notify::Notifier;
 use crate::observe::Metrics;
 use crate::register::{FileKind, Registered, Registry};
@@ -33,14 +33,16 @@ pub struct Sinks {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// Runs `op` until it succeeds, retrying transient errors with backoff (200 ms doubling to 30 s).
+/// Runs `op` until it succeeds, retrying transient errors with backoff ([`crate::backoff`]: 200 ms
+/// doubling to 30 s, jittered).
 /// Returns the first definite error, or the last transient one if shutdown is requested meanwhile.
 pub async fn retry<T, F, Fut>(what: &str, sinks: &Sinks, mut op: F) -> Result<T, Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Error>>,
 {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let mut shutdown = sinks.shutdown.clone();
     let mut failed = false;
     loop {
@@ -48,7 +50,7 @@ where
         let attempt = if failed {
             tokio::select! {
                 r = op() => r,
-                _ = shutdown.wait_for(|s| *s) => return Err(Error::transient("daemon", format!("{what}: interrupted by shutdown"))),
+                _ = shutdown.wait_for(|s| *s) => return Err(Error::transient(Component::Daemon, format!("{what}: interrupted by shutdown"))),
             }
         } else {
             op().await
@@ -63,6 +65,7 @@ where
             }
             Err(e) if e.is_transient() => {
                 failed = true;
+                let delay = backoff.next_delay();
                 sinks.metrics.error(&e);
                 sinks
                     .metrics
@@ -73,7 +76,6 @@ where
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.wait_for(|s| *s) => return Err(e),
                 }
-                delay = (delay * 2).min(Duration::from_secs(30));
             }
             Err(e) => {
                 sinks.metrics.error(&e);
@@ -183,10 +185,7 @@ pub async fn deliver_batches(
             notified_stream_seq: None,
         };
         finish_registered(&sinks, &reg).await?;
-        sinks
-            .metrics
-            .bytes_written
-            .fetch_add(reg.record.bytes, std::sync::atomic::Ordering::Relaxed);
+        sinks.metrics.bytes_written.inc_by(reg.record.bytes);
         sinks
             .metrics
             .batch_sealed(&reg.record.table, &reg.record.ops);

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::error::Error;
 use crate::observe::Metrics;
@@ -41,7 +42,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    let mut delay = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let started = Instant::now();
         let result = session(&config, metrics.clone(), shutdown.clone()).await;
@@ -62,8 +63,10 @@ pub async fn run(
             return Ok(());
         }
         if started.elapsed() > Duration::from_secs(60) {
-            delay = Duration::from_millis(500);
+            // It ran well for a while: this failure is a new one, not the same one again.
+            backoff.reset();
         }
+        let delay = backoff.next_delay();
         if lost {
             // Invalidated or dropped while streaming: the next session re-exports.
             tracing::error!(error = %e, retry_in = ?delay, "the replication slot was lost while streaming; starting over (source.slot_lost: reexport)");
@@ -79,7 +82,6 @@ pub async fn run(
             _ = tokio::time::sleep(delay) => {}
             _ = s.wait_for(|v| *v) => return Ok(()),
         }
-        delay = (delay * 2).min(Duration::from_secs(30));
     }
 }
 
@@ -87,9 +89,7 @@ pub async fn run(
 /// `source.slot_lost: reexport`: the same decision the next session makes at start
 /// ([`crate::source::slot::plan_slot`] says `Recreate`). Never for configuration errors.
 async fn lost_while_streaming(config: &Config, e: &Error) -> bool {
-    if config.source.slot_lost != crate::config::SlotLostPolicy::Reexport
-        || e.component() == "config"
-    {
+    if config.source.slot_lost != crate::config::SlotLostPolicy::Reexport || e.is_config() {
         return false;
     }
     let check = async {

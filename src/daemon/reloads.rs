@@ -294,15 +294,19 @@ impl Coordinator {
                 let bytes: u64 = parts.iter().map(|p| p.gz_bytes).sum();
                 self.register(&done.table, id, cut, &done.schema, &parts)
                     .await?;
-                self.sinks.metrics.reload_rows.fetch_add(rows, Relaxed);
-                self.sinks.metrics.reload_bytes.fetch_add(bytes, Relaxed);
+                self.sinks.metrics.reload_rows.inc_by(rows);
+                self.sinks.metrics.reload_bytes.inc_by(bytes);
                 tracing::info!(table = %done.table, reload = id, cut = %cut, rows, bytes, parts = parts.len(), "reload done");
                 self.end_marker(&done.table, id, &request, cut, "done")
                     .await;
                 active.remove(&done.table);
             }
             Err(e) if e.is_transient() && a.attempts < MAX_ATTEMPTS => {
-                let backoff = Duration::from_secs(2u64.pow(a.attempts.min(5)));
+                let backoff = crate::backoff::jittered(
+                    Duration::from_secs(2),
+                    Duration::from_secs(32),
+                    a.attempts.saturating_sub(1),
+                );
                 tracing::warn!(table = %done.table, reload = id, error = %e, retry_in = ?backoff, "reload attempt failed; retrying with a new cut");
                 self.sinks.metrics.error(&e);
                 let events = events.clone();

@@ -14,7 +14,7 @@ use crate::ack::BatchId;
 use crate::batch::{Batcher, EventOut, Limits, Position, SealedBatch};
 use crate::config::Config;
 use crate::decode::{self, Message, ReplicationFrame};
-use crate::error::Error;
+use crate::error::{Component, Error};
 use crate::lsn::Lsn;
 use crate::notify::Notifier;
 use crate::observe::Metrics;
@@ -65,7 +65,7 @@ pub struct Endpoints {
 
 /// Component of the "another instance holds the slot" error: a standby waiting, not a failure of
 /// the active daemon (the driver does not record it as the daemon's state).
-pub const STANDBY: &str = "standby";
+pub const STANDBY: Component = Component::Standby;
 
 /// Connects to the source (checking its preconditions), the registry (migrating it), the object store
 /// and NATS.
@@ -205,9 +205,7 @@ pub async fn session(
             &[&slot_name],
         )
         .await
-        .map_err(|e| {
-            crate::source::conninfo::pg_error(&e).context("take the slot's advisory lock")
-        })?
+        .map_err(|e| crate::source::conninfo::pg_error(e).context("take the slot's advisory lock"))?
         .get(0);
     if !locked {
         return Err(Error::transient(
@@ -255,7 +253,7 @@ pub async fn session(
             false
         }
         slot::SlotPlan::Refuse { reason } => {
-            return Err(Error::definite("slot", reason.clone()));
+            return Err(Error::definite(Component::Slot, reason.clone()));
         }
         slot::SlotPlan::Create => config.reload.initial,
         slot::SlotPlan::Recreate { reason } => {
@@ -280,7 +278,7 @@ pub async fn session(
                     .execute("SELECT pg_drop_replication_slot($1)", &[&slot_name])
                     .await
                     .map_err(|e| {
-                        crate::source::conninfo::pg_error(&e)
+                        crate::source::conninfo::pg_error(e)
                             .context(format!("drop the lost slot {slot_name}"))
                     })?;
             }
@@ -348,7 +346,7 @@ pub async fn session(
         .join(slot_name);
     let leftovers = clean_spool_dir(&spool_dir).map_err(|e| {
         Error::definite(
-            "spool",
+            Component::Spool,
             format!("spool directory {}: {e}", spool_dir.display()),
         )
     })?;
@@ -357,7 +355,7 @@ pub async fn session(
     }
     let spools = GzipSpools::new(spool_dir.clone()).map_err(|e| {
         Error::definite(
-            "spool",
+            Component::Spool,
             format!("spool directory {}: {e}", spool_dir.display()),
         )
     })?;
@@ -521,7 +519,7 @@ pub async fn session(
                 {
                     tracing::warn!(error = %e, "heartbeat message failed; an idle slot may not advance");
                     if e.is_closed() {
-                        return Err(Error::transient("source", format!("source connection lost: {e}")));
+                        return Err(Error::transient(Component::Source, format!("source connection lost: {e}")));
                     }
                 }
             }
@@ -543,10 +541,10 @@ pub async fn session(
                 if let Ok(Some(info)) = slot::slot_info(&catalog, &slot).await {
                     metrics
                         .slot_lag_bytes
-                        .store(info.lag_bytes.unwrap_or(0), Relaxed);
+                        .set(info.lag_bytes.unwrap_or(0));
                     metrics
                         .slot_safe_wal_bytes
-                        .store(info.safe_wal_size.unwrap_or(-1), Relaxed);
+                        .set(info.safe_wal_size.unwrap_or(-1));
                     if let Some(warning) = crate::source::slot::retention_warning(&info) {
                         if warn_retention.ready() {
                             tracing::warn!(slot = %slot, "{warning}");
@@ -557,10 +555,10 @@ pub async fn session(
                 let oldest = blockers.first().map(|b| b.xact_age_seconds).unwrap_or(0.0);
                 metrics
                     .reload_cut_blocked_seconds
-                    .store(oldest as i64, Relaxed);
+                    .set(oldest as i64);
                 if let Some(b) = blockers.first() {
                     if warn_blocker.ready() {
-                        tracing::warn!(blocker = %b, lag_bytes = metrics.slot_lag_bytes.load(Relaxed), "a reload's cut waits for an open transaction to end; the slot's confirmed LSN stands still meanwhile");
+                        tracing::warn!(blocker = %b, lag_bytes = metrics.slot_lag_bytes.get(), "a reload's cut waits for an open transaction to end; the slot's confirmed LSN stands still meanwhile");
                     }
                 }
                 let err = metrics.last_error();
@@ -570,7 +568,7 @@ pub async fn session(
                     "streaming"
                 };
                 let confirmed = *confirmed_rx.borrow();
-                let received = Lsn(metrics.received_lsn.load(Relaxed));
+                let received = Lsn(metrics.received_lsn.get());
                 if let Err(e) = registry
                     .report_daemon(&slot, confirmed, received, state, err.as_deref())
                     .await
@@ -598,11 +596,11 @@ pub async fn session(
     let outcome: Result<(), Error> = tokio::select! {
         r = &mut batcher_thread => {
             let r = r
-                .map_err(|e| Error::transient("daemon", format!("batcher thread: {e}")))
+                .map_err(|e| Error::transient(Component::Daemon, format!("batcher thread: {e}")))
                 .and_then(|x| x);
             let e = match &r {
                 Err(e) => e.clone(),
-                Ok(_) => Error::transient("daemon", "the batcher stopped unexpectedly"),
+                Ok(_) => Error::transient(Component::Daemon, "the batcher stopped unexpectedly"),
             };
             batcher_done = Some(r);
             Err(e)
@@ -611,14 +609,14 @@ pub async fn session(
             delivery_done = true;
             match r {
                 Ok(Err(e)) => Err(e),
-                Ok(Ok(())) => Err(Error::transient("daemon", "delivery stopped unexpectedly")),
-                Err(e) => Err(Error::transient("daemon", format!("delivery task: {e}"))),
+                Ok(Ok(())) => Err(Error::transient(Component::Daemon, "delivery stopped unexpectedly")),
+                Err(e) => Err(Error::transient(Component::Daemon, format!("delivery task: {e}"))),
             }
         }
         Some(r) = tasks.join_next() => match r {
-            Ok(Ok(())) => Err(Error::transient("daemon", "a session task ended unexpectedly")),
+            Ok(Ok(())) => Err(Error::transient(Component::Daemon, "a session task ended unexpectedly")),
             Ok(Err(e)) => Err(e),
-            Err(e) => Err(Error::transient("daemon", format!("session task failed: {e}"))),
+            Err(e) => Err(Error::transient(Component::Daemon, format!("session task failed: {e}"))),
         },
         _ = shutdown_rx.wait_for(|s| *s) => Ok(()),
     };
@@ -638,14 +636,16 @@ pub async fn session(
         Some(r) => r,
         None => match tokio::time::timeout(Duration::from_secs(30), &mut batcher_thread).await {
             Ok(r) => r
-                .map_err(|e| Error::transient("daemon", format!("batcher thread: {e}")))
+                .map_err(|e| Error::transient(Component::Daemon, format!("batcher thread: {e}")))
                 .and_then(|x| x),
             Err(_) => {
                 // Blocked handing a batch to a stuck delivery: stop the delivery, then it returns.
                 delivery.abort();
                 batcher_thread
                     .await
-                    .map_err(|e| Error::transient("daemon", format!("batcher thread: {e}")))
+                    .map_err(|e| {
+                        Error::transient(Component::Daemon, format!("batcher thread: {e}"))
+                    })
                     .and_then(|x| x)
             }
         },
@@ -681,7 +681,7 @@ pub async fn session(
             .report_daemon(
                 slot_name,
                 confirmed,
-                Lsn(metrics.received_lsn.load(Relaxed)),
+                Lsn(metrics.received_lsn.get()),
                 "stopped",
                 None,
             )
@@ -737,7 +737,7 @@ fn run_batcher(
                         Frame::Data(data) => {
                             let msg = decode::decode(data).map_err(|e| {
                                 Error::definite(
-                                    "decode",
+                                    Component::Decode,
                                     format!("undecodable pgoutput message: {e}"),
                                 )
                             })?;
@@ -763,18 +763,21 @@ fn run_batcher(
         for b in sealed.drain(..) {
             let b = b.map_spool(|spool| {
                 spool.finish().map_err(|e| {
-                    Error::transient("spool", format!("cannot finish spool file: {e}"))
+                    Error::transient(Component::Spool, format!("cannot finish spool file: {e}"))
                 })
             })?;
             if sealed_tx.blocking_send(b).is_err() {
-                return Err(Error::transient("daemon", "delivery stopped"));
+                return Err(Error::transient(Component::Daemon, "delivery stopped"));
             }
         }
         if let Some(tx) = &events_tx {
             batcher.drain_change_events(&mut events);
             for e in events.drain(..) {
                 if tx.blocking_send(e).is_err() {
-                    return Err(Error::transient("daemon", "change-event publisher stopped"));
+                    return Err(Error::transient(
+                        Component::Daemon,
+                        "change-event publisher stopped",
+                    ));
                 }
             }
         }
@@ -784,9 +787,7 @@ fn run_batcher(
             *v = c;
             changed
         });
-        metrics
-            .pending_batches
-            .store(batcher.open_batches() as i64, Relaxed);
+        metrics.pending_batches.set(batcher.open_batches() as i64);
     }
     Ok(BatcherState {
         batcher,
@@ -816,12 +817,15 @@ async fn read_stream(
         while let Some(item) = next.take() {
             let Some(payload) = item else {
                 return Err(Error::transient(
-                    "source",
+                    Component::Source,
                     "the server ended the replication stream",
                 ));
             };
             let frame = decode::parse_frame(payload).map_err(|e| {
-                Error::definite("decode", format!("undecodable replication frame: {e}"))
+                Error::definite(
+                    Component::Decode,
+                    format!("undecodable replication frame: {e}"),
+                )
             })?;
             match frame {
                 ReplicationFrame::XLogData {
@@ -853,8 +857,8 @@ async fn read_stream(
             }
             next = reader.next().now_or_never().transpose()?;
         }
-        metrics.messages_received.fetch_add(messages, Relaxed);
-        metrics.received_lsn.fetch_max(max_lsn, Relaxed);
+        metrics.messages_received.inc_by(messages);
+        metrics.received_lsn.inner().fetch_max(max_lsn, Relaxed);
         if !chunk.is_empty() {
             let frames = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_FRAMES));
             chunk_bytes = 0;
@@ -865,7 +869,10 @@ async fn read_stream(
         // A Relation needs catalog facts: it goes after the frames before it, in order.
         if let Some(data) = relation {
             let Message::Relation(rel) = decode::decode(data).map_err(|e| {
-                Error::definite("decode", format!("undecodable Relation message: {e}"))
+                Error::definite(
+                    Component::Decode,
+                    format!("undecodable Relation message: {e}"),
+                )
             })?
             else {
                 unreachable!("tag R decodes to a Relation")
@@ -897,16 +904,16 @@ async fn send_status(
             _ = stop.wait_for(|s| *s) => true,
         };
         let confirmed = *confirmed_rx.borrow_and_update();
-        let changed = metrics.confirmed_lsn.load(Relaxed) != confirmed.0;
+        let changed = metrics.confirmed_lsn.get() != confirmed.0;
         if changed && confirmed != Lsn::ZERO {
             crate::failpoint::hit("before_status");
         }
         if stopping || force || changed || last_sent.is_none_or(|t| t.elapsed() >= every) {
-            let received = Lsn(metrics.received_lsn.load(Relaxed)).max(confirmed);
+            let received = Lsn(metrics.received_lsn.get()).max(confirmed);
             let now = decode::utc_to_pg_micros(chrono::Utc::now());
             let msg = decode::standby_status_update(received, confirmed, confirmed, now, false);
             writer.send(&msg).await?;
-            metrics.confirmed_lsn.store(confirmed.0, Relaxed);
+            metrics.confirmed_lsn.set(confirmed.0);
             last_sent = Some(Instant::now());
         }
         if stopping {
@@ -944,7 +951,7 @@ async fn publish_events(
                     };
                     fut.await.map_err(|e| {
                         Error::transient(
-                            "nats",
+                            Component::Nats,
                             format!("change event on {subject} not acknowledged: {e}"),
                         )
                     })?;

@@ -28,7 +28,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use bytes::Bytes;
 
 use crate::config::NatsConfig;
-use crate::error::Error;
+use crate::error::{Component, Error, Kind};
 use crate::table::TableName;
 
 #[derive(Clone)]
@@ -40,8 +40,11 @@ pub struct Notifier {
     id_prefix: String,
 }
 
-fn transient(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::transient("nats", format!("NATS {what}: {e}"))
+fn transient<E>(what: &str, e: E) -> Error
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    Error::caused_by(Kind::Transient, Component::Nats, format!("NATS {what}"), e)
 }
 
 /// One subject token from a name: reserved characters percent-encoded.
@@ -71,7 +74,7 @@ fn read_secret(key: &str, path: &std::path::Path) -> Result<String, Error> {
         .map(|t| t.trim_end_matches(['\n', '\r']).to_string())
         .map_err(|e| {
             Error::definite(
-                "config",
+                Component::Config,
                 format!("cannot read {key} {}: {e}", path.display()),
             )
         })
@@ -85,7 +88,10 @@ async fn connect_options(cfg: &NatsConfig) -> Result<async_nats::ConnectOptions,
         Some(p) => async_nats::ConnectOptions::with_credentials_file(p)
             .await
             .map_err(|e| {
-                Error::definite("config", format!("nats.creds_file {}: {e}", p.display()))
+                Error::definite(
+                    Component::Config,
+                    format!("nats.creds_file {}: {e}", p.display()),
+                )
             })?,
         None => async_nats::ConnectOptions::new(),
     };
@@ -104,7 +110,7 @@ async fn connect_options(cfg: &NatsConfig) -> Result<async_nats::ConnectOptions,
             .filter(|u| !u.is_empty())
             .ok_or_else(|| {
                 Error::definite(
-                    "config",
+                    Component::Config,
                     "nats.password_file needs the user name in nats.url (nats://user@host:4222)",
                 )
             })?;
@@ -122,7 +128,7 @@ async fn connect_options(cfg: &NatsConfig) -> Result<async_nats::ConnectOptions,
         (None, None) => {}
         _ => {
             return Err(Error::definite(
-                "config",
+                Component::Config,
                 "nats.tls_cert_file and nats.tls_key_file go together: set both or neither",
             ))
         }
@@ -158,7 +164,7 @@ impl Notifier {
                 ) =>
             {
                 Err(Error::definite(
-                    "nats",
+                    Component::Nats,
                     format!(
                         "JetStream stream {} does not exist ({e}): the daemon creates it on its first run",
                         n.stream
@@ -182,17 +188,15 @@ impl Notifier {
                 match e.kind() {
                     // The server refused our credentials, or they could not be used: configuration.
                     K::AuthorizationViolation | K::Authentication => Error::definite(
-                        "config",
+                        Component::Config,
                         format!(
                             "NATS {} rejected the credentials ({e}): check nats.url's user, nats.password_file, \
                              nats.token_file, nats.nkey_file or nats.creds_file",
                             url.redacted()
                         ),
                     ),
-                    _ => transient(
-                        &format!("connect to {}", url.redacted()),
-                        format!("{e}; is nats-server running with JetStream (-js)?"),
-                    ),
+                    _ => transient(&format!("connect to {}", url.redacted()), e)
+                        .hint("is nats-server running with JetStream (-js)?"),
                 }
             })?;
         Ok(Some(Notifier {
@@ -259,7 +263,7 @@ impl Notifier {
             .any(|x| x == &wanted || x == ">")
         {
             return Err(Error::definite(
-                "nats",
+                Component::Nats,
                 format!(
                     "JetStream stream {} exists with subjects {:?} but does not capture {wanted}: \
                      add the subject to the stream or choose another nats.stream / nats.subject_prefix",
@@ -345,7 +349,7 @@ impl Notifier {
             }
         }
         Err(Error::definite(
-            "nats",
+            Component::Nats,
             format!(
                 "another publisher keeps writing to {subject}: cdc-egress must be the only publisher of its notice subjects"
             ),
@@ -376,7 +380,7 @@ impl Notifier {
             return Ok(seq);
         }
         Err(Error::definite(
-            "nats",
+            Component::Nats,
             format!(
                 "Nats-Msg-Id collision: JetStream dropped the notice {msg_id} on {subject} as a duplicate of \
                  message {seq} on {} with different content. Another writer (or an earlier registry) uses the \

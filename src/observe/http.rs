@@ -15,7 +15,7 @@ use super::Metrics;
 pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, crate::error::Error> {
     TcpListener::bind(addr).await.map_err(|e| {
         crate::error::Error::definite(
-            "http",
+            crate::error::Component::Http,
             format!("cannot listen on {addr} (http.listen): {e}; choose another address or set http.listen to empty"),
         )
     })
@@ -60,7 +60,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
             let line = String::from_utf8_lossy(&buf[..n]);
             let path = line.split_whitespace().nth(1).unwrap_or("");
             let (status, body, ctype) = match path {
-                "/metrics" => ("200 OK", metrics.render(), "text/plain; version=0.0.4"),
+                "/metrics" => (
+                    "200 OK",
+                    metrics.render(),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
                 "/healthz" => ("200 OK", "ok\n".to_string(), "text/plain"),
                 "/readyz" if metrics.ready.load(Relaxed) => {
                     ("200 OK", "ready\n".to_string(), "text/plain")

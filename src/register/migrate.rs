@@ -5,7 +5,7 @@
 //! `<schema>.schema_migrations`. The files are compiled into the binary, so `migrate` needs nothing
 //! but a connection.
 
-use crate::error::Error;
+use crate::error::{Component, Error};
 use crate::table::{quote_ident, quote_literal};
 
 /// `(version, name, sql)`; `{{schema}}` in the SQL is replaced by the quoted registry schema and
@@ -106,19 +106,11 @@ pub async fn install_reload_marker(
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 fn pg(what: &str, e: tokio_postgres::Error) -> Error {
-    match e.as_db_error() {
-        Some(d) if d.code().code() == "42501" => Error::definite(
-            "registry",
-            format!(
-                "{what}: permission denied ({}); the registry role needs CREATE on the database",
-                d.message()
-            ),
-        ),
-        Some(d) => Error::definite(
-            "registry",
-            format!("{what}: {} (SQLSTATE {})", d.message(), d.code().code()),
-        ),
-        None => Error::transient("registry", format!("{what}: {e}")),
+    let err = Error::postgres(Component::Registry, what, e);
+    if err.sqlstate() == Some("42501") {
+        err.hint("the registry role needs CREATE on the database")
+    } else {
+        err
     }
 }
 

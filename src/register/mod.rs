@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
 
 use crate::batch::{OpCounts, Position};
-use crate::error::Error;
+use crate::error::{Component, Error, Kind};
 use crate::lsn::Lsn;
 use crate::table::{quote_ident, TableName, TableSchema};
 
@@ -104,25 +104,16 @@ pub struct Registry {
     quoted: String,
 }
 
-fn db(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::transient("registry", format!("registry {what}: {e}"))
-}
-
+/// A registry query's error, classified by [`Error::postgres`]; an undefined table, column or
+/// function means the registry is older than this binary.
 pub(crate) fn pg_err(what: &str, e: tokio_postgres::Error) -> Error {
-    // Definite when the server says our SQL or privileges are wrong; transient otherwise.
-    if let Some(db_err) = e.as_db_error() {
-        let code = db_err.code().code();
-        if code.starts_with("42") || code.starts_with("22") || code.starts_with("23") {
-            return Error::definite(
-                "registry",
-                format!(
-                    "registry {what}: {} (SQLSTATE {code}); run `cdc-egress migrate`?",
-                    db_err.message()
-                ),
-            );
-        }
+    let err = Error::postgres(Component::Registry, format!("registry {what}"), e);
+    match err.sqlstate() {
+        Some("42P01" | "42703" | "42883" | "3F000") => err.hint(
+            "the registry is not installed or older than this binary: run `cdc-egress migrate`",
+        ),
+        _ => err,
     }
-    db(what, e)
 }
 
 fn lsn_text(p: Option<Position>) -> Option<String> {
@@ -155,7 +146,15 @@ impl Registry {
     }
 
     pub async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
-        self.pool.get().await.map_err(|e| db("connection", e))
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => pg_err("connection", e),
+            other => Error::caused_by(
+                Kind::Transient,
+                Component::Registry,
+                "registry connection",
+                other,
+            ),
+        })
     }
 
     pub(crate) fn t(&self, table: &str) -> String {
@@ -168,7 +167,7 @@ impl Registry {
         let v = migrate::installed_version(&c, &self.schema).await?;
         if v < migrate::LATEST {
             return Err(Error::definite(
-                "registry",
+                Component::Registry,
                 format!(
                     "registry schema {} is at version {v}, this cdc-egress needs {}: run `cdc-egress migrate`",
                     self.schema,

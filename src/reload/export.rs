@@ -27,7 +27,7 @@ use object_store::path::Path;
 use tokio::sync::mpsc;
 
 use crate::batch::SpoolFactory;
-use crate::error::Error;
+use crate::error::{Component, Error};
 use crate::lsn::Lsn;
 use crate::source::conninfo::{pg_error, ConnInfo};
 use crate::source::wire::ReplicationConnection;
@@ -67,21 +67,24 @@ pub async fn take_cut(source: &ConnInfo, slot: &str, tag: &str) -> Result<Cut, E
         ))
         .await
         .map_err(|e| e.context("take a consistent cut for a reload"))?;
-    let row = rows
-        .first()
-        .ok_or_else(|| Error::transient("source", "CREATE_REPLICATION_SLOT returned no row"))?;
+    let row = rows.first().ok_or_else(|| {
+        Error::transient(Component::Source, "CREATE_REPLICATION_SLOT returned no row")
+    })?;
     let lsn: Lsn = row
         .get(1)
         .and_then(|v| v.as_deref())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| {
             Error::transient(
-                "source",
+                Component::Source,
                 "CREATE_REPLICATION_SLOT returned no consistent point",
             )
         })?;
     let snapshot = row.get(2).and_then(|v| v.clone()).ok_or_else(|| {
-        Error::transient("source", "CREATE_REPLICATION_SLOT returned no snapshot")
+        Error::transient(
+            Component::Source,
+            "CREATE_REPLICATION_SLOT returned no snapshot",
+        )
     })?;
     Ok(Cut {
         lsn,
@@ -178,7 +181,7 @@ async fn begin_in_snapshot(
         quote_literal(snapshot)
     ))
     .await
-    .map_err(|e| pg_error(&e).context("import the reload snapshot"))?;
+    .map_err(|e| pg_error(e).context("import the reload snapshot"))?;
     Ok(c)
 }
 
@@ -192,8 +195,8 @@ async fn plan(c: &tokio_postgres::Client, table: &TableName) -> Result<Planned, 
             &[&table.schema, &table.name],
         )
         .await
-        .map_err(|e| pg_error(&e))?
-        .ok_or_else(|| Error::definite("reload", format!("table {table} does not exist (any more)")))?;
+        .map_err(pg_error)?
+        .ok_or_else(|| Error::definite(Component::Reload, format!("table {table} does not exist (any more)")))?;
     let oid: u32 = rel.get(0);
     let ident: String = rel.get(1);
     let identity = match ident.as_str() {
@@ -216,7 +219,7 @@ async fn plan(c: &tokio_postgres::Client, table: &TableName) -> Result<Planned, 
             &[&oid],
         )
         .await
-        .map_err(|e| pg_error(&e))?;
+        .map_err(pg_error)?;
     let columns = cols
         .iter()
         .map(|r| ColumnSchema {
@@ -368,7 +371,7 @@ impl Exporter {
                         .is_some_and(|r| r.error.is_some());
                     let outcome = if skip {
                         Err(Error::transient(
-                            "reload",
+                            Component::Reload,
                             "another part of this table failed",
                         ))
                     } else {
@@ -434,14 +437,14 @@ async fn export_part(
         job.table.quoted()
     );
     let mut spools = GzipSpools::new(spool_dir.to_path_buf())
-        .map_err(|e| Error::transient("spool", format!("spool directory: {e}")))?;
-    let mut spool = spools
-        .create(&job.table)
-        .map_err(|e| Error::transient("spool", format!("cannot create spool file: {e}")))?;
+        .map_err(|e| Error::transient(Component::Spool, format!("spool directory: {e}")))?;
+    let mut spool = spools.create(&job.table).map_err(|e| {
+        Error::transient(Component::Spool, format!("cannot create spool file: {e}"))
+    })?;
     let stream = client
         .copy_out(&sql)
         .await
-        .map_err(|e| pg_error(&e).context(format!("export {}", job.table)))?;
+        .map_err(|e| pg_error(e).context(format!("export {}", job.table)))?;
     futures::pin_mut!(stream);
     // Receiving and compressing overlap: chunks go through a bounded channel to a blocking
     // compressor, like `COPY … | gzip` in two processes.
@@ -461,7 +464,7 @@ async fn export_part(
         let chunk = match chunk {
             Ok(c) => c,
             Err(e) => {
-                failure = Some(pg_error(&e).context(format!("export {}", job.table)));
+                failure = Some(pg_error(e).context(format!("export {}", job.table)));
                 break;
             }
         };
@@ -482,8 +485,8 @@ async fn export_part(
     drop(tx);
     let spooled = compressor
         .await
-        .map_err(|e| Error::transient("spool", format!("compressor: {e}")))?
-        .map_err(|e| Error::transient("spool", format!("cannot write spool file: {e}")))?;
+        .map_err(|e| Error::transient(Component::Spool, format!("compressor: {e}")))?
+        .map_err(|e| Error::transient(Component::Spool, format!("cannot write spool file: {e}")))?;
     if let Some(e) = failure {
         return Err(e);
     }

@@ -14,13 +14,13 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{Component, Error};
 use crate::register::migrate::{installed_version, marker_trigger_name};
 use crate::source::conninfo::pg_error;
 use crate::table::{quote_ident, quote_literal, TableName};
 
 fn definite(msg: impl Into<String>) -> Error {
-    Error::definite("reload", msg)
+    Error::definite(Component::Reload, msg)
 }
 
 /// A random request id (hex), unique enough to correlate a request with its registry row.
@@ -45,7 +45,7 @@ pub async fn request(
 ) -> Result<Vec<(TableName, String)>, Error> {
     if tables.is_empty() {
         return Err(Error::definite(
-            "config",
+            Component::Config,
             "name at least one table: cdc-egress reload schema.table ...",
         ));
     }
@@ -59,11 +59,11 @@ pub async fn request(
             &[publication],
         )
         .await
-        .map_err(|e| pg_error(&e))?
+        .map_err(pg_error)?
         .is_some();
     if !pub_exists {
         return Err(Error::definite(
-            "config",
+            Component::Config,
             format!(
                 "publication {publication} (source.publication) does not exist in the source database: \
                  create it (CREATE PUBLICATION {} FOR ALL TABLES) or fix source.publication",
@@ -93,7 +93,7 @@ pub async fn request(
             &[&trigger],
         )
         .await
-        .map_err(|e| pg_error(&e))?
+        .map_err(pg_error)?
         .is_some();
     if !has_trigger {
         return Err(definite(format!(
@@ -105,7 +105,7 @@ pub async fn request(
     for t in tables {
         let name = TableName::parse(t).ok_or_else(|| {
             Error::definite(
-                "config",
+                Component::Config,
                 format!("{t:?} is not a table name; use schema.table"),
             )
         })?;
@@ -121,7 +121,7 @@ pub async fn request(
                 &[&name.schema, &name.name],
             )
             .await
-            .map_err(|e| pg_error(&e))?
+            .map_err(pg_error)?
             .is_some();
         if !exists {
             return Err(definite(format!(
@@ -134,7 +134,7 @@ pub async fn request(
                 &[&config.source.publication, &name.schema, &name.name],
             )
             .await
-            .map_err(|e| pg_error(&e))?
+            .map_err(pg_error)?
             .is_some();
         if !published {
             return Err(definite(format!(
@@ -155,7 +155,7 @@ pub async fn request(
                 &[&name.schema, &name.name],
             )
             .await
-            .map_err(|e| pg_error(&e))?;
+            .map_err(pg_error)?;
         if let Some(r) = active {
             return Err(definite(format!(
                 "a reload of {name} is already {} (reload #{}): wait for it to finish (cdc-egress status)",
@@ -168,7 +168,7 @@ pub async fn request(
         }
         parsed.push((name, request_id()));
     }
-    let tx = src.transaction().await.map_err(|e| pg_error(&e))?;
+    let tx = src.transaction().await.map_err(pg_error)?;
     for (name, id) in &parsed {
         tx.batch_execute(&format!(
             "COMMENT ON SCHEMA {} IS {}",
@@ -176,9 +176,9 @@ pub async fn request(
             quote_literal(&format!("cdc-egress reload {} request={id}", name.quoted()))
         ))
         .await
-        .map_err(|e| pg_error(&e).context(format!("request a reload of {name}")))?;
+        .map_err(|e| pg_error(e).context(format!("request a reload of {name}")))?;
     }
-    tx.commit().await.map_err(|e| pg_error(&e))?;
+    tx.commit().await.map_err(pg_error)?;
     // Remember the requests, so `status` and `--wait` can tell that no daemon has read them yet. The
     // markers are in the WAL already; this row is only for people, so failing to write it is a warning.
     let wal: Option<String> = src
@@ -198,7 +198,7 @@ pub async fn request(
             )
             .await
         {
-            tracing::warn!(error = %pg_error(&e), "cannot record the reload request in the registry");
+            tracing::warn!(error = %pg_error(e), "cannot record the reload request in the registry");
         }
     }
     Ok(parsed)
@@ -255,7 +255,7 @@ pub async fn wait(
                 &[&ids],
             )
             .await
-            .map_err(|e| pg_error(&e))?
+            .map_err(pg_error)?
             .iter()
             .map(|r| Seen {
                 id: r.get(0),
@@ -310,7 +310,7 @@ pub async fn wait(
                 &[&ids],
             )
             .await
-            .map_err(|e| pg_error(&e))?
+            .map_err(pg_error)?
             .get(0);
         let all_answered = answered as usize == ids.len();
         if all_answered && finished == seen.len() {
@@ -361,7 +361,7 @@ pub async fn wait(
         }
         if let Some(t) = timeout.filter(|t| started.elapsed() >= *t) {
             return Err(Error::transient(
-                "reload",
+                Component::Reload,
                 format!(
                     "gave up waiting after {}: {} of {} requests read by a daemon, {} of {} reloads finished \
                      (they go on; see cdc-egress status)",
@@ -405,7 +405,7 @@ async fn finish(
                 &[&r.id],
             )
             .await
-            .map_err(|e| pg_error(&e))?
+            .map_err(pg_error)?
             .and_then(|row| row.get(0));
         let place = match (manifest, &store) {
             (Some(m), Some(st)) => st.url_of(&crate::write::layout::stored_path(&m)),
@@ -423,7 +423,7 @@ async fn finish(
     }
     if !failed.is_empty() {
         return Err(Error::definite(
-            "reload",
+            Component::Reload,
             format!("reload failed: {}", failed.join("; ")),
         ));
     }

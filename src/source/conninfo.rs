@@ -17,8 +17,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::error::{Error, Kind};
-use crate::source::{tls, wire};
+use crate::error::{Component, Error};
+use crate::source::tls;
 
 /// Session settings every value-producing session runs with, so text output never depends on server or
 /// role defaults.
@@ -30,8 +30,8 @@ pub const SESSION_SETTINGS: &[(&str, &str)] = &[
     ("bytea_output", "hex"),
 ];
 
-const COMPONENT: &str = "postgres";
-const CONFIG: &str = "config";
+const COMPONENT: Component = Component::Postgres;
+const CONFIG: Component = Component::Config;
 const DEFAULT_PORT: u16 = 5432;
 const KNOWN_PARAMS: &str =
     "host, port, user, password, dbname, sslmode, sslrootcert, application_name, connect_timeout, options";
@@ -378,7 +378,7 @@ impl ConnInfo {
             let (client, conn) = config
                 .connect(tokio_postgres::NoTls)
                 .await
-                .map_err(|e| pg_error(&e).context(what()))?;
+                .map_err(|e| pg_error(e).context(what()))?;
             spawn_connection(conn, self.host_description());
             Ok(client)
         } else {
@@ -386,7 +386,7 @@ impl ConnInfo {
             let (client, conn) = config
                 .connect(tls)
                 .await
-                .map_err(|e| pg_error(&e).context(what()))?;
+                .map_err(|e| pg_error(e).context(what()))?;
             spawn_connection(conn, self.host_description());
             Ok(client)
         }
@@ -516,47 +516,13 @@ where
     });
 }
 
-/// Classifies a tokio-postgres error: server errors by SQLSTATE (kept in the error), TLS and
-/// configuration problems as definite, everything else (I/O, closed connection, timeout) as transient.
-pub fn pg_error(err: &tokio_postgres::Error) -> Error {
-    if let Some(db) = err.as_db_error() {
-        return wire::server_error(
-            db.code().code(),
-            db.severity(),
-            db.message(),
-            db.detail(),
-            db.hint(),
-        );
-    }
-    // tokio-postgres' Display leaves out the cause ("error connecting to server"): append the chain.
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    if let Some(tls_err) = tls::rustls_error(err) {
+/// Classifies a tokio-postgres error of a source connection ([`Error::from_postgres`]), naming a
+/// rejected certificate as such.
+pub fn pg_error(err: tokio_postgres::Error) -> Error {
+    if let Some(tls_err) = tls::rustls_error(&err) {
         return Error::definite(COMPONENT, format!("TLS handshake failed: {tls_err}"));
     }
-    // tokio-postgres exposes no error kind; these prefixes are its Display for Kind::Tls / Kind::Config.
-    let kind = if text.starts_with("error performing TLS handshake")
-        || text.starts_with("invalid configuration")
-    {
-        Kind::Definite
-    } else {
-        Kind::Transient
-    };
-    if text.contains("password missing") {
-        return Error::definite(CONFIG, wire::NO_PASSWORD);
-    }
-    match kind {
-        Kind::Definite => Error::definite(COMPONENT, text),
-        Kind::Transient => Error::transient(COMPONENT, text),
-    }
+    Error::from_postgres(COMPONENT, err)
 }
 
 /// The password of the first line of a libpq password file (`host:port:database:user:password`,
@@ -825,7 +791,7 @@ mod tests {
         let err = p("postgres://u@h/db")
             .with_password_fallback(Some(&dir.path().join("missing")))
             .unwrap_err();
-        assert_eq!(err.component(), "config");
+        assert_eq!(err.component(), Component::Config);
         assert!(err.message().contains("password file"), "{err}");
     }
 

@@ -9,19 +9,13 @@ use std::sync::Arc;
 use tokio_postgres::Client;
 
 use crate::decode::{Relation, ReplicaIdentity as WireIdentity};
-use crate::error::Error;
+use crate::error::{Component, Error};
 use crate::lsn::Lsn;
 use crate::source::conninfo::ConnInfo;
 use crate::table::{ColumnSchema, ReplicaIdentity, TableName, TableSchema};
 
 fn pg(what: &str, e: tokio_postgres::Error) -> Error {
-    match e.as_db_error() {
-        Some(d) => Error::definite(
-            "source",
-            format!("{what}: {} (SQLSTATE {})", d.message(), d.code().code()),
-        ),
-        None => Error::transient("source", format!("{what}: {e}")),
-    }
+    Error::postgres(Component::Source, what, e)
 }
 
 /// The slot as `pg_replication_slots` shows it.
@@ -202,7 +196,7 @@ pub fn check_server_version(num: i32) -> Result<(), Error> {
         format!("{}.{}.{}", num / 10000, num / 100 % 100, num % 100)
     };
     Err(Error::definite(
-        "config",
+        Component::Config,
         format!("PostgreSQL {version} is not supported: cdc-egress needs 14 or newer"),
     ))
 }
@@ -240,7 +234,7 @@ pub async fn check_source(c: &Client, publication: &str) -> Result<(), Error> {
     check_server_version(version)?;
     if wal_level != "logical" {
         return Err(Error::definite(
-            "source",
+            Component::Source,
             format!(
                 "the source has wal_level = {wal_level}; logical replication needs wal_level = logical: \
                  run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL"
@@ -249,13 +243,13 @@ pub async fn check_source(c: &Client, publication: &str) -> Result<(), Error> {
     }
     if encoding != "UTF8" {
         return Err(Error::definite(
-            "source",
+            Component::Source,
             format!("the source database encoding is {encoding}; cdc-egress writes UTF-8 CSV and needs a UTF8 database"),
         ));
     }
     if !can_replicate {
         return Err(Error::definite(
-            "source",
+            Component::Source,
             "the source role lacks the REPLICATION attribute: run ALTER ROLE <role> WITH REPLICATION (as a superuser)",
         ));
     }
@@ -269,7 +263,7 @@ pub async fn check_source(c: &Client, publication: &str) -> Result<(), Error> {
         .is_some();
     if !exists {
         return Err(Error::definite(
-            "source",
+            Component::Source,
             format!(
                 "publication {publication:?} does not exist in the source database: create it, e.g. \
                  CREATE PUBLICATION {} FOR ALL TABLES; (or FOR TABLE a, b), or set source.publication",
@@ -284,7 +278,7 @@ pub async fn check_source(c: &Client, publication: &str) -> Result<(), Error> {
 pub fn check_slot(info: &SlotInfo, slot: &str, dbname: &str) -> Result<(), Error> {
     if info.plugin.as_deref() != Some("pgoutput") {
         return Err(Error::definite(
-            "source",
+            Component::Source,
             format!(
                 "replication slot {slot:?} uses plugin {:?}, not pgoutput: drop it or choose another source.slot",
                 info.plugin
@@ -293,7 +287,7 @@ pub fn check_slot(info: &SlotInfo, slot: &str, dbname: &str) -> Result<(), Error
     }
     if info.database.as_deref() != Some(dbname) {
         return Err(Error::definite(
-            "source",
+            Component::Source,
             format!(
                 "replication slot {slot:?} belongs to database {:?}, not {dbname:?}: choose another source.slot",
                 info.database
@@ -425,7 +419,7 @@ pub async fn require_failover_support(
         .unwrap_or(0);
     if version < 170000 {
         return Err(Error::definite(
-            "config",
+            Component::Config,
             format!(
                 "source.slot_failover needs PostgreSQL 17 or later (the source is {version}): unset it, or upgrade"
             ),
@@ -588,7 +582,7 @@ mod tests {
         ] {
             let e = check_server_version(num).expect_err("too old");
             assert_eq!(e.kind(), Kind::Definite);
-            assert_eq!(e.component(), "config", "exit code 2");
+            assert_eq!(e.exit_code(), crate::error::EXIT_CONFIG);
             assert_eq!(
                 e.message(),
                 format!("PostgreSQL {shown} is not supported: cdc-egress needs 14 or newer")

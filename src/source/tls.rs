@@ -24,15 +24,16 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 
-use crate::error::Error;
+use crate::error::{Component, Error};
 use crate::source::conninfo::SslMode;
 
-const COMPONENT: &str = "postgres";
+const COMPONENT: Component = Component::Postgres;
 
 /// How much of the server certificate is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +120,7 @@ fn root_store(rootcert: Option<&Path>) -> Result<RootCertStore, Error> {
     };
     let pem = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
     let mut added = 0usize;
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+    for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.map_err(|e| bad(format!("invalid PEM: {e}")))?;
         store
             .add(cert)

@@ -13,7 +13,7 @@
 //! - Server bytes are never trusted: every length is checked, frames shorter than 4 or longer than
 //!   1 GiB are a protocol error, nothing here panics on what the server sends.
 //! - Errors are classified where they arise: a server `ErrorResponse` becomes an [`Error`] carrying
-//!   the SQLSTATE ([`Error::sqlstate`]) and classified by [`sqlstate_kind`]; I/O errors, EOF and
+//!   the SQLSTATE ([`Error::sqlstate`]) and classified by [`crate::error::sqlstate_kind`]; I/O errors, EOF and
 //!   timeouts are transient; TLS handshake/certificate problems, authentication failures and protocol
 //!   violations are definite.
 //! - Cancellation: [`CopyReader::next`] is cancel-safe (a frame is consumed only when it is
@@ -40,62 +40,18 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::error::{Error, Kind};
+use crate::error::{Component, Error};
 use crate::source::conninfo::{ConnInfo, Host};
 use crate::source::tls;
 
-const COMPONENT: &str = "postgres";
+const COMPONENT: Component = Component::Postgres;
 /// What to say when the server wants a password and the configuration has none.
-pub(crate) const NO_PASSWORD: &str = "the server requested a password but none was given: put it in the URL, \
-in source.password_file / registry.password_file, $PGPASSWORD, or a password file ($PGPASSFILE, ~/.pgpass)";
 /// Read buffer growth step; one `read` can fill this much.
 const READ_CHUNK: usize = 128 * 1024;
 /// Below this much free space the read buffer is grown before reading.
 const MIN_FREE: usize = 16 * 1024;
 /// Largest frame accepted (PostgreSQL's own limit for a message is 1 GiB).
 const MAX_FRAME: usize = 1 << 30;
-
-/// Whether a server error with this SQLSTATE is worth retrying.
-///
-/// Transient: `08xxx` connection exceptions, `53xxx` insufficient resources, `55006` object in use
-/// (slot held by another process), `55P03` lock not available, `57P01`/`57P02`/`57P03`/`57P05` admin or
-/// crash shutdown / cannot connect now / idle-session timeout, `40001`/`40P01` serialization failure and
-/// deadlock. Everything else (auth `28xxx`, privileges `42501`, undefined objects `42704`, invalid
-/// parameters `22023`, syntax, …) is definite.
-pub fn sqlstate_kind(code: &str) -> Kind {
-    match code {
-        "55006" | "55P03" | "57P01" | "57P02" | "57P03" | "57P05" | "40001" | "40P01" => {
-            Kind::Transient
-        }
-        c if c.starts_with("08") || c.starts_with("53") => Kind::Transient,
-        _ => Kind::Definite,
-    }
-}
-
-/// A classified error from a server-reported error. Message: `SEVERITY SQLSTATE: message; DETAIL: …;
-/// HINT: …`.
-pub(crate) fn server_error(
-    code: &str,
-    severity: &str,
-    message: &str,
-    detail: Option<&str>,
-    hint: Option<&str>,
-) -> Error {
-    let mut text = format!("{severity} {code}: {message}");
-    if let Some(d) = detail {
-        text.push_str("; DETAIL: ");
-        text.push_str(d);
-    }
-    if let Some(h) = hint {
-        text.push_str("; HINT: ");
-        text.push_str(h);
-    }
-    let err = match sqlstate_kind(code) {
-        Kind::Definite => Error::definite(COMPONENT, text),
-        Kind::Transient => Error::transient(COMPONENT, text),
-    };
-    err.with_sqlstate(code)
-}
 
 /// `"a""b"`: an SQL identifier, always quoted.
 pub fn quote_ident(s: &str) -> String {
@@ -333,7 +289,8 @@ fn parse_server_message(body: &[u8]) -> Option<ServerMessage> {
 
 fn error_from_response(peer: &str, body: &[u8]) -> Error {
     match parse_server_message(body) {
-        Some(m) if m.code.len() == 5 => server_error(
+        Some(m) if m.code.len() == 5 => Error::server(
+            COMPONENT,
             &m.code,
             &m.severity,
             &m.message,
@@ -509,8 +466,12 @@ impl ReplicationConnection {
         let password = || {
             info.password().ok_or_else(|| {
                 Error::definite(
-                    "config",
-                    format!("authenticating to {peer} as {}: {NO_PASSWORD}", info.user()),
+                    Component::Config,
+                    format!(
+                        "authenticating to {peer} as {}: {}",
+                        info.user(),
+                        crate::error::NO_PASSWORD
+                    ),
                 )
             })
         };
@@ -894,7 +855,7 @@ mod tests {
     }
 
     fn pg(e: tokio_postgres::Error) -> Error {
-        pg_error(&e)
+        pg_error(e)
     }
 
     /// Runs `test` with the name of a fresh database; afterwards (also after a failure or panic)
@@ -1078,7 +1039,7 @@ mod tests {
             let pooled = pool
                 .get()
                 .await
-                .map_err(|e| Error::transient("test", e.to_string()))?;
+                .map_err(|e| Error::transient(Component::Test, e.to_string()))?;
             assert!(pooled
                 .query_one(SSL_IN_USE, &[])
                 .await
@@ -1208,7 +1169,7 @@ mod tests {
             };
             let fresh = info.connect().await?;
             let pool = info.pool(1)?;
-            let pooled = pool.get().await.map_err(|e| Error::transient("test", e.to_string()))?;
+            let pooled = pool.get().await.map_err(|e| Error::transient(Component::Test, e.to_string()))?;
             for c in [&fresh, &**pooled] {
                 let row = c.query_one(CHECK, &[]).await.map_err(pg)?;
                 let got: Vec<String> = (0..10).map(|i| row.get(i)).collect();
@@ -1424,6 +1385,54 @@ mod tests {
         .await;
     }
 
+    /// One classifier for every connection: a session ended by an administrator (57P01) is
+    /// transient whether it was reading the catalog, the registry or replicating, and the error
+    /// says what the server said.
+    #[tokio::test]
+    async fn admin_shutdown_is_transient_on_every_kind_of_connection() {
+        with_db(|db| async move {
+            let info = base_with("sslmode=disable").with_dbname(&db);
+            for component in [Component::Source, Component::Registry, Component::Reload] {
+                let victim = info.connect().await?;
+                let pid: i32 = victim
+                    .query_one("SELECT pg_backend_pid()", &[])
+                    .await
+                    .map_err(pg)?
+                    .get(0);
+                let admin = info.connect().await?;
+                admin
+                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await
+                    .map_err(pg)?;
+                let mut err = None;
+                for _ in 0..50 {
+                    match victim.query_one("SELECT 1", &[]).await {
+                        Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                        Err(e) => {
+                            err = Some(Error::postgres(component, "describe a relation", e));
+                            break;
+                        }
+                    }
+                }
+                let err = err.expect("the terminated session fails");
+                assert!(err.is_transient(), "{component}: {err}");
+                assert_eq!(err.component(), component);
+                assert!(
+                    err.to_string().starts_with("describe a relation: "),
+                    "{err}"
+                );
+                // Either the server's FATAL 57P01 reached us, or only the closed socket did:
+                // both are transient, and a server error keeps its code and text.
+                if let Some(code) = err.sqlstate() {
+                    assert_eq!(code, "57P01", "{err}");
+                    assert!(err.to_string().contains("terminating connection"), "{err}");
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+
     #[tokio::test]
     async fn slot_held_by_another_session_is_transient() {
         with_db(|db| async move {
@@ -1593,7 +1602,7 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            !err.is_transient() && err.message().contains("none was given"),
+            !err.is_transient() && err.message().contains("none is configured"),
             "{err}"
         );
 
@@ -1896,19 +1905,13 @@ mod tests {
     }
 
     #[test]
-    fn sqlstates_are_classified() {
-        for code in [
-            "28P01", "28000", "42501", "42704", "22023", "42P01", "3D000", "XX000", "57P04",
-        ] {
-            assert_eq!(sqlstate_kind(code), Kind::Definite, "{code}");
-        }
-        for code in [
-            "55006", "57P01", "57P02", "57P03", "53300", "53100", "08006", "08P01", "40001",
-            "40P01",
-        ] {
-            assert_eq!(sqlstate_kind(code), Kind::Transient, "{code}");
-        }
-        assert!(server_error("55006", "ERROR", "slot active", None, None).is_transient());
+    fn server_errors_use_the_one_classifier() {
+        assert!(
+            Error::server(COMPONENT, "55006", "ERROR", "slot active", None, None).is_transient()
+        );
+        assert!(
+            !Error::server(COMPONENT, "42704", "ERROR", "no such slot", None, None).is_transient()
+        );
     }
 
     #[test]

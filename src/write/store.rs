@@ -21,7 +21,7 @@ use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use tokio::io::AsyncReadExt;
 
-use crate::error::Error;
+use crate::error::{Component, Error, Kind};
 
 /// Multipart part size (S3's minimum is 5 MiB).
 pub const PART_SIZE: usize = 5 * 1024 * 1024;
@@ -60,7 +60,7 @@ fn check_option_keys(scheme: &str, options: &BTreeMap<String, String>) -> Result
     for key in options.keys() {
         if !is_option_key(scheme, key) {
             return Err(Error::definite(
-                "config",
+                Component::Config,
                 format!("output.options.{key} is not an option of the {scheme}:// backend (see the object_store configuration keys; any of them can also be given as <key>_file)"),
             ));
         }
@@ -93,12 +93,15 @@ fn options_from_files(
             Some(base) if !is_option_key(scheme, key) && is_option_key(scheme, base) => {
                 if options.contains_key(base) {
                     return Err(Error::definite(
-                        "config",
+                        Component::Config,
                         format!("output.options.{base} and output.options.{key} are both set: keep one of them"),
                     ));
                 }
                 let text = std::fs::read_to_string(value).map_err(|e| {
-                    Error::definite("config", format!("output.options.{key} {value}: {e}"))
+                    Error::definite(
+                        Component::Config,
+                        format!("output.options.{key} {value}: {e}"),
+                    )
                 })?;
                 out.insert(
                     base.to_string(),
@@ -124,18 +127,21 @@ pub struct Store {
 }
 
 fn classify(op: &str, path: &Path, e: object_store::Error) -> Error {
-    let msg = format!("object store {op} {path}: {e}");
-    match e {
+    let kind = match e {
         object_store::Error::InvalidPath { .. }
         | object_store::Error::NotSupported { .. }
         | object_store::Error::NotImplemented { .. }
         | object_store::Error::PermissionDenied { .. }
         | object_store::Error::Unauthenticated { .. }
-        | object_store::Error::UnknownConfigurationKey { .. } => {
-            Error::definite("object_store", msg)
-        }
-        _ => Error::transient("object_store", msg),
-    }
+        | object_store::Error::UnknownConfigurationKey { .. } => Kind::Definite,
+        _ => Kind::Transient,
+    };
+    Error::caused_by(
+        kind,
+        Component::ObjectStore,
+        format!("object store {op} {path}"),
+        e,
+    )
 }
 
 impl Store {
@@ -143,31 +149,36 @@ impl Store {
     /// `aws_endpoint`, `aws_region`, `aws_allow_http`, `aws_access_key_id`). A relative `file://`
     /// path is resolved against the current directory and created.
     pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Store, Error> {
-        check_output_url(url).map_err(|e| Error::definite("config", format!("output.url: {e}")))?;
+        check_output_url(url)
+            .map_err(|e| Error::definite(Component::Config, format!("output.url: {e}")))?;
         if let Some(rest) = url.strip_prefix("file://") {
             let dir = std::path::Path::new(rest);
             let dir = if dir.is_absolute() {
                 dir.to_path_buf()
             } else {
                 std::env::current_dir()
-                    .map_err(|e| Error::definite("config", format!("current directory: {e}")))?
+                    .map_err(|e| {
+                        Error::definite(Component::Config, format!("current directory: {e}"))
+                    })?
                     .join(dir)
             };
             std::fs::create_dir_all(&dir).map_err(|e| {
                 Error::definite(
-                    "object_store",
+                    Component::ObjectStore,
                     format!("cannot create output directory {}: {e}", dir.display()),
                 )
             })?;
-            let dir = dir
-                .canonicalize()
-                .map_err(|e| Error::definite("object_store", format!("{}: {e}", dir.display())))?;
+            let dir = dir.canonicalize().map_err(|e| {
+                Error::definite(Component::ObjectStore, format!("{}: {e}", dir.display()))
+            })?;
             let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                .map_err(|e| Error::definite("object_store", format!("{}: {e}", dir.display())))?
+                .map_err(|e| {
+                    Error::definite(Component::ObjectStore, format!("{}: {e}", dir.display()))
+                })?
                 .with_automatic_cleanup(true);
             if let Some(k) = options.keys().next() {
                 return Err(Error::definite(
-                    "config",
+                    Component::Config,
                     format!("output.options.{k}: a file:// output takes no options"),
                 ));
             }
@@ -181,10 +192,10 @@ impl Store {
         let options = &options_from_files(parsed_scheme(url), options)?;
         check_option_keys(parsed_scheme(url), options)?;
         let parsed = url::Url::parse(url)
-            .map_err(|e| Error::definite("config", format!("output.url {url:?}: {e}")))?;
+            .map_err(|e| Error::definite(Component::Config, format!("output.url {url:?}: {e}")))?;
         let (store, root) = object_store::parse_url_opts(&parsed, options.iter()).map_err(|e| {
             Error::definite(
-                "config",
+                Component::Config,
                 format!("output.url {url:?} with output.options: {e}"),
             )
         })?;
@@ -234,7 +245,7 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => {
                 return Err(Error::transient(
-                    "object_store",
+                    Component::ObjectStore,
                     format!("list {}: {e}", dir.display()),
                 ))
             }
@@ -277,7 +288,7 @@ impl Store {
     ) -> Result<(), Error> {
         let read_err = |e: std::io::Error| {
             Error::transient(
-                "spool",
+                Component::Spool,
                 format!("cannot read spool file {}: {e}", file.display()),
             )
         };
