@@ -135,44 +135,12 @@ pub struct BatchConfig {
     pub max_bytes: u64,
 }
 
-#[derive(Clone, Debug)]
-pub struct NatsConfig {
-    /// `None` disables notices.
-    pub url: Option<SecretUrl>,
-    pub stream: String,
-    pub subject_prefix: String,
-    pub change_events: bool,
-    pub auth: NatsAuth,
-}
-
-/// `source.slot_lost`: what the daemon does when its slot can no longer stream (invalidated by
-/// `max_slot_wal_keep_size` or an idle timeout, or dropped while the registry says it existed).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SlotLostPolicy {
-    /// Stop with a definite error that explains the gap and the choices (default: a person decides).
-    Error,
-    /// Record the gap, create a new slot and export every published table consistently from it, so
-    /// the files are exact again by the consumer rule; announce it on NATS.
-    Reexport,
-}
-
-/// NATS credentials and TLS, each from a file (never inline in the configuration).
-#[derive(Clone, Debug, Default)]
-pub struct NatsAuth {
-    /// A `.creds` file (user JWT + nkey seed), as `nsc` writes it.
-    pub creds_file: Option<PathBuf>,
-    /// A file holding an authentication token.
-    pub token_file: Option<PathBuf>,
-    /// A file holding an nkey seed (`SU…`).
-    pub nkey_file: Option<PathBuf>,
-    /// A file holding the password of the user named in `nats.url` (`nats://user@host`).
-    pub password_file: Option<PathBuf>,
-    /// PEM file of the CA that signed the server's certificate (implies TLS).
-    pub tls_ca_file: Option<PathBuf>,
-    /// Client certificate and key (PEM), for servers that verify clients.
-    pub tls_cert_file: Option<PathBuf>,
-    pub tls_key_file: Option<PathBuf>,
-}
+// Settings types owned by the module that uses them (so that module does not depend on this one),
+// re-exported here where the whole configuration is assembled.
+pub use crate::notify::{NatsAuth, NatsConfig};
+pub use crate::observe::LogFormat;
+pub use crate::secret::{redact_url, Secret, SecretUrl};
+pub use crate::source::slot::SlotLostPolicy;
 
 #[derive(Clone, Debug)]
 pub struct ReloadConfig {
@@ -187,89 +155,10 @@ pub struct HttpConfig {
     pub listen: Option<std::net::SocketAddr>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Clone, Debug)]
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
-}
-
-/// A string that is printed as `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-/// A URL that may carry a password; `Display`/`Debug` show it with the password replaced by `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretUrl(String);
-
-impl SecretUrl {
-    pub fn new(url: impl Into<String>) -> Self {
-        SecretUrl(url.into())
-    }
-    /// The URL in clear text, to hand to a client library. Never log this.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-    pub fn redacted(&self) -> String {
-        redact_url(&self.0)
-    }
-}
-
-impl fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
-impl fmt::Display for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
-/// Replaces the password of `scheme://user:password@host` URLs and `password=...` conninfo/query
-/// parameters with `***`. Text that is neither is returned unchanged.
-pub fn redact_url(s: &str) -> String {
-    let mut out = s.to_string();
-    if let Some(scheme_end) = out.find("://") {
-        let rest_start = scheme_end + 3;
-        let authority_end = out[rest_start..]
-            .find(['/', '?', '#'])
-            .map(|i| rest_start + i)
-            .unwrap_or(out.len());
-        if let Some(at) = out[rest_start..authority_end].rfind('@') {
-            let userinfo = &out[rest_start..rest_start + at];
-            if let Some(colon) = userinfo.find(':') {
-                let start = rest_start + colon + 1;
-                out.replace_range(start..rest_start + at, "***");
-            }
-        }
-    }
-    // password=... in a query string or a key=value conninfo
-    for key in ["password=", "token=", "secret="] {
-        let mut from = 0;
-        while let Some(i) = out[from..].to_ascii_lowercase().find(key) {
-            let start = from + i + key.len();
-            let end = out[start..]
-                .find(['&', ' '])
-                .map(|j| start + j)
-                .unwrap_or(out.len());
-            out.replace_range(start..end, "***");
-            from = start + 3;
-        }
-    }
-    out
 }
 
 fn is_secret_option(key: &str) -> bool {
@@ -345,6 +234,14 @@ impl Config {
     pub fn registry_conninfo(&self) -> Result<crate::source::conninfo::ConnInfo, Error> {
         crate::source::conninfo::ConnInfo::parse(self.registry.url.expose())?
             .with_password_fallback(self.registry.password_file.as_deref())
+    }
+
+    /// The registry on a pool of at most `connections` (opened lazily).
+    pub fn open_registry(&self, connections: usize) -> Result<crate::register::Registry, Error> {
+        Ok(crate::register::Registry::new(
+            self.registry_conninfo()?.pool(connections)?,
+            &self.registry.schema,
+        ))
     }
 
     /// Loads the configuration. `path` is `--config`; when `None`, `CDC_EGRESS_CONFIG` and then

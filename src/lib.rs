@@ -21,6 +21,7 @@ pub mod notify;
 pub mod observe;
 pub mod register;
 pub mod reload;
+pub mod secret;
 pub mod source;
 pub mod status;
 pub mod table;

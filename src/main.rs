@@ -217,7 +217,7 @@ async fn drop_slot(config: &Config, yes: bool) -> Result<(), Error> {
     )
     .await?
     {
-        v if v >= 3 => Some(cdc_egress::register::Registry::open(config, 1)?),
+        v if v >= 3 => Some(config.open_registry(1)?),
         _ => None,
     };
     let last_event = match &registry {

@@ -18,6 +18,7 @@ use crate::error::{Component, Error};
 use crate::notify::Notifier;
 use crate::observe::Metrics;
 use crate::register::{FileKind, Registered, Registry};
+use crate::reload::notice::ReloadNotice;
 use crate::write::{self, SchemaVersions, SpooledFile, Store};
 
 /// Uploads in flight; each holds at most one 5 MiB part (or a whole small file) in memory.
@@ -141,7 +142,7 @@ pub async fn finish_unnotified(sinks: &Sinks) -> Result<usize, Error> {
             reload = id,
             "completing the notice of a reload committed before the last stop"
         );
-        super::reloads::finish_reload(sinks, id).await?;
+        finish_reload(sinks, id).await?;
     }
     Ok(rows.len())
 }
@@ -209,4 +210,38 @@ fn tokio_stream_from<T: Send + 'static>(
     mut rx: mpsc::Receiver<T>,
 ) -> impl futures::Stream<Item = T> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Manifest and notice of a registered reload (also used by start-up recovery).
+pub async fn finish_reload(sinks: &Sinks, reload_id: i64) -> Result<(), Error> {
+    let parts: Vec<Registered> = retry("read reload parts", sinks, || {
+        sinks.registry.reload_files(reload_id)
+    })
+    .await?;
+    let Some(notice) = ReloadNotice::new(&sinks.store, &parts) else {
+        return Ok(());
+    };
+    let manifest = crate::write::layout::stored_path(&parts[0].record.manifest_path);
+    let body = notice.to_json();
+    retry("write reload manifest", sinks, || {
+        crate::write::put_manifest(&sinks.store, &manifest, body.clone())
+    })
+    .await?;
+    let seq = match &sinks.notifier {
+        Some(n) => {
+            let subject = n.reload_subject(&parts[0].record.table);
+            retry("publish reload notice", sinks, || {
+                n.publish_once(&subject, &notice.batch_id, body.clone())
+            })
+            .await?
+        }
+        None => 0,
+    };
+    for p in &parts {
+        retry("record notice sequence", sinks, || {
+            sinks.registry.mark_notified(p.id, seq)
+        })
+        .await?;
+    }
+    Ok(())
 }

@@ -95,7 +95,7 @@ async fn lost_while_streaming(config: &Config, e: &Error) -> bool {
     let check = async {
         let c = config.source_conninfo()?.connect().await?;
         let info = crate::source::slot::slot_info(&c, &config.source.slot).await?;
-        let registry = crate::register::Registry::open(config, 1)?;
+        let registry = config.open_registry(1)?;
         let last = registry.last_slot_event(&config.source.slot).await?;
         Ok::<_, Error>(crate::source::slot::plan_slot(
             &config.source.slot,
@@ -114,7 +114,8 @@ async fn lost_while_streaming(config: &Config, e: &Error) -> bool {
 /// the very thing that is down; then `status` cannot be reached either, and the log has it).
 async fn record_state(config: &Config, state: &str, error: Option<&str>) {
     let write = async {
-        crate::register::Registry::open(config, 1)?
+        config
+            .open_registry(1)?
             .report_daemon_state(&config.source.slot, state, error)
             .await
     };

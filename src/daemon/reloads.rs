@@ -34,14 +34,14 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::deliver::{retry, Sinks};
+use super::deliver::{finish_reload, retry, Sinks};
 use crate::batch::{Control, Position};
 use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::register::migrate::marker_prefix;
-use crate::register::{FileKind, FileRecord, Registered};
+use crate::register::{FileKind, FileRecord};
 use crate::reload::export::{self, ExportEvent, Exporter, Progress, TableExport, TableJob};
-use crate::reload::notice::{reload_batch_id, ReloadNotice};
+use crate::reload::notice::reload_batch_id;
 use crate::table::{quote_literal, TableName};
 use crate::write::layout;
 
@@ -416,38 +416,4 @@ impl Coordinator {
             tracing::warn!(error = %e, table = %table, "could not write the reload END marker");
         }
     }
-}
-
-/// Manifest and notice of a registered reload (also used by start-up recovery).
-pub async fn finish_reload(sinks: &Sinks, reload_id: i64) -> Result<(), Error> {
-    let parts: Vec<Registered> = retry("read reload parts", sinks, || {
-        sinks.registry.reload_files(reload_id)
-    })
-    .await?;
-    let Some(notice) = ReloadNotice::new(&sinks.store, &parts) else {
-        return Ok(());
-    };
-    let manifest = crate::write::layout::stored_path(&parts[0].record.manifest_path);
-    let body = notice.to_json();
-    retry("write reload manifest", sinks, || {
-        crate::write::put_manifest(&sinks.store, &manifest, body.clone())
-    })
-    .await?;
-    let seq = match &sinks.notifier {
-        Some(n) => {
-            let subject = n.reload_subject(&parts[0].record.table);
-            retry("publish reload notice", sinks, || {
-                n.publish_once(&subject, &notice.batch_id, body.clone())
-            })
-            .await?
-        }
-        None => 0,
-    };
-    for p in &parts {
-        retry("record notice sequence", sinks, || {
-            sinks.registry.mark_notified(p.id, seq)
-        })
-        .await?;
-    }
-    Ok(())
 }

@@ -27,9 +27,10 @@ use std::time::Duration;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use bytes::Bytes;
 
-use crate::config::NatsConfig;
 use crate::error::{Component, Error, Kind};
+use crate::secret::SecretUrl;
 use crate::table::TableName;
+use std::path::PathBuf;
 
 #[derive(Clone)]
 pub struct Notifier {
@@ -38,6 +39,34 @@ pub struct Notifier {
     prefix: String,
     /// `<registry incarnation>:` (see [`Notifier::with_incarnation`]).
     id_prefix: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct NatsConfig {
+    /// `None` disables notices.
+    pub url: Option<SecretUrl>,
+    pub stream: String,
+    pub subject_prefix: String,
+    pub change_events: bool,
+    pub auth: NatsAuth,
+}
+
+/// NATS credentials and TLS, each from a file (never inline in the configuration).
+#[derive(Clone, Debug, Default)]
+pub struct NatsAuth {
+    /// A `.creds` file (user JWT + nkey seed), as `nsc` writes it.
+    pub creds_file: Option<PathBuf>,
+    /// A file holding an authentication token.
+    pub token_file: Option<PathBuf>,
+    /// A file holding an nkey seed (`SU…`).
+    pub nkey_file: Option<PathBuf>,
+    /// A file holding the password of the user named in `nats.url` (`nats://user@host`).
+    pub password_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the server's certificate (implies TLS).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM), for servers that verify clients.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 fn transient<E>(what: &str, e: E) -> Error

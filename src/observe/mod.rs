@@ -6,7 +6,13 @@ pub mod metrics;
 pub use metrics::Metrics;
 
 /// Installs the global `tracing` subscriber (text or JSON) honouring `RUST_LOG` over `level`.
-pub fn init_logging(format: &crate::config::LogFormat, level: &str) {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+pub fn init_logging(format: &LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
@@ -14,8 +20,8 @@ pub fn init_logging(format: &crate::config::LogFormat, level: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
-        crate::config::LogFormat::Json => builder.json().try_init(),
-        crate::config::LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
     };
 }
 

@@ -19,7 +19,6 @@ pub mod reloads;
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
 
 use crate::batch::{OpCounts, Position};
@@ -29,64 +28,9 @@ use crate::table::{quote_ident, TableName, TableSchema};
 
 pub use migrate::migrate;
 
-/// What kind of object a `files` row describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileKind {
-    Streaming,
-    Reload,
-    Ddl,
-}
-
-impl FileKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FileKind::Streaming => "streaming",
-            FileKind::Reload => "reload",
-            FileKind::Ddl => "ddl",
-        }
-    }
-    fn parse(s: &str) -> FileKind {
-        match s {
-            "reload" => FileKind::Reload,
-            "ddl" => FileKind::Ddl,
-            _ => FileKind::Streaming,
-        }
-    }
-}
-
-/// One row of the file log.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FileRecord {
-    pub batch_id: String,
-    pub table: TableName,
-    pub kind: FileKind,
-    /// object_store paths (full, including the configured prefix).
-    pub object_path: String,
-    pub schema_path: String,
-    pub manifest_path: String,
-    pub first: Option<Position>,
-    pub last: Option<Position>,
-    pub first_commit_ts: Option<DateTime<Utc>>,
-    pub last_commit_ts: Option<DateTime<Utc>>,
-    pub rows: u64,
-    pub bytes: u64,
-    pub csv_bytes: u64,
-    /// `sha256:<hex>` of the gzip object.
-    pub checksum: String,
-    pub schema_version: i32,
-    pub schema_fingerprint: String,
-    pub reload_id: Option<i64>,
-    pub part: Option<i32>,
-    pub ops: OpCounts,
-}
-
-/// A committed `files` row.
-#[derive(Debug, Clone)]
-pub struct Registered {
-    pub id: i64,
-    pub record: FileRecord,
-    pub notified_stream_seq: Option<u64>,
-}
+// The records of written objects are the write stage's output (`crate::write::record`); the
+// registry stores them.
+pub use crate::write::record::{FileKind, FileRecord, Registered};
 
 /// Per-table state as the daemon needs it at start.
 #[derive(Debug, Clone, Default)]
@@ -125,14 +69,6 @@ fn parse_lsn(s: Option<String>) -> Option<Lsn> {
 }
 
 impl Registry {
-    /// The registry of `config` on a pool of at most `connections` (opened lazily).
-    pub fn open(config: &crate::config::Config, connections: usize) -> Result<Self, Error> {
-        Ok(Self::new(
-            config.registry_conninfo()?.pool(connections)?,
-            &config.registry.schema,
-        ))
-    }
-
     pub fn new(pool: deadpool_postgres::Pool, schema: &str) -> Self {
         Registry {
             pool,

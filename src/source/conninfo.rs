@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Component, Error};
-use crate::source::tls;
+use crate::source::tls::{self, SslMode};
 
 /// Session settings every value-producing session runs with, so text output never depends on server or
 /// role defaults.
@@ -35,50 +35,6 @@ const CONFIG: Component = Component::Config;
 const DEFAULT_PORT: u16 = 5432;
 const KNOWN_PARAMS: &str =
     "host, port, user, password, dbname, sslmode, sslrootcert, application_name, connect_timeout, options";
-
-/// libpq's `sslmode`. See `super::tls` for what each mode verifies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
-    Disable,
-    Allow,
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
-}
-
-impl SslMode {
-    fn parse(s: &str) -> Option<SslMode> {
-        Some(match s {
-            "disable" => SslMode::Disable,
-            "allow" => SslMode::Allow,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            _ => return None,
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Allow => "allow",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
-
-    /// True when a connection must fail rather than continue without TLS.
-    pub fn requires_tls(self) -> bool {
-        matches!(
-            self,
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
-        )
-    }
-}
 
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]

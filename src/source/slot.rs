@@ -18,6 +18,17 @@ fn pg(what: &str, e: tokio_postgres::Error) -> Error {
     Error::postgres(Component::Source, what, e)
 }
 
+/// `source.slot_lost`: what the daemon does when its slot can no longer stream (invalidated by
+/// `max_slot_wal_keep_size` or an idle timeout, or dropped while the registry says it existed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotLostPolicy {
+    /// Stop with a definite error that explains the gap and the choices (default: a person decides).
+    Error,
+    /// Record the gap, create a new slot and export every published table consistently from it, so
+    /// the files are exact again by the consumer rule; announce it on NATS.
+    Reexport,
+}
+
 /// The slot as `pg_replication_slots` shows it.
 #[derive(Debug, Clone, Default)]
 pub struct SlotInfo {
@@ -319,7 +330,7 @@ pub fn plan_slot(
     slot: &str,
     info: Option<&SlotInfo>,
     last_event: Option<&str>,
-    policy: crate::config::SlotLostPolicy,
+    policy: SlotLostPolicy,
 ) -> SlotPlan {
     let reason = match info {
         // A crash in the middle of a re-export (the `lost` event recorded, the slot not dropped
@@ -351,8 +362,8 @@ pub fn plan_slot(
         None => return SlotPlan::Create,
     };
     match policy {
-        crate::config::SlotLostPolicy::Reexport => SlotPlan::Recreate { reason },
-        crate::config::SlotLostPolicy::Error => SlotPlan::Refuse {
+        SlotLostPolicy::Reexport => SlotPlan::Recreate { reason },
+        SlotLostPolicy::Error => SlotPlan::Refuse {
             reason: format!(
                 "{reason}. The files cannot be continued exactly from here. Either set source.slot_lost: reexport \
                  (a new slot, every published table exported again, the gap recorded in the registry and \
@@ -501,8 +512,8 @@ pub async fn describe_relation(c: &Client, rel: &Relation) -> Result<Arc<TableSc
 
 #[cfg(test)]
 mod tests {
+    use super::SlotLostPolicy::{Error as Stop, Reexport};
     use super::*;
-    use crate::config::SlotLostPolicy::{Error as Stop, Reexport};
 
     fn healthy() -> SlotInfo {
         SlotInfo {

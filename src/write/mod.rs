@@ -14,6 +14,7 @@
 //! after 2 leaves a committed row whose steps 3–4 are completed at start-up, before streaming resumes.
 
 pub mod layout;
+pub mod record;
 pub mod spool;
 pub mod store;
 
@@ -23,9 +24,9 @@ use object_store::path::Path;
 
 use crate::batch::SealedBatch;
 use crate::error::Error;
-use crate::register::{FileKind, FileRecord, Registered};
 use crate::table::{TableName, TableSchema};
 use layout::{DATA_FILE, MANIFEST_FILE, SCHEMA_FILE};
+use record::{FileKind, FileRecord, Registered};
 pub use spool::SpooledFile;
 pub use store::Store;
 
