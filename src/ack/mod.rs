@@ -25,6 +25,8 @@
 //! The confirmed LSN is also monotonic: a new batch's floor is the current boundary, which is never
 //! below what was confirmed before.
 
+pub mod status;
+
 use std::collections::{BTreeMap, HashMap};
 
 use crate::lsn::Lsn;

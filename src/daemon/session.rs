@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
 use super::deliver::{self, Sinks};
+use crate::ack::status::{StatusPolicy, Wake};
 use crate::ack::BatchId;
 use crate::batch::{Batcher, EventOut, Limits, Position, SealedBatch};
 use crate::config::Config;
@@ -893,28 +894,26 @@ async fn send_status(
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    let mut last_sent: Option<Instant> = None;
+    let mut policy = StatusPolicy::new(every);
     let mut iv = tokio::time::interval(Duration::from_millis(250));
     loop {
-        let mut force = false;
-        let stopping = tokio::select! {
-            _ = iv.tick() => false,
-            _ = reply_now.notified() => { force = true; false }
-            _ = confirmed_rx.changed() => false,
-            _ = stop.wait_for(|s| *s) => true,
+        let wake = tokio::select! {
+            _ = iv.tick() => Wake::Tick,
+            _ = reply_now.notified() => Wake::ReplyRequested,
+            _ = confirmed_rx.changed() => Wake::Confirmed,
+            _ = stop.wait_for(|s| *s) => Wake::Stopping,
         };
+        let stopping = wake == Wake::Stopping;
         let confirmed = *confirmed_rx.borrow_and_update();
-        let changed = metrics.confirmed_lsn.get() != confirmed.0;
-        if changed && confirmed != Lsn::ZERO {
+        if policy.flush_would_move(confirmed) && confirmed != Lsn::ZERO {
             crate::failpoint::hit("before_status");
         }
-        if stopping || force || changed || last_sent.is_none_or(|t| t.elapsed() >= every) {
-            let received = Lsn(metrics.received_lsn.get()).max(confirmed);
+        let received = Lsn(metrics.received_lsn.get());
+        if let Some(u) = policy.on_wake(wake, Instant::now(), confirmed, received) {
             let now = decode::utc_to_pg_micros(chrono::Utc::now());
-            let msg = decode::standby_status_update(received, confirmed, confirmed, now, false);
+            let msg = decode::standby_status_update(u.write, u.flush, u.apply, now, false);
             writer.send(&msg).await?;
-            metrics.confirmed_lsn.set(confirmed.0);
-            last_sent = Some(Instant::now());
+            metrics.confirmed_lsn.set(u.flush.0);
         }
         if stopping {
             let _ = writer.finish().await;
