@@ -185,20 +185,11 @@ async fn remove_orphans(sinks: &Sinks) -> Result<usize, Error> {
     Ok(removed)
 }
 
-/// One session; returns Ok only on a requested shutdown.
-pub async fn session(
-    config: &Config,
-    metrics: Arc<Metrics>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(), Error> {
-    let ep = connect(config, metrics.clone(), shutdown.clone()).await?;
-    let sinks = ep.sinks.clone();
-    let slot_name = config.source.slot.as_str();
-
-    // Exclusive ownership before anything else: recovery deletes orphaned uploads and completes
-    // notices, which only the one process streaming the slot may do. A session-level advisory lock
-    // on the catalog connection (released when the session's connection closes, also on a crash)
-    // makes every other instance with this slot a standby that waits here.
+/// Exclusive ownership before anything else: recovery deletes orphaned uploads and completes
+/// notices, which only the one process streaming the slot may do. A session-level advisory lock on
+/// the catalog connection (released when the session's connection closes, also on a crash) makes
+/// every other instance with this slot a standby that waits (a transient `Standby` error).
+async fn take_slot_lock(ep: &Endpoints, slot_name: &str) -> Result<(), Error> {
     let locked: bool = ep
         .catalog
         .query_one(
@@ -215,18 +206,23 @@ pub async fn session(
         ));
     }
 
-    // Finish what a previous run committed, then clear what it left half-done.
-    let finished = deliver::finish_unnotified(&sinks).await?;
-    if finished > 0 {
-        tracing::info!(files = finished, "completed notices of committed batches");
-    }
-    remove_orphans(&sinks).await?;
+    Ok(())
+}
 
-    // The slot: healthy, new, or lost (README "Slot lifecycle"; `slot::plan_slot`).
-    let mut repl = ReplicationConnection::connect(&ep.source).await?;
+/// Makes the slot ready to stream by the plan for its state (`slot::plan_slot`): checks a healthy
+/// one, creates a missing one (requesting the initial exports first, so a crash in between comes back
+/// here), or handles a lost one by `source.slot_lost`; announces recorded losses on NATS. Returns the
+/// position to stream from (the slot's confirmed LSN).
+async fn prepare_slot(
+    config: &Config,
+    ep: &Endpoints,
+    repl: &mut ReplicationConnection,
+) -> Result<Lsn, Error> {
+    let sinks = &ep.sinks;
+    let slot_name = config.source.slot.as_str();
     if config.source.slot_failover {
         // Before anything is requested or created: a configuration error changes nothing.
-        slot::require_failover_support(&mut repl).await?;
+        slot::require_failover_support(repl).await?;
     }
     let info = slot::slot_info(&ep.catalog, slot_name).await?;
     let last_event = sinks.registry.last_slot_event(slot_name).await?;
@@ -241,7 +237,7 @@ pub async fn session(
             let info = info.as_ref().expect("a slot to stream from");
             slot::check_slot(info, slot_name, ep.source.dbname())?;
             if config.source.slot_failover && info.failover == Some(false) {
-                slot::enable_failover(&mut repl, slot_name).await?;
+                slot::enable_failover(repl, slot_name).await?;
             }
             if last_event.as_deref() != Some("created") {
                 // A slot from before the registry kept slot events, or a crash between creating
@@ -306,19 +302,36 @@ pub async fn session(
             );
             sinks.registry.request_initial_reloads(&tables).await?;
         }
-        let created = slot::create_slot(&mut repl, slot_name, config.source.slot_failover).await?;
+        let created = slot::create_slot(repl, slot_name, config.source.slot_failover).await?;
         sinks
             .registry
             .record_slot_event(slot_name, "created", Some(created), None)
             .await?;
         tracing::info!(slot = slot_name, lsn = %created, "created replication slot");
     }
-    announce_slot_losses(&sinks, slot_name, &config.nats).await?;
+    announce_slot_losses(sinks, slot_name, &config.nats).await?;
     let start = slot::slot_info(&ep.catalog, slot_name)
         .await?
         .and_then(|i| i.confirmed_flush)
         .unwrap_or(Lsn::ZERO);
+    Ok(start)
+}
 
+/// What a session streams with: the batcher (skip positions and holds from the registry), the
+/// schema versions, the cleaned spool directory, and the reloads to resume.
+struct Prepared {
+    batcher: Batcher<GzipSpools>,
+    versions: SchemaVersions,
+    spool_dir: std::path::PathBuf,
+    /// (table, reload id, request id) of the reloads the coordinator resumes.
+    resume: Vec<(TableName, i64, String)>,
+}
+
+/// Builds the batcher for a session starting at `start`: per-table skip positions and schema
+/// versions from the registry, a spool directory cleared of a previous run's files, and a hold on
+/// every table whose reload resumes now.
+async fn prepare_batcher(config: &Config, sinks: &Sinks, start: Lsn) -> Result<Prepared, Error> {
+    let slot_name = config.source.slot.as_str();
     // Registry state: skip positions and schema versions.
     let states = sinks.registry.table_states().await?;
     let skip: HashMap<TableName, Position> = states
@@ -391,6 +404,44 @@ pub async fn session(
             resume.push((r.table, r.id, r.request.unwrap_or_default()));
         }
     }
+
+    Ok(Prepared {
+        batcher,
+        versions,
+        spool_dir,
+        resume,
+    })
+}
+
+/// One session; returns Ok only on a requested shutdown.
+pub async fn session(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let ep = connect(config, metrics.clone(), shutdown.clone()).await?;
+    let sinks = ep.sinks.clone();
+    let slot_name = config.source.slot.as_str();
+
+    take_slot_lock(&ep, slot_name).await?;
+
+    // Finish what a previous run committed, then clear what it left half-done.
+    let finished = deliver::finish_unnotified(&sinks).await?;
+    if finished > 0 {
+        tracing::info!(files = finished, "completed notices of committed batches");
+    }
+    remove_orphans(&sinks).await?;
+
+    // The slot: healthy, new, or lost (README "Slot lifecycle"; `slot::plan_slot`).
+    let mut repl = ReplicationConnection::connect(&ep.source).await?;
+    let start = prepare_slot(config, &ep, &mut repl).await?;
+
+    let Prepared {
+        batcher,
+        versions,
+        spool_dir,
+        resume,
+    } = prepare_batcher(config, &sinks, start).await?;
 
     let (reader, writer) = repl
         .start_copy_both(&format!(
@@ -527,58 +578,13 @@ pub async fn session(
         });
     }
     // Registry report and slot lag.
-    {
-        let registry = sinks.registry.clone();
-        let catalog = ep.catalog.clone();
-        let metrics = metrics.clone();
-        let slot = slot_name.to_string();
-        let confirmed_rx = confirmed_rx.clone();
-        tasks.spawn(async move {
-            let mut iv = tokio::time::interval(Duration::from_secs(5));
-            let mut warn_blocker = crate::observe::Throttle::new(Duration::from_secs(60));
-            let mut warn_retention = crate::observe::Throttle::new(Duration::from_secs(60));
-            loop {
-                iv.tick().await;
-                if let Ok(Some(info)) = slot::slot_info(&catalog, &slot).await {
-                    metrics
-                        .slot_lag_bytes
-                        .set(info.lag_bytes.unwrap_or(0));
-                    metrics
-                        .slot_safe_wal_bytes
-                        .set(info.safe_wal_size.unwrap_or(-1));
-                    if let Some(warning) = crate::source::slot::retention_warning(&info) {
-                        if warn_retention.ready() {
-                            tracing::warn!(slot = %slot, "{warning}");
-                        }
-                    }
-                }
-                let blockers = slot::cut_blockers(&catalog, &slot).await.unwrap_or_default();
-                let oldest = blockers.first().map(|b| b.xact_age_seconds).unwrap_or(0.0);
-                metrics
-                    .reload_cut_blocked_seconds
-                    .set(oldest as i64);
-                if let Some(b) = blockers.first() {
-                    if warn_blocker.ready() {
-                        tracing::warn!(blocker = %b, lag_bytes = metrics.slot_lag_bytes.get(), "a reload's cut waits for an open transaction to end; the slot's confirmed LSN stands still meanwhile");
-                    }
-                }
-                let err = metrics.last_error();
-                let state = if err.is_some() {
-                    "degraded"
-                } else {
-                    "streaming"
-                };
-                let confirmed = *confirmed_rx.borrow();
-                let received = Lsn(metrics.received_lsn.get());
-                if let Err(e) = registry
-                    .report_daemon(&slot, confirmed, received, state, err.as_deref())
-                    .await
-                {
-                    tracing::warn!(error = %e, "cannot record daemon state in the registry");
-                }
-            }
-        });
-    }
+    tasks.spawn(report_task(
+        sinks.registry.clone(),
+        ep.catalog.clone(),
+        metrics.clone(),
+        slot_name.to_string(),
+        confirmed_rx.clone(),
+    ));
 
     // Status updates run outside the JoinSet: at shutdown they send the last confirmed LSN.
     let (stop_status_tx, stop_status_rx) = watch::channel(false);
@@ -882,6 +888,59 @@ async fn read_stream(
             if input_tx.send(Input::Relation(schema)).await.is_err() {
                 return Ok(());
             }
+        }
+    }
+}
+
+/// Every 5 s: slot lag and safe WAL into the metrics (with a rate-limited warning when retention
+/// nears `max_slot_wal_keep_size`), what a reload cut waits for, and the daemon's row in the registry
+/// (confirmed, received, state, last error) that `cdc-egress status` reads.
+async fn report_task(
+    registry: crate::register::Registry,
+    catalog: Arc<tokio_postgres::Client>,
+    metrics: Arc<Metrics>,
+    slot: String,
+    confirmed_rx: watch::Receiver<Lsn>,
+) -> Result<(), Error> {
+    let mut iv = tokio::time::interval(Duration::from_secs(5));
+    let mut warn_blocker = crate::observe::Throttle::new(Duration::from_secs(60));
+    let mut warn_retention = crate::observe::Throttle::new(Duration::from_secs(60));
+    loop {
+        iv.tick().await;
+        if let Ok(Some(info)) = slot::slot_info(&catalog, &slot).await {
+            metrics.slot_lag_bytes.set(info.lag_bytes.unwrap_or(0));
+            metrics
+                .slot_safe_wal_bytes
+                .set(info.safe_wal_size.unwrap_or(-1));
+            if let Some(warning) = crate::source::slot::retention_warning(&info) {
+                if warn_retention.ready() {
+                    tracing::warn!(slot = %slot, "{warning}");
+                }
+            }
+        }
+        let blockers = slot::cut_blockers(&catalog, &slot)
+            .await
+            .unwrap_or_default();
+        let oldest = blockers.first().map(|b| b.xact_age_seconds).unwrap_or(0.0);
+        metrics.reload_cut_blocked_seconds.set(oldest as i64);
+        if let Some(b) = blockers.first() {
+            if warn_blocker.ready() {
+                tracing::warn!(blocker = %b, lag_bytes = metrics.slot_lag_bytes.get(), "a reload's cut waits for an open transaction to end; the slot's confirmed LSN stands still meanwhile");
+            }
+        }
+        let err = metrics.last_error();
+        let state = if err.is_some() {
+            "degraded"
+        } else {
+            "streaming"
+        };
+        let confirmed = *confirmed_rx.borrow();
+        let received = Lsn(metrics.received_lsn.get());
+        if let Err(e) = registry
+            .report_daemon(&slot, confirmed, received, state, err.as_deref())
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record daemon state in the registry");
         }
     }
 }
