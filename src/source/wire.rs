@@ -61,7 +61,6 @@ use crate::source::conninfo::{ConnInfo, Host};
 use crate::source::tls;
 
 const COMPONENT: Component = Component::Postgres;
-/// What to say when the server wants a password and the configuration has none.
 /// Read buffer growth step; one `read` can fill this much.
 const READ_CHUNK: usize = 128 * 1024;
 /// Below this much free space the read buffer is grown before reading.
