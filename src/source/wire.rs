@@ -10,8 +10,17 @@
 //!   simple-query protocol and returns text; after a server error the connection stays usable.
 //! - [`ReplicationConnection::start_copy_both`] enters CopyBoth mode and splits the connection into a
 //!   [`CopyReader`] and a [`CopyWriter`] that may live on different tasks.
-//! - Server bytes are never trusted: every length is checked, frames shorter than 4 or longer than
-//!   1 GiB are a protocol error, nothing here panics on what the server sends.
+//! - Parsing: this module only frames the byte stream (tag and length; a length below 4 or above
+//!   1 GiB is a protocol error) and slices CopyData payloads out of it. Message bodies are parsed by
+//!   `postgres_protocol::message::backend` ([`Message::parse`] on the whole frame, without a copy):
+//!   ErrorResponse/NoticeResponse fields, ParameterStatus, DataRow and the Authentication requests
+//!   (incl. the SASL mechanism list); CopyBothResponse, which that crate does not know, is only
+//!   length-checked, and bodies we ignore (BackendKeyData, RowDescription, CommandComplete, ...)
+//!   are not parsed. Messages we send are built by `postgres_protocol::message::frontend`.
+//! - Server bytes are never trusted: every length is checked (by the framing here, by
+//!   `postgres_protocol` inside a body, which also rejects trailing bytes); a malformed message is
+//!   a definite protocol error naming it (a malformed NoticeResponse is just not logged), and
+//!   nothing here panics on what the server sends.
 //! - Errors are classified where they arise: a server `ErrorResponse` becomes an [`Error`] carrying
 //!   the SQLSTATE ([`Error::sqlstate`]) and classified by [`crate::error::sqlstate_kind`]; I/O errors, EOF and
 //!   timeouts are transient; TLS handshake/certificate problems, authentication failures and protocol
@@ -36,22 +45,30 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::backend::{
+    Message, AUTHENTICATION_TAG, BACKEND_KEY_DATA_TAG, COMMAND_COMPLETE_TAG, COPY_DATA_TAG,
+    COPY_DONE_TAG, COPY_IN_RESPONSE_TAG, COPY_OUT_RESPONSE_TAG, DATA_ROW_TAG,
+    EMPTY_QUERY_RESPONSE_TAG, ERROR_RESPONSE_TAG, NOTICE_RESPONSE_TAG, PARAMETER_STATUS_TAG,
+    READY_FOR_QUERY_TAG, ROW_DESCRIPTION_TAG,
+};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_postgres::fallible_iterator::FallibleIterator;
 
 use crate::error::{Component, Error};
 use crate::source::conninfo::{ConnInfo, Host};
 use crate::source::tls;
 
 const COMPONENT: Component = Component::Postgres;
-/// What to say when the server wants a password and the configuration has none.
 /// Read buffer growth step; one `read` can fill this much.
 const READ_CHUNK: usize = 128 * 1024;
 /// Below this much free space the read buffer is grown before reading.
 const MIN_FREE: usize = 16 * 1024;
 /// Largest frame accepted (PostgreSQL's own limit for a message is 1 GiB).
 const MAX_FRAME: usize = 1 << 30;
+/// CopyBothResponse, the one message we read that `postgres_protocol` does not know.
+const COPY_BOTH_RESPONSE_TAG: u8 = b'W';
 
 /// `"a""b"`: an SQL identifier, always quoted.
 pub fn quote_ident(s: &str) -> String {
@@ -132,6 +149,43 @@ fn protocol_error(peer: &str, what: impl std::fmt::Display) -> Error {
     Error::definite(COMPONENT, format!("protocol error from {peer}: {what}"))
 }
 
+/// One complete backend message split off the read buffer: the whole frame, tag and length
+/// included, which is what [`Message::parse`] wants (so parsing it copies nothing).
+struct Frame {
+    tag: u8,
+    raw: BytesMut,
+}
+
+impl Frame {
+    /// The body (after tag and length) as a zero-copy slice of the read buffer: CopyData payloads.
+    #[inline]
+    fn into_body(self) -> Bytes {
+        let mut raw = self.raw;
+        raw.advance(5);
+        raw.freeze()
+    }
+
+    fn body_len(&self) -> usize {
+        self.raw.len() - 5
+    }
+
+    /// The message parsed by `postgres_protocol`, which checks every length inside the body and
+    /// rejects trailing bytes.
+    fn parse(self) -> io::Result<Message> {
+        let mut raw = self.raw;
+        Message::parse(&mut raw)?.ok_or_else(|| {
+            // Cannot happen: the reader only hands out complete frames.
+            io::Error::new(io::ErrorKind::UnexpectedEof, "incomplete message")
+        })
+    }
+}
+
+/// What [`Frame::parse`] returns when the frame parsed as another message than its tag promised
+/// (cannot happen: `Message::parse` dispatches on the same tag).
+fn not_a(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("not a {what}"))
+}
+
 /// The read half: a growing buffer of unparsed bytes.
 struct Reader {
     io: ReadHalf<Stream>,
@@ -142,9 +196,9 @@ struct Reader {
 }
 
 impl Reader {
-    /// The next complete frame already in the buffer, as (tag, body without the 5-byte header).
+    /// The next complete frame already in the buffer.
     #[inline]
-    fn try_frame(&mut self) -> Result<Option<(u8, Bytes)>, Error> {
+    fn try_frame(&mut self) -> Result<Option<Frame>, Error> {
         let Some(header) = self.buf.get(..5) else {
             self.want = 5;
             return Ok(None);
@@ -161,8 +215,10 @@ impl Reader {
             self.want = len + 1;
             return Ok(None);
         }
-        self.buf.advance(5);
-        Ok(Some((tag, self.buf.split_to(len - 4).freeze())))
+        Ok(Some(Frame {
+            tag,
+            raw: self.buf.split_to(len + 1),
+        }))
     }
 
     /// Reads more bytes; EOF is a transient error (the server went away).
@@ -186,7 +242,7 @@ impl Reader {
     }
 
     #[inline]
-    async fn frame(&mut self) -> Result<(u8, Bytes), Error> {
+    async fn frame(&mut self) -> Result<Frame, Error> {
         loop {
             if let Some(frame) = self.try_frame()? {
                 return Ok(frame);
@@ -235,20 +291,6 @@ impl Writer {
 // ---------------------------------------------------------------------------------------------
 // message bodies
 
-fn be_i16(b: &[u8], at: usize) -> Option<i16> {
-    Some(i16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn be_i32(b: &[u8], at: usize) -> Option<i32> {
-    Some(i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-/// Splits a NUL-terminated string off the front of `b`.
-fn cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = b.iter().position(|&c| c == 0)?;
-    Some((&b[..nul], &b[nul + 1..]))
-}
-
 /// The fields of an ErrorResponse / NoticeResponse body that we report.
 #[derive(Debug, Default)]
 struct ServerMessage {
@@ -259,18 +301,19 @@ struct ServerMessage {
     hint: Option<String>,
 }
 
-fn parse_server_message(body: &[u8]) -> Option<ServerMessage> {
+/// An ErrorResponse or NoticeResponse frame; its fields are split by `postgres_protocol`.
+fn server_message(frame: Frame) -> io::Result<ServerMessage> {
+    let message = frame.parse()?;
+    let mut fields = match &message {
+        Message::ErrorResponse(body) => body.fields(),
+        Message::NoticeResponse(body) => body.fields(),
+        _ => return Err(not_a("ErrorResponse or NoticeResponse")),
+    };
     let mut m = ServerMessage::default();
     let mut localized_severity = String::new();
-    let mut rest = body;
-    loop {
-        let (&field, after) = rest.split_first()?;
-        if field == 0 {
-            break;
-        }
-        let (value, after) = cstr(after)?;
-        let value = String::from_utf8_lossy(value).into_owned();
-        match field {
+    while let Some(field) = fields.next()? {
+        let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+        match field.type_() {
             b'V' => m.severity = value,
             b'S' => localized_severity = value,
             b'C' => m.code = value,
@@ -279,17 +322,17 @@ fn parse_server_message(body: &[u8]) -> Option<ServerMessage> {
             b'H' => m.hint = Some(value),
             _ => {}
         }
-        rest = after;
     }
+    // 'V' (never localized, since 9.6) is preferred; older servers send only 'S'.
     if m.severity.is_empty() {
         m.severity = localized_severity;
     }
-    Some(m)
+    Ok(m)
 }
 
-fn error_from_response(peer: &str, body: &[u8]) -> Error {
-    match parse_server_message(body) {
-        Some(m) if m.code.len() == 5 => Error::server(
+fn error_from_response(peer: &str, frame: Frame) -> Error {
+    match server_message(frame) {
+        Ok(m) if m.code.len() == 5 => Error::server(
             COMPONENT,
             &m.code,
             &m.severity,
@@ -297,12 +340,16 @@ fn error_from_response(peer: &str, body: &[u8]) -> Error {
             m.detail.as_deref(),
             m.hint.as_deref(),
         ),
-        _ => protocol_error(peer, "malformed ErrorResponse"),
+        Ok(m) => protocol_error(
+            peer,
+            format_args!("malformed ErrorResponse: SQLSTATE {:?}", m.code),
+        ),
+        Err(e) => protocol_error(peer, format_args!("malformed ErrorResponse: {e}")),
     }
 }
 
-fn log_notice(peer: &str, body: &[u8]) {
-    if let Some(m) = parse_server_message(body) {
+fn log_notice(peer: &str, frame: Frame) {
+    if let Ok(m) = server_message(frame) {
         if m.severity == "WARNING" {
             tracing::warn!(server = peer, sqlstate = %m.code, "{}", m.message);
         } else {
@@ -311,42 +358,24 @@ fn log_notice(peer: &str, body: &[u8]) {
     }
 }
 
-/// DataRow: i16 column count, then per column an i32 length (-1 = NULL) and that many bytes.
-fn parse_data_row(peer: &str, body: &[u8]) -> Result<Vec<Option<String>>, Error> {
-    let bad = |what: &str| protocol_error(peer, format_args!("malformed DataRow: {what}"));
-    let n = be_i16(body, 0).ok_or_else(|| bad("truncated"))?;
-    let n = usize::try_from(n).map_err(|_| bad("negative column count"))?;
-    let mut row = Vec::with_capacity(n);
-    let mut pos = 2;
-    for _ in 0..n {
-        let len = be_i32(body, pos).ok_or_else(|| bad("truncated"))?;
-        pos += 4;
-        if len == -1 {
-            row.push(None);
-            continue;
-        }
-        let len = usize::try_from(len).map_err(|_| bad("negative length"))?;
-        let value = body
-            .get(pos..pos + len)
-            .ok_or_else(|| bad("value runs past the end"))?;
-        pos += len;
-        let text = std::str::from_utf8(value).map_err(|_| bad("value is not UTF-8"))?;
-        row.push(Some(text.to_owned()));
-    }
-    if pos != body.len() {
-        return Err(bad("trailing bytes"));
-    }
-    Ok(row)
-}
-
-fn auth_name(code: i32) -> &'static str {
-    match code {
-        2 => "Kerberos V5",
-        6 => "SCM credentials",
-        7 | 8 => "GSSAPI",
-        9 => "SSPI",
-        _ => "unknown",
-    }
+/// A DataRow frame as text values (None = NULL); `postgres_protocol` checks the column count and
+/// every length (a negative length is NULL, as in tokio-postgres).
+fn data_row(frame: Frame) -> io::Result<Vec<Option<String>>> {
+    let Message::DataRow(row) = frame.parse()? else {
+        return Err(not_a("DataRow"));
+    };
+    let buf = row.buffer();
+    row.ranges()
+        .map(|range| {
+            let Some(range) = range else { return Ok(None) };
+            let value = buf
+                .get(range)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "unexpected EOF"))?;
+            let text = std::str::from_utf8(value)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "value is not UTF-8"))?;
+            Ok(Some(text.to_owned()))
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -443,13 +472,13 @@ impl ReplicationConnection {
         self.writer.send_buf().await?;
         self.authenticate(info).await?;
         loop {
-            let (tag, body) = self.reader.frame().await?;
-            match tag {
-                b'S' => self.parameter_status(&body)?,
-                b'K' => {}
-                b'N' => log_notice(&self.reader.peer, &body),
-                b'Z' => return Ok(()),
-                b'E' => return Err(error_from_response(&self.reader.peer, &body)),
+            let frame = self.reader.frame().await?;
+            match frame.tag {
+                PARAMETER_STATUS_TAG => self.parameter_status(frame)?,
+                BACKEND_KEY_DATA_TAG => {}
+                NOTICE_RESPONSE_TAG => log_notice(&self.reader.peer, frame),
+                READY_FOR_QUERY_TAG => return Ok(()),
+                ERROR_RESPONSE_TAG => return Err(error_from_response(&self.reader.peer, frame)),
                 other => return Err(self.unexpected(other, "during startup")),
             }
         }
@@ -476,41 +505,44 @@ impl ReplicationConnection {
             })
         };
         let build_err = |e: io::Error| auth_err(format!("building message: {e}"));
+        let malformed = |e: io::Error| {
+            protocol_error(&peer, format_args!("malformed authentication request: {e}"))
+        };
+        let unsupported = |name: &str, code: i32| {
+            Err(auth_err(format!(
+                "unsupported authentication method {name} ({code})"
+            )))
+        };
         let mut scram: Option<ScramSha256> = None;
         loop {
-            let (tag, body) = self.reader.frame().await?;
-            match tag {
-                b'R' => {}
-                b'E' => return Err(error_from_response(&peer, &body)),
-                b'N' => {
-                    log_notice(&peer, &body);
+            let frame = self.reader.frame().await?;
+            match frame.tag {
+                AUTHENTICATION_TAG => {}
+                ERROR_RESPONSE_TAG => return Err(error_from_response(&peer, frame)),
+                NOTICE_RESPONSE_TAG => {
+                    log_notice(&peer, frame);
                     continue;
                 }
                 other => return Err(self.unexpected(other, "during authentication")),
             }
-            let code = be_i32(&body, 0)
-                .ok_or_else(|| protocol_error(&peer, "truncated authentication request"))?;
-            let data = &body[4..];
-            match code {
-                0 => return Ok(()),
-                3 => frontend::password_message(password()?.as_bytes(), &mut self.writer.buf)
-                    .map_err(build_err)?,
-                5 => {
-                    let salt: [u8; 4] = data.try_into().map_err(|_| {
-                        protocol_error(&peer, "malformed MD5 authentication request")
-                    })?;
-                    let hash = md5_hash(info.user().as_bytes(), password()?.as_bytes(), salt);
+            match frame.parse().map_err(malformed)? {
+                Message::AuthenticationOk => return Ok(()),
+                Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(password()?.as_bytes(), &mut self.writer.buf)
+                        .map_err(build_err)?
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let hash =
+                        md5_hash(info.user().as_bytes(), password()?.as_bytes(), body.salt());
                     frontend::password_message(hash.as_bytes(), &mut self.writer.buf)
                         .map_err(build_err)?;
                 }
-                10 => {
-                    let mut mechanisms = Vec::new();
-                    let mut rest = data;
-                    while let Some((name, after)) = cstr(rest).filter(|(name, _)| !name.is_empty())
-                    {
-                        mechanisms.push(String::from_utf8_lossy(name).into_owned());
-                        rest = after;
-                    }
+                Message::AuthenticationSasl(body) => {
+                    let mechanisms: Vec<String> = body
+                        .mechanisms()
+                        .map(|m| Ok(m.to_owned()))
+                        .collect()
+                        .map_err(malformed)?;
                     if !mechanisms.iter().any(|m| m == "SCRAM-SHA-256") {
                         return Err(auth_err(format!(
                             "unsupported SASL mechanisms {mechanisms:?}"
@@ -525,43 +557,48 @@ impl ReplicationConnection {
                     .map_err(build_err)?;
                     scram = Some(s);
                 }
-                11 => {
+                Message::AuthenticationSaslContinue(body) => {
                     let s = scram
                         .as_mut()
                         .ok_or_else(|| protocol_error(&peer, "SASL continue without SASL start"))?;
-                    s.update(data)
+                    s.update(body.data())
                         .map_err(|e| auth_err(format!("SCRAM: {e}")))?;
                     frontend::sasl_response(s.message(), &mut self.writer.buf)
                         .map_err(build_err)?;
                 }
-                12 => {
+                Message::AuthenticationSaslFinal(body) => {
                     let mut s = scram
                         .take()
                         .ok_or_else(|| protocol_error(&peer, "SASL final without SASL start"))?;
-                    s.finish(data)
+                    s.finish(body.data())
                         .map_err(|e| auth_err(format!("SCRAM server signature: {e}")))?;
                     continue; // AuthenticationOk follows
                 }
-                other => {
-                    return Err(auth_err(format!(
-                        "unsupported authentication method {} ({other})",
-                        auth_name(other)
-                    )))
-                }
+                Message::AuthenticationKerberosV5 => return unsupported("Kerberos V5", 2),
+                Message::AuthenticationScmCredential => return unsupported("SCM credentials", 6),
+                Message::AuthenticationGss => return unsupported("GSSAPI", 7),
+                Message::AuthenticationGssContinue(_) => return unsupported("GSSAPI", 8),
+                Message::AuthenticationSspi => return unsupported("SSPI", 9),
+                _ => return Err(malformed(not_a("authentication request"))),
             }
             self.writer.send_buf().await?;
         }
     }
 
-    fn parameter_status(&mut self, body: &[u8]) -> Result<(), Error> {
-        let (name, rest) = cstr(body)
-            .ok_or_else(|| protocol_error(&self.reader.peer, "malformed ParameterStatus"))?;
-        let (value, _) = cstr(rest)
-            .ok_or_else(|| protocol_error(&self.reader.peer, "malformed ParameterStatus"))?;
-        self.parameters.insert(
-            String::from_utf8_lossy(name).into_owned(),
-            String::from_utf8_lossy(value).into_owned(),
-        );
+    fn parameter_status(&mut self, frame: Frame) -> Result<(), Error> {
+        let parsed = frame.parse().and_then(|m| match m {
+            Message::ParameterStatus(body) => {
+                Ok((body.name()?.to_owned(), body.value()?.to_owned()))
+            }
+            _ => Err(not_a("ParameterStatus")),
+        });
+        let (name, value) = parsed.map_err(|e| {
+            protocol_error(
+                &self.reader.peer,
+                format_args!("malformed ParameterStatus: {e}"),
+            )
+        })?;
+        self.parameters.insert(name, value);
         Ok(())
     }
 
@@ -609,27 +646,32 @@ impl ReplicationConnection {
         let mut rows = Vec::new();
         let mut error: Option<Error> = None;
         loop {
-            let (tag, body) = match self.reader.frame().await {
+            let frame = match self.reader.frame().await {
                 Ok(frame) => frame,
                 // A FATAL error is followed by the server closing the connection: report the error.
                 Err(e) => return Err(error.unwrap_or(e)),
             };
-            match tag {
-                b'D' if error.is_none() => rows.push(parse_data_row(&self.reader.peer, &body)?),
-                b'T' | b'C' | b'I' | b'D' => {}
-                b'E' => {
-                    error.get_or_insert_with(|| error_from_response(&self.reader.peer, &body));
+            match frame.tag {
+                DATA_ROW_TAG if error.is_none() => rows.push(data_row(frame).map_err(|e| {
+                    protocol_error(&self.reader.peer, format_args!("malformed DataRow: {e}"))
+                })?),
+                ROW_DESCRIPTION_TAG
+                | COMMAND_COMPLETE_TAG
+                | EMPTY_QUERY_RESPONSE_TAG
+                | DATA_ROW_TAG => {}
+                ERROR_RESPONSE_TAG => {
+                    error.get_or_insert_with(|| error_from_response(&self.reader.peer, frame));
                 }
-                b'N' => log_notice(&self.reader.peer, &body),
-                b'S' => self.parameter_status(&body)?,
-                b'Z' => {
+                NOTICE_RESPONSE_TAG => log_notice(&self.reader.peer, frame),
+                PARAMETER_STATUS_TAG => self.parameter_status(frame)?,
+                READY_FOR_QUERY_TAG => {
                     self.busy = false;
                     return match error {
                         Some(e) => Err(e),
                         None => Ok(rows),
                     };
                 }
-                b'G' | b'H' | b'W' => {
+                COPY_IN_RESPONSE_TAG | COPY_OUT_RESPONSE_TAG | COPY_BOTH_RESPONSE_TAG => {
                     return Err(Error::definite(
                         COMPONENT,
                         "simple_query: the statement started COPY mode; use start_copy_both",
@@ -646,14 +688,14 @@ impl ReplicationConnection {
         self.send_query(sql).await?;
         let mut error: Option<Error> = None;
         loop {
-            let (tag, body) = match self.reader.frame().await {
+            let frame = match self.reader.frame().await {
                 Ok(frame) => frame,
                 Err(e) => return Err(error.unwrap_or(e)),
             };
-            match tag {
-                b'W' if error.is_none() => {
+            match frame.tag {
+                COPY_BOTH_RESPONSE_TAG if error.is_none() => {
                     // CopyBothResponse: i8 format, i16 column count, i16 per column.
-                    if body.len() < 3 {
+                    if frame.body_len() < 3 {
                         return Err(protocol_error(
                             &self.reader.peer,
                             "malformed CopyBothResponse",
@@ -668,13 +710,16 @@ impl ReplicationConnection {
                     };
                     return Ok((reader, writer));
                 }
-                b'E' => {
-                    error.get_or_insert_with(|| error_from_response(&self.reader.peer, &body));
+                ERROR_RESPONSE_TAG => {
+                    error.get_or_insert_with(|| error_from_response(&self.reader.peer, frame));
                 }
-                b'N' => log_notice(&self.reader.peer, &body),
-                b'S' => self.parameter_status(&body)?,
-                b'T' | b'D' | b'C' | b'I' => {}
-                b'Z' => {
+                NOTICE_RESPONSE_TAG => log_notice(&self.reader.peer, frame),
+                PARAMETER_STATUS_TAG => self.parameter_status(frame)?,
+                ROW_DESCRIPTION_TAG
+                | DATA_ROW_TAG
+                | COMMAND_COMPLETE_TAG
+                | EMPTY_QUERY_RESPONSE_TAG => {}
+                READY_FOR_QUERY_TAG => {
                     return Err(error.unwrap_or_else(|| {
                         Error::definite(COMPONENT, format!("{sql:?} did not start COPY BOTH mode"))
                     }))
@@ -711,18 +756,18 @@ impl CopyReader {
             return Ok(None);
         }
         loop {
-            let (tag, body) = self.reader.frame().await?;
-            match tag {
-                b'd' => return Ok(Some(body)),
-                b'N' => log_notice(&self.reader.peer, &body),
-                b'S' => {}
-                b'c' | b'C' => {
+            let frame = self.reader.frame().await?;
+            match frame.tag {
+                COPY_DATA_TAG => return Ok(Some(frame.into_body())),
+                NOTICE_RESPONSE_TAG => log_notice(&self.reader.peer, frame),
+                PARAMETER_STATUS_TAG => {}
+                COPY_DONE_TAG | COMMAND_COMPLETE_TAG => {
                     self.done = true;
                     return Ok(None);
                 }
-                b'E' => {
+                ERROR_RESPONSE_TAG => {
                     self.done = true;
-                    return Err(error_from_response(&self.reader.peer, &body));
+                    return Err(error_from_response(&self.reader.peer, frame));
                 }
                 other => {
                     return Err(protocol_error(
@@ -1618,6 +1663,74 @@ mod tests {
         );
     }
 
+    /// Every authentication request we refuse or cannot read, and a bad ParameterStatus, is a
+    /// definite error that says which; nothing panics.
+    #[tokio::test]
+    async fn refused_and_malformed_startup_messages() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                auth(2, &[]),
+                "unsupported authentication method Kerberos V5 (2)",
+            ),
+            (
+                auth(6, &[]),
+                "unsupported authentication method SCM credentials (6)",
+            ),
+            (auth(7, &[]), "unsupported authentication method GSSAPI (7)"),
+            (
+                auth(8, b"token"),
+                "unsupported authentication method GSSAPI (8)",
+            ),
+            (auth(9, &[]), "unsupported authentication method SSPI (9)"),
+            (
+                auth(10, b"OTHER\0\0"),
+                "unsupported SASL mechanisms [\"OTHER\"]",
+            ),
+            (
+                auth(4, &[]),
+                "malformed authentication request: unknown authentication tag `4`",
+            ),
+            (frame(b'R', &[0, 0]), "malformed authentication request"),
+            (auth(5, &[1, 2, 3]), "malformed authentication request"),
+            (
+                auth(5, &[1, 2, 3, 4, 5]),
+                "malformed authentication request",
+            ),
+            (auth(0, &[0]), "malformed authentication request"),
+            (
+                auth(10, b"SCRAM-SHA-256\0"),
+                "malformed authentication request",
+            ),
+            (
+                auth(10, b"SCRAM-SHA-256\0\0x"),
+                "malformed authentication request",
+            ),
+            (auth(11, b"r=x"), "SASL continue without SASL start"),
+            (
+                [auth(0, &[]), frame(b'S', b"name\0")].concat(),
+                "malformed ParameterStatus",
+            ),
+            (
+                [auth(0, &[]), frame(b'S', b"name\0\xff\0")].concat(),
+                "malformed ParameterStatus",
+            ),
+            (
+                [auth(0, &[]), frame(b'T', &[0, 0])].concat(),
+                "unexpected message 'T' during startup",
+            ),
+        ];
+        for (stream, text) in cases {
+            let (info, _server) = mock(move |mut s| async move {
+                s.write_all(&stream).await.unwrap();
+                let _ = s.read_u8().await;
+            })
+            .await;
+            let err = ReplicationConnection::connect(&info).await.err().unwrap();
+            assert!(!err.is_transient(), "{err}");
+            assert!(err.message().contains(text), "{text}: {err}");
+        }
+    }
+
     fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         let mut k = [0u8; 64];
@@ -1662,9 +1775,9 @@ mod tests {
             .unwrap();
         let (tag, body) = read_msg(&mut s).await;
         assert_eq!(tag, b'p');
-        let (mechanism, rest) = cstr(&body).unwrap();
+        let (mechanism, rest) = body.split_at(body.iter().position(|&c| c == 0).unwrap());
         assert_eq!(mechanism, b"SCRAM-SHA-256");
-        let client_first = std::str::from_utf8(&rest[4..]).unwrap().to_string();
+        let client_first = std::str::from_utf8(&rest[5..]).unwrap().to_string();
         let client_first_bare = client_first
             .strip_prefix("n,,")
             .expect("no channel binding")
@@ -1851,6 +1964,14 @@ mod tests {
         }
     }
 
+    /// `body` framed with `tag` as the reader hands it out.
+    fn parsed(tag: u8, body: &[u8]) -> Frame {
+        Frame {
+            tag,
+            raw: BytesMut::from(&frame(tag, body)[..]),
+        }
+    }
+
     #[test]
     fn message_body_parsers_check_lengths() {
         let row = [
@@ -1861,47 +1982,61 @@ mod tests {
         ]
         .concat();
         assert_eq!(
-            parse_data_row("p", &row).unwrap(),
+            data_row(parsed(b'D', &row)).unwrap(),
             vec![None, Some("hi".to_string())]
         );
+        // Any negative length is NULL (postgres-protocol, like tokio-postgres).
+        let negative = [&1i16.to_be_bytes()[..], &(-5i32).to_be_bytes()].concat();
+        assert_eq!(data_row(parsed(b'D', &negative)).unwrap(), vec![None]);
         for bad in [
             &row[..row.len() - 1],      // value runs past the end
             &[&row[..], b"x"].concat(), // trailing bytes
-            &[&1i16.to_be_bytes()[..], &(-5i32).to_be_bytes()].concat(), // negative length
-            &(-1i16).to_be_bytes()[..], // negative count
+            &(-1i16).to_be_bytes()[..], // negative count (read as 65535 columns)
             &[0u8][..],                 // truncated
             &[&1i16.to_be_bytes()[..], &2i32.to_be_bytes(), &[0xff, 0xfe]].concat(), // not UTF-8
         ] {
-            assert!(parse_data_row("p", bad).is_err(), "{bad:?}");
+            assert!(data_row(parsed(b'D', bad)).is_err(), "{bad:?}");
         }
-        assert!(parse_server_message(b"Mno terminator").is_none());
+        assert!(server_message(parsed(b'E', b"Mno terminator")).is_err());
         assert!(
-            parse_server_message(b"Mmsg\0").is_none(),
+            server_message(parsed(b'N', b"Mmsg\0")).is_err(),
             "missing final NUL"
         );
-        let m = parse_server_message(&fields(&[
-            (b'S', "FEHLER"),
-            (b'C', "42704"),
-            (b'M', "m"),
-            (b'H', "h"),
-        ]))
+        assert!(server_message(parsed(b'E', b"")).is_err());
+        assert!(
+            server_message(parsed(b'E', b"Mmsg\0\0x")).is_err(),
+            "trailing bytes"
+        );
+        let m = server_message(parsed(
+            b'E',
+            &fields(&[(b'S', "FEHLER"), (b'C', "42704"), (b'M', "m"), (b'H', "h")]),
+        ))
         .unwrap();
         assert_eq!(
             (m.severity.as_str(), m.code.as_str(), m.hint.as_deref()),
             ("FEHLER", "42704", Some("h"))
         );
-        let e = error_from_response(
-            "p",
-            &fields(&[
-                (b'V', "ERROR"),
-                (b'C', "42704"),
-                (b'M', "gone"),
-                (b'D', "d"),
-                (b'H', "h"),
-            ]),
-        );
-        assert_eq!(e.message(), "ERROR 42704: gone; DETAIL: d; HINT: h");
-        assert_eq!(e.sqlstate(), Some("42704"));
+        let fields_of = |severity: &[(u8, &'static str)]| {
+            let mut pairs = severity.to_vec();
+            pairs.extend([(b'C', "42704"), (b'M', "gone"), (b'D', "d"), (b'H', "h")]);
+            fields(&pairs)
+        };
+        // 'V' (not localized) wins over 'S', in either order.
+        for pairs in [
+            &[(b'S', "FEHLER"), (b'V', "ERROR")][..],
+            &[(b'V', "ERROR"), (b'S', "FEHLER")][..],
+            &[(b'V', "ERROR")][..],
+        ] {
+            let e = error_from_response("p", parsed(b'E', &fields_of(pairs)));
+            assert_eq!(e.message(), "ERROR 42704: gone; DETAIL: d; HINT: h");
+            assert_eq!(e.sqlstate(), Some("42704"));
+            assert!(!e.is_transient());
+        }
+        for bad in [&b"Cbroken"[..], &fields(&[(b'C', "123"), (b'M', "m")])] {
+            let e = error_from_response("p", parsed(b'E', bad));
+            assert!(e.message().contains("malformed ErrorResponse"), "{e}");
+            assert!(!e.is_transient() && e.sqlstate().is_none(), "{e}");
+        }
     }
 
     #[test]
