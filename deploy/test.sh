@@ -14,7 +14,14 @@ echo "[test] PostgreSQL for the tests: $CDC_EGRESS_TEST_PG_URL" >&2
 # hard limit (the whole suite takes a few minutes; CDC_EGRESS_TEST_TIMEOUT is in seconds).
 limit="${CDC_EGRESS_TEST_TIMEOUT:-2400}"
 rc=0
-timeout --kill-after=30 "$limit" cargo test --all-targets "$@" || rc=$?
+# timeout runs in a process group of its own, which a terminal's Ctrl-C does not reach: pass
+# Ctrl-C (and TERM) on to it as TERM, which it forwards to cargo and the test binaries.
+timeout --kill-after=30 "$limit" cargo test --all-targets "$@" &
+tests_pid=$!
+trap 'kill -TERM -- "-$tests_pid" 2>/dev/null' INT TERM
+wait "$tests_pid" || rc=$?
+while kill -0 "$tests_pid" 2>/dev/null; do wait "$tests_pid" || rc=$?; done
+trap - INT TERM
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
   echo "[test] cargo test did not finish within $limit s (CDC_EGRESS_TEST_TIMEOUT): a test hangs" >&2
 fi

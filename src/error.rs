@@ -179,9 +179,10 @@ impl Error {
             return Error::definite(Component::Config, NO_PASSWORD);
         }
         // tokio-postgres exposes no error kind; these prefixes are its Display for Kind::Tls and
-        // Kind::Config.
-        let kind = if text.starts_with("error performing TLS handshake")
-            || text.starts_with("invalid configuration")
+        // Kind::Config. A TLS handshake cut short by the network (reset, EOF, timeout) is an
+        // outage like any other, not a TLS problem.
+        let kind = if text.starts_with("invalid configuration")
+            || (text.starts_with("error performing TLS handshake") && !network_cause(&err))
         {
             Kind::Definite
         } else {
@@ -307,6 +308,30 @@ pub fn chain_text(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Whether an I/O error of the network (reset, aborted, refused, EOF, timeout, broken pipe) is in
+/// the cause chain.
+fn network_cause(err: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::*;
+    let mut source = err.source();
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                ConnectionReset
+                    | ConnectionAborted
+                    | ConnectionRefused
+                    | UnexpectedEof
+                    | TimedOut
+                    | BrokenPipe
+            ) {
+                return true;
+            }
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// `SEVERITY SQLSTATE: message; DETAIL: …; HINT: …`
 fn server_error_text(
     code: &str,
@@ -337,13 +362,14 @@ fn server_error_text(
 /// | `55P03` | lock not available | transient |
 /// | `57P01` `57P02` `57P03` `57P05` | admin / crash shutdown, cannot connect now, idle-session timeout | transient |
 /// | `40001` `40P01` | serialization failure, deadlock | transient |
+/// | `57014` | query canceled (a statement timeout, or an operator's `pg_cancel_backend`) | transient |
+/// | `25006` `25P03` | read-only transaction (a pool briefly on a standby during a switch-over), idle-in-transaction timeout | transient |
 /// | `58030` | I/O error on the server | transient |
 /// | anything else | authorization `28xxx`, privileges `42501`, undefined objects `42704`/`42P01`, invalid parameters `22023`, syntax, constraint violations, `XX000` internal errors, `57P04` database dropped … | definite |
 pub fn sqlstate_kind(code: &str) -> Kind {
     match code {
-        "55006" | "55P03" | "57P01" | "57P02" | "57P03" | "57P05" | "40001" | "40P01" => {
-            Kind::Transient
-        }
+        "55006" | "55P03" | "57P01" | "57P02" | "57P03" | "57P05" | "40001" | "40P01" | "57014"
+        | "25006" | "25P03" => Kind::Transient,
         "58030" => Kind::Transient,
         c if c.starts_with("08") || c.starts_with("53") => Kind::Transient,
         _ => Kind::Definite,
@@ -364,7 +390,7 @@ mod tests {
         }
         for code in [
             "55006", "57P01", "57P02", "57P03", "57P05", "53300", "53100", "08006", "08P01",
-            "40001", "40P01", "55P03", "58030",
+            "40001", "40P01", "55P03", "58030", "57014", "25006", "25P03",
         ] {
             assert_eq!(sqlstate_kind(code), Kind::Transient, "{code}");
         }

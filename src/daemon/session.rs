@@ -955,11 +955,17 @@ async fn send_status(
 ) -> Result<(), Error> {
     let mut policy = StatusPolicy::new(every);
     let mut iv = tokio::time::interval(Duration::from_millis(250));
+    // Once the batcher is gone its sender is dropped and `changed()` fails at once: stop asking
+    // (the session is being torn down; ticks and the stop signal still arrive).
+    let mut batcher_alive = true;
     loop {
         let wake = tokio::select! {
             _ = iv.tick() => Wake::Tick,
             _ = reply_now.notified() => Wake::ReplyRequested,
-            _ = confirmed_rx.changed() => Wake::Confirmed,
+            r = confirmed_rx.changed(), if batcher_alive => {
+                batcher_alive = r.is_ok();
+                Wake::Confirmed
+            }
             _ = stop.wait_for(|s| *s) => Wake::Stopping,
         };
         let stopping = wake == Wake::Stopping;

@@ -1,4 +1,4 @@
-//! The `http.listen` endpoint: `GET /metrics` (Prometheus text), `GET /healthz` (the process is up),
+//! The `http.listen` endpoint: `GET /metrics` (OpenMetrics text, which Prometheus scrapes), `GET /healthz` (the process is up),
 //! `GET /readyz` (200 while streaming without errors, 503 otherwise with the last error).
 //!
 //! A deliberately tiny HTTP/1.0-style responder: one request per connection, GET only, bounded
