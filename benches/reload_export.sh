@@ -13,7 +13,7 @@ rows="${ROWS:-3000000}"
 par="${PARALLELISM:-2}"
 db="cdc_export_bench_$$"
 work=$(mktemp -d)
-bin=target/release/cdc-egress
+bin=${CARGO_TARGET_DIR:-target}/release/cdc-egress
 psql_() { psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
 cleanup() {
   [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true

@@ -265,7 +265,8 @@ scrape() { # -> RECEIVED_LSN, MESSAGES (empty when the endpoint is not up yet)
 # ------------------------------------------------------------------------------------------------
 # 1. Build.
 
-BIN=$ROOT/target/release/cdc-egress
+# The build directory cargo uses (CARGO_TARGET_DIR when set, like the demo).
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/cdc-egress
 if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
     log "cargo build --release (5+ minutes from cold on 2 cores; log in target/bench-build.log)"
     mkdir -p "$ROOT/target"
