@@ -166,11 +166,14 @@ impl Error {
     /// [`Error::postgres`] without the description of what was being done.
     pub fn from_postgres(component: Component, err: tokio_postgres::Error) -> Self {
         if let Some(db) = err.as_db_error() {
-            let code = db.code().code().to_string();
-            let text =
-                server_error_text(&code, db.severity(), db.message(), db.detail(), db.hint());
-            let mut e = Error::new(sqlstate_kind(&code), component, text);
-            e.sqlstate = Some(code);
+            let mut e = Error::server(
+                component,
+                db.code().code(),
+                db.severity(),
+                db.message(),
+                db.detail(),
+                db.hint(),
+            );
             e.cause = Some(Arc::new(err));
             return e;
         }
@@ -236,16 +239,6 @@ impl Error {
     /// Appends advice for the operator, e.g. which command fixes it.
     pub fn hint(mut self, advice: impl fmt::Display) -> Self {
         self.message = format!("{}; {advice}", self.message);
-        self
-    }
-    /// The same error, reported as coming from `component` (its kind, SQLSTATE and cause kept).
-    pub fn in_component(mut self, component: Component) -> Self {
-        self.component = component;
-        self
-    }
-    /// The same error with another kind (e.g. a definite error seen where retrying is right).
-    pub fn with_kind(mut self, kind: Kind) -> Self {
-        self.kind = kind;
         self
     }
 

@@ -73,16 +73,6 @@ pub struct Status {
     pub reloads: Vec<ReloadStatus>,
 }
 
-fn pg(what: &str, e: tokio_postgres::Error) -> Error {
-    let err = Error::postgres(Component::Registry, what, e);
-    match err.sqlstate() {
-        Some("42P01" | "3F000") => {
-            err.hint("the registry is not installed: run `cdc-egress migrate`")
-        }
-        _ => err,
-    }
-}
-
 pub async fn collect(config: &Config) -> Result<Status, Error> {
     let source = config.source_conninfo()?;
     let src = crate::source::slot::connect_source(&source).await?;
@@ -117,14 +107,14 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             &[&config.source.slot],
         )
         .await
-        .map_err(|e| pg("read daemon state", e))?;
+        .map_err(|e| crate::register::pg_err("read daemon state", e))?;
     let counts = reg
         .query_one(
             &format!("SELECT count(*), count(*) FILTER (WHERE notified_stream_seq IS NULL) FROM {s}.files"),
             &[],
         )
         .await
-        .map_err(|e| pg("count files", e))?;
+        .map_err(|e| crate::register::pg_err("count files", e))?;
     let tables = reg
         .query(
             &format!(
@@ -135,7 +125,7 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             &[],
         )
         .await
-        .map_err(|e| pg("read tables", e))?
+        .map_err(|e| crate::register::pg_err("read tables", e))?
         .into_iter()
         .map(|r| TableStatus {
             table: r.get(0),
@@ -157,7 +147,7 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             &[],
         )
         .await
-        .map_err(|e| pg("read reloads", e))?
+        .map_err(|e| crate::register::pg_err("read reloads", e))?
         .into_iter()
         .map(|r| ReloadStatus {
             id: r.get(0),
@@ -180,7 +170,7 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             &[],
         )
         .await
-        .map_err(|e| pg("read reload requests", e))?
+        .map_err(|e| crate::register::pg_err("read reload requests", e))?
         .iter()
         .map(|r| PendingRequest {
             request: r.get(0),

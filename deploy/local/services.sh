@@ -83,6 +83,8 @@ if [ "$stop_private" = 1 ]; then
 fi
 snakeoil_cert=/etc/ssl/certs/ssl-cert-snakeoil.pem
 snakeoil_key=/etc/ssl/private/ssl-cert-snakeoil.key
+# Can the private server (running as run_as's user) use Debian's snakeoil certificate for TLS?
+snakeoil_usable() { [ -r "$snakeoil_cert" ] && run_as test -r "$snakeoil_key"; }
 can_use() { # $1 = port: does the server there have what we need?
   local q="psql -h 127.0.0.1 -p $1 -U postgres -d postgres -Atqc"
   [ "$($q "show wal_level" 2>/dev/null)" = logical ] || return 1
@@ -106,7 +108,7 @@ start_private() {
   log "starting the private PostgreSQL on 127.0.0.1:$private_port (wal_level=logical; log: $private_dir/server.log)"
   # TLS like Debian's own cluster (the snakeoil certificate), so the TLS tests have a server to talk to.
   local tls=""
-  if [ -r "$snakeoil_cert" ] && run_as test -r "$snakeoil_key"; then
+  if snakeoil_usable; then
     tls="-c ssl=on -c ssl_cert_file=$snakeoil_cert -c ssl_key_file=$snakeoil_key"
   fi
   local runner=()
@@ -135,7 +137,7 @@ else
     if port_open "$private_port"; then
       can_use "$private_port" || { log "127.0.0.1:$private_port is taken by something that is not a usable PostgreSQL: set CDC_EGRESS_PRIVATE_PG_PORT"; exit 1; }
       # Ours, started by an older version of this script without TLS: restart it with what start_private sets.
-      if [ -f "$private_dir/data/postmaster.pid" ] && [ -r "$snakeoil_cert" ] && run_as test -r "$snakeoil_key" &&
+      if [ -f "$private_dir/data/postmaster.pid" ] && snakeoil_usable &&
         [ "$(psql -h 127.0.0.1 -p "$private_port" -U postgres -d postgres -Atqc 'show ssl')" = off ]; then
         log "restarting the private PostgreSQL with TLS"
         run_as "$(pg_bindir)/pg_ctl" -D "$private_dir/data" -m fast -w stop >/dev/null

@@ -190,11 +190,7 @@ impl Coordinator {
                                 table: t.clone(),
                                 reload_id: active.get(&t).map(|a| a.reload_id).unwrap_or(0),
                                 schema: crate::table::TableSchema::new(t, 0, crate::table::ReplicaIdentity::Default, vec![]),
-                                result: Err(if error.is_transient() {
-                                    Error::transient(error.component(), error.message().to_string())
-                                } else {
-                                    Error::definite(error.component(), error.message().to_string())
-                                }),
+                                result: Err(error.clone()),
                             };
                             self.finished(failed, &mut active, &mut jobs, &events_tx).await?;
                         }

@@ -571,7 +571,7 @@ pub async fn session(
                 {
                     tracing::warn!(error = %e, "heartbeat message failed; an idle slot may not advance");
                     if e.is_closed() {
-                        return Err(Error::transient(Component::Source, format!("source connection lost: {e}")));
+                        return Err(Error::postgres(Component::Source, "source connection lost", e));
                     }
                 }
             }

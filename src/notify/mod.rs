@@ -22,6 +22,7 @@
 //!   `<prefix>.change.<schema>.<table>.<op>`. Schema and table names are one subject token each:
 //!   characters that NATS reserves (`.`, `*`, `>`, whitespace, `%`) are percent-encoded.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
@@ -30,7 +31,6 @@ use bytes::Bytes;
 use crate::error::{Component, Error, Kind};
 use crate::secret::SecretUrl;
 use crate::table::TableName;
-use std::path::PathBuf;
 
 #[derive(Clone)]
 pub struct Notifier {
@@ -255,7 +255,8 @@ impl Notifier {
         // a creation racing with that fails once ("error creating store for stream", 10049) and
         // succeeds when asked again. A few quick tries here keep that race out of the caller's
         // retry schedule (seen with streams created and deleted side by side on one server).
-        let mut attempt = 0;
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         let mut s = loop {
             let created = self
                 .js
@@ -268,10 +269,9 @@ impl Notifier {
                 .await;
             match created {
                 Ok(s) => break s,
-                Err(e) if attempt < 4 => {
-                    attempt += 1;
-                    tracing::debug!(stream = %self.stream, error = %e, attempt, "creating the stream again");
-                    tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+                Err(e) if backoff.attempts() < 4 => {
+                    tracing::debug!(stream = %self.stream, error = %e, "creating the stream again");
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
                 Err(e) => {
                     return Err(transient(

@@ -49,6 +49,22 @@ pub struct Metrics {
     registry: Registry,
 }
 
+/// Registers `metric` under `name` with its help text and returns it (metrics are shared handles:
+/// the registry's copy and ours are the same counter).
+fn registered<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::metrics::TypedMetric
+        + prometheus_client::encoding::EncodeMetric
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -58,102 +74,94 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("cdc_egress");
-        let messages_received = Counter::default();
-        registry.register(
+        let messages_received = registered(
+            &mut registry,
             "messages_received",
             "pgoutput messages received",
-            messages_received.clone(),
+            Counter::default(),
         );
-        let confirmed_lsn = Gauge::<u64, AtomicU64>::default();
-        registry.register(
+        let confirmed_lsn = registered(
+            &mut registry,
             "confirmed_lsn",
             "LSN confirmed to PostgreSQL (as a number)",
-            confirmed_lsn.clone(),
+            Gauge::<u64, AtomicU64>::default(),
         );
-        let received_lsn = Gauge::<u64, AtomicU64>::default();
-        registry.register(
+        let received_lsn = registered(
+            &mut registry,
             "received_lsn",
             "highest LSN received (as a number)",
-            received_lsn.clone(),
+            Gauge::<u64, AtomicU64>::default(),
         );
-        let slot_lag_bytes = Gauge::default();
-        registry.register(
+        let slot_lag_bytes = registered(
+            &mut registry,
             "slot_lag_bytes",
             "WAL retained by the slot (current WAL LSN minus restart LSN)",
-            slot_lag_bytes.clone(),
+            Gauge::default(),
         );
-        let slot_safe_wal_bytes = Gauge::default();
-        slot_safe_wal_bytes.set(-1);
-        registry.register(
-            "slot_safe_wal_bytes",
-            "WAL that may still be written before max_slot_wal_keep_size invalidates the slot (-1: no limit)",
-            slot_safe_wal_bytes.clone(),
-        );
-        let reload_cut_blocked_seconds = Gauge::default();
-        registry.register(
+        let slot_safe_wal_bytes = registered(&mut registry, "slot_safe_wal_bytes", "WAL that may still be written before max_slot_wal_keep_size invalidates the slot (-1: no limit)", Gauge::default());
+        let reload_cut_blocked_seconds = registered(
+            &mut registry,
             "reload_cut_blocked_seconds",
             "age of the oldest open transaction a reload's cut is waiting for (0: none)",
-            reload_cut_blocked_seconds.clone(),
+            Gauge::default(),
         );
-        let pending_batches = Gauge::default();
-        registry.register(
+        let pending_batches = registered(
+            &mut registry,
             "pending_batches",
             "batches open or in flight (not yet acknowledgeable)",
-            pending_batches.clone(),
+            Gauge::default(),
         );
-        let bytes_written = Counter::default();
-        registry.register(
+        let bytes_written = registered(
+            &mut registry,
             "bytes_written",
             "compressed bytes uploaded",
-            bytes_written.clone(),
+            Counter::default(),
         );
-        let reload_rows = Counter::default();
-        registry.register(
+        let reload_rows = registered(
+            &mut registry,
             "reload_rows",
             "rows exported by reloads",
-            reload_rows.clone(),
+            Counter::default(),
         );
-        let reload_bytes = Counter::default();
-        registry.register(
+        let reload_bytes = registered(
+            &mut registry,
             "reload_bytes",
             "compressed bytes exported by reloads",
-            reload_bytes.clone(),
+            Counter::default(),
         );
-        let ready_gauge = Gauge::default();
-        registry.register(
+        slot_safe_wal_bytes.set(-1);
+        let ready_gauge = registered(
+            &mut registry,
             "ready",
             "1 while streaming without errors",
-            ready_gauge.clone(),
+            Gauge::default(),
         );
-        let changes = Family::<Labels, Counter>::default();
-        registry.register(
+        let changes = registered(
+            &mut registry,
             "changes",
             "row changes sealed into batches, by table and operation",
-            changes.clone(),
+            Family::<Labels, Counter>::default(),
         );
-        let batches = Family::<Labels, Counter>::default();
-        registry.register(
+        let batches = registered(
+            &mut registry,
             "batches_sealed",
             "batches sealed, by table",
-            batches.clone(),
+            Family::<Labels, Counter>::default(),
         );
-        let errors = Family::<Labels, Counter>::default();
-        registry.register(
+        let errors = registered(
+            &mut registry,
             "errors",
             "errors by component and kind (definite or transient)",
-            errors.clone(),
+            Family::<Labels, Counter>::default(),
         );
         let timings = TIMED_STEPS
             .iter()
             .map(|step| {
                 // 1 ms to ~65 s.
-                let h = Histogram::new(exponential_buckets(0.001, 2.0, 17));
-                registry.register(
-                    format!("{step}_seconds"),
-                    format!("duration of each {step}"),
-                    h.clone(),
-                );
-                (*step, h)
+                let histogram = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+                let name = format!("{step}_seconds");
+                let help = format!("duration of each {step}");
+                (*step, registered(&mut registry, &name, &help, histogram))
             })
             .collect();
         Metrics {
