@@ -137,10 +137,10 @@ pub struct BatchConfig {
 
 // Settings types owned by the module that uses them (so that module does not depend on this one),
 // re-exported here where the whole configuration is assembled.
-pub use crate::notify::{NatsAuth, NatsConfig};
 pub use crate::observe::LogFormat;
+pub use crate::pg::slot::SlotLostPolicy;
 pub use crate::secret::{redact_url, Secret, SecretUrl};
-pub use crate::source::slot::SlotLostPolicy;
+pub use crate::sink::notify::{NatsAuth, NatsConfig};
 
 #[derive(Clone, Debug)]
 pub struct ReloadConfig {
@@ -224,21 +224,24 @@ fn usage(msg: impl Into<String>) -> Error {
 impl Config {
     /// The source connection: `source.url` with a missing password filled from
     /// `source.password_file`, `$PGPASSWORD` or the password file (see
-    /// [`ConnInfo::with_password_fallback`](crate::source::conninfo::ConnInfo::with_password_fallback)).
-    pub fn source_conninfo(&self) -> Result<crate::source::conninfo::ConnInfo, Error> {
-        crate::source::conninfo::ConnInfo::parse(self.source.url.expose())?
+    /// [`ConnInfo::with_password_fallback`](crate::pg::conninfo::ConnInfo::with_password_fallback)).
+    pub fn source_conninfo(&self) -> Result<crate::pg::conninfo::ConnInfo, Error> {
+        crate::pg::conninfo::ConnInfo::parse(self.source.url.expose())?
             .with_password_fallback(self.source.password_file.as_deref())
     }
 
     /// The registry connection, likewise with `registry.password_file`.
-    pub fn registry_conninfo(&self) -> Result<crate::source::conninfo::ConnInfo, Error> {
-        crate::source::conninfo::ConnInfo::parse(self.registry.url.expose())?
+    pub fn registry_conninfo(&self) -> Result<crate::pg::conninfo::ConnInfo, Error> {
+        crate::pg::conninfo::ConnInfo::parse(self.registry.url.expose())?
             .with_password_fallback(self.registry.password_file.as_deref())
     }
 
     /// The registry on a pool of at most `connections` (opened lazily).
-    pub fn open_registry(&self, connections: usize) -> Result<crate::register::Registry, Error> {
-        Ok(crate::register::Registry::new(
+    pub fn open_registry(
+        &self,
+        connections: usize,
+    ) -> Result<crate::sink::registry::Registry, Error> {
+        Ok(crate::sink::registry::Registry::new(
             self.registry_conninfo()?.pool(connections)?,
             &self.registry.schema,
         ))
@@ -548,7 +551,7 @@ impl Layers {
             )));
         }
         let output_url = self.string("output.url", "file://./cdc-egress-out");
-        crate::write::store::check_output_url(&output_url).map_err(|e| {
+        crate::sink::store::check_output_url(&output_url).map_err(|e| {
             let origin = self
                 .get("output.url")
                 .map(|(_, o)| o.clone())
@@ -735,7 +738,7 @@ impl Layers {
 
 fn check_pg_url(key: &str, url: &str, origin: Option<&Origin>) -> Result<(), Error> {
     let origin = origin.cloned().unwrap_or(Origin::Default);
-    crate::source::conninfo::ConnInfo::parse(url)
+    crate::pg::conninfo::ConnInfo::parse(url)
         .map(|_| ())
         .map_err(|e| usage(format!("invalid `{key}` (from {origin}): {e}")))
 }

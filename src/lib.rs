@@ -7,22 +7,17 @@
 //! `notify` (JetStream) → `ack` (which LSN may be confirmed). `daemon` is the thin IO driver that
 //! wires them; `config`, `observe` and `status` serve the operator.
 
-pub mod ack;
 pub mod backoff;
-pub mod batch;
 pub mod config;
+pub mod core;
 pub mod daemon;
-pub mod decode;
-pub mod encode;
 pub mod error;
 pub mod failpoint;
 pub mod lsn;
-pub mod notify;
 pub mod observe;
-pub mod register;
+pub mod pg;
 pub mod reload;
 pub mod secret;
-pub mod source;
+pub mod sink;
 pub mod status;
 pub mod table;
-pub mod write;

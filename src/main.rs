@@ -79,7 +79,7 @@ fn exit_for(e: &Error) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cdc_egress::source::install_default_provider();
+    cdc_egress::pg::install_default_provider();
     let config = match Config::load(cli.config.as_deref(), &cli.set) {
         Ok(c) => c,
         Err(e) => {
@@ -155,9 +155,9 @@ fn main() -> ExitCode {
 
 async fn migrate(config: &Config) -> Result<(), Error> {
     // The source first, so an unsupported server is refused before the registry is changed.
-    let src = cdc_egress::source::slot::connect_source(&config.source_conninfo()?).await?;
+    let src = cdc_egress::pg::slot::connect_source(&config.source_conninfo()?).await?;
     let mut c = config.registry_conninfo()?.connect().await?;
-    let applied = cdc_egress::register::migrate(&mut c, &config.registry.schema).await?;
+    let applied = cdc_egress::sink::registry::migrate(&mut c, &config.registry.schema).await?;
     if applied.is_empty() {
         println!("registry schema {} is up to date", config.registry.schema);
     } else {
@@ -166,9 +166,9 @@ async fn migrate(config: &Config) -> Result<(), Error> {
             config.registry.schema
         );
     }
-    let trigger = cdc_egress::register::migrate::marker_trigger_name(&config.registry.schema);
-    use cdc_egress::register::migrate::MarkerTrigger;
-    match cdc_egress::register::migrate::install_reload_marker(
+    let trigger = cdc_egress::sink::registry::migrate::marker_trigger_name(&config.registry.schema);
+    use cdc_egress::sink::registry::migrate::MarkerTrigger;
+    match cdc_egress::sink::registry::migrate::install_reload_marker(
         &src,
         &config.registry.schema,
         &config.source.publication,
@@ -191,7 +191,7 @@ async fn migrate(config: &Config) -> Result<(), Error> {
 }
 
 async fn notices(config: &Config, limit: u64) -> Result<(), Error> {
-    let Some(n) = cdc_egress::notify::Notifier::open_existing(&config.nats).await? else {
+    let Some(n) = cdc_egress::sink::notify::Notifier::open_existing(&config.nats).await? else {
         return Err(Error::definite(
             Component::Config,
             "nats.url is empty: notices are disabled",
@@ -208,10 +208,10 @@ async fn drop_slot(config: &Config, yes: bool) -> Result<(), Error> {
     let info = config.source_conninfo()?;
     let slot = &config.source.slot;
     let where_ = format!("{} on {}", info.dbname(), info.host_description());
-    let c = cdc_egress::source::slot::connect_source(&info).await?;
+    let c = cdc_egress::pg::slot::connect_source(&info).await?;
     // The registry learns that the drop is deliberate, so the next `run` starts afresh instead of
     // taking the slot for lost (README "Slot lifecycle").
-    let registry = match cdc_egress::register::migrate::installed_version(
+    let registry = match cdc_egress::sink::registry::migrate::installed_version(
         &config.registry_conninfo()?.connect().await?,
         &config.registry.schema,
     )
@@ -224,7 +224,7 @@ async fn drop_slot(config: &Config, yes: bool) -> Result<(), Error> {
         Some(r) => r.last_slot_event(slot).await?,
         None => None,
     };
-    let existing = cdc_egress::source::slot::slot_info(&c, slot).await?;
+    let existing = cdc_egress::pg::slot::slot_info(&c, slot).await?;
     // A slot lost earlier (dropped by someone else) is missing, but the registry still expects it:
     // recording the drop is what lets the next run start afresh.
     let expected = matches!(last_event.as_deref(), Some("created") | Some("lost"));
@@ -274,7 +274,7 @@ async fn drop_slot(config: &Config, yes: bool) -> Result<(), Error> {
         )
         .await
         .map_err(|e| {
-            cdc_egress::source::conninfo::pg_error(e).context(format!("drop slot {slot}"))
+            cdc_egress::pg::conninfo::pg_error(e).context(format!("drop slot {slot}"))
         })?;
         println!("replication slot {slot} dropped in {where_}");
     } else {

@@ -64,7 +64,7 @@ pub struct Status {
     pub daemon_last_error: Option<String>,
     pub pending_requests: Vec<PendingRequest>,
     /// Open transactions a reload's cut is waiting for.
-    pub cut_blockers: Vec<crate::source::slot::CutBlocker>,
+    pub cut_blockers: Vec<crate::pg::slot::CutBlocker>,
     /// Things an operator should act on, in words.
     pub warnings: Vec<String>,
     pub files: i64,
@@ -75,11 +75,11 @@ pub struct Status {
 
 pub async fn collect(config: &Config) -> Result<Status, Error> {
     let source = config.source_conninfo()?;
-    let src = crate::source::slot::connect_source(&source).await?;
+    let src = crate::pg::slot::connect_source(&source).await?;
     let reg = config.registry_conninfo()?.connect().await?;
     let s = quote_ident(&config.registry.schema);
     let version =
-        crate::register::migrate::installed_version(&reg, &config.registry.schema).await?;
+        crate::sink::registry::migrate::installed_version(&reg, &config.registry.schema).await?;
     if version == 0 {
         return Err(Error::definite(
             Component::Registry,
@@ -89,14 +89,14 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             ),
         ));
     }
-    let slot = crate::source::slot::slot_info(&src, &config.source.slot).await?;
+    let slot = crate::pg::slot::slot_info(&src, &config.source.slot).await?;
     let publication_exists = src
         .query_opt(
             "SELECT 1 FROM pg_publication WHERE pubname = $1",
             &[&config.source.publication],
         )
         .await
-        .map_err(crate::source::conninfo::pg_error)?
+        .map_err(crate::pg::conninfo::pg_error)?
         .is_some();
     let daemon = reg
         .query_opt(
@@ -107,14 +107,14 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             &[&config.source.slot],
         )
         .await
-        .map_err(|e| crate::register::pg_err("read daemon state", e))?;
+        .map_err(|e| crate::sink::registry::pg_err("read daemon state", e))?;
     let counts = reg
         .query_one(
             &format!("SELECT count(*), count(*) FILTER (WHERE notified_stream_seq IS NULL) FROM {s}.files"),
             &[],
         )
         .await
-        .map_err(|e| crate::register::pg_err("count files", e))?;
+        .map_err(|e| crate::sink::registry::pg_err("count files", e))?;
     let tables = reg
         .query(
             &format!(
@@ -125,7 +125,7 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             &[],
         )
         .await
-        .map_err(|e| crate::register::pg_err("read tables", e))?
+        .map_err(|e| crate::sink::registry::pg_err("read tables", e))?
         .into_iter()
         .map(|r| TableStatus {
             table: r.get(0),
@@ -147,7 +147,7 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             &[],
         )
         .await
-        .map_err(|e| crate::register::pg_err("read reloads", e))?
+        .map_err(|e| crate::sink::registry::pg_err("read reloads", e))?
         .into_iter()
         .map(|r| ReloadStatus {
             id: r.get(0),
@@ -170,7 +170,7 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             &[],
         )
         .await
-        .map_err(|e| crate::register::pg_err("read reload requests", e))?
+        .map_err(|e| crate::sink::registry::pg_err("read reload requests", e))?
         .iter()
         .map(|r| PendingRequest {
             request: r.get(0),
@@ -186,7 +186,7 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
         .iter()
         .any(|r: &ReloadStatus| r.status == "running" && r.cut_lsn.is_none());
     let cut_blockers = if waiting_for_cut {
-        crate::source::slot::cut_blockers(&src, &config.source.slot).await?
+        crate::pg::slot::cut_blockers(&src, &config.source.slot).await?
     } else {
         Vec::new()
     };
@@ -221,8 +221,7 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
     };
     status.warnings = warnings(
         &status,
-        slot.as_ref()
-            .and_then(crate::source::slot::retention_warning),
+        slot.as_ref().and_then(crate::pg::slot::retention_warning),
     );
     Ok(status)
 }

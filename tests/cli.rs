@@ -358,7 +358,7 @@ async fn migrate_is_idempotent() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let all: Vec<i32> = cdc_egress::register::migrate::MIGRATIONS
+    let all: Vec<i32> = cdc_egress::sink::registry::migrate::MIGRATIONS
         .iter()
         .map(|m| m.0)
         .collect();

@@ -8,7 +8,7 @@
 
 mod common;
 
-use cdc_egress::encode::csv::{push_header, push_value};
+use cdc_egress::core::encode::csv::{push_header, push_value};
 use cdc_egress::table::quote_ident;
 use common::*;
 use futures::{SinkExt, TryStreamExt};
@@ -211,7 +211,7 @@ async fn copy_to_stdout_equals_our_encoding_of_text_values() {
         .await
         .unwrap();
     // A fresh connection through the product's ConnInfo: its startup options must win over the above.
-    let c = cdc_egress::source::conninfo::ConnInfo::parse(&db.url)
+    let c = cdc_egress::pg::conninfo::ConnInfo::parse(&db.url)
         .unwrap()
         .connect()
         .await

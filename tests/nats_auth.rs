@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cdc_egress::config::{NatsAuth, NatsConfig, SecretUrl};
-use cdc_egress::notify::Notifier;
+use cdc_egress::sink::notify::Notifier;
 
 /// A nats-server with JetStream on a free loopback port, with extra arguments; killed on drop.
 struct Server {

@@ -1,5 +1,5 @@
 //! JetStream notices against the real nats-server: `Notifier::publish_once` stores a notice exactly once
-//! (see the `# Contract` of `cdc_egress::notify`), also after the stream's duplicate window has passed,
+//! (see the `# Contract` of `cdc_egress::sink::notify`), also after the stream's duplicate window has passed,
 //! and `Notifier::connect` fails clearly on a misconfigured stream or a server that is down.
 
 mod common;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use cdc_egress::config::{NatsConfig, SecretUrl};
-use cdc_egress::notify::Notifier;
+use cdc_egress::sink::notify::Notifier;
 use cdc_egress::table::TableName;
 
 /// A unique stream and subject prefix; the stream is deleted on drop (also when the test panicked).

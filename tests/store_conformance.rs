@@ -1,4 +1,4 @@
-//! Object store conformance: the operations of `cdc_egress::write::Store` (see its `# Contract`) and
+//! Object store conformance: the operations of `cdc_egress::sink::store::Store` (see its `# Contract`) and
 //! `write::remove_orphans`, written once as functions taking a `&Store` and run against every backend
 //! we can run here: the local filesystem, an S3-compatible server (moto), Azure Blob Storage (Azurite)
 //! and Google Cloud Storage (fake-gcs-server), all on loopback.
@@ -9,8 +9,9 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
 
 use cdc_egress::error::Kind;
-use cdc_egress::write::store::PART_SIZE;
-use cdc_egress::write::{remove_orphans, Store};
+use cdc_egress::sink::store::Store;
+use cdc_egress::sink::store::PART_SIZE;
+use cdc_egress::sink::upload::remove_orphans;
 use common::gcs::{gcs_endpoint, gcs_options, GcsAdapter};
 use common::{s3_options, unique_bucket};
 use object_store::path::{Path, PathPart};
@@ -841,9 +842,13 @@ async fn a_manifest_clears_stale_staging_files_of_interrupted_local_uploads() {
     let on_disk = root.join("public.t/reload/7");
     std::fs::write(on_disk.join("part-00002.csv.gz#1"), b"half").unwrap();
     std::fs::write(on_disk.join("keep#me"), b"not a staging name").unwrap();
-    cdc_egress::write::put_manifest(&store, &batch.clone().join("manifest.json"), b"{}".to_vec())
-        .await
-        .unwrap();
+    cdc_egress::sink::upload::put_manifest(
+        &store,
+        &batch.clone().join("manifest.json"),
+        b"{}".to_vec(),
+    )
+    .await
+    .unwrap();
     let mut names: Vec<String> = std::fs::read_dir(&on_disk)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -43,11 +43,11 @@ MIN_MAJOR=14
 # version), source.slot_failover (17+), the one-shot commands and the version gate.
 # Not here: reload::fresh_start_and_reload_under_load_replay_equal takes minutes (2M rows).
 DEFAULT_TESTS="
-lib::source::wire::tests::tcp_without_tls_identifies_the_system
-lib::source::wire::tests::streams_inserts_over_copy_both
-lib::source::wire::tests::exported_snapshot_is_usable_and_slot_can_be_dropped
-lib::source::wire::tests::server_errors_are_classified_with_sqlstate
-lib::source::wire::tests::slot_held_by_another_session_is_transient
+lib::pg::wire::tests::tcp_without_tls_identifies_the_system
+lib::pg::wire::tests::streams_inserts_over_copy_both
+lib::pg::wire::tests::exported_snapshot_is_usable_and_slot_can_be_dropped
+lib::pg::wire::tests::server_errors_are_classified_with_sqlstate
+lib::pg::wire::tests::slot_held_by_another_session_is_transient
 csv_copy::copy_to_stdout_equals_our_encoding_of_text_values
 csv_copy::text_casts_are_not_the_output_function
 streaming::mixed_workload_replays_equal_to_source
@@ -189,6 +189,12 @@ run_tests() {
     for entry in "$@"; do [ "${entry%%::*}" = "$target" ] && names+=("${entry#*::}"); done
     local sel=(--test "$target"); [ "$target" = lib ] && sel=(--lib)
     CDC_EGRESS_TEST_PG_URL="$url" cargo test "${sel[@]}" -- --exact "${names[@]}" >>"$test_log" 2>&1 || rc=1
+  done
+  # A renamed or moved test would match nothing and pass silently: every name must have run.
+  for entry in "$@"; do
+    grep -qxF "test ${entry#*::} ... ok" "$test_log" ||
+      grep -qxF "test ${entry#*::} ... FAILED" "$test_log" ||
+      { echo "pg_versions: no test named $entry ran (renamed? update DEFAULT_TESTS)" >>"$test_log"; rc=1; }
   done
   return $rc
 }

@@ -12,14 +12,16 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
-use crate::ack::BatchId;
-use crate::batch::SealedBatch;
+use crate::core::ack::BatchId;
+use crate::core::batch::SealedBatch;
 use crate::error::{Component, Error};
-use crate::notify::Notifier;
 use crate::observe::Metrics;
-use crate::register::{FileKind, Registered, Registry};
 use crate::reload::notice::ReloadNotice;
-use crate::write::{self, SchemaVersions, SpooledFile, Store};
+use crate::sink::notify::Notifier;
+use crate::sink::registry::{FileKind, Registered, Registry};
+use crate::sink::spool::SpooledFile;
+use crate::sink::store::Store;
+use crate::sink::upload::{self, SchemaVersions};
 
 /// Uploads in flight; each holds at most one 5 MiB part (or a whole small file) in memory.
 pub const UPLOAD_CONCURRENCY: usize = 2;
@@ -90,7 +92,7 @@ where
 /// fresh batches and, at start-up, for rows a crash left without a recorded notice.
 pub async fn finish_registered(sinks: &Sinks, reg: &Registered) -> Result<(), Error> {
     retry("write manifest", sinks, || {
-        write::write_manifest(&sinks.store, reg)
+        upload::write_manifest(&sinks.store, reg)
     })
     .await?;
     crate::failpoint::hit("after_manifest");
@@ -101,7 +103,7 @@ pub async fn finish_registered(sinks: &Sinks, reg: &Registered) -> Result<(), Er
                 FileKind::Reload => n.reload_subject(&reg.record.table),
                 FileKind::Ddl => n.ddl_subject(&reg.record.table),
             };
-            let payload = write::Notice::new(&sinks.store, reg).to_json();
+            let payload = upload::Notice::new(&sinks.store, reg).to_json();
             let started = Instant::now();
             let seq = retry("publish notice", sinks, || {
                 n.publish_once(&subject, &reg.record.batch_id, payload.clone())
@@ -161,7 +163,7 @@ pub async fn deliver_batches(
             async move {
                 let started = Instant::now();
                 let rec = retry("upload batch", &sinks, || {
-                    write::upload_streaming(&sinks.store, &batch, version)
+                    upload::upload_streaming(&sinks.store, &batch, version)
                 })
                 .await?;
                 sinks
@@ -221,10 +223,10 @@ pub async fn finish_reload(sinks: &Sinks, reload_id: i64) -> Result<(), Error> {
     let Some(notice) = ReloadNotice::new(&sinks.store, &parts) else {
         return Ok(());
     };
-    let manifest = crate::write::layout::stored_path(&parts[0].record.manifest_path);
+    let manifest = crate::sink::layout::stored_path(&parts[0].record.manifest_path);
     let body = notice.to_json();
     retry("write reload manifest", sinks, || {
-        crate::write::put_manifest(&sinks.store, &manifest, body.clone())
+        crate::sink::upload::put_manifest(&sinks.store, &manifest, body.clone())
     })
     .await?;
     let seq = match &sinks.notifier {

@@ -1,4 +1,4 @@
-//! `cdc-egress run`: the thin IO driver around the pure [`Batcher`].
+//! `cdc-egress run`: the thin IO driver around the pure [`Batcher`](crate::core::batch::Batcher).
 //!
 //! ```text
 //!  replication socket ──► reader task ──(Input)──► batcher thread ──(SealedBatch)──► delivery task
@@ -11,7 +11,7 @@
 //! # Invariants this driver keeps
 //! - Frames reach the batcher in stream order through one channel; persisted reports reach it through
 //!   another (unbounded, so delivery can never deadlock against a full input channel).
-//! - The only LSN ever sent as the flush position is [`Batcher::confirmed`] (see `ack`). On every
+//! - The only LSN ever sent as the flush position is [`Batcher::confirmed`](crate::core::batch::Batcher::confirmed) (see `ack`). On every
 //!   failure the session is torn down and rebuilt from the slot and the registry, exactly as after a
 //!   crash; there is no in-process repair path that could differ from crash recovery.
 //! - Start-up finishes committed-but-unnotified batches and removes orphans *before* streaming.
@@ -87,17 +87,17 @@ pub async fn run(
 
 /// Whether a definite error ended a session because the slot was lost under
 /// `source.slot_lost: reexport`: the same decision the next session makes at start
-/// ([`crate::source::slot::plan_slot`] says `Recreate`). Never for configuration errors.
+/// ([`crate::pg::slot::plan_slot`] says `Recreate`). Never for configuration errors.
 async fn lost_while_streaming(config: &Config, e: &Error) -> bool {
     if config.source.slot_lost != crate::config::SlotLostPolicy::Reexport || e.is_config() {
         return false;
     }
     let check = async {
         let c = config.source_conninfo()?.connect().await?;
-        let info = crate::source::slot::slot_info(&c, &config.source.slot).await?;
+        let info = crate::pg::slot::slot_info(&c, &config.source.slot).await?;
         let registry = config.open_registry(1)?;
         let last = registry.last_slot_event(&config.source.slot).await?;
-        Ok::<_, Error>(crate::source::slot::plan_slot(
+        Ok::<_, Error>(crate::pg::slot::plan_slot(
             &config.source.slot,
             info.as_ref(),
             last.as_deref(),
@@ -106,7 +106,7 @@ async fn lost_while_streaming(config: &Config, e: &Error) -> bool {
     };
     matches!(
         tokio::time::timeout(Duration::from_secs(10), check).await,
-        Ok(Ok(crate::source::slot::SlotPlan::Recreate { .. }))
+        Ok(Ok(crate::pg::slot::SlotPlan::Recreate { .. }))
     )
 }
 

@@ -35,15 +35,15 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::deliver::{finish_reload, retry, Sinks};
-use crate::batch::{Control, Position};
+use crate::core::batch::{Control, Position};
 use crate::error::Error;
 use crate::lsn::Lsn;
-use crate::register::migrate::marker_prefix;
-use crate::register::{FileKind, FileRecord};
 use crate::reload::export::{self, ExportEvent, Exporter, Progress, TableExport, TableJob};
 use crate::reload::notice::reload_batch_id;
+use crate::sink::layout;
+use crate::sink::registry::migrate::marker_prefix;
+use crate::sink::registry::{FileKind, FileRecord};
 use crate::table::{quote_literal, TableName};
-use crate::write::layout;
 
 pub const MAX_ATTEMPTS: u32 = 3;
 
@@ -358,7 +358,7 @@ impl Coordinator {
                 .schema_version_for(table, schema.fingerprint())
         })
         .await?;
-        let doc = crate::encode::schema_yml::SchemaDoc::reload(schema, version, cut, rows);
+        let doc = crate::core::encode::schema_yml::SchemaDoc::reload(schema, version, cut, rows);
         retry("upload reload schema.yml", sinks, || {
             sinks.store.put_bytes(&schema_path, doc.to_yaml())
         })
@@ -384,7 +384,7 @@ impl Coordinator {
                 schema_fingerprint: schema.fingerprint().to_string(),
                 reload_id: Some(id),
                 part: Some(p.index as i32),
-                ops: crate::batch::OpCounts {
+                ops: crate::core::batch::OpCounts {
                     insert: p.rows,
                     ..Default::default()
                 },

@@ -10,22 +10,24 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
 use super::deliver::{self, Sinks};
-use crate::ack::status::{StatusPolicy, Wake};
-use crate::ack::BatchId;
-use crate::batch::{Batcher, EventOut, Limits, Position, SealedBatch};
 use crate::config::Config;
-use crate::decode::{self, Message, ReplicationFrame};
+use crate::core::ack::status::{StatusPolicy, Wake};
+use crate::core::ack::BatchId;
+use crate::core::batch::{Batcher, EventOut, Limits, Position, SealedBatch};
+use crate::core::decode::{self, Message, ReplicationFrame};
 use crate::error::{Component, Error};
 use crate::lsn::Lsn;
-use crate::notify::Notifier;
 use crate::observe::Metrics;
-use crate::register::Registry;
-use crate::source::conninfo::ConnInfo;
-use crate::source::slot;
-use crate::source::wire::{CopyWriter, ReplicationConnection};
+use crate::pg::conninfo::ConnInfo;
+use crate::pg::slot;
+use crate::pg::wire::{CopyWriter, ReplicationConnection};
+use crate::sink::notify::Notifier;
+use crate::sink::registry::Registry;
+use crate::sink::spool::SpooledFile;
+use crate::sink::spool::{clean_spool_dir, GzipSpools};
+use crate::sink::store::Store;
+use crate::sink::upload::{self, SchemaVersions};
 use crate::table::{quote_ident, quote_literal, TableName, TableSchema};
-use crate::write::spool::{clean_spool_dir, GzipSpools};
-use crate::write::{self, SchemaVersions, SpooledFile, Store};
 
 /// What the reader hands the batcher thread, in stream order.
 enum Input {
@@ -78,13 +80,13 @@ pub async fn connect(
     let source = config.source_conninfo()?;
     let catalog = source.connect().await?;
     slot::check_source(&catalog, &config.source.publication).await?;
-    let installed = crate::register::migrate::install_reload_marker(
+    let installed = crate::sink::registry::migrate::install_reload_marker(
         &catalog,
         &config.registry.schema,
         &config.source.publication,
     )
     .await?;
-    if installed == crate::register::migrate::MarkerTrigger::Missing {
+    if installed == crate::sink::registry::migrate::MarkerTrigger::Missing {
         tracing::warn!(
             "the source role is not a superuser: the reload-marker event trigger is not installed, so \
              `cdc-egress reload` is unavailable until `cdc-egress migrate` runs as a superuser"
@@ -92,7 +94,7 @@ pub async fn connect(
     }
     let registry_info = config.registry_conninfo()?;
     let mut reg_client = registry_info.connect().await?;
-    crate::register::migrate(&mut reg_client, &config.registry.schema).await?;
+    crate::sink::registry::migrate(&mut reg_client, &config.registry.schema).await?;
     drop(reg_client);
     let registry = Registry::new(registry_info.pool(4)?, &config.registry.schema);
     let incarnation = registry.incarnation().await?;
@@ -127,7 +129,7 @@ async fn announce_slot_losses(
         let subject = format!(
             "{}.slot.{}",
             nats.subject_prefix,
-            crate::notify::subject_token(slot)
+            crate::sink::notify::subject_token(slot)
         );
         let body = serde_json::json!({
             "event": "slot_lost",
@@ -168,12 +170,12 @@ async fn remove_orphans(sinks: &Sinks) -> Result<usize, Error> {
         }
         let committed: HashSet<String> = committed.into_iter().collect();
         let dir = table.dotted();
-        removed += write::remove_orphans(&sinks.store, &dir, Some(&dates), &committed).await?;
+        removed += upload::remove_orphans(&sinks.store, &dir, Some(&dates), &committed).await?;
         seen.insert(dir);
     }
     for dir in sinks.store.list_dirs(sinks.store.root()).await? {
         if !seen.contains(&dir) {
-            removed += write::remove_orphans(&sinks.store, &dir, None, &HashSet::new()).await?;
+            removed += upload::remove_orphans(&sinks.store, &dir, None, &HashSet::new()).await?;
         }
     }
     if removed > 0 {
@@ -197,7 +199,7 @@ async fn take_slot_lock(ep: &Endpoints, slot_name: &str) -> Result<(), Error> {
             &[&slot_name],
         )
         .await
-        .map_err(|e| crate::source::conninfo::pg_error(e).context("take the slot's advisory lock"))?
+        .map_err(|e| crate::pg::conninfo::pg_error(e).context("take the slot's advisory lock"))?
         .get(0);
     if !locked {
         return Err(Error::transient(
@@ -275,7 +277,7 @@ async fn prepare_slot(
                     .execute("SELECT pg_drop_replication_slot($1)", &[&slot_name])
                     .await
                     .map_err(|e| {
-                        crate::source::conninfo::pg_error(e)
+                        crate::pg::conninfo::pg_error(e)
                             .context(format!("drop the lost slot {slot_name}"))
                     })?;
             }
@@ -389,7 +391,7 @@ async fn prepare_batcher(config: &Config, sinks: &Sinks, start: Lsn) -> Result<P
     if config.nats.change_events && sinks.notifier.is_some() {
         batcher.enable_change_events();
     }
-    batcher.set_marker_prefix(crate::register::migrate::marker_prefix(
+    batcher.set_marker_prefix(crate::sink::registry::migrate::marker_prefix(
         &config.registry.schema,
     ));
     // Reloads to (re)start now: fresh-start exports, and reloads whose cut was taken by a previous
@@ -471,7 +473,7 @@ pub async fn session(
     let (persisted_tx, persisted_rx) = mpsc::unbounded_channel::<BatchId>();
     let (events_tx, events_rx) = mpsc::channel::<EventOut>(EVENTS_CAPACITY);
     let (confirmed_tx, confirmed_rx) = watch::channel(start);
-    let (controls_tx, controls_rx) = mpsc::unbounded_channel::<crate::batch::Control>();
+    let (controls_tx, controls_rx) = mpsc::unbounded_channel::<crate::core::batch::Control>();
     let (release_tx, mut release_rx) = mpsc::channel::<super::reloads::Release>(64);
     let reply_now = Arc::new(Notify::new());
     let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
@@ -721,7 +723,7 @@ fn run_batcher(
     mut persisted_rx: mpsc::UnboundedReceiver<BatchId>,
     sealed_tx: mpsc::Sender<SealedBatch<SpooledFile>>,
     events_tx: Option<mpsc::Sender<EventOut>>,
-    controls_tx: mpsc::UnboundedSender<crate::batch::Control>,
+    controls_tx: mpsc::UnboundedSender<crate::core::batch::Control>,
     confirmed_tx: watch::Sender<Lsn>,
     metrics: Arc<Metrics>,
 ) -> Result<BatcherState, Error> {
@@ -804,7 +806,7 @@ fn run_batcher(
 }
 
 async fn read_stream(
-    mut reader: crate::source::wire::CopyReader,
+    mut reader: crate::pg::wire::CopyReader,
     input_tx: mpsc::Sender<Input>,
     catalog: Arc<tokio_postgres::Client>,
     metrics: Arc<Metrics>,
@@ -896,7 +898,7 @@ async fn read_stream(
 /// nears `max_slot_wal_keep_size`), what a reload cut waits for, and the daemon's row in the registry
 /// (confirmed, received, state, last error) that `cdc-egress status` reads.
 async fn report_task(
-    registry: crate::register::Registry,
+    registry: crate::sink::registry::Registry,
     catalog: Arc<tokio_postgres::Client>,
     metrics: Arc<Metrics>,
     slot: String,
@@ -912,7 +914,7 @@ async fn report_task(
             metrics
                 .slot_safe_wal_bytes
                 .set(info.safe_wal_size.unwrap_or(-1));
-            if let Some(warning) = crate::source::slot::retention_warning(&info) {
+            if let Some(warning) = crate::pg::slot::retention_warning(&info) {
                 if warn_retention.ready() {
                     tracing::warn!(slot = %slot, "{warning}");
                 }
@@ -1042,7 +1044,7 @@ async fn publish_events(
                     "commit_lsn": c.position.commit_lsn.to_string(),
                     "seq": c.position.seq,
                     "xid": c.xid,
-                    "commit_ts": crate::batch::format_commit_ts(c.commit_ts),
+                    "commit_ts": crate::core::batch::format_commit_ts(c.commit_ts),
                     "csv": String::from_utf8_lossy(&c.csv_row),
                 });
                 let fut = notifier

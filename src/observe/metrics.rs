@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::batch::OpCounts;
+use crate::core::batch::OpCounts;
 use crate::table::TableName;
 
 type Labels = Vec<(&'static str, String)>;

@@ -26,17 +26,17 @@ use futures::StreamExt;
 use object_store::path::Path;
 use tokio::sync::mpsc;
 
-use crate::batch::SpoolFactory;
+use crate::core::batch::SpoolFactory;
 use crate::error::{Component, Error};
 use crate::lsn::Lsn;
-use crate::source::conninfo::{pg_error, ConnInfo};
-use crate::source::wire::ReplicationConnection;
+use crate::pg::conninfo::{pg_error, ConnInfo};
+use crate::pg::wire::ReplicationConnection;
+use crate::sink::layout;
+use crate::sink::spool::GzipSpools;
+use crate::sink::store::Store;
 use crate::table::{
     quote_ident, quote_literal, ColumnSchema, ReplicaIdentity, TableName, TableSchema,
 };
-use crate::write::layout;
-use crate::write::spool::GzipSpools;
-use crate::write::Store;
 
 /// Tables smaller than this many heap pages (64 MiB) are exported as one part.
 const PART_PAGES: i64 = 8192;

@@ -4,8 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::register::Registered;
-use crate::write::Store;
+use crate::sink::registry::Registered;
+use crate::sink::store::Store;
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct ReloadPart {
@@ -47,7 +47,7 @@ impl ReloadNotice {
         let first = parts.first()?;
         let r = &first.record;
         let reload_id = r.reload_id?;
-        let url = |p: &str| store.url_of(&crate::write::layout::stored_path(p));
+        let url = |p: &str| store.url_of(&crate::sink::layout::stored_path(p));
         Some(ReloadNotice {
             batch_id: reload_batch_id(&r.table, reload_id),
             kind: "reload".into(),

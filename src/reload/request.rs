@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{Component, Error};
-use crate::register::migrate::{installed_version, marker_trigger_name};
-use crate::source::conninfo::pg_error;
+use crate::pg::conninfo::pg_error;
+use crate::sink::registry::migrate::{installed_version, marker_trigger_name};
 use crate::table::{quote_ident, quote_literal, TableName};
 
 fn definite(msg: impl Into<String>) -> Error {
@@ -49,7 +49,7 @@ pub async fn request(
             "name at least one table: cdc-egress reload schema.table ...",
         ));
     }
-    let mut src = crate::source::slot::connect_source(&config.source_conninfo()?).await?;
+    let mut src = crate::pg::slot::connect_source(&config.source_conninfo()?).await?;
     let registry = config.registry_conninfo()?.connect().await?;
     let schema = &config.registry.schema;
     let publication = &config.source.publication;
@@ -77,11 +77,11 @@ pub async fn request(
                 "the registry schema {schema} is not installed: run `cdc-egress migrate` first"
             )))
         }
-        v if v < crate::register::migrate::LATEST => {
+        v if v < crate::sink::registry::migrate::LATEST => {
             return Err(definite(format!(
                 "the registry schema {schema} is at version {v}, this cdc-egress needs {}: run `cdc-egress migrate` \
                  (or restart the daemon with this version) first",
-                crate::register::migrate::LATEST
+                crate::sink::registry::migrate::LATEST
             )))
         }
         _ => {}
@@ -318,7 +318,7 @@ pub async fn wait(
         }
         if last_hint.elapsed() >= Duration::from_secs(10) {
             last_hint = Instant::now();
-            let slot = crate::source::slot::slot_info(&source, &config.source.slot).await?;
+            let slot = crate::pg::slot::slot_info(&source, &config.source.slot).await?;
             if !all_answered {
                 // The registry row is created by the daemon when it reads the marker from the WAL.
                 let confirmed = slot
@@ -352,7 +352,7 @@ pub async fn wait(
                         )
                     })
                     .unwrap_or_default();
-                for b in crate::source::slot::cut_blockers(&source, &config.source.slot).await? {
+                for b in crate::pg::slot::cut_blockers(&source, &config.source.slot).await? {
                     eprintln!(
                         "the reload's cut waits for an open transaction to end: {b}{retained}"
                     );
@@ -385,7 +385,7 @@ async fn finish(
     took: Duration,
 ) -> Result<(), Error> {
     let store =
-        crate::write::store::Store::open(&config.output.url, &config.output.options_exposed()).ok();
+        crate::sink::store::Store::open(&config.output.url, &config.output.options_exposed()).ok();
     let mut failed = Vec::new();
     for r in seen {
         if r.status == "failed" {
@@ -408,7 +408,7 @@ async fn finish(
             .map_err(pg_error)?
             .and_then(|row| row.get(0));
         let place = match (manifest, &store) {
-            (Some(m), Some(st)) => st.url_of(&crate::write::layout::stored_path(&m)),
+            (Some(m), Some(st)) => st.url_of(&crate::sink::layout::stored_path(&m)),
             (Some(m), None) => m,
             (None, _) => "-".into(),
         };

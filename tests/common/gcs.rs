@@ -64,7 +64,7 @@ pub async fn create_gcs_bucket(endpoint: &str, bucket: &str) {
 pub async fn drop_gcs_bucket(endpoint: &str, bucket: &str) {
     let adapter = GcsAdapter::start(endpoint).await;
     let store =
-        cdc_egress::write::Store::open(&format!("gs://{bucket}"), &gcs_options(&adapter.url))
+        cdc_egress::sink::store::Store::open(&format!("gs://{bucket}"), &gcs_options(&adapter.url))
             .unwrap();
     for m in store
         .list(&object_store::path::Path::default())

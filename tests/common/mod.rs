@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use cdc_egress::lsn::Lsn;
-use cdc_egress::source::conninfo::ConnInfo;
+use cdc_egress::pg::conninfo::ConnInfo;
 use cdc_egress::table::{quote_ident, TableName};
 use tokio_postgres::Client;
 
@@ -766,7 +766,8 @@ pub async fn replay(
     use sha2::Digest;
     let reg = connect(registry_url).await;
     let store =
-        cdc_egress::write::Store::open(output_url, &options.clone().into_iter().collect()).unwrap();
+        cdc_egress::sink::store::Store::open(output_url, &options.clone().into_iter().collect())
+            .unwrap();
     let rows = reg
         .query(
             &format!(
@@ -785,7 +786,7 @@ pub async fn replay(
         }
         let batch_id: String = r.get(0);
         let data = store
-            .get(&cdc_egress::write::layout::stored_path(
+            .get(&cdc_egress::sink::layout::stored_path(
                 &r.get::<_, String>(1),
             ))
             .await
@@ -797,7 +798,7 @@ pub async fn replay(
             "checksum of {batch_id}"
         );
         let schema_text = store
-            .get(&cdc_egress::write::layout::stored_path(
+            .get(&cdc_egress::sink::layout::stored_path(
                 &r.get::<_, String>(2),
             ))
             .await
@@ -1019,7 +1020,8 @@ pub async fn replay_with_reloads(
     use futures::SinkExt;
     let reg = connect(registry_url).await;
     let store =
-        cdc_egress::write::Store::open(output_url, &options.clone().into_iter().collect()).unwrap();
+        cdc_egress::sink::store::Store::open(output_url, &options.clone().into_iter().collect())
+            .unwrap();
     let s = quote_ident(registry_schema);
     let latest = reg
         .query(
@@ -1050,7 +1052,7 @@ pub async fn replay_with_reloads(
         assert!(!parts.is_empty(), "done reload {id} has no parts");
         for p in parts {
             let data = store
-                .get(&cdc_egress::write::layout::stored_path(
+                .get(&cdc_egress::sink::layout::stored_path(
                     &p.get::<_, String>(0),
                 ))
                 .await
@@ -1086,7 +1088,7 @@ pub async fn replay_with_reloads(
         use sha2::Digest;
         let table: String = f.get(2);
         let data = store
-            .get(&cdc_egress::write::layout::stored_path(
+            .get(&cdc_egress::sink::layout::stored_path(
                 &f.get::<_, String>(0),
             ))
             .await
@@ -1097,7 +1099,7 @@ pub async fn replay_with_reloads(
             "checksum"
         );
         let schema_text = store
-            .get(&cdc_egress::write::layout::stored_path(
+            .get(&cdc_egress::sink::layout::stored_path(
                 &f.get::<_, String>(1),
             ))
             .await

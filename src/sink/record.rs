@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::batch::{OpCounts, Position};
+use crate::core::batch::{OpCounts, Position};
 use crate::table::TableName;
 
 /// What kind of object a `files` row describes.

@@ -17,7 +17,7 @@
 
 use object_store::path::{Path, PathPart};
 
-use crate::batch::Position;
+use crate::core::batch::Position;
 use crate::table::TableName;
 
 pub const DATA_FILE: &str = "data.csv.gz";
@@ -82,7 +82,7 @@ pub fn part_file(n: u32) -> String {
 
 /// UTC date (`YYYY-MM-DD`) of a PostgreSQL-epoch microsecond timestamp.
 pub fn commit_date(pg_micros: i64) -> String {
-    crate::decode::pg_micros_to_utc(pg_micros)
+    crate::core::decode::pg_micros_to_utc(pg_micros)
         .map(|t| t.format("%Y-%m-%d").to_string())
         .unwrap_or_else(|| "0000-00-00".into())
 }

@@ -111,7 +111,7 @@ fn read_secret(key: &str, path: &std::path::Path) -> Result<String, Error> {
 
 /// Connection options with the configured credentials and TLS (every secret from a file).
 async fn connect_options(cfg: &NatsConfig) -> Result<async_nats::ConnectOptions, Error> {
-    crate::source::install_default_provider();
+    crate::pg::install_default_provider();
     let a = &cfg.auth;
     let mut o = match &a.creds_file {
         Some(p) => async_nats::ConnectOptions::with_credentials_file(p)

@@ -6,7 +6,7 @@
 //!   definite error whose message names the offending parameter; a parsed `ConnInfo` is always
 //!   complete (defaults filled in) and contains no NUL bytes, so it can go into a startup packet.
 //! - Every connection built from it, ordinary ([`ConnInfo::connect`], [`ConnInfo::pool`]) or
-//!   replication ([`crate::source::wire::ReplicationConnection::connect`]), uses the same host, role,
+//!   replication ([`crate::pg::wire::ReplicationConnection::connect`]), uses the same host, role,
 //!   TLS policy (`super::tls`) and the same startup `options`: the user's `options` followed by
 //!   `-c name=value` for each of [`SESSION_SETTINGS`], so that text output never depends on the
 //!   server's, database's or role's defaults (startup options override `ALTER DATABASE/ROLE … SET`).
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Component, Error};
-use crate::source::tls::{self, SslMode};
+use crate::pg::tls::{self, SslMode};
 
 /// Session settings every value-producing session runs with, so text output never depends on server or
 /// role defaults.

@@ -10,7 +10,7 @@ use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
 
 use super::{Op, Position};
-use crate::ack::BatchId;
+use crate::core::ack::BatchId;
 use crate::lsn::Lsn;
 use crate::table::TableSchema;
 

@@ -152,7 +152,7 @@ pub fn utc_to_pg_micros(t: DateTime<Utc>) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::pgoutput::{self, tests::arb_message};
+    use crate::core::decode::pgoutput::{self, tests::arb_message};
     use proptest::prelude::*;
 
     fn wire(parts: &[&[u8]]) -> Bytes {

@@ -14,22 +14,22 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (
         1,
         "registry",
-        include_str!("../../migrations/0001_registry.sql"),
+        include_str!("../../../migrations/0001_registry.sql"),
     ),
     (
         2,
         "reload_requests",
-        include_str!("../../migrations/0002_reload_requests.sql"),
+        include_str!("../../../migrations/0002_reload_requests.sql"),
     ),
     (
         3,
         "operators",
-        include_str!("../../migrations/0003_operators.sql"),
+        include_str!("../../../migrations/0003_operators.sql"),
     ),
 ];
 
 /// The reload-marker event trigger, installed in the source database (see the file's header).
-pub const RELOAD_MARKER_SQL: &str = include_str!("../../migrations/source/reload_marker.sql");
+pub const RELOAD_MARKER_SQL: &str = include_str!("../../../migrations/source/reload_marker.sql");
 
 /// Logical-message prefix of the markers of the instance whose registry schema is `schema`.
 pub fn marker_prefix(schema: &str) -> String {

@@ -22,7 +22,7 @@
 //!    registered position of a table (the *skip position*, loaded from the registry at start) tells
 //!    exactly which re-sent changes are already persisted. Changes at or below it are dropped; this is
 //!    what makes the replay after a crash exactly-once (ARCHITECTURE.md, invariant 2).
-//! 4. The acknowledgement rule lives in [`crate::ack`]; every open batch is registered there with its
+//! 4. The acknowledgement rule lives in [`crate::core::ack`]; every open batch is registered there with its
 //!    floor before its first row is written.
 //!
 //! Sealing policy: a batch is sealed at the first transaction boundary after its *deadline* (the first
@@ -37,9 +37,9 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::ack::{AckTracker, BatchId};
-use crate::decode::{self, Message, OldTuple, OldTupleKind, Tuple, Value};
-use crate::encode::csv::{push_header, push_value, METADATA_COLUMNS};
+use crate::core::ack::{AckTracker, BatchId};
+use crate::core::decode::{self, Message, OldTuple, OldTupleKind, Tuple, Value};
+use crate::core::encode::csv::{push_header, push_value, METADATA_COLUMNS};
 use crate::error::{Component, Error};
 use crate::lsn::Lsn;
 use crate::table::{TableName, TableSchema};
@@ -297,7 +297,7 @@ impl<F: SpoolFactory> Batcher<F> {
         }
     }
 
-    /// Also collect a [`ChangeEvent`] per written change (drained with [`Batcher::take_change_events`]).
+    /// Also collect a [`ChangeEvent`] per written change (drained with [`Batcher::drain_change_events`]).
     pub fn enable_change_events(&mut self) {
         self.change_events = Some(Vec::new());
     }

@@ -16,7 +16,7 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use sha2::{Digest, Sha256};
 
-use crate::batch::SpoolFactory;
+use crate::core::batch::SpoolFactory;
 use crate::table::TableName;
 
 /// File writer that hashes and counts what passes through it.

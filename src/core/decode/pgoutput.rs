@@ -1464,7 +1464,7 @@ pub(super) mod tests {
         )
     }
 
-    pub(in crate::decode) fn arb_message() -> impl Strategy<Value = Message> {
+    pub(in crate::core::decode) fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
             (arb_lsn(), any::<i64>(), any::<u32>()).prop_map(|(final_lsn, commit_ts, xid)| {
                 Message::Begin(Begin {

@@ -34,7 +34,7 @@
 //! `BytesMut` read buffer and each CopyData payload is returned as a zero-copy `Bytes` slice of it (a
 //! payload therefore keeps its 128 KiB read chunk alive until dropped).
 //!
-//! [`SESSION_SETTINGS`]: crate::source::conninfo::SESSION_SETTINGS
+//! [`SESSION_SETTINGS`]: crate::pg::conninfo::SESSION_SETTINGS
 
 use std::collections::HashMap;
 use std::io;
@@ -57,8 +57,8 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::fallible_iterator::FallibleIterator;
 
 use crate::error::{Component, Error};
-use crate::source::conninfo::{ConnInfo, Host};
-use crate::source::tls;
+use crate::pg::conninfo::{ConnInfo, Host};
+use crate::pg::tls;
 
 const COMPONENT: Component = Component::Postgres;
 /// Read buffer growth step; one `read` can fill this much.
@@ -866,7 +866,7 @@ mod tests {
 
     use super::*;
     use crate::lsn::Lsn;
-    use crate::source::conninfo::pg_error;
+    use crate::pg::conninfo::pg_error;
     use futures::FutureExt;
     use std::future::Future;
     use std::panic::AssertUnwindSafe;

@@ -1,7 +1,7 @@
 //! The batch/ack state machine driven through random streams, seals, persistence orders and crashes.
 
 use super::*;
-use crate::decode::{
+use crate::core::decode::{
     Begin, Commit, Delete, Insert, OldTuple, OldTupleKind, Truncate, Tuple, Update, Value,
 };
 use crate::table::{ColumnSchema, ReplicaIdentity};

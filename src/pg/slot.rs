@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use tokio_postgres::Client;
 
-use crate::decode::{Relation, ReplicaIdentity as WireIdentity};
+use crate::core::decode::{Relation, ReplicaIdentity as WireIdentity};
 use crate::error::{Component, Error};
 use crate::lsn::Lsn;
-use crate::source::conninfo::ConnInfo;
+use crate::pg::conninfo::ConnInfo;
 use crate::table::{ColumnSchema, ReplicaIdentity, TableName, TableSchema};
 
 fn pg(what: &str, e: tokio_postgres::Error) -> Error {
@@ -378,7 +378,7 @@ pub fn plan_slot(
 /// `failover` (PostgreSQL 17+; the caller has checked [`require_failover_support`]) makes the
 /// server synchronize it to standbys.
 pub async fn create_slot(
-    repl: &mut crate::source::wire::ReplicationConnection,
+    repl: &mut crate::pg::wire::ReplicationConnection,
     slot: &str,
     failover: bool,
 ) -> Result<Lsn, Error> {
@@ -404,7 +404,7 @@ pub async fn create_slot(
 
 /// Turns on `failover` for an existing slot (PostgreSQL 17+; checked by the caller).
 pub async fn enable_failover(
-    repl: &mut crate::source::wire::ReplicationConnection,
+    repl: &mut crate::pg::wire::ReplicationConnection,
     slot: &str,
 ) -> Result<(), Error> {
     repl.simple_query(&format!(
@@ -419,7 +419,7 @@ pub async fn enable_failover(
 
 /// A definite configuration error unless the server can synchronize slots (PostgreSQL 17+).
 pub async fn require_failover_support(
-    repl: &mut crate::source::wire::ReplicationConnection,
+    repl: &mut crate::pg::wire::ReplicationConnection,
 ) -> Result<(), Error> {
     let rows = repl.simple_query("SHOW server_version_num").await?;
     let version: i32 = rows

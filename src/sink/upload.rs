@@ -13,22 +13,17 @@
 //! written and registered normally; the orphans are removed by [`remove_orphans`] at start-up. A crash
 //! after 2 leaves a committed row whose steps 3–4 are completed at start-up, before streaming resumes.
 
-pub mod layout;
-pub mod record;
-pub mod spool;
-pub mod store;
-
 use std::collections::HashMap;
 
 use object_store::path::Path;
 
-use crate::batch::SealedBatch;
+use super::layout::{self, DATA_FILE, MANIFEST_FILE, SCHEMA_FILE};
+use super::record::{FileKind, FileRecord, Registered};
+use super::spool::SpooledFile;
+use super::store::Store;
+use crate::core::batch::SealedBatch;
 use crate::error::Error;
 use crate::table::{TableName, TableSchema};
-use layout::{DATA_FILE, MANIFEST_FILE, SCHEMA_FILE};
-use record::{FileKind, FileRecord, Registered};
-pub use spool::SpooledFile;
-pub use store::Store;
 
 /// Assigns schema versions: the registry's current version, plus one whenever a batch's fingerprint
 /// differs from the previous batch of the same table. Batches of a table pass here in seal order,
@@ -69,10 +64,10 @@ pub async fn upload_streaming(
     let dir = layout::batch_dir(store.root(), table, &batch_id);
     let data = dir.clone().join(DATA_FILE);
     let schema_path = dir.clone().join(SCHEMA_FILE);
-    let doc = crate::encode::schema_yml::SchemaDoc::streaming(
+    let doc = crate::core::encode::schema_yml::SchemaDoc::streaming(
         &batch.schema,
         schema_version,
-        crate::encode::schema_yml::LsnRange {
+        crate::core::encode::schema_yml::LsnRange {
             first_commit_lsn: batch.first.commit_lsn,
             first_seq: batch.first.seq,
             last_commit_lsn: batch.last.commit_lsn,
@@ -84,7 +79,7 @@ pub async fn upload_streaming(
         .put_file(&data, &batch.spool.path, batch.spool.gz_bytes)
         .await?;
     store.put_bytes(&schema_path, doc.to_yaml()).await?;
-    let ts = |us| crate::decode::pg_micros_to_utc(us);
+    let ts = |us| crate::core::decode::pg_micros_to_utc(us);
     Ok(FileRecord {
         batch_id,
         table: table.clone(),
@@ -135,7 +130,7 @@ pub struct Notice {
     pub schema_fingerprint: String,
     pub reload_id: Option<i64>,
     pub part: Option<i32>,
-    pub ops: crate::batch::OpCounts,
+    pub ops: crate::core::batch::OpCounts,
 }
 
 impl Notice {

@@ -11,7 +11,7 @@
 //! - `files.notified_stream_seq` is set only after JetStream acknowledged the notice; rows where it is
 //!   NULL are completed (manifest, notice) at start-up before streaming resumes.
 //!
-//! The schema is created by the numbered files in `migrations/`, applied by [`migrate`] under an
+//! The schema is created by the numbered files in `migrations/`, applied by [`migrate()`] under an
 //! advisory lock, each once, each in its own transaction.
 
 pub mod migrate;
@@ -21,16 +21,16 @@ use std::collections::HashMap;
 
 use tokio_postgres::Row;
 
-use crate::batch::{OpCounts, Position};
+use crate::core::batch::{OpCounts, Position};
 use crate::error::{Component, Error, Kind};
 use crate::lsn::Lsn;
 use crate::table::{quote_ident, TableName, TableSchema};
 
 pub use migrate::migrate;
 
-// The records of written objects are the write stage's output (`crate::write::record`); the
+// The records of written objects are the write stage's output (`crate::sink::record`); the
 // registry stores them.
-pub use crate::write::record::{FileKind, FileRecord, Registered};
+pub use crate::sink::record::{FileKind, FileRecord, Registered};
 
 /// Per-table state as the daemon needs it at start.
 #[derive(Debug, Clone, Default)]

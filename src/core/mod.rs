@@ -1,0 +1,16 @@
+//! The sans-IO core: pure logic fed bytes, messages and time, emitting records and commands.
+//!
+//! Nothing here opens a socket or reads a clock; the drivers in [`crate::daemon`] and
+//! [`crate::reload`] do the IO. That is what lets the property tests in `batch/tests.rs`,
+//! `ack/status.rs` and `reload_plan` drive every interleaving and crash window deterministically.
+//!
+//! - [`decode`]: pgoutput bytes → typed messages (never panics on bad bytes).
+//! - [`batch`]: messages → per-table micro-batches sealed on transaction boundaries, and the
+//!   ack tracker that says which LSN may be confirmed.
+//! - [`ack`]: the confirmed-LSN bookkeeping and the status-update policy.
+//! - [`encode`]: rows → CSV and `schema.yml` bytes.
+
+pub mod ack;
+pub mod batch;
+pub mod decode;
+pub mod encode;

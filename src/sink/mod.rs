@@ -1,0 +1,14 @@
+//! Where sealed batches go, in the order of their effects: the object [`store`] (files under the
+//! [`layout`]), the [`registry`] (the commit record), and JetStream ([`notify`]).
+//!
+//! [`upload`] states the order of effects for one batch and why a crash between any two of them
+//! loses nothing; [`spool`] is the local gzip staging a batch is sealed into before upload;
+//! [`record`] is the registry row that describes one file.
+
+pub mod layout;
+pub mod notify;
+pub mod record;
+pub mod registry;
+pub mod spool;
+pub mod store;
+pub mod upload;
