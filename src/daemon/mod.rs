@@ -16,13 +16,25 @@
 //!   crash; there is no in-process repair path that could differ from crash recovery.
 //! - Start-up finishes committed-but-unnotified batches and removes orphans *before* streaming.
 //! - A transient failure (server down, network) restarts the session with backoff; a definite one
-//!   (configuration, permissions, undecodable data) stops the daemon with exit code 1.
+//!   (configuration, permissions, undecodable data) stops the daemon (exit code 2 for configuration
+//!   and credentials, 1 otherwise).
 //! - SIGTERM/SIGINT: stop reading, abandon open batches (they are re-sent from the confirmed LSN),
 //!   let in-flight deliveries finish (bounded wait), send a final status update, exit 0.
+//!
+//! # Modules
+//! `session` is one session as a page of phases; `startup` is everything before streaming
+//! (connect, slot lock, recovery, slot plan, batcher preparation); the running tasks are
+//! `reader`, `batcher_thread`, [`deliver`], [`reloads`], `events`, `status_updates` and `report`.
 
+mod batcher_thread;
 pub mod deliver;
+mod events;
+mod reader;
 pub mod reloads;
+mod report;
 mod session;
+mod startup;
+mod status_updates;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,7 +86,7 @@ pub async fn run(
             tracing::warn!(error = %e, retry_in = ?delay, "session ended; restarting from the confirmed LSN");
         }
         // A standby waiting for the slot is not the daemon's state: the active one reports that.
-        if e.component() != session::STANDBY {
+        if e.component() != startup::STANDBY {
             record_state(&config, "retrying", Some(&e.to_string())).await;
         }
         let mut s = shutdown.clone();
