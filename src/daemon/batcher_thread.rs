@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use crate::core::ack::BatchId;
-use crate::core::batch::{Batcher, EventOut, SealedBatch};
+use crate::core::batch::{Batcher, Control, EventOut, SealedBatch};
 use crate::core::decode::{self};
 use crate::error::{Component, Error};
 use crate::lsn::Lsn;
@@ -75,7 +75,7 @@ pub(super) fn run_batcher(
     mut persisted_rx: mpsc::UnboundedReceiver<BatchId>,
     sealed_tx: mpsc::Sender<SealedBatch<SpooledFile>>,
     events_tx: Option<mpsc::Sender<EventOut>>,
-    controls_tx: mpsc::UnboundedSender<crate::core::batch::Control>,
+    controls_tx: mpsc::UnboundedSender<Control>,
     confirmed_tx: watch::Sender<Lsn>,
     metrics: Arc<Metrics>,
 ) -> Result<BatcherState, Error> {
@@ -119,7 +119,14 @@ pub(super) fn run_batcher(
         let mut controls = Vec::new();
         batcher.drain_controls(&mut controls);
         for c in controls {
-            let _ = controls_tx.send(c);
+            match c {
+                Control::MalformedMarker { commit_lsn, error } => {
+                    tracing::warn!(%error, commit = %commit_lsn, "ignoring a malformed cdc-egress marker message");
+                }
+                reload => {
+                    let _ = controls_tx.send(reload);
+                }
+            }
         }
         for b in sealed.drain(..) {
             let b = b.map_spool(|spool| {

@@ -101,6 +101,13 @@ impl GzipSpools {
 
 impl SpoolFactory for GzipSpools {
     type Spool = GzipSpool;
+    type Hold = File;
+
+    /// An anonymous file in the spool directory: it vanishes with the process, however it ends.
+    fn hold_file(&mut self) -> io::Result<File> {
+        tempfile::tempfile_in(&self.dir)
+    }
+
     fn create(&mut self, table: &TableName) -> io::Result<GzipSpool> {
         let safe: String = table
             .dotted()

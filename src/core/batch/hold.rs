@@ -1,11 +1,11 @@
 //! The hold file: rows of a table parked between a reload marker and its cut.
 //!
-//! Records are appended to an anonymous temporary file (memory stays bounded however long the cut
-//! takes) and read back once, in order, when the cut is known. Record layout (big-endian):
+//! Records are appended to the factory's scratch space (in production an anonymous file in the
+//! spool directory, so memory stays bounded however long the cut takes) and read back once, in
+//! order, when the cut is known. Record layout (big-endian):
 //! `commit_lsn u64 | seq u32 | commit_ts i64 | xid u32 | op u8 | schema u16 | len u32 | csv row`.
 //! `schema` indexes the schemas seen while holding (a Relation message may change the columns).
 
-use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
 
@@ -14,10 +14,10 @@ use crate::core::ack::BatchId;
 use crate::lsn::Lsn;
 use crate::table::TableSchema;
 
-pub(super) struct Hold {
+pub(super) struct Hold<H: Write> {
     pub id: BatchId,
     pub floor: Lsn,
-    file: BufWriter<File>,
+    file: BufWriter<H>,
     schemas: Vec<Arc<TableSchema>>,
 }
 
@@ -47,8 +47,8 @@ fn op_from(b: u8) -> io::Result<Op> {
     })
 }
 
-impl Hold {
-    pub fn new(id: BatchId, floor: Lsn, file: File) -> Self {
+impl<H: Read + Write + Seek> Hold<H> {
+    pub fn new(id: BatchId, floor: Lsn, file: H) -> Self {
         Hold {
             id,
             floor,

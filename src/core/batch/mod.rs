@@ -33,7 +33,7 @@ use std::collections::HashMap;
 
 /// Maps looked up once or more per change: a cheap non-cryptographic hasher (keys are our own).
 type FastMap<K, V> = rustc_hash::FxHashMap<K, V>;
-use std::io::Write;
+use std::io::{Read, Seek, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,14 +93,16 @@ pub struct Limits {
     pub max_bytes: u64,
 }
 
-/// Creates the byte sink of a new batch.
+/// Where the batcher's bytes go: the batches it builds and the rows it parks during a reload hold.
+/// The batcher itself never opens a file; production spools gzip into files of the spool directory
+/// (`sink::spool::GzipSpools`), the tests into memory.
 pub trait SpoolFactory {
     type Spool: Write;
+    /// Scratch space for a table's parked rows: written once in order, then read back once from
+    /// the start (see [`Batcher::begin_hold`]).
+    type Hold: Read + Write + Seek;
     fn create(&mut self, table: &TableName) -> std::io::Result<Self::Spool>;
-    /// An anonymous scratch file for parked rows (see [`Batcher::begin_hold`]).
-    fn hold_file(&mut self) -> std::io::Result<std::fs::File> {
-        tempfile::tempfile()
-    }
+    fn hold_file(&mut self) -> std::io::Result<Self::Hold>;
 }
 
 /// An in-band control message found in the stream.
@@ -113,6 +115,8 @@ pub enum Control {
         request: String,
         marker_commit_lsn: Lsn,
     },
+    /// A logical message with our marker prefix that does not parse: ignored (the driver logs it).
+    MalformedMarker { commit_lsn: Lsn, error: String },
 }
 
 #[derive(serde::Deserialize)]
@@ -246,7 +250,7 @@ pub struct Batcher<F: SpoolFactory> {
     now_us: i64,
     scratch: Vec<u8>,
     change_events: Option<Vec<EventOut>>,
-    holds: FastMap<TableName, Hold>,
+    holds: FastMap<TableName, Hold<F::Hold>>,
     /// Reload cuts not yet passed by the stream: the table's open batch holds only rows below the
     /// cut, and the first row at or after it seals that batch first (so no batch straddles a cut).
     cuts: FastMap<TableName, Lsn>,
@@ -676,7 +680,10 @@ impl<F: SpoolFactory> Batcher<F> {
         let parsed: Marker = match serde_json::from_slice(&m.content) {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(error = %e, "ignoring a malformed cdc-egress marker message");
+                self.controls.push(Control::MalformedMarker {
+                    commit_lsn,
+                    error: e.to_string(),
+                });
                 return Ok(());
             }
         };

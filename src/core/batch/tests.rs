@@ -11,8 +11,12 @@ use std::collections::{BTreeMap, BTreeSet};
 struct VecSpools;
 impl SpoolFactory for VecSpools {
     type Spool = Vec<u8>;
+    type Hold = std::io::Cursor<Vec<u8>>;
     fn create(&mut self, _: &TableName) -> std::io::Result<Vec<u8>> {
         Ok(Vec::new())
+    }
+    fn hold_file(&mut self) -> std::io::Result<Self::Hold> {
+        Ok(std::io::Cursor::new(Vec::new()))
     }
 }
 
@@ -642,4 +646,60 @@ fn release_splits_at_the_cut_and_drops_nothing() {
         b.persisted(s.id);
     }
     assert_eq!(b.confirmed(), Lsn(45));
+}
+
+#[test]
+fn markers_become_controls_and_malformed_ones_are_reported_not_acted_on() {
+    let mut b = Batcher::new(
+        limits(1_000_000_000, 1_000),
+        VecSpools,
+        Lsn(1),
+        HashMap::new(),
+        None,
+    );
+    let mut sealed = Vec::new();
+    b.relation(schema(0), &mut sealed).unwrap();
+    let marker = |b: &mut Batcher<VecSpools>, lsn: u64, content: &str, sealed: &mut Vec<_>| {
+        let begin = Message::Begin(Begin {
+            final_lsn: Lsn(lsn),
+            commit_ts: 0,
+            xid: 1,
+        });
+        b.message(begin, sealed).unwrap();
+        let msg = Message::Message(crate::core::decode::LogicalMessage {
+            transactional: true,
+            lsn: Lsn(lsn - 1),
+            prefix: "cdc_egress:cdc_egress".into(),
+            content: bytes::Bytes::copy_from_slice(content.as_bytes()),
+        });
+        b.message(msg, sealed).unwrap();
+        let commit = Message::Commit(Commit {
+            flags: 0,
+            commit_lsn: Lsn(lsn),
+            end_lsn: Lsn(lsn + 5),
+            commit_ts: 0,
+        });
+        b.message(commit, sealed).unwrap();
+    };
+    marker(&mut b, 10, "{not json", &mut sealed);
+    let mut controls = Vec::new();
+    b.drain_controls(&mut controls);
+    assert!(
+        matches!(&controls[..], [Control::MalformedMarker { commit_lsn, .. }] if *commit_lsn == Lsn(10)),
+        "{controls:?}"
+    );
+    assert_eq!(b.confirmed(), Lsn(15), "a malformed marker holds nothing");
+
+    let start = r#"{"kind":"reload_start","schema":"public","table":"t0","request":"r1"}"#;
+    marker(&mut b, 20, start, &mut sealed);
+    controls.clear();
+    b.drain_controls(&mut controls);
+    assert_eq!(
+        controls,
+        vec![Control::ReloadStart {
+            table: schema(0).table.clone(),
+            request: "r1".into(),
+            marker_commit_lsn: Lsn(20),
+        }]
+    );
 }
