@@ -561,8 +561,8 @@ proptest! {
 
 /// A hold parks rows and pins the ack; releasing at a cut drops nothing and splits the table's
 /// batches exactly at the cut (rows below it in their own batch).
-#[test]
-fn release_splits_at_the_cut_and_drops_nothing() {
+/// A batcher that knows table 0 and seals only when told.
+fn one_table_batcher() -> Batcher<VecSpools> {
     let mut b = Batcher::new(
         limits(1_000_000_000, 1_000),
         VecSpools,
@@ -570,8 +570,14 @@ fn release_splits_at_the_cut_and_drops_nothing() {
         HashMap::new(),
         None,
     );
+    b.relation(schema(0), &mut Vec::new()).unwrap();
+    b
+}
+
+#[test]
+fn release_splits_at_the_cut_and_drops_nothing() {
+    let mut b = one_table_batcher();
     let mut sealed = Vec::new();
-    b.relation(schema(0), &mut sealed).unwrap();
     let txn =
         |b: &mut Batcher<VecSpools>, lsn: u64, id: &str, sealed: &mut Vec<SealedBatch<Vec<u8>>>| {
             b.message(
@@ -650,15 +656,8 @@ fn release_splits_at_the_cut_and_drops_nothing() {
 
 #[test]
 fn markers_become_controls_and_malformed_ones_are_reported_not_acted_on() {
-    let mut b = Batcher::new(
-        limits(1_000_000_000, 1_000),
-        VecSpools,
-        Lsn(1),
-        HashMap::new(),
-        None,
-    );
+    let mut b = one_table_batcher();
     let mut sealed = Vec::new();
-    b.relation(schema(0), &mut sealed).unwrap();
     let marker = |b: &mut Batcher<VecSpools>, lsn: u64, content: &str, sealed: &mut Vec<_>| {
         let begin = Message::Begin(Begin {
             final_lsn: Lsn(lsn),
