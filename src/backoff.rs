@@ -29,7 +29,7 @@ pub fn delay(first: Duration, max: Duration, attempt: u32, unit: f64) -> Duratio
 
 /// [`delay`] with a fresh random unit, for a caller that counts attempts itself.
 pub fn jittered(first: Duration, max: Duration, attempt: u32) -> Duration {
-    Backoff::new(first, max).unit_for(attempt)
+    Backoff::new(first, max).delay_for(attempt)
 }
 
 /// A retry schedule in progress: [`Backoff::next_delay`] gives the next wait, [`Backoff::reset`]
@@ -75,7 +75,9 @@ impl Backoff {
         d
     }
 
-    fn unit_for(&mut self, attempt: u32) -> Duration {
+    /// The wait before retry number `attempt` with the next random unit of this schedule, for a
+    /// caller that counts attempts itself (the schedule's own count is left alone).
+    pub fn delay_for(&mut self, attempt: u32) -> Duration {
         let unit = self.unit();
         delay(self.first, self.max, attempt, unit)
     }

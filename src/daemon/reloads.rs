@@ -1,5 +1,12 @@
 //! The daemon's side of reloads: react to markers, take cuts, release holds, register exports.
 //!
+//! Every decision (which reloads are active, what a marker does, when an attempt starts or is
+//! retried, when a hold is released and with which cut, when a reload is done or failed) is made by
+//! the sans-IO [`ReloadPlan`] (`core::reload`, where the invariants are argued and property-tested).
+//! This driver only feeds it (controls from the batcher, events of the export jobs, the registry's
+//! answer for a marker, the retry deadline it asked for), performs its commands in the order
+//! given, and reports progress once a second.
+//!
 //! # Hand-over, step by step (ARCHITECTURE.md, invariant 3)
 //! 1. The batcher reads a START marker in transaction `M`: it seals the table's open batch there and
 //!    *holds* the table (its next rows are parked on disk; the ack cannot pass them).
@@ -23,11 +30,12 @@
 //!   streaming rows with `_commit_lsn >= cut_lsn` (for reloads that never restarted, this is exactly
 //!   "every streaming batch after the reload").
 //! - A transient failure (of the cut or the export) retries with a new cut after a backoff (up to
-//!   [`MAX_ATTEMPTS`]); a definite one, or too many, marks the reload `failed` with its reason and
+//!   [`MAX_ATTEMPTS`](crate::core::reload::MAX_ATTEMPTS) per session; a cut that cannot be taken
+//!   counts too); a definite one, or too many, marks the reload `failed` with its reason and
 //!   releases a table still held. Other tables are not affected.
 //! - The marker of a reload that already finished, read again after a restart, is ignored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,30 +44,21 @@ use tokio::sync::mpsc;
 
 use super::deliver::{finish_reload, retry, Sinks};
 use crate::core::batch::{Control, Position};
+use crate::core::reload::{AttemptId, Command, ReloadPlan};
 use crate::error::Error;
 use crate::lsn::Lsn;
-use crate::reload::export::{self, ExportEvent, Exporter, Progress, TableExport, TableJob};
+use crate::reload::export::{self, ExportEvent, Exporter, Progress, TableJob};
 use crate::reload::notice::reload_batch_id;
 use crate::sink::layout;
 use crate::sink::registry::migrate::marker_prefix;
 use crate::sink::registry::{FileKind, FileRecord};
-use crate::table::{quote_literal, TableName};
-
-pub const MAX_ATTEMPTS: u32 = 3;
+use crate::table::{quote_literal, TableName, TableSchema};
 
 /// Messages from the coordinator to the batcher thread.
 #[derive(Debug)]
 pub struct Release {
     pub table: TableName,
     pub cut: Lsn,
-}
-
-struct Active {
-    reload_id: i64,
-    request: String,
-    cut: Option<Lsn>,
-    attempts: u32,
-    progress: Arc<Progress>,
 }
 
 pub struct Coordinator {
@@ -70,24 +69,35 @@ pub struct Coordinator {
     pub release: mpsc::Sender<Release>,
 }
 
-/// The export jobs of this coordinator. They are aborted when it is dropped (session end), so an
-/// attempt of an earlier session can never keep writing into a reload directory a new attempt uses.
-#[derive(Default)]
-struct Jobs {
-    started: u64,
-    running: tokio::task::JoinSet<()>,
+/// What a successful export hands to registration.
+type Exported = (Arc<TableSchema>, Vec<export::Part>);
+
+/// What the coordinator keeps besides the plan: the export jobs, which are aborted when it is
+/// dropped (session end), so an attempt of an earlier session can never keep writing into a reload
+/// directory a new attempt uses; and each table's export progress.
+struct Running {
+    plan: ReloadPlan,
+    jobs: tokio::task::JoinSet<()>,
+    events: mpsc::UnboundedSender<JobEvent>,
+    progress: HashMap<TableName, Arc<Progress>>,
 }
 
+/// The plan's clock reading: tokio's, so it agrees with `sleep_until` on the plan's deadlines.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// What an export job reports, named by its attempt.
 enum JobEvent {
-    /// Start another attempt for these tables (after a backoff).
-    Retry(Vec<TableName>),
     Cut {
+        attempt: AttemptId,
         tables: Vec<TableName>,
         cut: Lsn,
         snapshot: String,
     },
-    Export(ExportEvent),
+    Export(AttemptId, ExportEvent),
     Failed {
+        attempt: AttemptId,
         tables: Vec<TableName>,
         error: Error,
     },
@@ -102,146 +112,201 @@ impl Coordinator {
         resume: Vec<(TableName, i64, String)>,
     ) -> Result<(), Error> {
         let (events_tx, mut events) = mpsc::unbounded_channel::<JobEvent>();
-        let mut active: HashMap<TableName, Active> = HashMap::new();
-        let mut jobs = Jobs::default();
-        if !resume.is_empty() {
-            for (t, id, request) in &resume {
-                active.insert(
-                    t.clone(),
-                    Active {
-                        reload_id: *id,
-                        request: request.clone(),
-                        cut: None,
-                        attempts: 0,
-                        progress: Default::default(),
-                    },
-                );
-            }
-            let tables: Vec<TableName> = resume.into_iter().map(|(t, _, _)| t).collect();
-            self.start_job(&mut jobs, &tables, &active, &events_tx)
-                .await?;
-        }
+        let mut st = Running {
+            plan: ReloadPlan::new(),
+            jobs: tokio::task::JoinSet::new(),
+            events: events_tx,
+            progress: HashMap::new(),
+        };
+        let mut out = Vec::new();
+        st.plan.resume(resume, &mut out);
+        self.execute(&mut st, out).await?;
         let mut progress_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
+            let mut out = Vec::new();
+            let wake = st.plan.next_wake().map(tokio::time::Instant::from_std);
             tokio::select! {
                 c = controls.recv() => {
                     let Some(Control::ReloadStart { table, request, marker_commit_lsn }) = c else { return Ok(()) };
-                    if let Some(a) = active.get(&table) {
-                        // A marker read again after a restart, or a second request while one runs: the
-                        // running reload covers it. Release the hold with the cut we have, if any.
-                        tracing::info!(table = %table, reload = a.reload_id, "reload already running; marker joins it");
-                        if let Some(cut) = a.cut {
-                            let _ = self.release.send(Release { table, cut }).await;
-                        }
-                        continue;
-                    }
-                    let Some(id) = retry("record reload request", &self.sinks, || {
-                        self.sinks.registry.reload_for_marker(&table, &request, marker_commit_lsn)
-                    })
-                    .await? else {
-                        // The marker of a finished reload, read again after a restart: stream on.
-                        tracing::info!(table = %table, "marker of a finished reload read again; nothing to do");
-                        let _ = self.release.send(Release { table, cut: Lsn::ZERO }).await;
-                        continue;
-                    };
-                    tracing::info!(table = %table, reload = id, marker = %marker_commit_lsn, "reload requested");
-                    active.insert(table.clone(), Active { reload_id: id, request, cut: None, attempts: 0, progress: Default::default() });
-                    self.start_job(&mut jobs, std::slice::from_ref(&table), &active, &events_tx).await?;
+                    st.plan.marker(table, request, marker_commit_lsn, &mut out);
                 }
                 Some(ev) = events.recv() => match ev {
-                    JobEvent::Cut { tables, cut, snapshot } => {
-                        for t in tables {
-                            let Some(a) = active.get_mut(&t) else { continue };
-                            a.cut = Some(cut);
-                            a.attempts += 1;
-                            let id = a.reload_id;
-                            retry("record reload cut", &self.sinks, || {
-                                self.sinks.registry.record_cut(id, cut, &snapshot, 0, 0)
-                            })
-                            .await?;
-                            tracing::info!(table = %t, reload = id, cut = %cut, "reload cut taken");
-                            if self.release.send(Release { table: t, cut }).await.is_err() {
-                                return Ok(());
-                            }
-                        }
+                    JobEvent::Cut { attempt, tables, cut, snapshot } => {
+                        st.plan.cut_taken(attempt, &tables, cut, &snapshot, &mut out);
                     }
-                    JobEvent::Export(ExportEvent::Planned { reload_id, rows, bytes }) => {
+                    JobEvent::Export(_, ExportEvent::Planned { reload_id, rows, bytes }) => {
                         let registry = self.sinks.registry.clone();
                         let _ = registry.reload_estimate(reload_id, rows, bytes).await;
                     }
-                    JobEvent::Export(ExportEvent::Finished(done)) => {
-                        self.finished(done, &mut active, &mut jobs, &events_tx).await?;
+                    JobEvent::Export(attempt, ExportEvent::Finished(done)) => {
+                        let result = done.result.map(|parts| (done.schema, parts));
+                        st.plan.export_finished(now(), attempt, &done.table, result, &mut out);
                     }
-                    JobEvent::Retry(tables) => {
-                        let tables: Vec<TableName> = tables.into_iter().filter(|t| active.contains_key(t)).collect();
-                        if !tables.is_empty() {
-                            self.start_job(&mut jobs, &tables, &active, &events_tx).await?;
-                        }
-                    }
-                    JobEvent::Failed { tables, error } => {
-                        for t in tables {
-                            // A failed cut counts as an attempt too (with backoff), so it cannot spin.
-                            if let Some(a) = active.get_mut(&t) {
-                                if a.cut.is_none() {
-                                    a.attempts += 1;
-                                }
-                            }
-                            let failed = TableExport {
-                                table: t.clone(),
-                                reload_id: active.get(&t).map(|a| a.reload_id).unwrap_or(0),
-                                schema: crate::table::TableSchema::new(t, 0, crate::table::ReplicaIdentity::Default, vec![]),
-                                result: Err(error.clone()),
-                            };
-                            self.finished(failed, &mut active, &mut jobs, &events_tx).await?;
-                        }
+                    JobEvent::Failed { attempt, tables, error } => {
+                        st.plan.attempt_failed(now(), attempt, &tables, &error, &mut out);
                     }
                 },
+                _ = async {
+                    match wake {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    st.plan.wake(now(), &mut out);
+                }
                 _ = progress_tick.tick() => {
-                    for a in active.values() {
-                        let (rows, bytes) = (a.progress.rows.load(Relaxed) as i64, a.progress.bytes.load(Relaxed) as i64);
+                    for (t, id) in st.plan.active() {
+                        let Some(p) = st.progress.get(t) else { continue };
+                        let (rows, bytes) = (p.rows.load(Relaxed) as i64, p.bytes.load(Relaxed) as i64);
                         if rows > 0 || bytes > 0 {
-                            let _ = self.sinks.registry.reload_progress(a.reload_id, rows, bytes).await;
+                            let _ = self.sinks.registry.reload_progress(id, rows, bytes).await;
                         }
                     }
                 }
             }
+            self.execute(&mut st, out).await?;
         }
     }
 
-    async fn start_job(
-        &self,
-        jobs: &mut Jobs,
-        tables: &[TableName],
-        active: &HashMap<TableName, Active>,
-        events: &mpsc::UnboundedSender<JobEvent>,
-    ) -> Result<(), Error> {
-        jobs.started += 1;
-        while jobs.running.try_join_next().is_some() {}
+    /// Performs the plan's commands in order. The answer to a `RecordRequest` is fed back at once
+    /// and its commands run before any later one.
+    async fn execute(&self, st: &mut Running, cmds: Vec<Command<Exported>>) -> Result<(), Error> {
+        let sinks = &self.sinks;
+        let mut queue = VecDeque::from(cmds);
+        while let Some(cmd) = queue.pop_front() {
+            match cmd {
+                Command::RecordRequest {
+                    table,
+                    request,
+                    marker_commit_lsn,
+                } => {
+                    let id = retry("record reload request", sinks, || {
+                        sinks
+                            .registry
+                            .reload_for_marker(&table, &request, marker_commit_lsn)
+                    })
+                    .await?;
+                    match id {
+                        // The marker of a finished reload, read again after a restart: stream on.
+                        None => {
+                            tracing::info!(table = %table, "marker of a finished reload read again; nothing to do")
+                        }
+                        Some(id) => {
+                            tracing::info!(table = %table, reload = id, marker = %marker_commit_lsn, "reload requested")
+                        }
+                    }
+                    let mut more = Vec::new();
+                    st.plan.recorded(table, request, id, &mut more);
+                    for c in more.into_iter().rev() {
+                        queue.push_front(c);
+                    }
+                }
+                Command::Joined { table, reload_id } => {
+                    // A marker read again after a restart, or a second request while one runs: the
+                    // running reload covers it.
+                    tracing::info!(table = %table, reload = reload_id, "reload already running; marker joins it");
+                }
+                Command::StartAttempt { attempt, tables } => {
+                    self.start_job(st, attempt, tables).await;
+                }
+                Command::RecordCut {
+                    table,
+                    reload_id,
+                    cut,
+                    snapshot,
+                } => {
+                    retry("record reload cut", sinks, || {
+                        sinks.registry.record_cut(reload_id, cut, &snapshot, 0, 0)
+                    })
+                    .await?;
+                    tracing::info!(table = %table, reload = reload_id, cut = %cut, "reload cut taken");
+                }
+                Command::Release { table, cut } => {
+                    // Fails only when the batcher is gone, and the session with it.
+                    let _ = self.release.send(Release { table, cut }).await;
+                }
+                Command::Register {
+                    table,
+                    reload_id,
+                    cut,
+                    output: (schema, parts),
+                } => {
+                    let rows: u64 = parts.iter().map(|p| p.rows).sum();
+                    let bytes: u64 = parts.iter().map(|p| p.gz_bytes).sum();
+                    self.register(&table, reload_id, cut, &schema, &parts)
+                        .await?;
+                    sinks.metrics.reload_rows.inc_by(rows);
+                    sinks.metrics.reload_bytes.inc_by(bytes);
+                    tracing::info!(table = %table, reload = reload_id, cut = %cut, rows, bytes, parts = parts.len(), "reload done");
+                }
+                Command::RetryLater {
+                    table,
+                    reload_id,
+                    error,
+                    after,
+                } => {
+                    tracing::warn!(table = %table, reload = reload_id, error = %error, retry_in = ?after, "reload attempt failed; retrying with a new cut");
+                    sinks.metrics.error(&error);
+                }
+                Command::RecordFailure {
+                    table,
+                    reload_id,
+                    error,
+                } => {
+                    tracing::error!(table = %table, reload = reload_id, error = %error, "reload failed");
+                    sinks.metrics.error(&error);
+                    let msg = error.to_string();
+                    retry("record reload failure", sinks, || {
+                        sinks.registry.fail_reload(reload_id, &msg)
+                    })
+                    .await?;
+                }
+                Command::EndMarker {
+                    table,
+                    reload_id,
+                    request,
+                    cut,
+                    status,
+                } => {
+                    self.end_marker(&table, reload_id, &request, cut, status.as_str())
+                        .await;
+                    st.progress.remove(&table);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts an attempt: removes what earlier attempts left in the tables' reload directories,
+    /// then, in the background, takes one cut and exports every table from it.
+    async fn start_job(&self, st: &mut Running, attempt: AttemptId, tables: Vec<(TableName, i64)>) {
+        while st.jobs.try_join_next().is_some() {}
         let mut list = Vec::new();
-        for t in tables {
-            let Some(a) = active.get(t) else { continue };
-            a.progress.rows.store(0, Relaxed);
-            a.progress.bytes.store(0, Relaxed);
+        for (t, reload_id) in tables {
+            let progress = st.progress.entry(t.clone()).or_default().clone();
+            progress.rows.store(0, Relaxed);
+            progress.bytes.store(0, Relaxed);
             // Parts of an earlier attempt were never registered: remove them before writing new ones.
-            let dir = layout::reload_dir(self.sinks.store.root(), t, a.reload_id);
+            let dir = layout::reload_dir(self.sinks.store.root(), &t, reload_id);
             for o in self.sinks.store.list(&dir).await.unwrap_or_default() {
                 let _ = self.sinks.store.delete(&o.location).await;
             }
             list.push(TableJob {
-                table: t.clone(),
-                reload_id: a.reload_id,
-                progress: a.progress.clone(),
+                table: t,
+                reload_id,
+                progress,
             });
         }
         let exporter = self.exporter.clone();
-        let events = events.clone();
-        let tag = format!("{}_{}", std::process::id(), jobs.started);
-        jobs.running.spawn(async move {
+        let events = st.events.clone();
+        let tag = format!("{}_{}", std::process::id(), attempt.0);
+        st.jobs.spawn(async move {
             let names: Vec<TableName> = list.iter().map(|j| j.table.clone()).collect();
             let cut = match export::take_cut(&exporter.source, &exporter.slot_name, &tag).await {
                 Ok(c) => c,
                 Err(error) => {
                     let _ = events.send(JobEvent::Failed {
+                        attempt,
                         tables: names,
                         error,
                     });
@@ -249,6 +314,7 @@ impl Coordinator {
                 }
             };
             let _ = events.send(JobEvent::Cut {
+                attempt,
                 tables: names.clone(),
                 cut: cut.lsn,
                 snapshot: cut.snapshot.clone(),
@@ -258,84 +324,19 @@ impl Coordinator {
                 let events = events.clone();
                 tokio::spawn(async move {
                     while let Some(e) = rx.recv().await {
-                        let _ = events.send(JobEvent::Export(e));
+                        let _ = events.send(JobEvent::Export(attempt, e));
                     }
                 })
             };
             if let Err(error) = exporter.run(cut, list, tx).await {
                 let _ = events.send(JobEvent::Failed {
+                    attempt,
                     tables: names,
                     error,
                 });
             }
             let _ = forward.await;
         });
-        Ok(())
-    }
-
-    async fn finished(
-        &self,
-        done: TableExport,
-        active: &mut HashMap<TableName, Active>,
-        jobs: &mut Jobs,
-        events: &mpsc::UnboundedSender<JobEvent>,
-    ) -> Result<(), Error> {
-        let Some(a) = active.get(&done.table) else {
-            return Ok(());
-        };
-        let (id, cut, request) = (a.reload_id, a.cut.unwrap_or(Lsn::ZERO), a.request.clone());
-        match done.result {
-            Ok(parts) => {
-                let rows: u64 = parts.iter().map(|p| p.rows).sum();
-                let bytes: u64 = parts.iter().map(|p| p.gz_bytes).sum();
-                self.register(&done.table, id, cut, &done.schema, &parts)
-                    .await?;
-                self.sinks.metrics.reload_rows.inc_by(rows);
-                self.sinks.metrics.reload_bytes.inc_by(bytes);
-                tracing::info!(table = %done.table, reload = id, cut = %cut, rows, bytes, parts = parts.len(), "reload done");
-                self.end_marker(&done.table, id, &request, cut, "done")
-                    .await;
-                active.remove(&done.table);
-            }
-            Err(e) if e.is_transient() && a.attempts < MAX_ATTEMPTS => {
-                let backoff = crate::backoff::jittered(
-                    Duration::from_secs(2),
-                    Duration::from_secs(32),
-                    a.attempts.saturating_sub(1),
-                );
-                tracing::warn!(table = %done.table, reload = id, error = %e, retry_in = ?backoff, "reload attempt failed; retrying with a new cut");
-                self.sinks.metrics.error(&e);
-                let events = events.clone();
-                let table = done.table.clone();
-                jobs.running.spawn(async move {
-                    tokio::time::sleep(backoff).await;
-                    let _ = events.send(JobEvent::Retry(vec![table]));
-                });
-            }
-            Err(e) => {
-                tracing::error!(table = %done.table, reload = id, error = %e, "reload failed");
-                self.sinks.metrics.error(&e);
-                if a.cut.is_none() {
-                    // Still held (no cut was ever taken): stream the table on, nothing dropped.
-                    let _ = self
-                        .release
-                        .send(Release {
-                            table: done.table.clone(),
-                            cut: Lsn::ZERO,
-                        })
-                        .await;
-                }
-                let msg = e.to_string();
-                retry("record reload failure", &self.sinks, || {
-                    self.sinks.registry.fail_reload(id, &msg)
-                })
-                .await?;
-                self.end_marker(&done.table, id, &request, cut, "failed")
-                    .await;
-                active.remove(&done.table);
-            }
-        }
-        Ok(())
     }
 
     /// schema.yml, then parts + done in one transaction, then manifest and notice.
@@ -344,7 +345,7 @@ impl Coordinator {
         table: &TableName,
         id: i64,
         cut: Lsn,
-        schema: &crate::table::TableSchema,
+        schema: &TableSchema,
         parts: &[export::Part],
     ) -> Result<(), Error> {
         let sinks = &self.sinks;
