@@ -5,6 +5,13 @@
 //! and persisted reports flow back to the ack in source order. Transient failures are retried in place
 //! with capped exponential backoff (the batch, and therefore the ack, waits); a definite failure ends
 //! the session.
+//!
+//! Delivery needs only the contracts of the registry ([`FileLog`]) and of the notifier ([`Publish`]),
+//! so [`Sinks`] and the functions here are generic over them (defaulting to PostgreSQL and JetStream)
+//! and `tests/delivery.rs` drives them over the in-memory doubles. Retrying a transient failure is
+//! safe because of those contracts: a transient error may follow an effect that happened (a lost
+//! reply), and both `commit_file` (on the batch id) and `publish_once` (on the message id) answer
+//! a repeat with the original row or message.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,8 +24,8 @@ use crate::core::batch::SealedBatch;
 use crate::error::{Component, Error};
 use crate::observe::Metrics;
 use crate::reload::notice::ReloadNotice;
-use crate::sink::notify::Notifier;
-use crate::sink::registry::{FileKind, Registered, Registry};
+use crate::sink::notify::{Notifier, Publish};
+use crate::sink::registry::{FileKind, FileLog, Registered, Registry};
 use crate::sink::spool::SpooledFile;
 use crate::sink::store::Store;
 use crate::sink::upload::{self, SchemaVersions};
@@ -26,12 +33,13 @@ use crate::sink::upload::{self, SchemaVersions};
 /// Uploads in flight; each holds at most one 5 MiB part (or a whole small file) in memory.
 pub const UPLOAD_CONCURRENCY: usize = 2;
 
-/// Everything delivery needs, shared by the daemon and start-up recovery.
+/// Everything delivery needs, shared by the daemon and start-up recovery. `R` is the registry and
+/// `N` the notifier: PostgreSQL and JetStream unless a test says otherwise.
 #[derive(Clone)]
-pub struct Sinks {
+pub struct Sinks<R = Registry, N = Notifier> {
     pub store: Store,
-    pub registry: Registry,
-    pub notifier: Option<Notifier>,
+    pub registry: R,
+    pub notifier: Option<N>,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -39,7 +47,7 @@ pub struct Sinks {
 /// Runs `op` until it succeeds, retrying transient errors with backoff ([`crate::backoff`]: 200 ms
 /// doubling to 30 s, jittered).
 /// Returns the first definite error, or the last transient one if shutdown is requested meanwhile.
-pub async fn retry<T, F, Fut>(what: &str, sinks: &Sinks, mut op: F) -> Result<T, Error>
+pub async fn retry<R, N, T, F, Fut>(what: &str, sinks: &Sinks<R, N>, mut op: F) -> Result<T, Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Error>>,
@@ -90,7 +98,10 @@ where
 
 /// Steps 3 and 4 for a committed row: manifest, then the notice and its recorded sequence. Used for
 /// fresh batches and, at start-up, for rows a crash left without a recorded notice.
-pub async fn finish_registered(sinks: &Sinks, reg: &Registered) -> Result<(), Error> {
+pub async fn finish_registered<R: FileLog, N: Publish>(
+    sinks: &Sinks<R, N>,
+    reg: &Registered,
+) -> Result<(), Error> {
     retry("write manifest", sinks, || {
         upload::write_manifest(&sinks.store, reg)
     })
@@ -125,7 +136,9 @@ pub async fn finish_registered(sinks: &Sinks, reg: &Registered) -> Result<(), Er
 }
 
 /// Completes every committed-but-unnotified row, in registry order (start-up recovery).
-pub async fn finish_unnotified(sinks: &Sinks) -> Result<usize, Error> {
+pub async fn finish_unnotified<R: FileLog, N: Publish>(
+    sinks: &Sinks<R, N>,
+) -> Result<usize, Error> {
     let rows = retry("read unnotified files", sinks, || {
         sinks.registry.unnotified()
     })
@@ -150,8 +163,8 @@ pub async fn finish_unnotified(sinks: &Sinks) -> Result<usize, Error> {
 }
 
 /// Consumes sealed batches until the channel closes; reports each persisted batch on `persisted`.
-pub async fn deliver_batches(
-    sinks: Sinks,
+pub async fn deliver_batches<R: FileLog, N: Publish>(
+    sinks: Sinks<R, N>,
     sealed: mpsc::Receiver<SealedBatch<SpooledFile>>,
     mut versions: SchemaVersions,
     persisted: mpsc::UnboundedSender<BatchId>,
@@ -215,7 +228,10 @@ fn tokio_stream_from<T: Send + 'static>(
 }
 
 /// Manifest and notice of a registered reload (also used by start-up recovery).
-pub async fn finish_reload(sinks: &Sinks, reload_id: i64) -> Result<(), Error> {
+pub async fn finish_reload<R: FileLog, N: Publish>(
+    sinks: &Sinks<R, N>,
+    reload_id: i64,
+) -> Result<(), Error> {
     let parts: Vec<Registered> = retry("read reload parts", sinks, || {
         sinks.registry.reload_files(reload_id)
     })

@@ -4,7 +4,12 @@
 //! [`upload`] states the order of effects for one batch and why a crash between any two of them
 //! loses nothing; [`spool`] is the local gzip staging a batch is sealed into before upload;
 //! [`record`] is the registry row that describes one file.
+//!
+//! Delivery sees the registry and the notifier through two traits, [`registry::FileLog`] and
+//! [`notify::Publish`], each with a `# Contract` and an in-memory test double
+//! ([`registry::memory`], [`notify::memory`], failures injected through [`fault`]).
 
+pub mod fault;
 pub mod layout;
 pub mod notify;
 pub mod record;

@@ -13,11 +13,17 @@
 //!
 //! The schema is created by the numbered files in `migrations/`, applied by [`migrate()`] under an
 //! advisory lock, each once, each in its own transaction.
+//!
+//! What delivery and start-up recovery need of the registry is the [`FileLog`] trait; [`Registry`]
+//! implements it on PostgreSQL, [`memory::MemoryRegistry`] in memory (a test double with the same
+//! contract, checked by the same suite in `tests/registry_conformance.rs`).
 
+pub mod memory;
 pub mod migrate;
 pub mod reloads;
 
 use std::collections::HashMap;
+use std::future::Future;
 
 use tokio_postgres::Row;
 
@@ -46,6 +52,90 @@ pub struct Registry {
     pool: deadpool_postgres::Pool,
     schema: String,
     quoted: String,
+}
+
+/// The file log: what delivery (`daemon::deliver`) and start-up recovery need of the registry.
+///
+/// # Contract
+/// - [`commit_file`](FileLog::commit_file) commits one file row and returns its id.
+///   - *Atomic*: for a [`FileKind::Streaming`] record, the row and the table's new last position
+///     (`rec.last`) commit together or not at all, so the skip positions read at start are exactly
+///     the ends of the committed batches. The position never moves back: a record ending at or
+///     before the recorded position (or with no `last`) leaves it as it is. Reload and DDL records
+///     do not touch the position.
+///   - *Idempotent on `batch_id`*: when a row with `rec.batch_id` exists, nothing changes (neither the
+///     row, whatever the new record says, nor the position) and the existing row's id is returned.
+///   - Ids are positive, and a new row's id is greater than that of every row committed before the
+///     call began: with one committer at a time (delivery, under the slot lock) id order is commit
+///     order, the registry order consumers replay in. A new row has no notice sequence.
+///   - `schema` (the batch's columns) is recorded with the table's position for operators; nothing in
+///     this trait reads it back.
+/// - [`mark_notified`](FileLog::mark_notified) records the JetStream sequence of a row's notice; the
+///   row then leaves [`unnotified`](FileLog::unnotified). Repeating it with the same sequence changes
+///   nothing (a later call with another sequence overwrites, which delivery never does); an unknown
+///   id is not an error and changes nothing.
+/// - [`unnotified`](FileLog::unnotified): every committed row of every kind with no recorded
+///   sequence, in id order, each equal to the record committed (timestamps to the microsecond, as
+///   PostgreSQL keeps them and as commit times come from the source).
+/// - [`reload_files`](FileLog::reload_files): the rows of kind [`FileKind::Reload`] with that
+///   `reload_id`, in id order (part order, as parts are registered in part order), with their
+///   sequences; empty when there are none.
+/// - Errors are [`Error`]s classified by [`Error::postgres`]: a lost connection, a server shutting
+///   down, a serialization failure or a timeout is transient; anything else (a registry missing or
+///   older than this binary, permissions) is definite. A definite error changes nothing. A transient
+///   error of a write means *maybe done* (the connection can drop while COMMIT is in flight): the
+///   retry with the same arguments is safe because both writes are idempotent, and it returns the
+///   same id.
+/// - Handles are cheap clones sharing one connection pool; calls may run concurrently.
+pub trait FileLog: Clone + Send + Sync + 'static {
+    fn commit_file(
+        &self,
+        rec: &FileRecord,
+        schema: Option<&TableSchema>,
+    ) -> impl Future<Output = Result<i64, Error>> + Send;
+
+    fn mark_notified(
+        &self,
+        id: i64,
+        stream_seq: u64,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    fn unnotified(&self) -> impl Future<Output = Result<Vec<Registered>, Error>> + Send;
+
+    fn reload_files(
+        &self,
+        reload_id: i64,
+    ) -> impl Future<Output = Result<Vec<Registered>, Error>> + Send;
+}
+
+/// The file log on PostgreSQL: each operation is the method of the same name.
+impl FileLog for Registry {
+    fn commit_file(
+        &self,
+        rec: &FileRecord,
+        schema: Option<&TableSchema>,
+    ) -> impl Future<Output = Result<i64, Error>> + Send {
+        Registry::commit_file(self, rec, schema)
+    }
+
+    fn mark_notified(
+        &self,
+        id: i64,
+        stream_seq: u64,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        Registry::mark_notified(self, id, stream_seq)
+    }
+
+    fn unnotified(&self) -> impl Future<Output = Result<Vec<Registered>, Error>> + Send {
+        Registry::unnotified(self)
+    }
+
+    fn reload_files(
+        &self,
+        reload_id: i64,
+    ) -> impl Future<Output = Result<Vec<Registered>, Error>> + Send {
+        Registry::reload_files(self, reload_id)
+    }
 }
 
 /// A registry query's error, classified by [`Error::postgres`]; an undefined table, column or

@@ -21,7 +21,14 @@
 //! - Subjects: `<prefix>.batch.<schema>.<table>`, `<prefix>.reload.…`, `<prefix>.ddl.…`,
 //!   `<prefix>.change.<schema>.<table>.<op>`. Schema and table names are one subject token each:
 //!   characters that NATS reserves (`.`, `*`, `>`, whitespace, `%`) are percent-encoded.
+//!
+//! What delivery needs of a notifier is the [`Publish`] trait; [`Notifier`] implements it on
+//! JetStream, [`memory::MemoryNotifier`] in memory (a test double with the same contract, checked by
+//! the same suite in `tests/notifier_conformance.rs`).
 
+pub mod memory;
+
+use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -31,6 +38,75 @@ use bytes::Bytes;
 use crate::error::{Component, Error, Kind};
 use crate::secret::SecretUrl;
 use crate::table::TableName;
+
+/// Publishing notices: what delivery (`daemon::deliver`) needs of JetStream.
+///
+/// # Contract
+/// - [`publish_once`](Publish::publish_once)`(subject, id, payload)` stores one message and returns
+///   its stream sequence. Sequences are positive and strictly increasing over the whole stream, all
+///   subjects together: a later stored message has a greater sequence.
+/// - Calling it again with the same `id` on the same subject returns the *original* sequence and
+///   stores nothing when the earlier message is still the last on its subject (the id names the
+///   notice; the payload is not compared). That is always the case for a notice being completed:
+///   delivery publishes a subject's notices one at a time, in registry order, and records each
+///   sequence before the next. The same holds, whatever came after it, while the earlier message
+///   is inside the stream's duplicate window and has the same subject and payload.
+/// - The same `id` inside the duplicate window with another subject or payload (and not the last
+///   on this subject) is an id collision: a definite error, nothing stored (the message would
+///   otherwise be dropped silently as a duplicate).
+/// - An error means *maybe published*: a transient error can come after the message was stored
+///   (the acknowledgement was lost), so the caller retries with the same `id`, which the previous
+///   point makes safe. A definite error (a collision, a stream that keeps changing under us)
+///   means the caller must stop.
+/// - Subjects of notices are `<prefix>.batch|reload|ddl.<schema>.<table>`, each name one subject
+///   token ([`subject_token`]); the prefix is [`subject_prefix`](Publish::subject_prefix).
+/// - Handles are cheap clones sharing one connection; calls may run concurrently.
+pub trait Publish: Clone + Send + Sync + 'static {
+    /// `nats.subject_prefix`.
+    fn subject_prefix(&self) -> &str;
+
+    fn publish_once(
+        &self,
+        subject: &str,
+        id: &str,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<u64, Error>> + Send;
+
+    fn batch_subject(&self, table: &TableName) -> String {
+        notice_subject(self.subject_prefix(), "batch", table)
+    }
+    fn reload_subject(&self, table: &TableName) -> String {
+        notice_subject(self.subject_prefix(), "reload", table)
+    }
+    fn ddl_subject(&self, table: &TableName) -> String {
+        notice_subject(self.subject_prefix(), "ddl", table)
+    }
+}
+
+/// Notices on JetStream: [`Notifier::publish_once`] (see the module contract).
+impl Publish for Notifier {
+    fn subject_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn publish_once(
+        &self,
+        subject: &str,
+        id: &str,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<u64, Error>> + Send {
+        Notifier::publish_once(self, subject, id, payload)
+    }
+}
+
+/// `<prefix>.<kind>.<schema>.<table>`, each name one subject token.
+pub fn notice_subject(prefix: &str, kind: &str, table: &TableName) -> String {
+    format!(
+        "{prefix}.{kind}.{}.{}",
+        subject_token(&table.schema),
+        subject_token(&table.name)
+    )
+}
 
 #[derive(Clone)]
 pub struct Notifier {
@@ -304,12 +380,7 @@ impl Notifier {
     }
 
     fn subject(&self, kind: &str, table: &TableName) -> String {
-        format!(
-            "{}.{kind}.{}.{}",
-            self.prefix,
-            subject_token(&table.schema),
-            subject_token(&table.name)
-        )
+        notice_subject(&self.prefix, kind, table)
     }
 
     pub fn batch_subject(&self, table: &TableName) -> String {
