@@ -550,7 +550,8 @@ async fn run_keeps_retrying_while_the_source_is_down_and_stops_on_sigterm() {
         ("CDC_EGRESS_LOG_LEVEL", "info"),
     ]);
     let mut d = Daemon::start(&e, dir.path(), &[], "daemon.log");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A second attempt, and the daemon still runs after it.
+    d.wait_for_log_count("127.0.0.1:1", 2, QUICK).await;
     assert!(
         d.child.try_wait().unwrap().is_none(),
         "run exited although the failure is transient; log:\n{}",
@@ -583,7 +584,14 @@ async fn run_keeps_retrying_while_nats_is_down() {
         format!("nats://egress:{PW}@127.0.0.1:1"),
     ));
     let mut d = Daemon::start(&e, db.dir.path(), &[], "daemon.log");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The daemon records its state after logging the failure.
+    d.wait_for_log("127.0.0.1:1", QUICK).await;
+    db.wait_until(
+        "SELECT state = 'retrying' FROM cdc_egress.daemon",
+        QUICK,
+        &d,
+    )
+    .await;
     assert!(
         d.child.try_wait().unwrap().is_none(),
         "run exited although NATS being down is transient; log:\n{}",
@@ -1017,7 +1025,12 @@ async fn a_cut_blocked_by_an_open_transaction_is_explained() {
     if code != 0 {
         // The first reload may still be finishing: wait for it, then ask again.
         assert!(err.contains("already"), "{out}\n{err}");
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        db.wait_until(
+            "SELECT count(*) = 0 FROM cdc_egress.reloads WHERE status IN ('requested', 'running')",
+            QUICK,
+            &d,
+        )
+        .await;
         let (code, out, err) = run_cli_timeout(
             &["reload", "public.t", "--wait", "--timeout", "60s"],
             &e,

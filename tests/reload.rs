@@ -98,7 +98,17 @@ async fn fresh_start_and_reload_under_load_replay_equal() {
     let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
     db.wait_for_slot(&d).await;
     reloads_done(&db, 4).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The load streams on after the initial export before the on-demand reload is asked for.
+    let exported = db.current_lsn().await;
+    db.wait_until(
+        &format!(
+            "SELECT count(*) > 0 FROM cdc_egress.files \
+             WHERE kind = 'streaming' AND first_commit_lsn >= '{exported}'"
+        ),
+        CATCH_UP,
+        &d,
+    )
+    .await;
     let (code, out, err) = run_cli(
         &["reload", "public.busy", "nokey", "--wait"],
         &env,
@@ -109,7 +119,17 @@ async fn fresh_start_and_reload_under_load_replay_equal() {
         out.contains("reload of public.busy requested") && err.contains("all reloads done"),
         "{out}\n{err}"
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The load goes on until both reloaded tables have streaming batches after their new cuts.
+    db.wait_until(
+        "SELECT count(DISTINCT f.table_name) = 2 FROM cdc_egress.files f \
+         JOIN (SELECT table_name, max(cut_lsn) AS cut FROM cdc_egress.reloads \
+               WHERE status = 'done' AND table_name IN ('busy', 'nokey') GROUP BY table_name) r \
+         USING (table_name) \
+         WHERE f.kind = 'streaming' AND f.first_commit_lsn >= r.cut",
+        CATCH_UP,
+        &d,
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     let changes = load.await.unwrap();
     assert!(changes > 50, "the load ran ({changes} transactions)");

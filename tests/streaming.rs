@@ -91,7 +91,9 @@ async fn mixed_workload_replays_equal_to_source() {
     let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
     db.wait_for_slot(&d).await;
     workload::phase1(&c).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Phase 2 comes once the daemon has committed a first batch of phase 1, so in later batches.
+    db.wait_until("SELECT count(*) > 0 FROM cdc_egress.files", CATCH_UP, &d)
+        .await;
     workload::phase2(&c).await;
     db.wait_caught_up(CATCH_UP).await;
     let log = d.log_text();
@@ -283,11 +285,19 @@ async fn sigkill_mid_stream_replays_equal() {
     let d = Daemon::start(&env, db.dir.path(), &[], "d1.log");
     db.wait_for_slot(&d).await;
     workload::phase1(&c).await;
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // Each kill comes as soon as that daemon has committed a batch: it is in the middle of its work.
+    db.wait_until("SELECT count(*) > 0 FROM cdc_egress.files", CATCH_UP, &d)
+        .await;
     d.kill().await;
+    let committed = db.registry_files().await;
     let d = Daemon::start(&env, db.dir.path(), &[], "d2.log");
     workload::phase2(&c).await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    db.wait_until(
+        &format!("SELECT count(*) > {committed} FROM cdc_egress.files"),
+        CATCH_UP,
+        &d,
+    )
+    .await;
     d.kill().await;
     let d = Daemon::start(&env, db.dir.path(), &[], "d3.log");
     db.wait_caught_up(CATCH_UP).await;
@@ -314,23 +324,29 @@ async fn idle_slot_keeps_advancing() {
     db.wait_for_slot(&d).await;
     let first = db.slot_confirmed().await.unwrap();
     // Only unpublished changes: WAL grows, nothing is published.
+    // After each insert the slot confirms past it (wait_caught_up), so it keeps advancing.
+    let mut later = first;
     for i in 0..5 {
         c.execute("INSERT INTO unpublished SELECT g + $1 * 1000, repeat('x', 100) FROM generate_series(1, 500) g", &[&i])
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let wal_end = db.current_lsn().await;
+        db.wait_caught_up(CATCH_UP).await;
+        let now = db.slot_confirmed().await.unwrap();
+        assert!(
+            now > later && now >= wal_end,
+            "slot stayed at {later} (now {now}, WAL at {wal_end})"
+        );
+        later = now;
     }
-    let wal_end = db.current_lsn().await;
-    db.wait_caught_up(CATCH_UP).await;
-    let later = db.slot_confirmed().await.unwrap();
-    assert!(
-        later > first && later >= wal_end,
-        "slot stayed at {first} (now {later}, WAL at {wal_end})"
-    );
     // And with nothing at all happening, it still moves (heartbeat messages).
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle = db.slot_confirmed().await.unwrap();
-    assert!(idle > later, "idle slot did not advance past {later}");
+    wait_until(
+        &format!("the idle slot to advance past {later}"),
+        CATCH_UP,
+        || d.log_tail(),
+        async || db.slot_confirmed().await.is_some_and(|idle| idle > later),
+    )
+    .await;
     let files: i64 = c
         .query_one("SELECT count(*) FROM cdc_egress.files", &[])
         .await

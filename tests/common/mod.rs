@@ -8,6 +8,8 @@
 //! (`CDC_EGRESS_TEST_GCS_ENDPOINT`, e.g. `http://127.0.0.1:4443`), all started by `deploy/test.sh`.
 //! Every test gets its own database, slot, publication, JetStream stream, subject prefix and output
 //! directory; [`TestDb::cleanup`] (and, as a fallback, `Drop`) drops the slot and the database.
+//! Tests wait for conditions ([`wait_until`], [`TestDb::wait_until`], [`Daemon::wait_for_log`],
+//! [`TestDb::wait_caught_up`]), not for fixed times; a timeout there only ends a hung test.
 
 #![allow(dead_code)]
 
@@ -509,29 +511,60 @@ impl TestDb {
     /// Waits until the slot has confirmed everything written so far (the daemon caught up).
     pub async fn wait_caught_up(&self, timeout: Duration) {
         let target = self.current_lsn().await;
-        let start = Instant::now();
-        loop {
-            if self.slot_confirmed().await.is_some_and(|c| c >= target) {
-                return;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "daemon did not confirm {target} within {timeout:?} (slot at {:?})",
-                self.slot_confirmed().await
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let seen = std::cell::Cell::new(None);
+        wait_until(
+            &format!("the daemon to confirm {target}"),
+            timeout,
+            || format!("the slot was last at {:?}", seen.get()),
+            async || {
+                seen.set(self.slot_confirmed().await);
+                seen.get().is_some_and(|c| c >= target)
+            },
+        )
+        .await;
     }
 
     /// Waits until the daemon has created (or found) its slot.
     pub async fn wait_for_slot(&self, d: &Daemon) {
-        for _ in 0..300 {
-            if self.slot_confirmed().await.is_some() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("slot never appeared; daemon log:\n{}", d.log_text());
+        wait_until(
+            &format!("the slot {} to appear", self.slot),
+            Duration::from_secs(60),
+            || d.log_tail(),
+            async || self.slot_confirmed().await.is_some(),
+        )
+        .await;
+    }
+
+    /// Waits until `sql` (one row, one boolean column, on the test database) returns true. A failing
+    /// query counts as false: the registry's tables may not exist yet. `d`'s log tail goes into the
+    /// panic.
+    pub async fn wait_until(&self, sql: &str, timeout: Duration, d: &Daemon) {
+        let c = self.client().await;
+        let error = std::cell::RefCell::new(None);
+        wait_until(
+            &format!("`{sql}` to return true"),
+            timeout,
+            || format!("last query error: {:?}\n{}", error.borrow(), d.log_tail()),
+            async || match c.query_one(sql, &[]).await {
+                Ok(row) => row.get::<_, Option<bool>>(0).unwrap_or(false),
+                Err(e) => {
+                    let db = e.as_db_error().map(|db| db.message().to_string());
+                    *error.borrow_mut() = Some(db.unwrap_or_else(|| e.to_string()));
+                    false
+                }
+            },
+        )
+        .await;
+    }
+
+    /// The number of rows of the registry's `files` table (0 before the registry exists).
+    pub async fn registry_files(&self) -> i64 {
+        self.client()
+            .await
+            .query_one("SELECT count(*) FROM cdc_egress.files", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0)
     }
 
     /// Drops the slot, the stream and the databases. Call at the end of every test.
@@ -664,6 +697,42 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The end of the log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log)
+    }
+
+    /// Waits until the log contains `needle`; panics early if the daemon exits meanwhile.
+    pub async fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
+        self.wait_for_log_count(needle, 1, timeout).await
+    }
+
+    /// Waits until the log contains `needle` at least `times` times; panics early if the daemon
+    /// exits meanwhile.
+    pub async fn wait_for_log_count(&mut self, needle: &str, times: usize, timeout: Duration) {
+        let log = self.log.clone();
+        let child = &mut self.child;
+        wait_until(
+            &format!("{needle:?} {times} time(s) in {}", log.display()),
+            timeout,
+            || log_tail(&log),
+            async || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.matches(needle).count() >= times {
+                    return true;
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "the daemon exited ({status}) while the test waited for {needle:?} in its log\n{}",
+                        log_tail(&log)
+                    );
+                }
+                false
+            },
+        )
+        .await;
+    }
+
     /// SIGTERM, then wait for a clean exit.
     pub async fn stop(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().expect("running") as i32;
@@ -690,6 +759,44 @@ impl Daemon {
                 )
             })
             .unwrap()
+    }
+}
+
+/// The last lines of a log file, headed by its name.
+fn log_tail(path: &std::path::Path) -> String {
+    const LINES: usize = 40;
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(LINES)..];
+    format!(
+        "last {} of {} lines of {}:\n{}",
+        tail.len(),
+        lines.len(),
+        path.display(),
+        tail.join("\n")
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waiting for conditions, never for fixed times: a fixed sleep is slow when generous and flaky when
+// the machine is slow.
+
+/// Polls `check` every 100 ms until it returns true. When `timeout` passes first, panics naming
+/// `what` it waited for, followed by `context()` (e.g. a daemon's log tail). The timeout only stops
+/// a test that would hang: make it generous (a slow CI machine must not fail), and never use it to
+/// assert how fast something is.
+pub async fn wait_until(
+    what: &str,
+    timeout: Duration,
+    context: impl Fn() -> String,
+    mut check: impl AsyncFnMut() -> bool,
+) {
+    let start = Instant::now();
+    while !check().await {
+        if start.elapsed() > timeout {
+            panic!("waited {timeout:?} for {what}, in vain\n{}", context());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
