@@ -903,7 +903,6 @@ async fn reload_wait_times_out_and_status_shows_the_pending_request() {
     ]);
     let (code, _, err) = run_cli_timeout(&["migrate"], &e, dir.path(), QUICK);
     assert_eq!(code, 0, "{err}");
-    let started = std::time::Instant::now();
     let (code, out, err) = run_cli_timeout(
         &["reload", "public.t", "--wait", "--timeout", "12s"],
         &e,
@@ -911,7 +910,6 @@ async fn reload_wait_times_out_and_status_shows_the_pending_request() {
         QUICK,
     );
     assert_eq!(code, 1, "{out}\n{err}");
-    assert!(started.elapsed() < Duration::from_secs(50));
     assert!(out.contains("requested (request "), "{out}");
     assert!(err.contains("gave up waiting after 12s"), "{err}");
     assert!(

@@ -127,8 +127,14 @@ impl Coordinator {
             let wake = st.plan.next_wake().map(tokio::time::Instant::from_std);
             tokio::select! {
                 c = controls.recv() => {
-                    let Some(Control::ReloadStart { table, request, marker_commit_lsn }) = c else { return Ok(()) };
-                    st.plan.marker(table, request, marker_commit_lsn, &mut out);
+                    match c {
+                        None => return Ok(()),
+                        Some(Control::ReloadStart { table, request, marker_commit_lsn }) => {
+                            st.plan.marker(table, request, marker_commit_lsn, &mut out);
+                        }
+                        // Logged by the batcher's driver; nothing to coordinate.
+                        Some(Control::MalformedMarker { .. }) => {}
+                    }
                 }
                 Some(ev) = events.recv() => match ev {
                     JobEvent::Cut { attempt, tables, cut, snapshot } => {
