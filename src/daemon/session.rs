@@ -341,6 +341,7 @@ fn spawn_reloads(
     let coordinator = Coordinator {
         exporter: Arc::new(Exporter {
             slot_name: config.source.slot.clone(),
+            publication: config.source.publication.clone(),
             source: ep.source.clone(),
             store: sinks.store.clone(),
             spool_dir,

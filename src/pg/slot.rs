@@ -1,5 +1,6 @@
-//! Preconditions and catalog facts on the source database: `wal_level`, the publication, the slot, and
-//! the column facts a Relation message does not carry.
+//! Preconditions and catalog facts on the source database: `wal_level`, the publication (and which
+//! columns and rows it publishes of a table), the slot, and the column facts a Relation message does
+//! not carry.
 //!
 //! Every check here fails with a definite error that says what to do (set `wal_level = logical` and
 //! restart, create the publication, grant REPLICATION), because none of them can fix itself by retrying.
@@ -454,6 +455,122 @@ pub async fn published_tables(c: &Client, publication: &str) -> Result<Vec<Table
         .collect())
 }
 
+/// What a publication publishes of one table: the columns and the rows pgoutput sends for it, so
+/// that an export can show exactly the same (column lists and row filters, PostgreSQL 15+).
+///
+/// # Which entry counts
+/// A table can be in a publication through several entries (`FOR ALL TABLES`, `FOR TABLES IN
+/// SCHEMA`, an explicit `FOR TABLE` entry with or without a list and a filter, or through an
+/// ancestor when it is a partition). pgoutput looks only at the relation it publishes the changes
+/// as (`publish_as_relid`: the partition itself, or with `publish_via_partition_root` its topmost
+/// published ancestor) and, for that relation and the publication (`pgoutput_column_list_init`,
+/// `pgoutput_row_filter_init`, unchanged in substance from 15 to 18):
+/// - columns: `FOR ALL TABLES` publishes every column; otherwise the explicit entry's column list if
+///   it has one (even when the schema is listed too, which 16+ allows), else every column;
+/// - rows: `FOR ALL TABLES`, or the relation's schema listed `FOR TABLES IN SCHEMA`, publish every
+///   row even if the explicit entry has a filter; otherwise the explicit entry's filter if any.
+///
+/// "Every column" means the columns without `attgenerated`, plus the stored generated ones when
+/// PostgreSQL 18's `publish_generated_columns = stored` is set; a column list publishes exactly its
+/// columns (on 18 it may name stored generated ones). The exported relation is the one
+/// `pg_publication_tables` lists, which is `publish_as_relid` (leaves without
+/// `publish_via_partition_root`, the topmost published ancestor with it), so looking the entry up
+/// for the exported relation applies what pgoutput applies to the same rows.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PublishedSubset {
+    /// The column list (attribute numbers); `None`: no list, every column.
+    pub columns: Option<Vec<i16>>,
+    /// Without a list, stored generated columns are published too (18's `publish_generated_columns`).
+    pub stored_generated: bool,
+    /// The row filter as SQL valid for the table (`pg_get_expr`); `None`: every row.
+    pub row_filter: Option<String>,
+}
+
+impl PublishedSubset {
+    /// Whether pgoutput sends the column `attnum` whose `attgenerated` is `generated` (`""`, `"s"`
+    /// stored, `"v"` virtual).
+    pub fn publishes_column(&self, attnum: i16, generated: &str) -> bool {
+        match &self.columns {
+            Some(list) => list.contains(&attnum),
+            None => generated.is_empty() || (generated == "s" && self.stored_generated),
+        }
+    }
+}
+
+/// The catalog rows [`PublishedSubset`] is decided from (PostgreSQL 15+).
+#[derive(Debug, Clone, Default)]
+pub struct PublicationEntries {
+    /// `pg_publication.puballtables`.
+    pub all_tables: bool,
+    /// The table's schema is in `pg_publication_namespace` for the publication.
+    pub schema_listed: bool,
+    /// The explicit entry (`pg_publication_rel`), if any: its column list and its row filter.
+    pub explicit: Option<(Option<Vec<i16>>, Option<String>)>,
+    /// `pg_publication.pubgencols = 's'` (PostgreSQL 18+).
+    pub stored_generated: bool,
+}
+
+/// pgoutput's combination rule (see [`PublishedSubset`]), pure.
+pub fn published_subset_of(e: &PublicationEntries) -> PublishedSubset {
+    let (list, filter) = match (&e.explicit, e.all_tables) {
+        (Some((list, filter)), false) => (list.clone(), filter.clone()),
+        _ => (None, None),
+    };
+    PublishedSubset {
+        columns: list,
+        stored_generated: e.stored_generated,
+        row_filter: filter.filter(|_| !e.schema_listed),
+    }
+}
+
+/// Reads what `publication` publishes of the table `relid` ([`PublishedSubset`]). Plain `SELECT`s
+/// on the catalog tables, so inside an imported snapshot it sees the publication as of that
+/// snapshot, like pgoutput decoding at the cut. On PostgreSQL 14 there are neither column lists nor
+/// row filters: every column (without `attgenerated`) and every row.
+pub async fn published_subset(
+    c: &Client,
+    publication: &str,
+    relid: u32,
+) -> Result<PublishedSubset, Error> {
+    let version: i32 = c
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(|e| pg("read the source server version", e))?
+        .get(0);
+    if version < 150000 {
+        return Ok(PublishedSubset::default());
+    }
+    let row = c
+        .query_opt(
+            "SELECT p.puballtables, \
+                    EXISTS (SELECT 1 FROM pg_publication_namespace n \
+                            WHERE n.pnpubid = p.oid AND n.pnnspid = c.relnamespace), \
+                    r.oid IS NOT NULL, r.prattrs::int2[], pg_get_expr(r.prqual, r.prrelid), \
+                    coalesce(to_jsonb(p)->>'pubgencols' = 's', false) \
+             FROM pg_publication p JOIN pg_class c ON c.oid = $2::oid \
+             LEFT JOIN pg_publication_rel r ON r.prpubid = p.oid AND r.prrelid = c.oid \
+             WHERE p.pubname = $1",
+            &[&publication, &relid],
+        )
+        .await
+        .map_err(|e| pg("read the publication's column list and row filter", e))?
+        .ok_or_else(|| {
+            Error::definite(
+                Component::Source,
+                format!("publication {publication:?} does not exist in the source database"),
+            )
+        })?;
+    let explicit = row
+        .get::<_, bool>(2)
+        .then(|| (row.get::<_, Option<Vec<i16>>>(3), row.get(4)));
+    Ok(published_subset_of(&PublicationEntries {
+        all_tables: row.get(0),
+        schema_listed: row.get(1),
+        explicit,
+        stored_generated: row.get(5),
+    }))
+}
+
 /// Builds the table schema for a Relation message: names, OIDs and typmods from the message (what the
 /// WAL says at that position); type names via `format_type`, NOT NULL and primary-key positions from
 /// the current catalog (matched by column name; a column the catalog no longer has is nullable and
@@ -580,6 +697,71 @@ mod tests {
             plan_slot("s", None, Some("lost"), Stop),
             SlotPlan::Recreate { .. }
         ));
+    }
+
+    #[test]
+    fn publication_entries_combine_like_pgoutput() {
+        let list = Some(vec![1, 2, 3]);
+        let filter = Some("(region = 'eu'::text)".to_string());
+        let explicit = Some((list.clone(), filter.clone()));
+        // An explicit entry alone: its list and its filter.
+        let s = published_subset_of(&PublicationEntries {
+            explicit: explicit.clone(),
+            ..Default::default()
+        });
+        assert_eq!(
+            (s.columns.clone(), s.row_filter.clone()),
+            (list.clone(), filter.clone())
+        );
+        assert!(s.publishes_column(2, "") && !s.publishes_column(4, ""));
+        // The schema listed too: every row, but the list still applies (pgoutput_column_list_init
+        // does not look at schemas).
+        let s = published_subset_of(&PublicationEntries {
+            schema_listed: true,
+            explicit: explicit.clone(),
+            ..Default::default()
+        });
+        assert_eq!((s.columns, s.row_filter), (list.clone(), None));
+        // FOR ALL TABLES: everything (an explicit entry cannot coexist with it; ignored if it did).
+        for explicit in [None, explicit.clone()] {
+            let s = published_subset_of(&PublicationEntries {
+                all_tables: true,
+                explicit,
+                ..Default::default()
+            });
+            assert_eq!(s, PublishedSubset::default());
+        }
+        // An entry without list or filter, a schema entry, or none: every column and row.
+        for e in [
+            PublicationEntries {
+                explicit: Some((None, None)),
+                ..Default::default()
+            },
+            PublicationEntries {
+                schema_listed: true,
+                ..Default::default()
+            },
+        ] {
+            let s = published_subset_of(&e);
+            assert_eq!(s, PublishedSubset::default());
+            assert!(s.publishes_column(7, ""));
+            assert!(!s.publishes_column(7, "s") && !s.publishes_column(7, "v"));
+        }
+        // 18's publish_generated_columns = stored: stored generated columns without a list only;
+        // a list publishes exactly its columns, generated or not.
+        let s = published_subset_of(&PublicationEntries {
+            stored_generated: true,
+            ..Default::default()
+        });
+        assert!(s.publishes_column(5, "s") && !s.publishes_column(5, "v"));
+        let s = published_subset_of(&PublicationEntries {
+            stored_generated: true,
+            explicit: Some((Some(vec![5]), None)),
+            ..Default::default()
+        });
+        assert!(
+            s.publishes_column(5, "s") && !s.publishes_column(6, "s") && !s.publishes_column(6, "")
+        );
     }
 
     #[test]

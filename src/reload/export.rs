@@ -13,9 +13,36 @@
 //! closed, which drops the slot: the export then holds no slot, so however long it runs it retains no
 //! WAL (the main slot keeps advancing with the stream). Workers pull parts (ctid ranges, largest
 //! first) from one queue shared by all tables of the job, so several tables export at once and a
-//! large table is split across workers. Each part is `COPY (SELECT <columns> FROM t WHERE ctid …) TO
-//! STDOUT (FORMAT csv, HEADER, NULL '\N', FORCE_QUOTE *)` streamed into a gzip spool and uploaded:
-//! the same dialect, byte for byte, as streaming files.
+//! large table is split across workers. Each part is `COPY (SELECT <columns> FROM t WHERE (<row
+//! filter>) AND ctid …) TO STDOUT (FORMAT csv, HEADER, NULL '\N', FORCE_QUOTE *)` streamed into a gzip
+//! spool and uploaded: the same dialect, byte for byte, as streaming files.
+//!
+//! # The same columns and rows as streaming
+//! pgoutput sends only what the publication publishes of a table: its column list (the Relation
+//! message names only those columns, in attribute order) and the rows its row filter accepts
+//! (PostgreSQL 15+). [`describe`] reads both for the exported relation with
+//! `pg::slot::published_subset`, which applies pgoutput's own rule for combining a publication's
+//! entries, and reads them inside the snapshot, so they are the publication as of the cut, as
+//! pgoutput sees it when decoding there. Then:
+//! - the schema (what `schema.yml` says and the registry records) lists exactly the published
+//!   columns in attribute order, with the names, type OIDs and typmods a Relation message carries:
+//!   its fingerprint equals the streaming one, and a part's header equals a streaming file's table
+//!   columns, so a reload never bumps the schema version and consumers can union both;
+//! - every part selects those columns only, so a column the publication hides never leaves the
+//!   database;
+//! - every part keeps the rows `WHERE (<filter>)` accepts. The filter is `pg_get_expr` of the
+//!   catalog's expression for this very relation, so it is valid SQL here; SQL's WHERE drops a NULL
+//!   result as pgoutput does; and filters may only use immutable built-in functions, so evaluating
+//!   it in the snapshot gives what pgoutput would decide for the same row version. Replaying the
+//!   reload and then the streaming rows from the cut (where pgoutput turns an UPDATE leaving the
+//!   filter into a DELETE and one entering it into an INSERT) gives what the publication shows.
+//! - a table the publication does not publish (any more) is refused with a definite error: pgoutput
+//!   sends none of its rows, so no export can match it.
+//!
+//! With `publish_via_partition_root` the exported relation is the published root and the rows of all
+//! its partitions are read through it, converted to its row type and filtered by its filter, as
+//! pgoutput does; without it each partition is exported with its own entry, as pgoutput publishes it
+//! (PostgreSQL refuses a list or a filter on a partitioned table in that mode).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -30,6 +57,7 @@ use crate::core::batch::SpoolFactory;
 use crate::error::{Component, Error};
 use crate::lsn::Lsn;
 use crate::pg::conninfo::{pg_error, ConnInfo};
+use crate::pg::slot::published_subset;
 use crate::pg::wire::ReplicationConnection;
 use crate::sink::layout;
 use crate::sink::spool::GzipSpools;
@@ -141,7 +169,10 @@ pub struct TableJob {
 
 /// Facts read inside the snapshot before any part runs.
 pub struct Planned {
+    /// The published columns only, in attribute order (what a Relation message lists).
     pub schema: Arc<TableSchema>,
+    /// The publication's row filter for the table (SQL), if it has one.
+    pub row_filter: Option<String>,
     pub estimate_rows: i64,
     pub estimate_bytes: i64,
     pages: i64,
@@ -165,6 +196,8 @@ struct PartJob {
 pub struct Exporter {
     /// The main slot's name; temporary cut slots are named after it.
     pub slot_name: String,
+    /// The publication streamed: exports show its columns and rows of each table, nothing more.
+    pub publication: String,
     pub source: ConnInfo,
     pub store: Store,
     pub spool_dir: PathBuf,
@@ -185,8 +218,13 @@ async fn begin_in_snapshot(
     Ok(c)
 }
 
-/// Describes `table` as the snapshot sees it.
-async fn plan(c: &tokio_postgres::Client, table: &TableName) -> Result<Planned, Error> {
+/// Describes `table` as the snapshot sees it: the columns and the row filter `publication` publishes
+/// of it.
+pub async fn describe(
+    c: &tokio_postgres::Client,
+    publication: &str,
+    table: &TableName,
+) -> Result<Planned, Error> {
     let rel = c
         .query_opt(
             "SELECT c.oid, c.relreplident::text, pg_relation_size(c.oid) / current_setting('block_size')::bigint, \
@@ -198,6 +236,22 @@ async fn plan(c: &tokio_postgres::Client, table: &TableName) -> Result<Planned, 
         .map_err(pg_error)?
         .ok_or_else(|| Error::definite(Component::Reload, format!("table {table} does not exist (any more)")))?;
     let oid: u32 = rel.get(0);
+    // Membership as `pg_publication_tables` lists it, as for a fresh start and `reload` requests.
+    let published = c
+        .query_opt(
+            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&publication, &table.schema, &table.name],
+        )
+        .await
+        .map_err(pg_error)?
+        .is_some();
+    if !published {
+        return Err(Error::definite(
+            Component::Reload,
+            format!("table {table} is not in publication {publication:?} (any more): it is not exported"),
+        ));
+    }
+    let subset = published_subset(c, publication, oid).await?;
     let ident: String = rel.get(1);
     let identity = match ident.as_str() {
         "f" => ReplicaIdentity::Full,
@@ -212,9 +266,10 @@ async fn plan(c: &tokio_postgres::Client, table: &TableName) -> Result<Planned, 
                  WHERE i.indrelid = a.attrelid AND i.indisprimary AND k.attnum = a.attnum), \
                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND a.attnum = ANY(i.indkey) \
                  AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))) \
-                 OR c.relreplident = 'f' \
+                 OR c.relreplident = 'f', \
+               a.attnum, a.attgenerated::text \
              FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
              ORDER BY a.attnum",
             &[&oid],
         )
@@ -222,6 +277,7 @@ async fn plan(c: &tokio_postgres::Client, table: &TableName) -> Result<Planned, 
         .map_err(pg_error)?;
     let columns = cols
         .iter()
+        .filter(|r| subset.publishes_column(r.get(7), r.get(8)))
         .map(|r| ColumnSchema {
             name: r.get(0),
             type_oid: r.get(1),
@@ -234,6 +290,7 @@ async fn plan(c: &tokio_postgres::Client, table: &TableName) -> Result<Planned, 
         .collect();
     Ok(Planned {
         schema: TableSchema::new(table.clone(), oid, identity, columns),
+        row_filter: subset.row_filter,
         pages: rel.get(2),
         estimate_rows: rel.get(3),
         estimate_bytes: rel.get(4),
@@ -280,11 +337,11 @@ impl Exporter {
         // Plan every table inside the snapshot.
         let mut plans = Vec::with_capacity(jobs.len());
         for job in &jobs {
-            plans.push(plan(&clients[0], &job.table).await);
+            plans.push(describe(&clients[0], &self.publication, &job.table).await);
         }
         let mut queue = Vec::new();
         let mut remaining: Vec<usize> = vec![0; jobs.len()];
-        let mut schemas: Vec<Option<Arc<TableSchema>>> = vec![None; jobs.len()];
+        let mut schemas: Vec<Option<(Arc<TableSchema>, Option<String>)>> = vec![None; jobs.len()];
         for (i, p) in plans.into_iter().enumerate() {
             match p {
                 Ok(p) => {
@@ -311,7 +368,7 @@ impl Exporter {
                         });
                     }
                     remaining[i] = parts as usize;
-                    schemas[i] = Some(p.schema);
+                    schemas[i] = Some((p.schema, p.row_filter));
                 }
                 Err(e) => {
                     let _ = done.send(ExportEvent::Finished(TableExport {
@@ -363,7 +420,7 @@ impl Exporter {
                     let next = queue.lock().expect("queue lock").pop_front();
                     let Some(part) = next else { break };
                     let job = &jobs[part.table_idx];
-                    let schema = schemas[part.table_idx].clone().expect("planned");
+                    let (schema, row_filter) = schemas[part.table_idx].clone().expect("planned");
                     let skip = results
                         .lock()
                         .expect("results lock")
@@ -375,7 +432,11 @@ impl Exporter {
                             "another part of this table failed",
                         ))
                     } else {
-                        export_part(&client, &store, &spool_dir, job, &schema, &part).await
+                        let selection = Selection {
+                            schema: &schema,
+                            row_filter: row_filter.as_deref(),
+                        };
+                        export_part(&client, &store, &spool_dir, job, selection, &part).await
                     };
                     let finished = {
                         let mut r = results.lock().expect("results lock");
@@ -413,29 +474,45 @@ impl Exporter {
     }
 }
 
+/// What a part selects of its table: the published columns and rows.
+struct Selection<'a> {
+    schema: &'a TableSchema,
+    row_filter: Option<&'a str>,
+}
+
+/// The `COPY` of one part: the published columns, the rows the row filter accepts, one ctid range.
+fn part_sql(table: &TableName, selection: &Selection<'_>, part: &PartJob) -> String {
+    let columns: Vec<String> = selection
+        .schema
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    let mut cond = String::new();
+    if let Some(filter) = selection.row_filter {
+        cond.push_str(&format!("({filter}) AND "));
+    }
+    cond.push_str(&format!("ctid >= '({},0)'::tid", part.from_page));
+    if let Some(to) = part.to_page {
+        cond.push_str(&format!(" AND ctid < '({to},0)'::tid"));
+    }
+    format!(
+        "COPY (SELECT {} FROM {} WHERE {cond}) TO STDOUT (FORMAT csv, HEADER, NULL '\\N', FORCE_QUOTE *)",
+        columns.join(", "),
+        table.quoted()
+    )
+}
+
 async fn export_part(
     client: &tokio_postgres::Client,
     store: &Store,
     spool_dir: &std::path::Path,
     job: &TableJob,
-    schema: &TableSchema,
+    selection: Selection<'_>,
     part: &PartJob,
 ) -> Result<Part, Error> {
     use std::io::Write;
-    let columns: Vec<String> = schema
-        .columns
-        .iter()
-        .map(|c| quote_ident(&c.name))
-        .collect();
-    let mut cond = format!("ctid >= '({},0)'::tid", part.from_page);
-    if let Some(to) = part.to_page {
-        cond.push_str(&format!(" AND ctid < '({to},0)'::tid"));
-    }
-    let sql = format!(
-        "COPY (SELECT {} FROM {} WHERE {cond}) TO STDOUT (FORMAT csv, HEADER, NULL '\\N', FORCE_QUOTE *)",
-        if columns.is_empty() { "".to_string() } else { columns.join(", ") },
-        job.table.quoted()
-    );
+    let sql = part_sql(&job.table, &selection, part);
     let mut spools = GzipSpools::new(spool_dir.to_path_buf())
         .map_err(|e| Error::transient(Component::Spool, format!("spool directory: {e}")))?;
     let mut spool = spools.create(&job.table).map_err(|e| {
@@ -510,7 +587,53 @@ async fn export_part(
 
 #[cfg(test)]
 mod tests {
-    use super::RecordCounter;
+    use super::{part_sql, PartJob, RecordCounter, Selection};
+    use crate::table::{ColumnSchema, ReplicaIdentity, TableName, TableSchema};
+
+    #[test]
+    fn parts_select_the_published_columns_and_rows() {
+        let col = |n: &str| ColumnSchema {
+            name: n.into(),
+            type_name: "text".into(),
+            type_oid: 25,
+            type_modifier: -1,
+            nullable: true,
+            primary_key: None,
+            replica_key: false,
+        };
+        let t = TableName::new("s", "T");
+        let schema = TableSchema::new(
+            t.clone(),
+            1,
+            ReplicaIdentity::Default,
+            vec![col("id"), col("Region")],
+        );
+        let part = |from, to| PartJob {
+            table_idx: 0,
+            index: 1,
+            from_page: from,
+            to_page: to,
+            weight: 0,
+        };
+        let filtered = Selection {
+            schema: &schema,
+            row_filter: Some("(\"Region\" = 'eu'::text) OR (id > 1)"),
+        };
+        assert_eq!(
+            part_sql(&t, &filtered, &part(8, Some(16))),
+            "COPY (SELECT \"id\", \"Region\" FROM \"s\".\"T\" WHERE ((\"Region\" = 'eu'::text) OR (id > 1)) \
+             AND ctid >= '(8,0)'::tid AND ctid < '(16,0)'::tid) TO STDOUT (FORMAT csv, HEADER, NULL '\\N', FORCE_QUOTE *)"
+        );
+        let all = Selection {
+            schema: &schema,
+            row_filter: None,
+        };
+        assert_eq!(
+            part_sql(&t, &all, &part(0, None)),
+            "COPY (SELECT \"id\", \"Region\" FROM \"s\".\"T\" WHERE ctid >= '(0,0)'::tid) \
+             TO STDOUT (FORMAT csv, HEADER, NULL '\\N', FORCE_QUOTE *)"
+        );
+    }
 
     #[test]
     fn counts_records_not_embedded_newlines() {
