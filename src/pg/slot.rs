@@ -466,7 +466,8 @@ pub async fn published_tables(c: &Client, publication: &str) -> Result<Vec<Table
 /// published ancestor) and, for that relation and the publication (`pgoutput_column_list_init`,
 /// `pgoutput_row_filter_init`, unchanged in substance from 15 to 18):
 /// - columns: `FOR ALL TABLES` publishes every column; otherwise the explicit entry's column list if
-///   it has one (even when the schema is listed too, which 16+ allows), else every column;
+///   it has one, else every column (15 to 18 refuse a list next to the table's schema entry;
+///   pgoutput would use the list, and so does this);
 /// - rows: `FOR ALL TABLES`, or the relation's schema listed `FOR TABLES IN SCHEMA`, publish every
 ///   row even if the explicit entry has a filter; otherwise the explicit entry's filter if any.
 ///
@@ -714,8 +715,8 @@ mod tests {
             (list.clone(), filter.clone())
         );
         assert!(s.publishes_column(2, "") && !s.publishes_column(4, ""));
-        // The schema listed too: every row, but the list still applies (pgoutput_column_list_init
-        // does not look at schemas).
+        // The schema listed too: every row, but a list would still apply (pgoutput_column_list_init
+        // does not look at schemas; CREATE PUBLICATION refuses that combination anyway).
         let s = published_subset_of(&PublicationEntries {
             schema_listed: true,
             explicit: explicit.clone(),
