@@ -57,7 +57,7 @@ use crate::core::batch::SpoolFactory;
 use crate::error::{Component, Error};
 use crate::lsn::Lsn;
 use crate::pg::conninfo::{pg_error, ConnInfo};
-use crate::pg::slot::published_subset;
+use crate::pg::slot::{published_subset, published_tables};
 use crate::pg::wire::ReplicationConnection;
 use crate::sink::layout;
 use crate::sink::spool::GzipSpools;
@@ -219,10 +219,24 @@ async fn begin_in_snapshot(
 }
 
 /// Describes `table` as the snapshot sees it: the columns and the row filter `publication` publishes
-/// of it.
+/// of it. A table `pg_publication_tables` does not list for it is refused (that view computes its
+/// list from the current catalog, not the snapshot: a table added to or removed from the publication
+/// while the cut is taken is judged as the catalog stands right after the cut).
 pub async fn describe(
     c: &tokio_postgres::Client,
     publication: &str,
+    table: &TableName,
+) -> Result<Planned, Error> {
+    let published = published_tables(c, publication).await?;
+    describe_published(c, publication, &published, table).await
+}
+
+/// [`describe`] with the publication's tables already listed (once per job: with `FOR ALL TABLES`
+/// each listing reads all of `pg_class`).
+async fn describe_published(
+    c: &tokio_postgres::Client,
+    publication: &str,
+    published: &[TableName],
     table: &TableName,
 ) -> Result<Planned, Error> {
     let rel = c
@@ -237,15 +251,7 @@ pub async fn describe(
         .ok_or_else(|| Error::definite(Component::Reload, format!("table {table} does not exist (any more)")))?;
     let oid: u32 = rel.get(0);
     // Membership as `pg_publication_tables` lists it, as for a fresh start and `reload` requests.
-    let published = c
-        .query_opt(
-            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-            &[&publication, &table.schema, &table.name],
-        )
-        .await
-        .map_err(pg_error)?
-        .is_some();
-    if !published {
+    if !published.contains(table) {
         return Err(Error::definite(
             Component::Reload,
             format!("table {table} is not in publication {publication:?} (any more): it is not exported"),
@@ -335,9 +341,12 @@ impl Exporter {
         cut.release().await;
 
         // Plan every table inside the snapshot.
+        let published = published_tables(&clients[0], &self.publication).await?;
         let mut plans = Vec::with_capacity(jobs.len());
         for job in &jobs {
-            plans.push(describe(&clients[0], &self.publication, &job.table).await);
+            plans.push(
+                describe_published(&clients[0], &self.publication, &published, &job.table).await,
+            );
         }
         let mut queue = Vec::new();
         let mut remaining: Vec<usize> = vec![0; jobs.len()];
