@@ -113,8 +113,8 @@ async fn start_replication(
 
 /// The tasks of a streaming session and the handles teardown needs.
 struct Running {
-    /// Tasks whose end (of any kind) ends the session: reader, reloads, events, ticker, heartbeat,
-    /// report. Aborted at teardown.
+    /// Tasks whose end (of any kind) ends the session: reader, reload coordinator and the forwarder
+    /// of its releases, events, ticker, heartbeat, report. Aborted at teardown.
     tasks: JoinSet<Result<(), Error>>,
     batcher: JoinHandle<Result<BatcherState, Error>>,
     stop_batcher: Arc<AtomicBool>,

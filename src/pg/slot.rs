@@ -547,7 +547,13 @@ pub async fn published_subset(
                     EXISTS (SELECT 1 FROM pg_publication_namespace n \
                             WHERE n.pnpubid = p.oid AND n.pnnspid = c.relnamespace), \
                     r.oid IS NOT NULL, r.prattrs::int2[], pg_get_expr(r.prqual, r.prrelid), \
-                    coalesce(to_jsonb(p)->>'pubgencols' = 's', false) \
+                    coalesce(to_jsonb(p)->>'pubgencols' = 's', false), \
+                    EXISTS (SELECT 1 FROM pg_partition_ancestors(c.oid) a \
+                            JOIN pg_class ac ON ac.oid = a.relid \
+                            WHERE EXISTS (SELECT 1 FROM pg_publication_rel r2 \
+                                          WHERE r2.prpubid = p.oid AND r2.prrelid = a.relid) \
+                               OR EXISTS (SELECT 1 FROM pg_publication_namespace n2 \
+                                          WHERE n2.pnpubid = p.oid AND n2.pnnspid = ac.relnamespace)) \
              FROM pg_publication p JOIN pg_class c ON c.oid = $2::oid \
              LEFT JOIN pg_publication_rel r ON r.prpubid = p.oid AND r.prrelid = c.oid \
              WHERE p.pubname = $1",
@@ -564,12 +570,29 @@ pub async fn published_subset(
     let explicit = row
         .get::<_, bool>(2)
         .then(|| (row.get::<_, Option<Vec<i16>>>(3), row.get(4)));
-    Ok(published_subset_of(&PublicationEntries {
+    let entries = PublicationEntries {
         all_tables: row.get(0),
         schema_listed: row.get(1),
         explicit,
         stored_generated: row.get(5),
-    }))
+    };
+    // Membership is checked on the current catalog before this runs; in the snapshot the table may
+    // not have been published yet (dropped from the publication and added back, with another list,
+    // while the cut was taken). "Every column and row" is right only for a table published through
+    // an ancestor partition; anything else is refused rather than exported unfiltered. Transient:
+    // the next attempt takes a new cut, whose snapshot has the entry.
+    let via_ancestor: bool = row.get(6);
+    if !entries.all_tables && !entries.schema_listed && entries.explicit.is_none() && !via_ancestor
+    {
+        return Err(Error::transient(
+            Component::Reload,
+            format!(
+                "table oid {relid} is not in publication {publication:?} as of the export's snapshot \
+                 (it joined the publication while the cut was taken); retrying with a new cut"
+            ),
+        ));
+    }
+    Ok(published_subset_of(&entries))
 }
 
 /// Builds the table schema for a Relation message: names, OIDs and typmods from the message (what the

@@ -478,7 +478,36 @@ impl Exporter {
                 let _ = client.batch_execute("COMMIT").await;
             });
         }
-        while tasks.join_next().await.is_some() {}
+        let mut abnormal = None;
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(e) = joined {
+                abnormal.get_or_insert_with(|| e.to_string());
+            }
+        }
+        if let Some(why) = abnormal {
+            // A worker that panicked took its part with it, so its table would never finish and
+            // the coordinator would wait for it forever: fail every table still missing parts
+            // (transient: the attempt is retried with a new cut).
+            let left: Vec<usize> = results
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .iter()
+                .filter(|(_, r)| r.parts_left > 0)
+                .map(|(i, _)| *i)
+                .collect();
+            for idx in left {
+                let (schema, _) = schemas[idx].clone().expect("planned");
+                let _ = done.send(ExportEvent::Finished(TableExport {
+                    table: jobs[idx].table.clone(),
+                    reload_id: jobs[idx].reload_id,
+                    schema,
+                    result: Err(Error::transient(
+                        Component::Reload,
+                        format!("an export worker ended abnormally: {why}"),
+                    )),
+                }));
+            }
+        }
         Ok(())
     }
 }

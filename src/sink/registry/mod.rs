@@ -72,7 +72,7 @@ pub struct Registry {
 ///     this trait reads it back.
 /// - [`mark_notified`](FileLog::mark_notified) records the JetStream sequence of a row's notice; the
 ///   row then leaves [`unnotified`](FileLog::unnotified). Repeating it with the same sequence changes
-///   nothing (a later call with another sequence overwrites, which delivery never does); an unknown
+///   nothing delivery reads (PostgreSQL refreshes its `notified_at`; a later call with another sequence overwrites, which delivery never does); an unknown
 ///   id is not an error and changes nothing.
 /// - [`unnotified`](FileLog::unnotified): every committed row of every kind with no recorded
 ///   sequence, in id order, each equal to the record committed (timestamps to the microsecond, as
