@@ -302,3 +302,79 @@ async fn change_events_are_published_for_every_change() {
     replay_equal(&mut db).await;
     db.cleanup().await;
 }
+
+/// A daemon of another slot is refused the registry and the output prefix a first daemon owns
+/// (README "Running several daemons"), before it creates its slot, removes a single object or
+/// completes a single notice; the owner itself keeps streaming, and replays equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_slot_is_refused_the_registry_and_the_output_prefix() {
+    let mut db = TestDb::new("owner").await;
+    let c = db.client().await;
+    workload::setup(&c, &db.publication).await;
+    let env = db.daemon_env(&db.out_url());
+    let owner = Daemon::start(&env, db.dir.path(), &[], "owner.log");
+    db.wait_for_slot(&owner).await;
+    workload::phase1(&c).await;
+    db.wait_caught_up(CATCH_UP).await;
+
+    // Same registry and prefix, another slot: refused by the registry.
+    let other_slot = format!("{}_other", db.slot);
+    let intruder = Daemon::start(
+        &env,
+        db.dir.path(),
+        &[("CDC_EGRESS_SOURCE_SLOT", &other_slot)],
+        "intruder.log",
+    );
+    let log = intruder.log.clone();
+    let status = intruder.wait_exit(CATCH_UP).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(2), "a configuration error:\n{text}");
+    assert!(
+        text.contains("the registry schema \"cdc_egress\" belongs to slot")
+            && text.contains(&format!("slot {:?}", db.slot))
+            && text.contains(&format!("slot {other_slot:?}")),
+        "names both slots:\n{text}"
+    );
+
+    // A registry of its own (in another database) but the same prefix: refused by the prefix.
+    let other_registry = db.extra_db("registry").await;
+    let intruder = Daemon::start(
+        &env,
+        db.dir.path(),
+        &[
+            ("CDC_EGRESS_SOURCE_SLOT", &other_slot),
+            ("CDC_EGRESS_REGISTRY_URL", &other_registry),
+        ],
+        "intruder2.log",
+    );
+    let log = intruder.log.clone();
+    let status = intruder.wait_exit(CATCH_UP).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(2), "a configuration error:\n{text}");
+    assert!(
+        text.contains("the output prefix") && text.contains("cdc-egress-owner.json"),
+        "names the prefix and its owner record:\n{text}"
+    );
+
+    let slots: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&other_slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "a refused daemon creates no slot");
+    let registered: i64 = connect(&other_registry)
+        .await
+        .query_one("SELECT count(*) FROM cdc_egress.files", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(registered, 0, "a refused daemon registers nothing");
+    workload::phase2(&c).await;
+    db.wait_caught_up(CATCH_UP).await;
+    assert!(owner.stop().await.success());
+    replay_equal(&mut db).await;
+    db.cleanup().await;
+}

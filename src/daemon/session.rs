@@ -1,8 +1,8 @@
 //! One replication session: from connecting to the slot until shutdown or the first error.
 //!
 //! [`session`] reads as its phases. Before streaming (`startup`): connect, take the slot's lock,
-//! finish what the last run committed, remove what it left half-done, plan the slot, prepare the
-//! batcher. Then `START_REPLICATION`, and the tasks of a running session ([`Running`]): the reader,
+//! claim the registry and the output prefix for the slot, finish what the last run committed, remove
+//! what it left half-done, plan the slot, prepare the batcher. Then `START_REPLICATION`, and the tasks of a running session ([`Running`]): the reader,
 //! the batcher thread, the delivery, the reload coordinator, change events, the ticker, the
 //! heartbeat, the report, and the status updates. The session ends at the first task that fails
 //! (or stops unexpectedly) or at a requested shutdown; teardown then stops everything, so nothing of
@@ -31,7 +31,8 @@ use super::reader::read_stream;
 use super::reloads::{Coordinator, Release};
 use super::report::report_task;
 use super::startup::{
-    connect, prepare_batcher, prepare_slot, recover, take_slot_lock, Endpoints, Prepared, STANDBY,
+    claim_ownership, connect, prepare_batcher, prepare_slot, recover, take_slot_lock, Endpoints,
+    Prepared, STANDBY,
 };
 use super::status_updates::send_status;
 use crate::config::Config;
@@ -59,6 +60,7 @@ pub async fn session(
     let ep = connect(config, metrics.clone(), shutdown.clone()).await?;
     let slot_name = config.source.slot.as_str();
     take_slot_lock(&ep, slot_name).await?;
+    claim_ownership(&ep, slot_name).await?;
     recover(&ep.sinks).await?;
 
     let mut repl = ReplicationConnection::connect(&ep.source).await?;

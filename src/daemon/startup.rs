@@ -1,5 +1,5 @@
-//! What a session does before it streams: connect to everything, take the slot's lock, finish what
-//! the last run left (notices of committed batches, orphaned objects), decide what to do with the
+//! What a session does before it streams: connect to everything, take the slot's lock, claim the
+//! registry and the output prefix for this slot (`sink::owner`), finish what the last run left (notices of committed batches, orphaned objects), decide what to do with the
 //! slot (stream, create, refuse or re-export: `pg::slot::plan_slot`) and prepare the batcher (skip
 //! positions, schema versions, holds of resumed reloads).
 //!
@@ -21,6 +21,7 @@ use crate::pg::conninfo::ConnInfo;
 use crate::pg::slot;
 use crate::pg::wire::ReplicationConnection;
 use crate::sink::notify::Notifier;
+use crate::sink::owner::Owner;
 use crate::sink::registry::Registry;
 use crate::sink::spool::{clean_spool_dir, GzipSpools};
 use crate::sink::store::Store;
@@ -188,6 +189,45 @@ pub(super) async fn take_slot_lock(ep: &Endpoints, slot_name: &str) -> Result<()
     }
 
     Ok(())
+}
+
+/// Claims the registry and the output prefix for this slot of this database, or refuses (a
+/// configuration error) when another slot or database owns either: before recovery, which deletes
+/// and completes what it finds (see [`crate::sink::owner`]). Runs under the slot's lock.
+pub(super) async fn claim_ownership(ep: &Endpoints, slot_name: &str) -> Result<(), Error> {
+    let database: String = ep
+        .catalog
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .map_err(|e| crate::pg::conninfo::pg_error(e).context("read the source database name"))?
+        .get(0);
+    // Readable by any role by default; a role denied it is compared by names alone.
+    let system_identifier = match ep
+        .catalog
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+    {
+        Ok(row) => row.get(0),
+        Err(e) if e.code().is_some() => {
+            tracing::debug!(error = %e, "cannot read the source's system identifier");
+            String::new()
+        }
+        Err(e) => {
+            return Err(
+                crate::pg::conninfo::pg_error(e).context("read the source's system identifier")
+            )
+        }
+    };
+    let ours = Owner {
+        system_identifier,
+        database,
+        slot: slot_name.to_string(),
+    };
+    ep.sinks.registry.claim_owner(&ours).await?;
+    crate::sink::owner::claim_prefix(&ep.sinks.store, &ours).await
 }
 
 /// Makes the slot ready to stream by the plan for its state (`slot::plan_slot`): checks a healthy

@@ -26,6 +26,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "operators",
         include_str!("../../../migrations/0003_operators.sql"),
     ),
+    (
+        4,
+        "owner",
+        include_str!("../../../migrations/0004_owner.sql"),
+    ),
 ];
 
 /// The reload-marker event trigger, installed in the source database (see the file's header).

@@ -34,6 +34,8 @@ use crate::table::{quote_ident, TableName, TableSchema};
 
 pub use migrate::migrate;
 
+use crate::sink::owner::Owner;
+
 // The records of written objects are the write stage's output (`crate::sink::record`); the
 // registry stores them.
 pub use crate::sink::record::{FileKind, FileRecord, Registered};
@@ -427,6 +429,47 @@ impl Registry {
                 )
             })
             .collect())
+    }
+
+    /// Claims the registry for `ours` (see [`crate::sink::owner`]) unless someone already did; refuses
+    /// when that is another slot or database. One conditional `UPDATE`: of two claims at once,
+    /// exactly one sets the owner, and the other reads it.
+    pub async fn claim_owner(&self, ours: &Owner) -> Result<(), Error> {
+        let c = self.client().await?;
+        let info = self.t("registry_info");
+        c.execute(
+            &format!(
+                "UPDATE {info} SET owner_system_identifier = $1, owner_database = $2, owner_slot = $3, \
+                 owner_claimed_at = now() WHERE owner_slot IS NULL"
+            ),
+            &[&ours.system_identifier, &ours.database, &ours.slot],
+        )
+        .await
+        .map_err(|e| pg_err("claim the registry", e))?;
+        let row = c
+            .query_one(
+                &format!(
+                    "SELECT coalesce(owner_system_identifier, ''), owner_database, owner_slot FROM {info}"
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| pg_err("read the registry's owner", e))?;
+        let recorded = Owner {
+            system_identifier: row.get(0),
+            database: row.get(1),
+            slot: row.get(2),
+        };
+        if ours.same_as(&recorded) {
+            return Ok(());
+        }
+        Err(ours.refused(
+            &format!("the registry schema {:?}", self.schema),
+            &recorded,
+            &format!(
+                "run UPDATE {info} SET owner_slot = NULL in the registry database (after stopping the other daemon)"
+            ),
+        ))
     }
 
     /// The registry's identity (`registry_info.incarnation`), new for every registry created.

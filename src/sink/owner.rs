@@ -1,0 +1,150 @@
+//! Who a registry and an output prefix belong to: one slot of one source database.
+//!
+//! # Why one owner
+//! Everything a daemon does at start-up assumes it is alone with its registry and its output prefix:
+//! `finish_unnotified` completes every unnotified row, `remove_orphans` deletes every object the
+//! registry does not know, the reload coordinator acts on every marker with the registry's prefix.
+//! Two daemons streaming *different* slots (or databases) into one registry or one prefix would
+//! complete each other's notices, act on each other's reload markers and delete each other's fresh
+//! uploads as orphans. The slot's advisory lock only keeps out daemons of the *same* slot (they wait
+//! as standbys). So the first daemon claims both, and a daemon of another slot or database is refused
+//! with a definite configuration error naming both owners, before it writes or deletes anything.
+//!
+//! # The claims
+//! - The registry: the owner columns of `registry_info` (migration 0004), set once by a conditional
+//!   `UPDATE`, so of two daemons claiming at once exactly one wins.
+//! - The output prefix: [`OWNER_FILE`] at its root, written when absent and read back: of two
+//!   daemons writing at once, the one whose write is not the last reads the other's and is refused.
+//!   A registry recreated for the same slot keeps the prefix (the owner is the slot, not the
+//!   registry's incarnation).
+//!
+//! The same slot name on another cluster is another owner: the system identifier is part of it.
+
+use serde::{Deserialize, Serialize};
+
+use super::store::Store;
+use crate::error::{Component, Error};
+
+/// The object at the output root that names the prefix's owner.
+pub const OWNER_FILE: &str = "cdc-egress-owner.json";
+
+/// One slot of one source database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// `pg_control_system().system_identifier` of the source cluster ("" when the role may not
+    /// read it: then only the database and slot names are compared).
+    pub system_identifier: String,
+    pub database: String,
+    pub slot: String,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "slot {:?} of database {:?}", self.slot, self.database)?;
+        if !self.system_identifier.is_empty() {
+            write!(f, " (system {})", self.system_identifier)?;
+        }
+        Ok(())
+    }
+}
+
+impl Owner {
+    /// Whether `other` is the same owner; an unknown system identifier matches any.
+    pub fn same_as(&self, other: &Owner) -> bool {
+        self.database == other.database
+            && self.slot == other.slot
+            && (self.system_identifier.is_empty()
+                || other.system_identifier.is_empty()
+                || self.system_identifier == other.system_identifier)
+    }
+
+    /// The refusal for a resource (`what`) that `recorded` owns.
+    pub fn refused(&self, what: &str, recorded: &Owner, how_to_release: &str) -> Error {
+        Error::definite(
+            Component::Config,
+            format!(
+                "{what} belongs to {recorded}; this daemon streams {self}. Give each slot its own \
+                 registry.schema and output.url prefix (README \"Running several daemons\"), or, to \
+                 hand it over on purpose, {how_to_release}"
+            ),
+        )
+    }
+}
+
+/// Claims the output prefix under `root` for `ours`, or refuses when another owner has it.
+pub async fn claim_prefix(store: &Store, ours: &Owner) -> Result<(), Error> {
+    let path = store.root().clone().join(OWNER_FILE);
+    if !store.exists(&path).await? {
+        let body = serde_json::to_vec_pretty(ours).expect("an owner serializes");
+        store.put_bytes(&path, body).await?;
+    }
+    let bytes = store.get(&path).await?;
+    let recorded: Owner = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::definite(
+            Component::Config,
+            format!(
+                "{} is not an owner record ({e}): this output prefix was not written by cdc-egress",
+                store.url_of(&path)
+            ),
+        )
+    })?;
+    if ours.same_as(&recorded) {
+        return Ok(());
+    }
+    Err(ours.refused(
+        &format!("the output prefix {}", store.url_of(store.root())),
+        &recorded,
+        &format!("delete {}", store.url_of(&path)),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(sys: &str, db: &str, slot: &str) -> Owner {
+        Owner {
+            system_identifier: sys.into(),
+            database: db.into(),
+            slot: slot.into(),
+        }
+    }
+
+    #[test]
+    fn owners_compare_by_cluster_database_and_slot() {
+        let a = owner("1", "app", "s");
+        assert!(a.same_as(&owner("1", "app", "s")));
+        assert!(
+            a.same_as(&owner("", "app", "s")),
+            "unknown system: names decide"
+        );
+        assert!(
+            !a.same_as(&owner("2", "app", "s")),
+            "same names, another cluster"
+        );
+        assert!(!a.same_as(&owner("1", "app", "t")));
+        assert!(!a.same_as(&owner("1", "other", "s")));
+        let e = a.refused("the registry", &owner("1", "app", "t"), "do X");
+        assert!(e.is_config() && !e.is_transient());
+        let text = e.to_string();
+        assert!(
+            text.contains("slot \"t\"") && text.contains("slot \"s\"") && text.contains("do X")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_prefix_is_claimed_once_and_refused_to_another_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = Store::open(&url, &Default::default()).unwrap();
+        let ours = owner("1", "app", "s");
+        claim_prefix(&store, &ours).await.unwrap();
+        claim_prefix(&store, &ours).await.unwrap();
+        let err = claim_prefix(&store, &owner("1", "app", "t"))
+            .await
+            .unwrap_err();
+        assert!(err.is_config(), "{err}");
+        assert!(err.to_string().contains(OWNER_FILE), "{err}");
+        assert!(dir.path().join(OWNER_FILE).exists());
+    }
+}
