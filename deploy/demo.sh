@@ -65,6 +65,10 @@ http:
   listen: 127.0.0.1:9187
 YML
 
+# The demo's stream outlives its database: release the subject prefix a previous demo (possibly on
+# another server) claimed, so this run can claim it (README "Running several daemons").
+"$bin" --config "$demo/cdc-egress.yml" release-owner --yes >/dev/null
+
 step="starting cdc-egress run"
 say "running cdc-egress (log: demo/cdc-egress.log, metrics: http://127.0.0.1:9187/metrics)"
 "$bin" --config "$demo/cdc-egress.yml" run >"$demo/cdc-egress.log" 2>&1 &

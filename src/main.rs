@@ -59,6 +59,14 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Release the claim of a slot on the registry, the output prefix and the subject prefix of this
+    /// configuration, so another slot may use them (README "Running several daemons"). Stop the
+    /// daemon that owns them first.
+    ReleaseOwner {
+        /// Required: releasing lets another slot's daemon clean up this one's files.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Print the newest JetStream notices of the configured stream.
     Notices {
         /// How many messages, newest last.
@@ -137,6 +145,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Notices { limit } => notices(&config, limit).await,
+            Command::ReleaseOwner { yes } => release_owner(&config, yes).await,
         }
     });
     match result {
@@ -186,6 +195,46 @@ async fn migrate(config: &Config) -> Result<(), Error> {
             "warning: the reload-marker event trigger {trigger} is not installed and the source role is not a \
              superuser; `cdc-egress reload` needs it: run `cdc-egress migrate` once as a superuser"
         ),
+    }
+    Ok(())
+}
+
+async fn release_owner(config: &Config, yes: bool) -> Result<(), Error> {
+    use cdc_egress::sink::owner::Owner;
+    if !yes {
+        return Err(Error::definite(
+            Component::Config,
+            "release-owner lets another slot's daemon take over (and clean up) this registry, output \
+             prefix and subject prefix: stop the daemon that owns them, then add --yes",
+        ));
+    }
+    let say = |what: &str, owner: Option<Owner>| match owner {
+        Some(o) => println!("{what}: released (it belonged to {o})"),
+        None => println!("{what}: not claimed"),
+    };
+    let registry_client = config.registry_conninfo()?.connect().await?;
+    let installed = cdc_egress::sink::registry::migrate::installed_version(
+        &registry_client,
+        &config.registry.schema,
+    )
+    .await?;
+    let registry = format!("registry schema {:?}", config.registry.schema);
+    if installed >= 4 {
+        say(&registry, config.open_registry(1)?.release_owner().await?);
+    } else {
+        say(&registry, None);
+    }
+    let store =
+        cdc_egress::sink::store::Store::open(&config.output.url, &config.output.options_exposed())?;
+    say(
+        &format!("output prefix {}", store.url_of(store.root())),
+        cdc_egress::sink::owner::release_prefix(&store).await?,
+    );
+    let subjects = format!("subject prefix {:?}", config.nats.subject_prefix);
+    match cdc_egress::sink::notify::Notifier::open_if_exists(&config.nats).await? {
+        Some(Ok(n)) => say(&subjects, n.release_subject_prefix().await?),
+        Some(Err(_missing_stream)) => say(&subjects, None),
+        None => {}
     }
     Ok(())
 }

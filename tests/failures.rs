@@ -303,11 +303,12 @@ async fn change_events_are_published_for_every_change() {
     db.cleanup().await;
 }
 
-/// A daemon of another slot is refused the registry and the output prefix a first daemon owns
+/// A daemon of another slot is refused the registry, the output prefix and the notice subjects a
+/// first daemon owns
 /// (README "Running several daemons"), before it creates its slot, removes a single object or
 /// completes a single notice; the owner itself keeps streaming, and replays equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_slot_is_refused_the_registry_and_the_output_prefix() {
+async fn another_slot_is_refused_the_registry_the_output_prefix_and_the_subjects() {
     let mut db = TestDb::new("owner").await;
     let c = db.client().await;
     workload::setup(&c, &db.publication).await;
@@ -352,8 +353,33 @@ async fn another_slot_is_refused_the_registry_and_the_output_prefix() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(status.code(), Some(2), "a configuration error:\n{text}");
     assert!(
-        text.contains("the output prefix") && text.contains("cdc-egress-owner.json"),
-        "names the prefix and its owner record:\n{text}"
+        text.contains("the output prefix") && text.contains("release-owner"),
+        "names the prefix and the way to hand it over:\n{text}"
+    );
+
+    // Its own registry and prefix, but the same stream and subject prefix: refused by the subjects.
+    let intruder = Daemon::start(
+        &env,
+        db.dir.path(),
+        &[
+            ("CDC_EGRESS_SOURCE_SLOT", &other_slot),
+            ("CDC_EGRESS_REGISTRY_URL", &other_registry),
+            ("CDC_EGRESS_REGISTRY_SCHEMA", "cdc_egress_3"),
+            (
+                "CDC_EGRESS_OUTPUT_URL",
+                &format!("file://{}", db.dir.path().join("out3").display()),
+            ),
+        ],
+        "intruder3.log",
+    );
+    let log = intruder.log.clone();
+    let status = intruder.wait_exit(CATCH_UP).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(2), "a configuration error:\n{text}");
+    assert!(
+        text.contains(&format!("the subject prefix {:?}", db.prefix))
+            && text.contains("cdc-egress release-owner --yes"),
+        "names the subject prefix and the way to hand it over:\n{text}"
     );
 
     let slots: i64 = c
@@ -376,5 +402,20 @@ async fn another_slot_is_refused_the_registry_and_the_output_prefix() {
     db.wait_caught_up(CATCH_UP).await;
     assert!(owner.stop().await.success());
     replay_equal(&mut db).await;
+
+    // The hand-over the refusals point at: release-owner, with the owner stopped.
+    let (code, _, err) = run_cli(&["release-owner"], &env, db.dir.path());
+    assert_eq!(code, 2, "asks for --yes: {err}");
+    let (code, out, err) = run_cli(&["release-owner", "--yes"], &env, db.dir.path());
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        out.matches(&format!("released (it belonged to slot {:?}", db.slot))
+            .count(),
+        3,
+        "registry, prefix and subjects released:\n{out}"
+    );
+    let (code, out, err) = run_cli(&["release-owner", "--yes"], &env, db.dir.path());
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(out.matches("not claimed").count(), 3, "{out}");
     db.cleanup().await;
 }

@@ -191,8 +191,8 @@ pub(super) async fn take_slot_lock(ep: &Endpoints, slot_name: &str) -> Result<()
     Ok(())
 }
 
-/// Claims the registry and the output prefix for this slot of this database, or refuses (a
-/// configuration error) when another slot or database owns either: before recovery, which deletes
+/// Claims the registry, the output prefix and the notice subject prefix for this slot of this
+/// database, or refuses (a configuration error) when another slot or database owns any of them: before recovery, which deletes
 /// and completes what it finds (see [`crate::sink::owner`]). Runs under the slot's lock.
 pub(super) async fn claim_ownership(ep: &Endpoints, slot_name: &str) -> Result<(), Error> {
     let database: String = ep
@@ -227,7 +227,11 @@ pub(super) async fn claim_ownership(ep: &Endpoints, slot_name: &str) -> Result<(
         slot: slot_name.to_string(),
     };
     ep.sinks.registry.claim_owner(&ours).await?;
-    crate::sink::owner::claim_prefix(&ep.sinks.store, &ours).await
+    crate::sink::owner::claim_prefix(&ep.sinks.store, &ours).await?;
+    match &ep.sinks.notifier {
+        Some(n) => n.claim_subject_prefix(&ours).await,
+        None => Ok(()),
+    }
 }
 
 /// Makes the slot ready to stream by the plan for its state (`slot::plan_slot`): checks a healthy

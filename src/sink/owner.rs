@@ -1,4 +1,5 @@
-//! Who a registry and an output prefix belong to: one slot of one source database.
+//! Who a registry, an output prefix and a notice subject prefix belong to: one slot of one source
+//! database.
 //!
 //! # Why one owner
 //! Everything a daemon does at start-up assumes it is alone with its registry and its output prefix:
@@ -7,7 +8,7 @@
 //! Two daemons streaming *different* slots (or databases) into one registry or one prefix would
 //! complete each other's notices, act on each other's reload markers and delete each other's fresh
 //! uploads as orphans. The slot's advisory lock only keeps out daemons of the *same* slot (they wait
-//! as standbys). So the first daemon claims both, and a daemon of another slot or database is refused
+//! as standbys). So the first daemon claims all three, and a daemon of another slot or database is refused
 //! with a definite configuration error naming both owners, before it writes or deletes anything.
 //!
 //! # The claims
@@ -17,6 +18,10 @@
 //!   daemons writing at once, the one whose write is not the last reads the other's and is refused.
 //!   A registry recreated for the same slot keeps the prefix (the owner is the slot, not the
 //!   registry's incarnation).
+//! - The subject prefix: the last message on `<prefix>.owner` in the stream
+//!   (`Notifier::claim_subject_prefix`), published with an expected last subject sequence of 0.
+//!   Two daemons on the same subjects would mix two sources in one subject and defeat each other's
+//!   exactly-once check (which looks at the last message on the subject).
 //!
 //! The same slot name on another cluster is another owner: the system identifier is part of it.
 
@@ -94,8 +99,19 @@ pub async fn claim_prefix(store: &Store, ours: &Owner) -> Result<(), Error> {
     Err(ours.refused(
         &format!("the output prefix {}", store.url_of(store.root())),
         &recorded,
-        &format!("delete {}", store.url_of(&path)),
+        "stop the other daemon and run `cdc-egress release-owner --yes` with this configuration",
     ))
+}
+
+/// Releases the output prefix's claim (`cdc-egress release-owner`); returns the owner it had.
+pub async fn release_prefix(store: &Store) -> Result<Option<Owner>, Error> {
+    let path = store.root().clone().join(OWNER_FILE);
+    if !store.exists(&path).await? {
+        return Ok(None);
+    }
+    let recorded = serde_json::from_slice(&store.get(&path).await?).ok();
+    store.delete(&path).await?;
+    Ok(recorded)
 }
 
 #[cfg(test)]
@@ -146,5 +162,8 @@ mod tests {
         assert!(err.is_config(), "{err}");
         assert!(err.to_string().contains(OWNER_FILE), "{err}");
         assert!(dir.path().join(OWNER_FILE).exists());
+        assert_eq!(release_prefix(&store).await.unwrap(), Some(ours));
+        assert_eq!(release_prefix(&store).await.unwrap(), None);
+        claim_prefix(&store, &owner("1", "app", "t")).await.unwrap();
     }
 }

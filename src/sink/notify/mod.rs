@@ -37,6 +37,7 @@ use bytes::Bytes;
 
 use crate::error::{Component, Error, Kind};
 use crate::secret::SecretUrl;
+use crate::sink::owner::Owner;
 use crate::table::TableName;
 
 /// Publishing notices: what delivery (`daemon::deliver`) needs of JetStream.
@@ -256,11 +257,28 @@ impl Notifier {
     /// Connects to an existing stream without creating or changing anything (one-shot readers such
     /// as `cdc-egress notices`): a missing stream is a definite error that names it.
     pub async fn open_existing(cfg: &NatsConfig) -> Result<Option<Notifier>, Error> {
+        match Self::open_if_exists(cfg).await? {
+            Some(Ok(n)) => Ok(Some(n)),
+            Some(Err(stream)) => Err(Error::definite(
+                Component::Nats,
+                format!(
+                    "JetStream stream {stream} does not exist: the daemon creates it on its first run"
+                ),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Like [`open_existing`](Self::open_existing), but a missing stream is an answer (`Err` with
+    /// its name), not an error. `None`: NATS is disabled.
+    pub async fn open_if_exists(
+        cfg: &NatsConfig,
+    ) -> Result<Option<Result<Notifier, String>>, Error> {
         let Some(n) = Self::connect_only(cfg).await? else {
             return Ok(None);
         };
         match n.js.get_stream(&n.stream).await {
-            Ok(_) => Ok(Some(n)),
+            Ok(_) => Ok(Some(Ok(n))),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -268,13 +286,7 @@ impl Notifier {
                         if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
                 ) =>
             {
-                Err(Error::definite(
-                    Component::Nats,
-                    format!(
-                        "JetStream stream {} does not exist ({e}): the daemon creates it on its first run",
-                        n.stream
-                    ),
-                ))
+                Ok(Some(Err(n.stream)))
             }
             Err(e) => Err(transient(&format!("open stream {}", n.stream), e)),
         }
@@ -454,6 +466,97 @@ impl Notifier {
                 "another publisher keeps writing to {subject}: cdc-egress must be the only publisher of its notice subjects"
             ),
         ))
+    }
+
+    /// The subject of the owner record: `<prefix>.owner`.
+    pub fn owner_subject(&self) -> String {
+        format!("{}.owner", self.prefix)
+    }
+
+    /// Claims the subject prefix in the stream for `ours` (see [`crate::sink::owner`]): the last
+    /// message on `<prefix>.owner` names the owner; when there is none, ours is published with
+    /// `Nats-Expected-Last-Subject-Sequence: 0`, so of two claims at once exactly one is stored and
+    /// the other reads it. Another owner is refused: two daemons publishing on the same notice
+    /// subjects would mix two sources in one subject and defeat each other's exactly-once check.
+    pub async fn claim_subject_prefix(&self, ours: &Owner) -> Result<(), Error> {
+        let subject = self.owner_subject();
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| transient(&format!("open stream {}", self.stream), e))?;
+        for _ in 0..2 {
+            match stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) => {
+                    let recorded: Owner = serde_json::from_slice(&m.payload).map_err(|e| {
+                        Error::definite(
+                            Component::Config,
+                            format!(
+                                "the last message on {subject} in stream {} is not an owner record \
+                                 ({e}): another publisher uses the subject prefix {:?}",
+                                self.stream, self.prefix
+                            ),
+                        )
+                    })?;
+                    if ours.same_as(&recorded) {
+                        return Ok(());
+                    }
+                    return Err(ours.refused(
+                        &format!(
+                            "the subject prefix {:?} of stream {}",
+                            self.prefix, self.stream
+                        ),
+                        &recorded,
+                        "stop the other daemon and run `cdc-egress release-owner --yes` with this configuration",
+                    ));
+                }
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(transient(&format!("read last message on {subject}"), e)),
+            }
+            let body = serde_json::to_vec(ours).expect("an owner serializes");
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(body.into())
+                .expected_last_subject_sequence(0);
+            let ack = self
+                .js
+                .send_publish(subject.clone(), publish)
+                .await
+                .map_err(|e| transient(&format!("publish on {subject}"), e))?;
+            match ack.await {
+                Ok(_) => return Ok(()),
+                // Someone claimed it first: read their claim.
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
+                Err(e) => return Err(transient(&format!("publish ack on {subject}"), e)),
+            }
+        }
+        Err(Error::transient(
+            Component::Nats,
+            format!("NATS claim {subject}: the owner record changed while it was being read"),
+        ))
+    }
+
+    /// Releases the subject prefix's claim (`cdc-egress release-owner`): purges `<prefix>.owner`;
+    /// returns the owner it had.
+    pub async fn release_subject_prefix(&self) -> Result<Option<Owner>, Error> {
+        let subject = self.owner_subject();
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| transient(&format!("open stream {}", self.stream), e))?;
+        let recorded = match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => serde_json::from_slice(&m.payload).ok(),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(None)
+            }
+            Err(e) => return Err(transient(&format!("read last message on {subject}"), e)),
+        };
+        stream
+            .purge()
+            .filter(subject.clone())
+            .await
+            .map_err(|e| transient(&format!("purge {subject}"), e))?;
+        Ok(recorded)
     }
 
     /// The server called our publish a duplicate although the last message on the subject is not

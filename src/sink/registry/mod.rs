@@ -466,10 +466,31 @@ impl Registry {
         Err(ours.refused(
             &format!("the registry schema {:?}", self.schema),
             &recorded,
-            &format!(
-                "run UPDATE {info} SET owner_slot = NULL in the registry database (after stopping the other daemon)"
-            ),
+            "stop the other daemon and run `cdc-egress release-owner --yes` with this configuration",
         ))
+    }
+
+    /// Releases the registry's claim (`cdc-egress release-owner`); returns the owner it had.
+    pub async fn release_owner(&self) -> Result<Option<Owner>, Error> {
+        let c = self.client().await?;
+        let info = self.t("registry_info");
+        let row = c
+            .query_one(
+                &format!(
+                    "WITH old AS (SELECT coalesce(owner_system_identifier, '') AS sys, owner_database AS db, \
+                     owner_slot AS slot FROM {info} FOR UPDATE) \
+                     UPDATE {info} SET owner_system_identifier = NULL, owner_database = NULL, \
+                     owner_slot = NULL, owner_claimed_at = NULL FROM old RETURNING old.sys, old.db, old.slot"
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| pg_err("release the registry", e))?;
+        Ok(row.get::<_, Option<String>>(2).map(|slot| Owner {
+            system_identifier: row.get(0),
+            database: row.get::<_, Option<String>>(1).unwrap_or_default(),
+            slot,
+        }))
     }
 
     /// The registry's identity (`registry_info.incarnation`), new for every registry created.
