@@ -417,11 +417,7 @@ impl Notifier {
         payload: Bytes,
     ) -> Result<u64, Error> {
         let (id_bare, msg_id) = (id, &self.msg_id(id));
-        let stream = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| transient(&format!("open stream {}", self.stream), e))?;
+        let stream = self.open_stream().await?;
         for _ in 0..5 {
             let expected = match stream.get_last_raw_message_by_subject(subject).await {
                 Ok(m) => {
@@ -468,6 +464,13 @@ impl Notifier {
         ))
     }
 
+    async fn open_stream(&self) -> Result<stream::Stream, Error> {
+        self.js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| transient(&format!("open stream {}", self.stream), e))
+    }
+
     /// The subject of the owner record: `<prefix>.owner`.
     pub fn owner_subject(&self) -> String {
         format!("{}.owner", self.prefix)
@@ -480,11 +483,7 @@ impl Notifier {
     /// subjects would mix two sources in one subject and defeat each other's exactly-once check.
     pub async fn claim_subject_prefix(&self, ours: &Owner) -> Result<(), Error> {
         let subject = self.owner_subject();
-        let stream = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| transient(&format!("open stream {}", self.stream), e))?;
+        let stream = self.open_stream().await?;
         for _ in 0..2 {
             match stream.get_last_raw_message_by_subject(&subject).await {
                 Ok(m) => {
@@ -539,11 +538,7 @@ impl Notifier {
     /// returns the owner it had.
     pub async fn release_subject_prefix(&self) -> Result<Option<Owner>, Error> {
         let subject = self.owner_subject();
-        let stream = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| transient(&format!("open stream {}", self.stream), e))?;
+        let stream = self.open_stream().await?;
         let recorded = match stream.get_last_raw_message_by_subject(&subject).await {
             Ok(m) => serde_json::from_slice(&m.payload).ok(),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
@@ -570,11 +565,7 @@ impl Notifier {
         payload: &Bytes,
         seq: u64,
     ) -> Result<u64, Error> {
-        let stream = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| transient(&format!("open stream {}", self.stream), e))?;
+        let stream = self.open_stream().await?;
         let other = stream
             .get_raw_message(seq)
             .await
@@ -596,11 +587,7 @@ impl Notifier {
     /// The newest `limit` messages of the stream on `<prefix>.>` as (sequence, subject, payload), oldest
     /// first: what `cdc-egress notices` prints.
     pub async fn recent(&self, limit: u64) -> Result<Vec<(u64, String, Bytes)>, Error> {
-        let mut stream = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| transient(&format!("open stream {}", self.stream), e))?;
+        let mut stream = self.open_stream().await?;
         let state = stream
             .info()
             .await
