@@ -1,5 +1,6 @@
 //! What a session does before it streams: connect to everything, take the slot's lock, claim the
-//! registry and the output prefix for this slot (`sink::owner`), finish what the last run left (notices of committed batches, orphaned objects), decide what to do with the
+//! registry, the output prefix and the notice subjects for this slot (`sink::owner`), finish what
+//! the last run left (notices of committed batches, orphaned objects), decide what to do with the
 //! slot (stream, create, refuse or re-export: `pg::slot::plan_slot`) and prepare the batcher (skip
 //! positions, schema versions, holds of resumed reloads).
 //!
@@ -192,8 +193,9 @@ pub(super) async fn take_slot_lock(ep: &Endpoints, slot_name: &str) -> Result<()
 }
 
 /// Claims the registry, the output prefix and the notice subject prefix for this slot of this
-/// database, or refuses (a configuration error) when another slot or database owns any of them: before recovery, which deletes
-/// and completes what it finds (see [`crate::sink::owner`]). Runs under the slot's lock.
+/// database, or refuses (a configuration error) when another slot or database owns any of them:
+/// before recovery, which deletes and completes what it finds (see [`crate::sink::owner`]). Runs
+/// under the slot's lock.
 pub(super) async fn claim_ownership(ep: &Endpoints, slot_name: &str) -> Result<(), Error> {
     let database: String = ep
         .catalog

@@ -8,16 +8,19 @@
 //! Two daemons streaming *different* slots (or databases) into one registry or one prefix would
 //! complete each other's notices, act on each other's reload markers and delete each other's fresh
 //! uploads as orphans. The slot's advisory lock only keeps out daemons of the *same* slot (they wait
-//! as standbys). So the first daemon claims all three, and a daemon of another slot or database is refused
-//! with a definite configuration error naming both owners, before it writes or deletes anything.
+//! as standbys). So the first daemon claims all three, and a daemon of another slot or database is
+//! refused with a definite configuration error naming both owners, before it writes or deletes
+//! anything.
 //!
 //! # The claims
 //! - The registry: the owner columns of `registry_info` (migration 0004), set once by a conditional
 //!   `UPDATE`, so of two daemons claiming at once exactly one wins.
-//! - The output prefix: [`OWNER_FILE`] at its root, written when absent and read back: of two
-//!   daemons writing at once, the one whose write is not the last reads the other's and is refused.
-//!   A registry recreated for the same slot keeps the prefix (the owner is the slot, not the
-//!   registry's incarnation).
+//! - The output prefix: [`OWNER_FILE`] at its root, written when absent and read back. This claim
+//!   is not atomic by itself (object stores differ in conditional writes): two daemons of different
+//!   slots starting in the same instant, with different registries and subject prefixes, could
+//!   both pass it. Any daemon starting after the claim is refused, as is any pair sharing the
+//!   registry or the subjects, whose claims are atomic. A registry recreated for the same slot
+//!   keeps the prefix (the owner is the slot, not the registry's incarnation).
 //! - The subject prefix: the last message on `<prefix>.owner` in the stream
 //!   (`Notifier::claim_subject_prefix`), published with an expected last subject sequence of 0.
 //!   Two daemons on the same subjects would mix two sources in one subject and defeat each other's
@@ -69,8 +72,8 @@ impl Owner {
             Component::Config,
             format!(
                 "{what} belongs to {recorded}; this daemon streams {self}. Give each slot its own \
-                 registry.schema and output.url prefix (README \"Running several daemons\"), or, to \
-                 hand it over on purpose, {how_to_release}"
+                 registry.schema, output.url prefix and nats.subject_prefix (README \"Running several \
+                 daemons\"), or, to hand it over on purpose, {how_to_release}"
             ),
         )
     }
