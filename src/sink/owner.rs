@@ -163,7 +163,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.is_config(), "{err}");
-        assert!(err.to_string().contains(OWNER_FILE), "{err}");
+        assert!(err.to_string().contains("release-owner"), "{err}");
         assert!(dir.path().join(OWNER_FILE).exists());
         assert_eq!(release_prefix(&store).await.unwrap(), Some(ours));
         assert_eq!(release_prefix(&store).await.unwrap(), None);
