@@ -38,19 +38,7 @@ impl Backend for Js {
 
 impl Drop for Js {
     fn drop(&mut self) {
-        let stream = self.stream.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(c) = async_nats::connect(common::nats_url()).await {
-                    let _ = async_nats::jetstream::new(c).delete_stream(&stream).await;
-                }
-            });
-        })
-        .join();
+        common::delete_stream_on_drop(self.stream.clone());
     }
 }
 

@@ -85,17 +85,7 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        let stream = self.stream.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let _ = js().await.delete_stream(&stream).await;
-            });
-        })
-        .join();
+        common::delete_stream_on_drop(self.stream.clone());
     }
 }
 

@@ -651,11 +651,27 @@ async fn drop_everything(
             .await;
     }
     if let Some(stream) = stream {
-        if let Ok(c) = async_nats::connect(nats_url()).await {
-            let js = async_nats::jetstream::new(c);
-            let _ = js.delete_stream(stream).await;
-        }
+        delete_stream(stream).await;
     }
+}
+
+/// Deletes a test's JetStream stream, if NATS is reachable (clean-up: errors are ignored).
+pub async fn delete_stream(stream: &str) {
+    if let Ok(c) = async_nats::connect(nats_url()).await {
+        let _ = async_nats::jetstream::new(c).delete_stream(stream).await;
+    }
+}
+
+/// [`delete_stream`] from a `Drop`, which may run inside or outside a runtime.
+pub fn delete_stream_on_drop(stream: String) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(delete_stream(&stream));
+    })
+    .join();
 }
 
 /// The daemon as a child process.
