@@ -157,7 +157,6 @@ impl Running {
         let batcher = {
             let (stop, metrics) = (stop_batcher.clone(), metrics.clone());
             let events_tx = events_enabled.then_some(events_tx);
-            let persisted_rx = persisted_rx;
             tokio::task::spawn_blocking(move || {
                 run_batcher(
                     prepared.batcher,
