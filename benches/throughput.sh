@@ -569,7 +569,7 @@ read -r FILES REG_ROWS REG_I REG_U REG_D REG_GZ REG_CSV < <(sql "
            coalesce(sum((ops->>'update')::bigint), 0), coalesce(sum((ops->>'delete')::bigint), 0),
            coalesce(sum(byte_size), 0), coalesce(sum(csv_bytes), 0)
     FROM cdc_egress.files WHERE kind = 'streaming' AND table_schema = 'public'" | tr '|' ' ')
-# The stream holds the notices and one owner record on <prefix>.owner (README "Running several daemons").
+# The stream holds the notices and one owner record on <prefix>.<source>.owner (README "Running several daemons").
 NOTICES=$(python3 "$ROOT/benches/jetstream.py" "$NATS_URL" info "$STREAM")
 [[ $NOTICES =~ ^[0-9]+$ ]] && NOTICES=$((NOTICES - 1))
 PROBLEMS=()

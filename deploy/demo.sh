@@ -53,6 +53,7 @@ cat > "$demo/cdc-egress.yml" <<YML
 source:
   url: $db_url
   slot: cdc_egress_demo
+  name: shop
 batch:
   interval: 5s
 output:
@@ -65,7 +66,7 @@ http:
   listen: 127.0.0.1:9187
 YML
 
-# The demo's stream outlives its database: release the subject prefix a previous demo (possibly on
+# The demo's stream outlives its database: release the subjects a previous demo (possibly on
 # another server) claimed, so this run can claim it (README "Running several daemons").
 "$bin" --config "$demo/cdc-egress.yml" release-owner --yes >/dev/null
 
@@ -123,7 +124,7 @@ say "registry file log (cdc_egress.files)"
 psql "$db_url" -c "SELECT id, table_name, row_count, byte_size, first_commit_lsn, last_commit_lsn, notified_stream_seq FROM cdc_egress.files ORDER BY id LIMIT 10"
 say "cdc-egress status"
 "$bin" --config "$demo/cdc-egress.yml" status
-say "newest JetStream notices (stream CDC_EGRESS_DEMO, subjects demo.batch.<schema>.<table>)"
+say "newest JetStream notices (stream CDC_EGRESS_DEMO, subjects demo.shop.batch.<schema>.<table>)"
 "$bin" --config "$demo/cdc-egress.yml" notices --limit 2
 if [ -z "${DEMO_KEEP_SLOT:-}" ]; then
   # A slot nobody reads retains WAL forever: drop it (DEMO_KEEP_SLOT=1 keeps it to run the daemon again).

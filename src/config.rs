@@ -30,6 +30,7 @@ pub const KEYS: &[&str] = &[
     "source.url",
     "source.publication",
     "source.slot",
+    "source.name",
     "source.heartbeat_interval",
     "source.status_interval",
     "source.password_file",
@@ -106,6 +107,9 @@ pub struct SourceConfig {
     pub slot_failover: bool,
     pub publication: String,
     pub slot: String,
+    /// The namespace of everything this daemon writes (README "Running several daemons"): the first
+    /// path segment below the output root, a subject token, the `source` of its registry rows.
+    pub name: String,
     /// How often a heartbeat logical message is written so that an idle slot still advances.
     pub heartbeat_interval: Duration,
     /// How often a standby status update is sent even when nothing changed.
@@ -244,6 +248,7 @@ impl Config {
         Ok(crate::sink::registry::Registry::new(
             self.registry_conninfo()?.pool(connections)?,
             &self.registry.schema,
+            &self.source.name,
         ))
     }
 
@@ -550,6 +555,13 @@ impl Layers {
                 "invalid value {slot:?} for `source.slot`: replication slot names may contain only lower-case letters, digits and underscores"
             )));
         }
+        let source_name = self.string("source.name", &slot);
+        if !crate::sink::layout::valid_source_name(&source_name) {
+            return Err(usage(format!(
+                "invalid value {source_name:?} for `source.name`: 1 to 63 lower-case letters, digits, '_' or '-' \
+                 (it names a folder and a NATS subject token as it is)"
+            )));
+        }
         let output_url = self.string("output.url", "file://./cdc-egress-out");
         crate::sink::store::check_output_url(&output_url).map_err(|e| {
             let origin = self
@@ -633,6 +645,7 @@ impl Layers {
                 )?,
                 publication: self.identifier("source.publication", "cdc_egress")?,
                 slot,
+                name: source_name.clone(),
                 heartbeat_interval: self.parsed(
                     "source.heartbeat_interval",
                     Duration::from_secs(30),
@@ -690,6 +703,7 @@ impl Layers {
                 url: nats_url,
                 stream,
                 subject_prefix,
+                source: source_name.clone(),
                 change_events: self.parsed(
                     "nats.change_events",
                     false,
@@ -824,6 +838,25 @@ mod tests {
         let c = Config::from_yaml(BASE, &[]).unwrap();
         assert_eq!(c.source.publication, "cdc_egress");
         assert_eq!(c.source.slot, "cdc_egress");
+        assert_eq!(
+            c.source.name, "cdc_egress",
+            "the source is named after the slot"
+        );
+        let named = Config::from_yaml(BASE, &["source.slot=s1".into()]).unwrap();
+        assert_eq!(named.source.name, "s1");
+        for bad in ["", ".", "..", "A", "a.b", "a b", "a/b", &"x".repeat(64)] {
+            let err = Config::from_yaml(BASE, &[format!("source.name={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("source.name"), "{bad:?}: {err}");
+        }
+        assert_eq!(
+            Config::from_yaml(BASE, &["source.name=eu-west_1".into()])
+                .unwrap()
+                .source
+                .name,
+            "eu-west_1"
+        );
         assert_eq!(c.registry.url, c.source.url);
         assert_eq!(c.registry.schema, "cdc_egress");
         assert_eq!(c.output.url, "file://./cdc-egress-out");

@@ -65,6 +65,9 @@ pub enum Component {
     Daemon,
     /// Another daemon holds the slot: this one waits as a standby.
     Standby,
+    /// Another slot owns the source name (`sink::owner`): a configuration error (exit code 2)
+    /// that leaves everything of the owner alone, its registry rows included.
+    Ownership,
     /// The metrics and health endpoint.
     Http,
     /// Test code.
@@ -86,6 +89,7 @@ impl Component {
             Component::Reload => "reload",
             Component::Daemon => "daemon",
             Component::Standby => "standby",
+            Component::Ownership => "ownership",
             Component::Http => "http",
             Component::Test => "test",
         }
@@ -245,7 +249,7 @@ impl Error {
     /// Whether this is a configuration problem: the configuration names something wrong, or the
     /// server refused the credentials it gives (SQLSTATE class 28, invalid authorization).
     pub fn is_config(&self) -> bool {
-        self.component == Component::Config
+        matches!(self.component, Component::Config | Component::Ownership)
             || self
                 .sqlstate
                 .as_deref()

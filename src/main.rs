@@ -180,7 +180,6 @@ async fn migrate(config: &Config) -> Result<(), Error> {
     match cdc_egress::sink::registry::migrate::install_reload_marker(
         &src,
         &config.registry.schema,
-        &config.source.publication,
     )
     .await?
     {
@@ -204,8 +203,8 @@ async fn release_owner(config: &Config, yes: bool) -> Result<(), Error> {
     if !yes {
         return Err(Error::definite(
             Component::Config,
-            "release-owner lets another slot's daemon take over (and clean up) this registry, output \
-             prefix and subject prefix: stop the daemon that owns them, then add --yes",
+            "release-owner lets another slot's daemon take over (and clean up) this source name in the \
+             registry, its output directory and its subjects: stop the daemon that owns them, then add --yes",
         ));
     }
     let say = |what: &str, owner: Option<Owner>| match owner {
@@ -218,19 +217,34 @@ async fn release_owner(config: &Config, yes: bool) -> Result<(), Error> {
         &config.registry.schema,
     )
     .await?;
-    let registry = format!("registry schema {:?}", config.registry.schema);
-    if installed >= 4 {
-        say(&registry, config.open_registry(1)?.release_owner().await?);
-    } else {
-        say(&registry, None);
+    let registry = format!(
+        "source {:?} in the registry schema {:?}",
+        config.source.name, config.registry.schema
+    );
+    match installed {
+        0 => say(&registry, None),
+        v if v < cdc_egress::sink::registry::migrate::LATEST => {
+            return Err(Error::definite(
+                Component::Config,
+                format!(
+                    "the registry schema {:?} is at version {v}: run `cdc-egress migrate` first",
+                    config.registry.schema
+                ),
+            ))
+        }
+        _ => say(&registry, config.open_registry(1)?.release_owner().await?),
     }
     let store =
         cdc_egress::sink::store::Store::open(&config.output.url, &config.output.options_exposed())?;
+    let layout = cdc_egress::sink::layout::Namespace::new(store.root(), &config.source.name);
     say(
-        &format!("output prefix {}", store.url_of(store.root())),
-        cdc_egress::sink::owner::release_prefix(&store).await?,
+        &format!("output directory {}", store.url_of(&layout.dir())),
+        cdc_egress::sink::owner::release_prefix(&store, &layout).await?,
     );
-    let subjects = format!("subject prefix {:?}", config.nats.subject_prefix);
+    let subjects = format!(
+        "subjects {}.{}.>",
+        config.nats.subject_prefix, config.source.name
+    );
     match cdc_egress::sink::notify::Notifier::open_if_exists(&config.nats).await? {
         Some(Ok(n)) => say(&subjects, n.release_subject_prefix().await?),
         Some(Err(_missing_stream)) => say(&subjects, None),

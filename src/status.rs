@@ -1,6 +1,8 @@
 //! `cdc-egress status`: what the registry, the daemon row and the slot say, for people and scripts.
 //!
-//! Reads only; works whether or not the daemon runs. URLs are shown redacted.
+//! Reads only; works whether or not the daemon runs. URLs are shown redacted. Everything is about the
+//! configured source (`source.name`), plus one line per source in the registry, so an operator of
+//! several daemons sharing it sees them all (`--set source.name=<name>` shows another in full).
 
 use serde::Serialize;
 
@@ -41,8 +43,22 @@ pub struct PendingRequest {
     pub before_lsn: Option<String>,
 }
 
+/// One source of the registry (README "Running several daemons"), as its daemon last reported.
+#[derive(Debug, Serialize)]
+pub struct SourceSummary {
+    pub name: String,
+    pub database: Option<String>,
+    pub slot: Option<String>,
+    pub daemon_state: Option<String>,
+    pub confirmed_lsn: Option<String>,
+    pub seconds_since_heartbeat: Option<f64>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Status {
+    /// `source.name`: everything below is about this source's rows.
+    pub source_name: String,
+    /// The source database's URL, redacted.
     pub source: String,
     pub publication: String,
     pub publication_exists: bool,
@@ -71,6 +87,8 @@ pub struct Status {
     pub unnotified_files: i64,
     pub tables: Vec<TableStatus>,
     pub reloads: Vec<ReloadStatus>,
+    /// Every source in the registry, this one included.
+    pub sources: Vec<SourceSummary>,
 }
 
 pub async fn collect(config: &Config) -> Result<Status, Error> {
@@ -89,6 +107,18 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             ),
         ));
     }
+    if version < crate::sink::registry::migrate::LATEST {
+        return Err(Error::definite(
+            Component::Registry,
+            format!(
+                "the registry schema {} is at version {version}, this cdc-egress reads {}: run \
+                 `cdc-egress migrate` (or start the daemon of this version)",
+                config.registry.schema,
+                crate::sink::registry::migrate::LATEST
+            ),
+        ));
+    }
+    let name = &config.source.name;
     let slot = crate::pg::slot::slot_info(&src, &config.source.slot).await?;
     let publication_exists = src
         .query_opt(
@@ -102,16 +132,19 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
         .query_opt(
             &format!(
                 "SELECT state, heartbeat_at::text, last_error, pid, host, \
-                 extract(epoch FROM now() - heartbeat_at)::float8 FROM {s}.daemon WHERE slot_name = $1"
+                 extract(epoch FROM now() - heartbeat_at)::float8 FROM {s}.daemon WHERE source = $1"
             ),
-            &[&config.source.slot],
+            &[name],
         )
         .await
         .map_err(|e| crate::sink::registry::pg_err("read daemon state", e))?;
     let counts = reg
         .query_one(
-            &format!("SELECT count(*), count(*) FILTER (WHERE notified_stream_seq IS NULL) FROM {s}.files"),
-            &[],
+            &format!(
+                "SELECT count(*), count(*) FILTER (WHERE notified_stream_seq IS NULL) FROM {s}.files \
+                 WHERE source = $1"
+            ),
+            &[name],
         )
         .await
         .map_err(|e| crate::sink::registry::pg_err("count files", e))?;
@@ -120,9 +153,9 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             &format!(
                 "SELECT t.table_schema || '.' || t.table_name, t.mode, f.batch_id, t.last_commit_lsn::text, \
                  f.created_at::text, t.rows_total, t.schema_version \
-                 FROM {s}.tables t LEFT JOIN {s}.files f ON f.id = t.last_file_id ORDER BY 1"
+                 FROM {s}.tables t LEFT JOIN {s}.files f ON f.id = t.last_file_id WHERE t.source = $1 ORDER BY 1"
             ),
-            &[],
+            &[name],
         )
         .await
         .map_err(|e| crate::sink::registry::pg_err("read tables", e))?
@@ -141,10 +174,10 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
         .query(
             &format!(
                 "SELECT id, table_schema || '.' || table_name, status, requested_at::text, cut_lsn::text, rows, \
-                 estimate_rows, error FROM {s}.reloads \
-                 WHERE status IN ('requested', 'running') OR finished_at > now() - interval '1 day' ORDER BY id"
+                 estimate_rows, error FROM {s}.reloads WHERE source = $1 \
+                 AND (status IN ('requested', 'running') OR finished_at > now() - interval '1 day') ORDER BY id"
             ),
-            &[],
+            &[name],
         )
         .await
         .map_err(|e| crate::sink::registry::pg_err("read reloads", e))?
@@ -164,10 +197,10 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
         reg.query(
             &format!(
                 "SELECT q.request, q.table_schema || '.' || q.table_name, q.requested_at::text, q.wal_lsn::text \
-                 FROM {s}.reload_requests q WHERE q.read_at IS NULL \
+                 FROM {s}.reload_requests q WHERE q.source = $1 AND q.read_at IS NULL \
                  AND q.requested_at > now() - interval '7 days' ORDER BY q.requested_at"
             ),
-            &[],
+            &[name],
         )
         .await
         .map_err(|e| crate::sink::registry::pg_err("read reload requests", e))?
@@ -190,7 +223,32 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
     } else {
         Vec::new()
     };
+    let sources = reg
+        .query(
+            &format!(
+                "SELECT n.name, s.database, s.slot, d.state, d.confirmed_lsn::text, \
+                 extract(epoch FROM now() - d.heartbeat_at)::float8 \
+                 FROM (SELECT name FROM {s}.sources UNION SELECT source FROM {s}.daemon \
+                       UNION SELECT $1::text) n \
+                 LEFT JOIN {s}.sources s ON s.name = n.name LEFT JOIN {s}.daemon d ON d.source = n.name \
+                 ORDER BY 1"
+            ),
+            &[name],
+        )
+        .await
+        .map_err(|e| crate::sink::registry::pg_err("read sources", e))?
+        .iter()
+        .map(|r| SourceSummary {
+            name: r.get(0),
+            database: r.get(1),
+            slot: r.get(2),
+            daemon_state: r.get(3),
+            confirmed_lsn: r.get(4),
+            seconds_since_heartbeat: r.get(5),
+        })
+        .collect();
     let mut status = Status {
+        source_name: name.clone(),
         source: source.redacted(),
         publication: config.source.publication.clone(),
         publication_exists,
@@ -218,6 +276,7 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
         unnotified_files: counts.get(1),
         tables,
         reloads,
+        sources,
     };
     status.warnings = warnings(
         &status,
@@ -280,7 +339,7 @@ fn warnings(s: &Status, slot_retention: Option<String>) -> Vec<String> {
 pub fn render_text(s: &Status) -> String {
     use std::fmt::Write;
     let mut o = String::new();
-    let _ = writeln!(o, "source      {}", s.source);
+    let _ = writeln!(o, "source      {} ({})", s.source_name, s.source);
     let _ = writeln!(
         o,
         "slot        {} ({}{})",
@@ -370,6 +429,27 @@ pub fn render_text(s: &Status) -> String {
     }
     for wmsg in &s.warnings {
         let _ = writeln!(o, "warning     {wmsg}");
+    }
+    if s.sources.len() > 1 {
+        let _ = writeln!(
+            o,
+            "\n{:<20} {:<20} {:<20} {:<12} {:<18} LAST SEEN",
+            "SOURCE", "DATABASE", "SLOT", "DAEMON", "CONFIRMED"
+        );
+        for x in &s.sources {
+            let _ = writeln!(
+                o,
+                "{:<20} {:<20} {:<20} {:<12} {:<18} {}",
+                x.name,
+                x.database.as_deref().unwrap_or("-"),
+                x.slot.as_deref().unwrap_or("-"),
+                x.daemon_state.as_deref().unwrap_or("never ran"),
+                x.confirmed_lsn.as_deref().unwrap_or("-"),
+                x.seconds_since_heartbeat
+                    .map(|a| format!("{a:.0}s ago"))
+                    .unwrap_or("-".into())
+            );
+        }
     }
     if !s.reloads.is_empty() {
         let _ = writeln!(o, "\nRELOADS");

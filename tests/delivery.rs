@@ -17,7 +17,6 @@ use cdc_egress::daemon::deliver::{self, Sinks};
 use cdc_egress::error::{Error, Kind};
 use cdc_egress::lsn::Lsn;
 use cdc_egress::observe::Metrics;
-use cdc_egress::reload::notice::reload_batch_id;
 use cdc_egress::sink::fault::Fault;
 use cdc_egress::sink::layout;
 use cdc_egress::sink::notify::memory::MemoryNotifier;
@@ -55,6 +54,7 @@ fn world() -> World {
     let notifier = MemoryNotifier::new("cdct");
     World {
         sinks: Sinks {
+            layout: layout::Namespace::new(store.root(), "main"),
             store,
             registry: registry.clone(),
             notifier: Some(notifier.clone()),
@@ -312,9 +312,12 @@ async fn commit_all(w: &World, records: &[FileRecord]) -> Vec<i64> {
 
 /// Part `part` of reload `reload_id` of `table`, with the paths the exporter gives it.
 fn reload_part(w: &World, table: &TableName, reload_id: i64, part: u32) -> FileRecord {
-    let dir = layout::reload_dir(w.sinks.store.root(), table, reload_id);
+    let dir = w.sinks.layout.reload_dir(table, reload_id);
     FileRecord {
-        batch_id: format!("{}/reload/{reload_id}/part-{part}", table.dotted()),
+        batch_id: format!(
+            "{}/part-{part}",
+            w.sinks.layout.reload_batch_id(table, reload_id)
+        ),
         table: table.clone(),
         kind: FileKind::Reload,
         object_path: dir.clone().join(layout::part_file(part)).to_string(),
@@ -345,7 +348,7 @@ async fn recovery_completes_unnotified_rows_exactly_once() {
     let mut records = Vec::new();
     for b in &batches[..3] {
         records.push(
-            upload::upload_streaming(&w.sinks.store, b, 1)
+            upload::upload_streaming(&w.sinks.store, &w.sinks.layout, b, 1)
                 .await
                 .unwrap(),
         );
@@ -382,7 +385,7 @@ async fn recovery_completes_unnotified_rows_exactly_once() {
     );
     let published = w.notifier.published();
     let ids_published: Vec<_> = published.iter().map(|m| m.id.as_str()).collect();
-    let reload_id = reload_batch_id(&orders(), 9);
+    let reload_id = w.sinks.layout.reload_batch_id(&orders(), 9);
     assert_eq!(
         ids_published,
         vec![

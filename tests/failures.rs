@@ -173,7 +173,7 @@ async fn nats_outage_holds_the_ack_and_recovers() {
         .unwrap()
         .get(0);
     assert_eq!(
-        stream_count(&db.stream, &format!("{}.batch.>", db.prefix)).await,
+        stream_count(&db.stream, &format!("{}.*.batch.>", db.prefix)).await,
         files as u64
     );
     db.cleanup().await;
@@ -291,11 +291,11 @@ async fn change_events_are_published_for_every_change() {
         .await
         .unwrap()
         .get(0);
-    let events = stream_count(&db.stream, &format!("{}.change.>", db.prefix)).await;
+    let events = stream_count(&db.stream, &format!("{}.*.change.>", db.prefix)).await;
     assert_eq!(events, rows as u64, "one change event per change");
     let inserts = stream_count(
         &db.stream,
-        &format!("{}.change.public.accounts.insert", db.prefix),
+        &format!("{}.{}.change.public.accounts.insert", db.prefix, db.slot),
     )
     .await;
     assert!(inserts >= 200, "accounts inserts as events: {inserts}");
@@ -308,7 +308,7 @@ async fn change_events_are_published_for_every_change() {
 /// (README "Running several daemons"), before it creates its slot, removes a single object or
 /// completes a single notice; the owner itself keeps streaming, and replays equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_slot_is_refused_the_registry_the_output_prefix_and_the_subjects() {
+async fn another_slot_under_the_same_source_name_is_refused_everywhere() {
     let mut db = TestDb::new("owner").await;
     let c = db.client().await;
     workload::setup(&c, &db.publication).await;
@@ -318,12 +318,16 @@ async fn another_slot_is_refused_the_registry_the_output_prefix_and_the_subjects
     workload::phase1(&c).await;
     db.wait_caught_up(CATCH_UP).await;
 
-    // Same registry and prefix, another slot: refused by the registry.
+    // Another slot sharing the registry, prefix and stream is welcome under a name of its own
+    // (tests/sources.rs); under the owner's name (the owner's slot name, the default) it would
+    // clean up and complete the owner's work. Same registry and prefix: refused by the registry.
     let other_slot = format!("{}_other", db.slot);
+    let owner_name = db.slot.clone();
+    let same_name = ("CDC_EGRESS_SOURCE_NAME", owner_name.as_str());
     let intruder = Daemon::start(
         &env,
         db.dir.path(),
-        &[("CDC_EGRESS_SOURCE_SLOT", &other_slot)],
+        &[("CDC_EGRESS_SOURCE_SLOT", &other_slot), same_name],
         "intruder.log",
     );
     let log = intruder.log.clone();
@@ -331,8 +335,10 @@ async fn another_slot_is_refused_the_registry_the_output_prefix_and_the_subjects
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(status.code(), Some(2), "a configuration error:\n{text}");
     assert!(
-        text.contains("the registry schema \"cdc_egress\" belongs to slot")
-            && text.contains(&format!("slot {:?}", db.slot))
+        text.contains(&format!(
+            "source {:?} in the registry schema \"cdc_egress\" belongs to slot",
+            db.slot
+        )) && text.contains(&format!("slot {:?}", db.slot))
             && text.contains(&format!("slot {other_slot:?}")),
         "names both slots:\n{text}"
     );
@@ -344,6 +350,7 @@ async fn another_slot_is_refused_the_registry_the_output_prefix_and_the_subjects
         db.dir.path(),
         &[
             ("CDC_EGRESS_SOURCE_SLOT", &other_slot),
+            same_name,
             ("CDC_EGRESS_REGISTRY_URL", &other_registry),
         ],
         "intruder2.log",
@@ -353,7 +360,7 @@ async fn another_slot_is_refused_the_registry_the_output_prefix_and_the_subjects
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(status.code(), Some(2), "a configuration error:\n{text}");
     assert!(
-        text.contains("the output prefix") && text.contains("release-owner"),
+        text.contains("the output directory") && text.contains("release-owner"),
         "names the prefix and the way to hand it over:\n{text}"
     );
 
@@ -363,6 +370,7 @@ async fn another_slot_is_refused_the_registry_the_output_prefix_and_the_subjects
         db.dir.path(),
         &[
             ("CDC_EGRESS_SOURCE_SLOT", &other_slot),
+            same_name,
             ("CDC_EGRESS_REGISTRY_URL", &other_registry),
             ("CDC_EGRESS_REGISTRY_SCHEMA", "cdc_egress_3"),
             (
@@ -377,7 +385,7 @@ async fn another_slot_is_refused_the_registry_the_output_prefix_and_the_subjects
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(status.code(), Some(2), "a configuration error:\n{text}");
     assert!(
-        text.contains(&format!("the subject prefix {:?}", db.prefix))
+        text.contains(&format!("the subject prefix \"{}.{}\"", db.prefix, db.slot))
             && text.contains("cdc-egress release-owner --yes"),
         "names the subject prefix and the way to hand it over:\n{text}"
     );

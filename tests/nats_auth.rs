@@ -62,6 +62,7 @@ fn config(url: String, auth: NatsAuth) -> NatsConfig {
         url: Some(SecretUrl::new(url)),
         stream: common::unique("natsauth").to_uppercase(),
         subject_prefix: common::unique("natsauth"),
+        source: "main".into(),
         change_events: false,
         auth,
     }

@@ -214,6 +214,7 @@ async fn jetstream() {
             url: Some(SecretUrl::new(common::nats_url())),
             stream: name.to_uppercase(),
             subject_prefix: name,
+            source: "main".into(),
             change_events: false,
             auth: Default::default(),
         };

@@ -32,6 +32,7 @@ impl World {
             url: Some(SecretUrl::new(common::nats_url())),
             stream: self.stream.clone(),
             subject_prefix: self.prefix.clone(),
+            source: "main".into(),
             change_events: false,
             auth: Default::default(),
         }
@@ -119,7 +120,7 @@ async fn same_id_twice_returns_the_same_sequence_and_stores_one_message() {
     let w = World::new("once");
     let n = w.notifier().await;
     let subject = n.batch_subject(&table());
-    assert_eq!(subject, format!("{}.batch.public.orders", w.prefix));
+    assert_eq!(subject, format!("{}.main.batch.public.orders", w.prefix));
     let id = "public.orders/streaming/2024-01-01/A-B";
     let first = n
         .publish_once(&subject, id, Bytes::from_static(b"{\"n\":1}"))
@@ -301,19 +302,19 @@ async fn reserved_characters_in_names_stay_one_token() {
     let subject = n.batch_subject(&t);
     assert_eq!(
         subject,
-        format!("{}.batch.my%2Eschema.a%20b%2A%3E%25", w.prefix)
+        format!("{}.main.batch.my%2Eschema.a%20b%2A%3E%25", w.prefix)
     );
     n.publish_once(&subject, "x", Bytes::from_static(b"x"))
         .await
         .unwrap();
     assert_eq!(
-        common::stream_count(&w.stream, &format!("{}.batch.*.*", w.prefix)).await,
+        common::stream_count(&w.stream, &format!("{}.main.batch.*.*", w.prefix)).await,
         1
     );
     let change = n.change_subject(&t, "insert");
     assert_eq!(
         change,
-        format!("{}.change.my%2Eschema.a%20b%2A%3E%25.insert", w.prefix)
+        format!("{}.main.change.my%2Eschema.a%20b%2A%3E%25.insert", w.prefix)
     );
 }
 
@@ -382,6 +383,7 @@ async fn nats_down_is_transient_and_names_the_url() {
             url: Some(SecretUrl::new(url)),
             stream: "UNUSED".into(),
             subject_prefix: "unused".into(),
+            source: "main".into(),
             change_events: false,
             auth: Default::default(),
         };
@@ -405,6 +407,7 @@ async fn no_url_means_no_notices() {
         url: None,
         stream: "UNUSED".into(),
         subject_prefix: "unused".into(),
+        source: "main".into(),
         change_events: false,
         auth: Default::default(),
     };

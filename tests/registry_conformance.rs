@@ -9,9 +9,13 @@ use cdc_egress::core::batch::{OpCounts, Position};
 use cdc_egress::error::Kind;
 use cdc_egress::lsn::Lsn;
 use cdc_egress::pg::conninfo::ConnInfo;
+use cdc_egress::sink::owner::Owner;
 use cdc_egress::sink::registry::memory::MemoryRegistry;
-use cdc_egress::sink::registry::{migrate, FileKind, FileLog, FileRecord, Registry};
+use cdc_egress::sink::registry::{
+    migrate, FileKind, FileLog, FileRecord, Registered, Registry, TableState,
+};
 use cdc_egress::table::{quote_ident, TableName};
+use std::collections::HashMap;
 
 /// What a check needs to read back beyond the trait (each backend's own view of its state).
 trait Backend {
@@ -326,7 +330,7 @@ async fn migrated(db: &common::TestDb, schema: &str) -> Pg {
     migrate(&mut client, schema).await.unwrap();
     let pool = ConnInfo::parse(&db.url).unwrap().pool(2).unwrap();
     Pg {
-        registry: Registry::new(pool, schema),
+        registry: Registry::new(pool, schema, "main"),
         client,
         schema: schema.to_string(),
     }
@@ -350,7 +354,7 @@ async fn postgresql() {
 async fn postgresql_without_a_registry_is_a_definite_error() {
     let db = common::TestDb::new("regnone").await;
     let pool = ConnInfo::parse(&db.url).unwrap().pool(1).unwrap();
-    let registry = Registry::new(pool, "not_migrated");
+    let registry = Registry::new(pool, "not_migrated", "main");
     let rec = streaming(&orders(), pos(0x100, 1), pos(0x100, 2));
     let e = FileLog::commit_file(&registry, &rec, None)
         .await
@@ -361,5 +365,127 @@ async fn postgresql_without_a_registry_is_a_definite_error() {
         .await
         .expect_err("no registry");
     assert_eq!(e.kind(), Kind::Definite, "{e}");
+    db.cleanup().await;
+}
+
+/// Not part of the shared suite (the double holds one source): handles of two sources on one
+/// registry see and move only their own rows, and a source name belongs to one slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_sources_sharing_a_registry_see_only_their_own_rows() {
+    let db = common::TestDb::new("regsrc").await;
+    let a = migrated(&db, "registry_shared").await.registry;
+    let pool = ConnInfo::parse(&db.url).unwrap().pool(2).unwrap();
+    let b = Registry::new(pool, "registry_shared", "other");
+    let mut rec_a = streaming(&orders(), pos(0x100, 1), pos(0x100, 2));
+    rec_a.batch_id = format!("main/{}", rec_a.batch_id);
+    let mut rec_b = streaming(&orders(), pos(0x50, 1), pos(0x50, 1));
+    rec_b.batch_id = format!("other/{}", rec_b.batch_id);
+    let id_a = FileLog::commit_file(&a, &rec_a, None).await.unwrap();
+    FileLog::commit_file(&b, &rec_b, None).await.unwrap();
+
+    let unnotified =
+        |r: Vec<Registered>| r.into_iter().map(|x| x.record.batch_id).collect::<Vec<_>>();
+    assert_eq!(
+        unnotified(FileLog::unnotified(&a).await.unwrap()),
+        [rec_a.batch_id.clone()]
+    );
+    assert_eq!(
+        unnotified(FileLog::unnotified(&b).await.unwrap()),
+        [rec_b.batch_id.clone()]
+    );
+    let position = |s: HashMap<TableName, TableState>| s[&orders()].last;
+    assert_eq!(
+        position(a.table_states().await.unwrap()),
+        Some(pos(0x100, 2))
+    );
+    assert_eq!(
+        position(b.table_states().await.unwrap()),
+        Some(pos(0x50, 1)),
+        "the same table of another source has its own position"
+    );
+    FileLog::mark_notified(&a, id_a, 7).await.unwrap();
+    assert_eq!(FileLog::unnotified(&b).await.unwrap().len(), 1);
+    let dates = b.last_streaming_dates().await.unwrap();
+    assert_eq!(dates.len(), 1);
+    assert_eq!(
+        dates[0].2,
+        [rec_b.batch_id.clone()],
+        "orphan checks see their own ids only"
+    );
+
+    let owner = |slot: &str| Owner {
+        system_identifier: "1".into(),
+        database: "app".into(),
+        slot: slot.into(),
+    };
+    a.claim_owner(&owner("slot_a")).await.unwrap();
+    b.claim_owner(&owner("slot_b")).await.unwrap();
+    a.claim_owner(&owner("slot_a")).await.unwrap();
+    let e = a.claim_owner(&owner("slot_b")).await.unwrap_err();
+    assert!(
+        e.is_config() && e.to_string().contains("slot \"slot_a\""),
+        "{e}"
+    );
+    assert_eq!(b.release_owner().await.unwrap(), Some(owner("slot_b")));
+    a.claim_owner(&owner("slot_a")).await.unwrap();
+    db.cleanup().await;
+}
+
+/// A registry written by the previous version (one owner, no `source` columns) is upgraded in
+/// place: its rows belong to the source named after the slot that owned it, so a daemon with the
+/// default `source.name` carries on where it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_5_files_earlier_rows_under_the_owning_slot() {
+    let db = common::TestDb::new("regmig").await;
+    let c = db.client().await;
+    let schema = "registry_v4";
+    c.batch_execute(&format!(
+        "CREATE SCHEMA {schema}; CREATE TABLE {schema}.schema_migrations (version integer PRIMARY KEY, \
+         name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());"
+    ))
+    .await
+    .unwrap();
+    for (version, name, sql) in &cdc_egress::sink::registry::migrate::MIGRATIONS[..4] {
+        c.batch_execute(&sql.replace("{{schema}}", schema))
+            .await
+            .unwrap();
+        c.execute(
+            &format!("INSERT INTO {schema}.schema_migrations VALUES ($1, $2)"),
+            &[version, name],
+        )
+        .await
+        .unwrap();
+    }
+    c.batch_execute(&format!(
+        "UPDATE {schema}.registry_info SET owner_system_identifier = '1', owner_database = 'app', \
+           owner_slot = 'old_slot', owner_claimed_at = now(); \
+         INSERT INTO {schema}.files (batch_id, table_schema, table_name, kind, object_path, row_count, \
+           byte_size, csv_bytes, checksum, schema_version, schema_fingerprint, last_commit_lsn, last_seq) \
+           VALUES ('public.orders/streaming/x', 'public', 'orders', 'streaming', 'out/x', 1, 1, 1, 's', 1, 'f', '0/100', 1); \
+         INSERT INTO {schema}.tables (table_schema, table_name, last_commit_lsn, last_seq) \
+           VALUES ('public', 'orders', '0/100', 1); \
+         INSERT INTO {schema}.reloads (table_schema, table_name, status) VALUES ('public', 'orders', 'requested'); \
+         INSERT INTO {schema}.daemon (slot_name, state) VALUES ('old_slot', 'streaming');"
+    ))
+    .await
+    .unwrap();
+    let mut client = db.client().await;
+    assert_eq!(migrate(&mut client, schema).await.unwrap(), [5]);
+    let pool = ConnInfo::parse(&db.url).unwrap().pool(2).unwrap();
+    let upgraded = Registry::new(pool.clone(), schema, "old_slot");
+    assert_eq!(FileLog::unnotified(&upgraded).await.unwrap().len(), 1);
+    assert_eq!(
+        upgraded.table_states().await.unwrap()[&orders()].last,
+        Some(pos(0x100, 1))
+    );
+    assert_eq!(upgraded.active_reloads().await.unwrap().len(), 1);
+    let old_owner = Owner {
+        system_identifier: "1".into(),
+        database: "app".into(),
+        slot: "old_slot".into(),
+    };
+    upgraded.claim_owner(&old_owner).await.unwrap();
+    let other = Registry::new(pool, schema, "other");
+    assert!(FileLog::unnotified(&other).await.unwrap().is_empty());
     db.cleanup().await;
 }

@@ -173,7 +173,7 @@ async fn fresh_start_and_reload_under_load_replay_equal() {
     assert_eq!(modes, vec!["streaming".to_string()]);
     let reloads = done_reloads(&c).await;
     assert_eq!(reloads, 6, "4 initial + 2 requested");
-    let notices = stream_count(&db.stream, &format!("{}.reload.>", db.prefix)).await;
+    let notices = stream_count(&db.stream, &format!("{}.*.reload.>", db.prefix)).await;
     assert_eq!(notices, 6, "one reload notice per reload");
     let parts: i32 = c
         .query_one(
@@ -222,7 +222,7 @@ async fn bad_reload_requests_are_refused() {
         e.as_db_error()
             .unwrap()
             .message()
-            .contains("not in publication"),
+            .contains("not in any publication"),
         "{e}"
     );
     let comment: Option<String> = c
@@ -239,8 +239,9 @@ async fn bad_reload_requests_are_refused() {
     );
     // A reload already active for the table.
     c.execute(
-        "INSERT INTO cdc_egress.reloads (table_schema, table_name, status) VALUES ('public', 'pub', 'running')",
-        &[],
+        "INSERT INTO cdc_egress.reloads (table_schema, table_name, status, source) \
+         VALUES ('public', 'pub', 'running', $1)",
+        &[&db.slot],
     )
     .await
     .unwrap();
@@ -346,7 +347,8 @@ async fn crashes_during_export_and_handover_recover() {
         "public.empty_one",
         "public.big",
     ] {
-        let dir = out.join(t).join("reload");
+        let (schema, name) = t.split_once('.').unwrap();
+        let dir = out.join(&db.slot).join(schema).join(name).join("reload");
         for entry in std::fs::read_dir(&dir).unwrap().flatten() {
             let files: Vec<String> = std::fs::read_dir(entry.path())
                 .unwrap()
@@ -355,7 +357,11 @@ async fn crashes_during_export_and_handover_recover() {
                 .collect();
             if files.iter().any(|f| f == "manifest.json") {
                 for f in files.iter().filter(|f| f.starts_with("part-")) {
-                    let rel = format!("{t}/reload/{}/{f}", entry.file_name().to_string_lossy());
+                    let rel = format!(
+                        "{}/{schema}/{name}/reload/{}/{f}",
+                        db.slot,
+                        entry.file_name().to_string_lossy()
+                    );
                     assert!(
                         registered.contains(&rel),
                         "{rel} is visible but not registered"

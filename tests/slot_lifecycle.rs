@@ -146,7 +146,7 @@ async fn a_slot_dropped_behind_our_back_is_refused_or_reexported_never_silently_
         "both tables exported at the start and again after the loss"
     );
     assert_eq!(slot_events(&db).await, ["created", "lost", "created"]);
-    let subject = format!("{}.slot.{}", db.prefix, db.slot);
+    let subject = format!("{}.{}.slot.{}", db.prefix, db.slot, db.slot);
     for _ in 0..50 {
         if stream_count(&db.stream, &subject).await == 1 {
             break;

@@ -9,9 +9,11 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
 
 use cdc_egress::error::Kind;
+use cdc_egress::sink::layout::Namespace;
 use cdc_egress::sink::store::Store;
 use cdc_egress::sink::store::PART_SIZE;
 use cdc_egress::sink::upload::remove_orphans;
+use cdc_egress::table::TableName;
 use common::gcs::{gcs_endpoint, gcs_options, GcsAdapter};
 use common::{s3_options, unique_bucket};
 use object_store::path::{Path, PathPart};
@@ -441,7 +443,10 @@ async fn remove_orphans_on_a_fake_layout(store: &Store, _ctx: &Ctx) {
     const C: &str = "0000000001000200.00000000-0000000001000300.00000000";
     const E: &str = "0000000001000400.00000000-0000000001000500.00000001";
     const G: &str = "0000000002000000.00000000-0000000002000100.00000000";
-    let t = "orph.public.t";
+    let ns = Namespace::new(store.root(), "orph");
+    let table = TableName::new("public", "t");
+    let t = ns.table_key(&table);
+    assert_eq!(t, "orph/public/t");
     let orphan_day1 = [
         format!("{t}/streaming/2024-01-01/{A}/data.csv.gz"),
         format!("{t}/streaming/2024-01-01/{A}/schema.yml"),
@@ -454,9 +459,10 @@ async fn remove_orphans_on_a_fake_layout(store: &Store, _ctx: &Ctx) {
         format!("{t}/streaming/2024-01-01/{C}/manifest.json"),
         // no manifest yet, but committed in the registry (a crash between register and manifest)
         format!("{t}/streaming/2024-01-01/{E}/data.csv.gz"),
-        // reload files and other tables are never touched
+        // reload files, other tables and other sources' tables are never touched
         format!("{t}/reload/1/part-00001.csv.gz"),
-        format!("orph.public.other/streaming/2024-01-01/{A}/data.csv.gz"),
+        format!("orph/public/other/streaming/2024-01-01/{A}/data.csv.gz"),
+        format!("other/public/t/streaming/2024-01-01/{A}/data.csv.gz"),
     ];
     for rel in orphan_day1.iter().chain(&orphan_day2).chain(&kept) {
         store
@@ -466,10 +472,15 @@ async fn remove_orphans_on_a_fake_layout(store: &Store, _ctx: &Ctx) {
     }
     let committed: HashSet<String> = [format!("{t}/streaming/2024-01-01/{E}")].into();
 
-    // The table directory argument is relative to the store root.
-    let n = remove_orphans(store, t, Some(&["2024-01-01".to_string()]), &committed)
-        .await
-        .unwrap();
+    let n = remove_orphans(
+        store,
+        &ns,
+        &table,
+        Some(&["2024-01-01".to_string()]),
+        &committed,
+    )
+    .await
+    .unwrap();
     assert_eq!(n, 2, "the two objects of the orphan on 2024-01-01");
     for rel in &orphan_day1 {
         assert!(!store.exists(&at(store, rel)).await.unwrap(), "{rel} kept");
@@ -479,7 +490,9 @@ async fn remove_orphans_on_a_fake_layout(store: &Store, _ctx: &Ctx) {
         "dates not asked for are not touched"
     );
 
-    let n = remove_orphans(store, t, None, &committed).await.unwrap();
+    let n = remove_orphans(store, &ns, &table, None, &committed)
+        .await
+        .unwrap();
     assert_eq!(n, 1, "all dates: the orphan on 2024-01-02");
     assert!(!store.exists(&at(store, &orphan_day2[0])).await.unwrap());
     for rel in &kept {
@@ -489,13 +502,15 @@ async fn remove_orphans_on_a_fake_layout(store: &Store, _ctx: &Ctx) {
         );
     }
     assert_eq!(
-        remove_orphans(store, t, None, &committed).await.unwrap(),
+        remove_orphans(store, &ns, &table, None, &committed)
+            .await
+            .unwrap(),
         0,
         "idempotent"
     );
     // Without the committed set, the committed directory without a manifest is an orphan.
     assert_eq!(
-        remove_orphans(store, t, None, &HashSet::new())
+        remove_orphans(store, &ns, &table, None, &HashSet::new())
             .await
             .unwrap(),
         1

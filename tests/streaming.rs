@@ -73,7 +73,7 @@ async fn assert_replay_equal(
         .unwrap()
         .get(0);
     assert_eq!(unnotified, 0, "every registry row has its notice sequence");
-    let notices = stream_count(&db.stream, &format!("{}.batch.>", db.prefix)).await;
+    let notices = stream_count(&db.stream, &format!("{}.*.batch.>", db.prefix)).await;
     assert_eq!(
         notices,
         rows.len() as u64,
@@ -396,7 +396,16 @@ async fn memory_stays_bounded_for_a_huge_open_batch() {
     // Wait until the daemon has received the whole transaction.
     let target = db.current_lsn().await;
     let pid = d.child.id().unwrap();
-    let spool = db.dir.path().join("spool").join(&db.slot);
+    // The daemon's own spool folder: `<spool_dir>/<source name>-<digest>`.
+    let spool = std::fs::read_dir(db.dir.path().join("spool"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{}-", db.slot)))
+        })
+        .expect("the daemon's spool folder");
     // Wait until the spool stops growing: the whole transaction has been written into it.
     let mut spooled = 0u64;
     let mut stable = 0;

@@ -69,7 +69,7 @@ psql_su -d "$smoke_id" -c "INSERT INTO public.orders (customer, amount) SELECT '
 out_dir="$rootfs/var/lib/cdc-egress/out"
 batch=""
 for _ in $(seq 60); do
-  batch=$(find "$out_dir" -path '*public.orders/streaming/*' -name manifest.json 2>/dev/null | head -n1)
+  batch=$(find "$out_dir" -path '*/public/orders/streaming/*' -name manifest.json 2>/dev/null | head -n1)
   [ -n "$batch" ] && break
   sleep 0.5
 done
@@ -79,7 +79,7 @@ if [ -n "$batch" ]; then
 else
   bad "smoke: no streaming batch: $(tail -n5 "$work/run.log")"
 fi
-reload=$(find "$out_dir" -path '*public.orders/reload/*' -name manifest.json 2>/dev/null | head -n1)
+reload=$(find "$out_dir" -path '*/public/orders/reload/*' -name manifest.json 2>/dev/null | head -n1)
 [ -n "$reload" ] && ok "smoke: initial export ${reload#"$out_dir"/}" || bad "smoke: no initial export"
 owner=$(stat -c %u "$out_dir" 2>/dev/null)
 [ "$owner" = 10001 ] && ok "smoke: output written as uid 10001" || bad "smoke: output owner $owner"

@@ -24,6 +24,7 @@ use crate::core::batch::SealedBatch;
 use crate::error::{Component, Error};
 use crate::observe::Metrics;
 use crate::reload::notice::ReloadNotice;
+use crate::sink::layout::Namespace;
 use crate::sink::notify::{Notifier, Publish};
 use crate::sink::registry::{FileKind, FileLog, Registered, Registry};
 use crate::sink::spool::SpooledFile;
@@ -38,6 +39,8 @@ pub const UPLOAD_CONCURRENCY: usize = 2;
 #[derive(Clone)]
 pub struct Sinks<R = Registry, N = Notifier> {
     pub store: Store,
+    /// The names of this source's objects in `store`.
+    pub layout: Namespace,
     pub registry: R,
     pub notifier: Option<N>,
     pub metrics: Arc<Metrics>,
@@ -103,7 +106,7 @@ pub async fn finish_registered<R: FileLog, N: Publish>(
     reg: &Registered,
 ) -> Result<(), Error> {
     retry("write manifest", sinks, || {
-        upload::write_manifest(&sinks.store, reg)
+        upload::write_manifest(&sinks.store, &sinks.layout, reg)
     })
     .await?;
     crate::failpoint::hit("after_manifest");
@@ -114,7 +117,7 @@ pub async fn finish_registered<R: FileLog, N: Publish>(
                 FileKind::Reload => n.reload_subject(&reg.record.table),
                 FileKind::Ddl => n.ddl_subject(&reg.record.table),
             };
-            let payload = upload::Notice::new(&sinks.store, reg).to_json();
+            let payload = upload::Notice::new(&sinks.store, &sinks.layout, reg).to_json();
             let started = Instant::now();
             let seq = retry("publish notice", sinks, || {
                 n.publish_once(&subject, &reg.record.batch_id, payload.clone())
@@ -176,7 +179,7 @@ pub async fn deliver_batches<R: FileLog, N: Publish>(
             async move {
                 let started = Instant::now();
                 let rec = retry("upload batch", &sinks, || {
-                    upload::upload_streaming(&sinks.store, &batch, version)
+                    upload::upload_streaming(&sinks.store, &sinks.layout, &batch, version)
                 })
                 .await?;
                 sinks
@@ -236,7 +239,7 @@ pub async fn finish_reload<R: FileLog, N: Publish>(
         sinks.registry.reload_files(reload_id)
     })
     .await?;
-    let Some(notice) = ReloadNotice::new(&sinks.store, &parts) else {
+    let Some(notice) = ReloadNotice::new(&sinks.store, &sinks.layout, &parts) else {
         return Ok(());
     };
     let manifest = crate::sink::layout::stored_path(&parts[0].record.manifest_path);

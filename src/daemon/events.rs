@@ -53,12 +53,8 @@ pub(super) async fn publish_events(
             EventOut::Close(unit) => queue.push_back(Pending::Close(unit)),
             EventOut::Change(c) => {
                 let subject = notifier.change_subject(&c.table, c.op.word());
-                let msg_id = format!(
-                    "{}:{}:{}",
-                    c.table.dotted(),
-                    c.position.commit_lsn,
-                    c.position.seq
-                );
+                // The subject names the source and the table: ids of sources sharing the stream differ.
+                let msg_id = format!("{subject}:{}:{}", c.position.commit_lsn, c.position.seq);
                 let payload = serde_json::json!({
                     "table": c.table.dotted(),
                     "op": c.op.word(),

@@ -43,7 +43,7 @@ use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{Component, Error};
 use crate::observe::Metrics;
 
 pub use session::session;
@@ -68,7 +68,10 @@ pub async fn run(
         metrics.error(&e);
         let lost = !e.is_transient() && lost_while_streaming(&config, &e).await;
         if !e.is_transient() && !lost {
-            record_state(&config, "stopped", Some(&e.to_string())).await;
+            // Refused the source name: the daemon row is the owner's, not ours to write.
+            if e.component() != Component::Ownership {
+                record_state(&config, "stopped", Some(&e.to_string())).await;
+            }
             return Err(e);
         }
         if *shutdown.borrow() {

@@ -48,7 +48,6 @@ use crate::core::reload::{AttemptId, Command, ReloadPlan};
 use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::reload::export::{self, ExportEvent, Exporter, Progress, TableJob};
-use crate::reload::notice::reload_batch_id;
 use crate::sink::layout;
 use crate::sink::registry::migrate::marker_prefix;
 use crate::sink::registry::{FileKind, FileRecord};
@@ -293,13 +292,14 @@ impl Coordinator {
             progress.rows.store(0, Relaxed);
             progress.bytes.store(0, Relaxed);
             // Parts of an earlier attempt were never registered: remove them before writing new ones.
-            let dir = layout::reload_dir(self.sinks.store.root(), &t, reload_id);
+            let dir = self.sinks.layout.reload_dir(&t, reload_id);
             for o in self.sinks.store.list(&dir).await.unwrap_or_default() {
                 let _ = self.sinks.store.delete(&o.location).await;
             }
             list.push(TableJob {
                 table: t,
                 reload_id,
+                dir,
                 progress,
             });
         }
@@ -355,7 +355,7 @@ impl Coordinator {
         parts: &[export::Part],
     ) -> Result<(), Error> {
         let sinks = &self.sinks;
-        let dir = layout::reload_dir(sinks.store.root(), table, id);
+        let dir = sinks.layout.reload_dir(table, id);
         let schema_path = dir.clone().join(layout::SCHEMA_FILE);
         let manifest_path = dir.clone().join(layout::MANIFEST_FILE);
         let rows: u64 = parts.iter().map(|p| p.rows).sum();
@@ -373,7 +373,11 @@ impl Coordinator {
         let records: Vec<FileRecord> = parts
             .iter()
             .map(|p| FileRecord {
-                batch_id: format!("{}/part-{:05}", reload_batch_id(table, id), p.index),
+                batch_id: format!(
+                    "{}/part-{:05}",
+                    sinks.layout.reload_batch_id(table, id),
+                    p.index
+                ),
                 table: table.clone(),
                 kind: FileKind::Reload,
                 object_path: p.path.to_string(),

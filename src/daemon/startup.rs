@@ -21,6 +21,7 @@ use crate::observe::Metrics;
 use crate::pg::conninfo::ConnInfo;
 use crate::pg::slot;
 use crate::pg::wire::ReplicationConnection;
+use crate::sink::layout::Namespace;
 use crate::sink::notify::Notifier;
 use crate::sink::owner::Owner;
 use crate::sink::registry::Registry;
@@ -50,12 +51,9 @@ pub(super) async fn connect(
     let source = config.source_conninfo()?;
     let catalog = source.connect().await?;
     slot::check_source(&catalog, &config.source.publication).await?;
-    let installed = crate::sink::registry::migrate::install_reload_marker(
-        &catalog,
-        &config.registry.schema,
-        &config.source.publication,
-    )
-    .await?;
+    let installed =
+        crate::sink::registry::migrate::install_reload_marker(&catalog, &config.registry.schema)
+            .await?;
     if installed == crate::sink::registry::migrate::MarkerTrigger::Missing {
         tracing::warn!(
             "the source role is not a superuser: the reload-marker event trigger is not installed, so \
@@ -66,7 +64,11 @@ pub(super) async fn connect(
     let mut reg_client = registry_info.connect().await?;
     crate::sink::registry::migrate(&mut reg_client, &config.registry.schema).await?;
     drop(reg_client);
-    let registry = Registry::new(registry_info.pool(4)?, &config.registry.schema);
+    let registry = Registry::new(
+        registry_info.pool(4)?,
+        &config.registry.schema,
+        &config.source.name,
+    );
     let incarnation = registry.incarnation().await?;
     let store = Store::open(&config.output.url, &config.output.options_exposed())?;
     let notifier = Notifier::connect(&config.nats)
@@ -76,6 +78,7 @@ pub(super) async fn connect(
         source,
         catalog: Arc::new(catalog),
         sinks: Sinks {
+            layout: Namespace::new(store.root(), &config.source.name),
             store,
             registry,
             notifier,
@@ -83,6 +86,16 @@ pub(super) async fn connect(
             shutdown,
         },
     })
+}
+
+/// This daemon's own folder in the spool directory, which its start-up empties: named by the source
+/// name and a digest of the source URL (without its password) and the slot, so two daemons on one
+/// host never share one, not even two with the same slot name on different databases.
+fn spool_subdir(config: &Config, slot_name: &str) -> String {
+    use sha2::Digest;
+    let who = format!("{}\n{slot_name}", config.source.url.redacted());
+    let digest = hex::encode(sha2::Sha256::digest(who.as_bytes()));
+    format!("{}-{}", config.source.name, &digest[..12])
 }
 
 /// Finishes what a previous run committed (manifests and notices of registered batches), then
@@ -96,20 +109,16 @@ pub(super) async fn recover(sinks: &Sinks) -> Result<(), Error> {
     Ok(())
 }
 
-/// Publishes every unannounced `lost` event of the slot on `<prefix>.slot.<slot>`, exactly once
+/// Publishes every unannounced `lost` event of the slot on `<prefix>.<source>.slot.<slot>`, exactly once
 /// (as notices are), so NATS consumers learn of the gap and of the re-export that repairs it.
-async fn announce_slot_losses(
-    sinks: &Sinks,
-    slot: &str,
-    nats: &crate::config::NatsConfig,
-) -> Result<(), Error> {
+async fn announce_slot_losses(sinks: &Sinks, slot: &str) -> Result<(), Error> {
     let Some(n) = &sinks.notifier else {
         return Ok(());
     };
     for (id, lsn, detail, at) in sinks.registry.unannounced_slot_losses(slot).await? {
         let subject = format!(
             "{}.slot.{}",
-            nats.subject_prefix,
+            crate::sink::notify::Publish::subject_prefix(n),
             crate::sink::notify::subject_token(slot)
         );
         let body = serde_json::json!({
@@ -150,13 +159,33 @@ async fn remove_orphans(sinks: &Sinks) -> Result<usize, Error> {
             }
         }
         let committed: HashSet<String> = committed.into_iter().collect();
-        let dir = table.dotted();
-        removed += upload::remove_orphans(&sinks.store, &dir, Some(&dates), &committed).await?;
-        seen.insert(dir);
+        removed += upload::remove_orphans(
+            &sinks.store,
+            &sinks.layout,
+            &table,
+            Some(&dates),
+            &committed,
+        )
+        .await?;
+        seen.insert(table);
     }
-    for dir in sinks.store.list_dirs(sinks.store.root()).await? {
-        if !seen.contains(&dir) {
-            removed += upload::remove_orphans(&sinks.store, &dir, None, &HashSet::new()).await?;
+    // Table directories the registry does not know yet, below this source's directory only: other
+    // sources' directories are theirs (see `sink::owner`).
+    let source_dir = sinks.layout.dir();
+    for schema in sinks.store.list_dirs(&source_dir).await? {
+        let schema_dir = source_dir.clone().join(schema.as_str());
+        for name in sinks.store.list_dirs(&schema_dir).await? {
+            let table = TableName::new(schema.as_str(), name);
+            if !seen.contains(&table) {
+                removed += upload::remove_orphans(
+                    &sinks.store,
+                    &sinks.layout,
+                    &table,
+                    None,
+                    &HashSet::new(),
+                )
+                .await?;
+            }
         }
     }
     if removed > 0 {
@@ -229,7 +258,7 @@ pub(super) async fn claim_ownership(ep: &Endpoints, slot_name: &str) -> Result<(
         slot: slot_name.to_string(),
     };
     ep.sinks.registry.claim_owner(&ours).await?;
-    crate::sink::owner::claim_prefix(&ep.sinks.store, &ours).await?;
+    crate::sink::owner::claim_prefix(&ep.sinks.store, &ep.sinks.layout, &ours).await?;
     match &ep.sinks.notifier {
         Some(n) => n.claim_subject_prefix(&ours).await,
         None => Ok(()),
@@ -336,7 +365,7 @@ pub(super) async fn prepare_slot(
             .await?;
         tracing::info!(slot = slot_name, lsn = %created, "created replication slot");
     }
-    announce_slot_losses(sinks, slot_name, &config.nats).await?;
+    announce_slot_losses(sinks, slot_name).await?;
     let start = slot::slot_info(&ep.catalog, slot_name)
         .await?
         .and_then(|i| i.confirmed_flush)
@@ -388,7 +417,7 @@ pub(super) async fn prepare_batcher(
         .spool_dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("cdc-egress"))
-        .join(slot_name);
+        .join(spool_subdir(config, slot_name));
     let leftovers = clean_spool_dir(&spool_dir).map_err(|e| {
         Error::definite(
             Component::Spool,
@@ -423,6 +452,7 @@ pub(super) async fn prepare_batcher(
     batcher.set_marker_prefix(crate::sink::registry::migrate::marker_prefix(
         &config.registry.schema,
     ));
+    batcher.set_marker_source(&config.source.name);
     // Reloads to (re)start now: fresh-start exports, and reloads whose cut was taken by a previous
     // run. Their tables are held from the first streamed row until the new cut is known. Reloads
     // created from a marker whose cut was never recorded wait for that marker: the hold kept the ack

@@ -164,6 +164,8 @@ pub struct Progress {
 pub struct TableJob {
     pub table: TableName,
     pub reload_id: i64,
+    /// The reload's directory (`Namespace::reload_dir`): parts are written into it.
+    pub dir: object_store::path::Path,
     pub progress: Arc<Progress>,
 }
 
@@ -607,8 +609,7 @@ async fn export_part(
     }
     let rows = counter.records.saturating_sub(1);
     job.progress.rows.fetch_add(rows, Relaxed);
-    let path = layout::reload_dir(store.root(), &job.table, job.reload_id)
-        .join(layout::part_file(part.index).as_str());
+    let path = job.dir.clone().join(layout::part_file(part.index).as_str());
     store
         .put_file(&path, &spooled.path, spooled.gz_bytes)
         .await?;

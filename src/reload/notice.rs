@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::sink::layout::Namespace;
 use crate::sink::registry::Registered;
 use crate::sink::store::Store;
 
@@ -21,6 +22,8 @@ pub struct ReloadNotice {
     pub batch_id: String,
     pub kind: String,
     pub reload_id: i64,
+    /// `source.name` of the daemon that exported the table.
+    pub source: String,
     pub table: String,
     pub schema: String,
     pub table_name: String,
@@ -36,20 +39,16 @@ pub struct ReloadNotice {
     pub parts: Vec<ReloadPart>,
 }
 
-/// The notice id of a reload.
-pub fn reload_batch_id(table: &crate::table::TableName, reload_id: i64) -> String {
-    format!("{}/reload/{reload_id}", table.dotted())
-}
-
 impl ReloadNotice {
     /// Builds the notice from the registered part rows of one reload (at least one).
-    pub fn new(store: &Store, parts: &[Registered]) -> Option<ReloadNotice> {
+    pub fn new(store: &Store, layout: &Namespace, parts: &[Registered]) -> Option<ReloadNotice> {
         let first = parts.first()?;
         let r = &first.record;
         let reload_id = r.reload_id?;
         let url = |p: &str| store.url_of(&crate::sink::layout::stored_path(p));
         Some(ReloadNotice {
-            batch_id: reload_batch_id(&r.table, reload_id),
+            batch_id: layout.reload_batch_id(&r.table, reload_id),
+            source: layout.source().to_string(),
             kind: "reload".into(),
             reload_id,
             table: r.table.dotted(),

@@ -1,8 +1,8 @@
 //! `cdc-egress reload <schema.table>... [--wait]`: request reloads without talking to the daemon.
 //!
 //! The request is a comment on the registry schema in the source database,
-//! `COMMENT ON SCHEMA <registry schema> IS 'cdc-egress reload <schema.table> request=<id>'`, one per
-//! table, all in one transaction. The event trigger installed by `migrate` turns each into a
+//! `COMMENT ON SCHEMA <registry schema> IS 'cdc-egress reload <schema.table> request=<id> source=<name>'`,
+//! one per table, all in one transaction; only the daemon of that `source.name` acts on it. The event trigger installed by `migrate` turns each into a
 //! transactional logical message, so the marker reaches the daemon through the replication stream at
 //! exactly the commit position of that transaction. A DBA can issue the same statement inside the
 //! migration that rewrote the table.
@@ -148,11 +148,11 @@ pub async fn request(
         let active = registry
             .query_opt(
                 &format!(
-                    "SELECT id, status FROM {}.reloads WHERE table_schema = $1 AND table_name = $2 \
-                     AND status IN ('requested', 'running')",
+                    "SELECT id, status FROM {}.reloads WHERE source = $3 AND table_schema = $1 \
+                     AND table_name = $2 AND status IN ('requested', 'running')",
                     quote_ident(schema)
                 ),
-                &[&name.schema, &name.name],
+                &[&name.schema, &name.name, &config.source.name],
             )
             .await
             .map_err(pg_error)?;
@@ -173,7 +173,11 @@ pub async fn request(
         tx.batch_execute(&format!(
             "COMMENT ON SCHEMA {} IS {}",
             quote_ident(schema),
-            quote_literal(&format!("cdc-egress reload {} request={id}", name.quoted()))
+            quote_literal(&format!(
+                "cdc-egress reload {} request={id} source={}",
+                name.quoted(),
+                config.source.name
+            ))
         ))
         .await
         .map_err(|e| pg_error(e).context(format!("request a reload of {name}")))?;
@@ -190,11 +194,11 @@ pub async fn request(
         if let Err(e) = registry
             .execute(
                 &format!(
-                    "INSERT INTO {}.reload_requests (request, table_schema, table_name, wal_lsn) \
-                     VALUES ($1, $2, $3, $4::text::pg_lsn) ON CONFLICT DO NOTHING",
+                    "INSERT INTO {}.reload_requests (request, table_schema, table_name, wal_lsn, source) \
+                     VALUES ($1, $2, $3, $4::text::pg_lsn, $5) ON CONFLICT DO NOTHING",
                     quote_ident(schema)
                 ),
-                &[id, &name.schema, &name.name, &wal],
+                &[id, &name.schema, &name.name, &wal, &config.source.name],
             )
             .await
         {

@@ -1,40 +1,40 @@
-//! Who a registry, an output prefix and a notice subject prefix belong to: one slot of one source
-//! database.
+//! Who a source name belongs to: one slot of one source database.
 //!
-//! # Why one owner
-//! Everything a daemon does at start-up assumes it is alone with its registry and its output prefix:
-//! `finish_unnotified` completes every unnotified row, `remove_orphans` deletes every object the
-//! registry does not know, the reload coordinator acts on every marker with the registry's prefix.
-//! Two daemons streaming *different* slots (or databases) into one registry or one prefix would
-//! complete each other's notices, act on each other's reload markers and delete each other's fresh
-//! uploads as orphans. The slot's advisory lock only keeps out daemons of the *same* slot (they wait
-//! as standbys). So the first daemon claims all three, and a daemon of another slot or database is
-//! refused with a definite configuration error naming both owners, before it writes or deletes
-//! anything.
+//! # Why one owner per source
+//! Several daemons may share a registry, an output prefix and a JetStream stream: each writes only
+//! under its source's name (`source.name`): its registry rows (`source` column), its directory
+//! `<root>/<source>/` and its subjects `<prefix>.<source>.…`. Start-up recovery is confined to the
+//! same name: `finish_unnotified` completes only the source's rows, `remove_orphans` lists only the
+//! source's directory, reload markers name their source. That confinement is only safe while one
+//! slot of one database writes under a name: two daemons of *different* slots under one name would
+//! complete each other's notices and delete each other's fresh uploads as orphans (the slot's advisory
+//! lock only keeps out daemons of the *same* slot, which wait as standbys). So the first daemon to use
+//! a name claims it in all three places, and a daemon of another slot or database is refused with a
+//! definite configuration error naming both owners, before it writes or deletes anything.
 //!
 //! # The claims
-//! - The registry: the owner columns of `registry_info` (migration 0004), set once by a conditional
-//!   `UPDATE`, so of two daemons claiming at once exactly one wins.
-//! - The output prefix: [`OWNER_FILE`] at its root, written when absent and read back. This claim
-//!   is not atomic by itself (object stores differ in conditional writes): two daemons of different
-//!   slots starting in the same instant, with different registries and subject prefixes, could
-//!   both pass it. Any daemon starting after the claim is refused, as is any pair sharing the
-//!   registry or the subjects, whose claims are atomic. A registry recreated for the same slot
-//!   keeps the prefix (the owner is the slot, not the registry's incarnation).
-//! - The subject prefix: the last message on `<prefix>.owner` in the stream
-//!   (`Notifier::claim_subject_prefix`), published with an expected last subject sequence of 0.
-//!   Two daemons on the same subjects would mix two sources in one subject and defeat each other's
+//! - The registry: the row of the name in `<schema>.sources` (migration 0005), inserted with
+//!   `ON CONFLICT DO NOTHING` and read back, so of two daemons claiming at once exactly one wins.
+//! - The output prefix: [`OWNER_FILE`] in the source's directory, written when absent and read
+//!   back. This claim is not atomic by itself (object stores differ in conditional writes): two
+//!   daemons of different slots starting in the same instant with the same source name, with
+//!   different registries and subject prefixes, could both pass it. Any daemon starting after the
+//!   claim is refused, as is any pair sharing the registry or the subjects, whose claims are atomic.
+//!   A registry recreated for the same slot keeps the prefix (the owner is the slot, not the
+//!   registry's incarnation).
+//! - The subjects: the last message on `<prefix>.<source>.owner` in the stream
+//!   (`Notifier::claim_subject_prefix`), published with an expected last subject sequence of 0. Two
+//!   daemons on the same subjects would mix two slots in one subject and defeat each other's
 //!   exactly-once check (which looks at the last message on the subject).
 //!
 //! The same slot name on another cluster is another owner: the system identifier is part of it.
 
 use serde::{Deserialize, Serialize};
 
+use super::layout::Namespace;
+pub use super::layout::OWNER_FILE;
 use super::store::Store;
 use crate::error::{Component, Error};
-
-/// The object at the output root that names the prefix's owner.
-pub const OWNER_FILE: &str = "cdc-egress-owner.json";
 
 /// One slot of one source database.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,19 +69,19 @@ impl Owner {
     /// The refusal for a resource (`what`) that `recorded` owns.
     pub fn refused(&self, what: &str, recorded: &Owner, how_to_release: &str) -> Error {
         Error::definite(
-            Component::Config,
+            Component::Ownership,
             format!(
                 "{what} belongs to {recorded}; this daemon streams {self}. Give each slot its own \
-                 registry.schema, output.url prefix and nats.subject_prefix (README \"Running several \
-                 daemons\"), or, to hand it over on purpose, {how_to_release}"
+                 source.name (README \"Running several daemons\"), or, to hand it over on purpose, \
+                 {how_to_release}"
             ),
         )
     }
 }
 
-/// Claims the output prefix under `root` for `ours`, or refuses when another owner has it.
-pub async fn claim_prefix(store: &Store, ours: &Owner) -> Result<(), Error> {
-    let path = store.root().clone().join(OWNER_FILE);
+/// Claims the source's directory for `ours`, or refuses when another owner has it.
+pub async fn claim_prefix(store: &Store, ns: &Namespace, ours: &Owner) -> Result<(), Error> {
+    let path = ns.owner_file();
     if !store.exists(&path).await? {
         let body = serde_json::to_vec_pretty(ours).expect("an owner serializes");
         store.put_bytes(&path, body).await?;
@@ -100,15 +100,15 @@ pub async fn claim_prefix(store: &Store, ours: &Owner) -> Result<(), Error> {
         return Ok(());
     }
     Err(ours.refused(
-        &format!("the output prefix {}", store.url_of(store.root())),
+        &format!("the output directory {}", store.url_of(&ns.dir())),
         &recorded,
         "stop the other daemon and run `cdc-egress release-owner --yes` with this configuration",
     ))
 }
 
 /// Releases the output prefix's claim (`cdc-egress release-owner`); returns the owner it had.
-pub async fn release_prefix(store: &Store) -> Result<Option<Owner>, Error> {
-    let path = store.root().clone().join(OWNER_FILE);
+pub async fn release_prefix(store: &Store, ns: &Namespace) -> Result<Option<Owner>, Error> {
+    let path = ns.owner_file();
     if !store.exists(&path).await? {
         return Ok(None);
     }
@@ -156,17 +156,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("file://{}", dir.path().display());
         let store = Store::open(&url, &Default::default()).unwrap();
+        let ns = Namespace::new(store.root(), "main");
         let ours = owner("1", "app", "s");
-        claim_prefix(&store, &ours).await.unwrap();
-        claim_prefix(&store, &ours).await.unwrap();
-        let err = claim_prefix(&store, &owner("1", "app", "t"))
+        claim_prefix(&store, &ns, &ours).await.unwrap();
+        claim_prefix(&store, &ns, &ours).await.unwrap();
+        let err = claim_prefix(&store, &ns, &owner("1", "app", "t"))
             .await
             .unwrap_err();
         assert!(err.is_config(), "{err}");
         assert!(err.to_string().contains("release-owner"), "{err}");
-        assert!(dir.path().join(OWNER_FILE).exists());
-        assert_eq!(release_prefix(&store).await.unwrap(), Some(ours));
-        assert_eq!(release_prefix(&store).await.unwrap(), None);
-        claim_prefix(&store, &owner("1", "app", "t")).await.unwrap();
+        assert!(dir.path().join("main").join(OWNER_FILE).exists());
+        let other = Namespace::new(store.root(), "other");
+        claim_prefix(&store, &other, &owner("1", "app", "t"))
+            .await
+            .unwrap();
+        assert_eq!(release_prefix(&store, &ns).await.unwrap(), Some(ours));
+        assert_eq!(release_prefix(&store, &ns).await.unwrap(), None);
+        claim_prefix(&store, &ns, &owner("1", "app", "t"))
+            .await
+            .unwrap();
     }
 }

@@ -5,8 +5,10 @@
 //!   whatever the batch size (ARCHITECTURE.md, invariant 4).
 //! - [`GzipSpool::finish`] returns the compressed size and SHA-256 computed while writing, so the file
 //!   is read once more only to upload it.
-//! - Spool files are temporary files below `<spool_dir>/<slot>/`; they are deleted when dropped, and
-//!   [`clean_spool_dir`] removes leftovers of a crashed process at start-up.
+//! - Spool files are temporary files in the daemon's own folder of the spool directory
+//!   (`<spool_dir>/<source.name>-<digest of source URL and slot>/`, one per daemon, so daemons on
+//!   one host never share one); they are deleted when dropped, and [`clean_spool_dir`] removes
+//!   leftovers of a crashed process at start-up.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};

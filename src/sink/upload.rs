@@ -55,13 +55,14 @@ impl SchemaVersions {
 /// Uploads a sealed streaming batch's data and schema.yml and returns the registry record to commit.
 pub async fn upload_streaming(
     store: &Store,
+    layout: &layout::Namespace,
     batch: &SealedBatch<SpooledFile>,
     schema_version: i32,
 ) -> Result<FileRecord, Error> {
     let table = &batch.schema.table;
     let date = layout::commit_date(batch.first_commit_ts);
-    let batch_id = layout::streaming_batch_id(table, &date, batch.first, batch.last);
-    let dir = layout::batch_dir(store.root(), table, &batch_id);
+    let batch_id = layout.streaming_batch_id(table, &date, batch.first, batch.last);
+    let dir = layout.batch_dir(&batch_id);
     let data = dir.clone().join(DATA_FILE);
     let schema_path = dir.clone().join(SCHEMA_FILE);
     let doc = crate::core::encode::schema_yml::SchemaDoc::streaming(
@@ -110,6 +111,9 @@ pub struct Notice {
     pub batch_id: String,
     pub registry_id: i64,
     pub kind: String,
+    /// `source.name` of the daemon that wrote the batch.
+    pub source: String,
+    /// `schema.table` for people; `schema` and `table_name` are the exact names.
     pub table: String,
     pub schema: String,
     pub table_name: String,
@@ -134,7 +138,7 @@ pub struct Notice {
 }
 
 impl Notice {
-    pub fn new(store: &Store, reg: &Registered) -> Notice {
+    pub fn new(store: &Store, layout: &layout::Namespace, reg: &Registered) -> Notice {
         let r = &reg.record;
         let url = |p: &str| store.url_of(&layout::stored_path(p));
         let ts = |t: Option<chrono::DateTime<chrono::Utc>>| {
@@ -144,6 +148,7 @@ impl Notice {
             batch_id: r.batch_id.clone(),
             registry_id: reg.id,
             kind: r.kind.as_str().to_string(),
+            source: layout.source().to_string(),
             table: r.table.dotted(),
             schema: r.table.schema.clone(),
             table_name: r.table.name.clone(),
@@ -174,8 +179,12 @@ impl Notice {
 }
 
 /// Writes `manifest.json` for a committed file row (idempotent: same content every time).
-pub async fn write_manifest(store: &Store, reg: &Registered) -> Result<(), Error> {
-    let notice = Notice::new(store, reg);
+pub async fn write_manifest(
+    store: &Store,
+    layout: &layout::Namespace,
+    reg: &Registered,
+) -> Result<(), Error> {
+    let notice = Notice::new(store, layout, reg);
     put_manifest(
         store,
         &layout::stored_path(&reg.record.manifest_path),
@@ -203,21 +212,19 @@ pub async fn put_manifest(
     store.put_bytes(manifest, body).await
 }
 
-/// Deletes streaming batch directories below the table directory `table_dir` (the `schema.table`
-/// segment) that have no `manifest.json` and are not in `committed`: uploads of a crashed run that
-/// never reached the registry. Only the given dates are listed (all dates when `dates` is `None`), so
-/// start-up does not scan the whole history of a table. Returns the number of objects deleted.
+/// Deletes streaming batch directories of `table` (in `layout`) that have no `manifest.json` and
+/// are not in `committed` (batch ids): uploads of a crashed run that never reached the registry.
+/// Only the given dates are listed (all dates when `dates` is `None`), so start-up does not scan the
+/// whole history of a table. Returns the number of objects deleted.
 pub async fn remove_orphans(
     store: &Store,
-    table_dir: &str,
+    layout: &layout::Namespace,
+    table: &crate::table::TableName,
     dates: Option<&[String]>,
     committed: &std::collections::HashSet<String>,
 ) -> Result<usize, Error> {
-    let streaming = store
-        .root()
-        .clone()
-        .join(object_store::path::PathPart::from(table_dir))
-        .join("streaming");
+    let streaming = layout.table_dir(table).join("streaming");
+    let table_key = layout.table_key(table);
     let dates: Vec<String> = match dates {
         Some(d) => d.to_vec(),
         None => store.list_dirs(&streaming).await?,
@@ -242,7 +249,7 @@ pub async fn remove_orphans(
             e.1.push(o.location);
         }
         for (dir, (has_manifest, paths)) in dirs {
-            let batch_id = format!("{table_dir}/streaming/{date}/{dir}");
+            let batch_id = format!("{table_key}/streaming/{date}/{dir}");
             if has_manifest || committed.contains(&batch_id) {
                 continue;
             }

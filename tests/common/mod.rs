@@ -1140,104 +1140,19 @@ pub async fn replay_with_reloads(
     options: &HashMap<String, String>,
     target: &Client,
 ) -> HashMap<String, String> {
-    use futures::SinkExt;
-    let reg = connect(registry_url).await;
-    let store =
-        cdc_egress::sink::store::Store::open(output_url, &options.clone().into_iter().collect())
-            .unwrap();
-    let s = quote_ident(registry_schema);
-    let latest = reg
-        .query(
-            &format!(
-                "SELECT DISTINCT ON (table_schema, table_name) id, table_schema, table_name, cut_lsn::text \
-                 FROM {s}.reloads WHERE status = 'done' ORDER BY table_schema, table_name, id DESC"
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
-    let mut cuts = HashMap::new();
-    for r in &latest {
-        let (id, schema, table, cut): (i64, String, String, String) =
-            (r.get(0), r.get(1), r.get(2), r.get(3));
-        let qualified = TableName::new(schema.clone(), table.clone()).quoted();
-        target
-            .batch_execute(&format!("TRUNCATE {qualified}"))
-            .await
-            .unwrap();
-        let parts = reg
-            .query(
-                &format!("SELECT object_path, row_count FROM {s}.files WHERE kind = 'reload' AND reload_id = $1 ORDER BY part"),
-                &[&id],
-            )
-            .await
-            .unwrap();
-        assert!(!parts.is_empty(), "done reload {id} has no parts");
-        for p in parts {
-            let data = store
-                .get(&cdc_egress::sink::layout::stored_path(
-                    &p.get::<_, String>(0),
-                ))
-                .await
-                .unwrap();
-            let mut csv = Vec::new();
-            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut csv)
-                .unwrap();
-            let sink = target
-                .copy_in(&format!(
-                    "COPY {qualified} FROM STDIN (FORMAT csv, HEADER, NULL '\\N')"
-                ))
-                .await
-                .unwrap();
-            futures::pin_mut!(sink);
-            sink.send(bytes::Bytes::from(csv)).await.unwrap();
-            let n = sink.finish().await.unwrap();
-            assert_eq!(
-                n,
-                p.get::<_, i64>(1) as u64,
-                "row count of reload {id} part"
-            );
-        }
-        cuts.insert(format!("{schema}.{table}"), cut);
-    }
-    let files = reg
-        .query(
-            &format!("SELECT object_path, schema_path, table_schema || '.' || table_name, checksum, row_count FROM {s}.files WHERE kind = 'streaming' ORDER BY id"),
-            &[],
-        )
-        .await
-        .unwrap();
-    for f in files {
-        use sha2::Digest;
-        let table: String = f.get(2);
-        let data = store
-            .get(&cdc_egress::sink::layout::stored_path(
-                &f.get::<_, String>(0),
-            ))
-            .await
-            .unwrap();
-        assert_eq!(
-            f.get::<_, String>(3),
-            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data))),
-            "checksum"
-        );
-        let schema_text = store
-            .get(&cdc_egress::sink::layout::stored_path(
-                &f.get::<_, String>(1),
-            ))
-            .await
-            .unwrap();
-        let schema: SchemaYml = serde_yaml::from_slice(&schema_text).unwrap();
-        let mut csv = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut csv).unwrap();
-        let n = apply_file_from(target, &schema, &csv, cuts.get(&table).map(String::as_str)).await;
-        assert_eq!(
-            n,
-            f.get::<_, i64>(4) as u64,
-            "row count of a streaming file"
-        );
-    }
-    cuts
+    replay_source(
+        registry_url,
+        registry_schema,
+        None,
+        output_url,
+        options,
+        target,
+    )
+    .await
+    .cuts
+    .into_iter()
+    .map(|((schema, table), cut)| (format!("{schema}.{table}"), cut))
+    .collect()
 }
 
 /// Replays the registry by the consumer rule into a fresh database created with `ddl`, and asserts
@@ -1507,4 +1422,147 @@ impl Drop for PrivatePg {
         };
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several sources in one registry (tests/sources.rs): what a consumer of one source does.
+
+/// What [`replay_source`] applied.
+#[derive(Debug, Default)]
+pub struct SourceReplay {
+    /// `(schema, table)` → the cut of the latest `done` reload of the table.
+    pub cuts: HashMap<(String, String), String>,
+    pub reload_parts: usize,
+    pub streaming_files: usize,
+}
+
+/// The documented consumer rule with reloads for the rows of one `source` of a registry shared by
+/// several (every source when `None`): per table of that source, its latest `done` reload,
+/// then its streaming files in registry order from the reload's cut on. Tables are keyed by
+/// `(schema, table)`, never by a dotted name (`"a.x".y` and `a."x.y"` are two tables). Checks each
+/// streaming file's checksum and every file's row count.
+pub async fn replay_source(
+    registry_url: &str,
+    registry_schema: &str,
+    source: Option<&str>,
+    output_url: &str,
+    options: &HashMap<String, String>,
+    target: &Client,
+) -> SourceReplay {
+    use futures::SinkExt;
+    use sha2::Digest;
+    let reg = connect(registry_url).await;
+    let store =
+        cdc_egress::sink::store::Store::open(output_url, &options.clone().into_iter().collect())
+            .unwrap();
+    let s = quote_ident(registry_schema);
+    let mut report = SourceReplay::default();
+    let latest = reg
+        .query(
+            &format!(
+                "SELECT DISTINCT ON (table_schema, table_name) id, table_schema, table_name, cut_lsn::text \
+                 FROM {s}.reloads WHERE ($1::text IS NULL OR source = $1) AND status = 'done' \
+                 ORDER BY table_schema, table_name, id DESC"
+            ),
+            &[&source],
+        )
+        .await
+        .unwrap();
+    for r in &latest {
+        let (id, schema, table, cut): (i64, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let qualified = TableName::new(schema.clone(), table.clone()).quoted();
+        target
+            .batch_execute(&format!("TRUNCATE {qualified}"))
+            .await
+            .unwrap();
+        let parts = reg
+            .query(
+                &format!(
+                    "SELECT object_path, row_count FROM {s}.files \
+                     WHERE kind = 'reload' AND reload_id = $2 AND ($1::text IS NULL OR source = $1) ORDER BY part"
+                ),
+                &[&source, &id],
+            )
+            .await
+            .unwrap();
+        assert!(
+            !parts.is_empty(),
+            "done reload {id} of source {source:?} has no parts"
+        );
+        for p in parts {
+            let data = store
+                .get(&cdc_egress::sink::layout::stored_path(
+                    &p.get::<_, String>(0),
+                ))
+                .await
+                .unwrap();
+            let mut csv = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut csv)
+                .unwrap();
+            let sink = target
+                .copy_in(&format!(
+                    "COPY {qualified} FROM STDIN (FORMAT csv, HEADER, NULL '\\N')"
+                ))
+                .await
+                .unwrap();
+            futures::pin_mut!(sink);
+            sink.send(bytes::Bytes::from(csv)).await.unwrap();
+            let n = sink.finish().await.unwrap();
+            assert_eq!(
+                n,
+                p.get::<_, i64>(1) as u64,
+                "row count of reload {id} part"
+            );
+            report.reload_parts += 1;
+        }
+        report.cuts.insert((schema, table), cut);
+    }
+    let files = reg
+        .query(
+            &format!(
+                "SELECT object_path, schema_path, table_schema, table_name, checksum, row_count \
+                 FROM {s}.files WHERE ($1::text IS NULL OR source = $1) AND kind = 'streaming' ORDER BY id"
+            ),
+            &[&source],
+        )
+        .await
+        .unwrap();
+    for f in files {
+        let object: String = f.get(0);
+        let key: (String, String) = (f.get(2), f.get(3));
+        let data = store
+            .get(&cdc_egress::sink::layout::stored_path(&object))
+            .await
+            .unwrap();
+        assert_eq!(
+            f.get::<_, String>(4),
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data))),
+            "checksum of {object}"
+        );
+        let schema_text = store
+            .get(&cdc_egress::sink::layout::stored_path(
+                &f.get::<_, String>(1),
+            ))
+            .await
+            .unwrap();
+        let schema: SchemaYml = serde_yaml::from_slice(&schema_text).unwrap();
+        assert_eq!(
+            (schema.schema.clone(), schema.table.clone()),
+            key,
+            "schema.yml of {object} names another table"
+        );
+        let mut csv = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut csv).unwrap();
+        let n = apply_file_from(
+            target,
+            &schema,
+            &csv,
+            report.cuts.get(&key).map(String::as_str),
+        )
+        .await;
+        assert_eq!(n, f.get::<_, i64>(5) as u64, "row count of {object}");
+        report.streaming_files += 1;
+    }
+    report
 }

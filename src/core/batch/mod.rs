@@ -126,6 +126,9 @@ struct Marker {
     table: String,
     #[serde(default)]
     request: String,
+    /// The `source.name` the request is for; `None` (a hand-written marker) is for every source.
+    #[serde(default)]
+    source: Option<String>,
 }
 
 mod hold;
@@ -256,6 +259,8 @@ pub struct Batcher<F: SpoolFactory> {
     cuts: FastMap<TableName, Lsn>,
     controls: Vec<Control>,
     marker_prefix: String,
+    /// This daemon's `source.name`; `None` takes every marker.
+    marker_source: Option<String>,
 }
 
 fn protocol(msg: impl Into<String>) -> Error {
@@ -298,6 +303,7 @@ impl<F: SpoolFactory> Batcher<F> {
             cuts: FastMap::default(),
             controls: Vec::new(),
             marker_prefix: "cdc_egress:cdc_egress".into(),
+            marker_source: None,
         }
     }
 
@@ -664,6 +670,11 @@ impl<F: SpoolFactory> Batcher<F> {
     }
 
     /// Sets the logical-message prefix of this instance's markers (`cdc_egress:<registry schema>`).
+    /// Markers that name another source are ignored (README "Running several daemons").
+    pub fn set_marker_source(&mut self, source: impl Into<String>) {
+        self.marker_source = Some(source.into());
+    }
+
     pub fn set_marker_prefix(&mut self, prefix: impl Into<String>) {
         self.marker_prefix = prefix.into();
     }
@@ -687,7 +698,11 @@ impl<F: SpoolFactory> Batcher<F> {
                 return Ok(());
             }
         };
-        if parsed.kind == "reload_start" {
+        let ours = parsed
+            .source
+            .as_deref()
+            .is_none_or(|s| self.marker_source.as_deref().is_none_or(|o| o == s));
+        if parsed.kind == "reload_start" && ours {
             let table = TableName::new(parsed.schema, parsed.table);
             self.begin_hold(&table, sealed)?;
             self.controls.push(Control::ReloadStart {

@@ -655,7 +655,7 @@ fn release_splits_at_the_cut_and_drops_nothing() {
 }
 
 #[test]
-fn markers_become_controls_and_malformed_ones_are_reported_not_acted_on() {
+fn markers_become_controls_and_malformed_or_foreign_ones_are_not_acted_on() {
     let mut b = one_table_batcher();
     let mut sealed = Vec::new();
     let marker = |b: &mut Batcher<VecSpools>, lsn: u64, content: &str, sealed: &mut Vec<_>| {
@@ -701,4 +701,31 @@ fn markers_become_controls_and_malformed_ones_are_reported_not_acted_on() {
             marker_commit_lsn: Lsn(20),
         }]
     );
+
+    // Several daemons share the marker prefix when they share a registry schema: a marker that
+    // names another source is not ours; one that names ours, or none, is.
+    b.set_marker_source("main");
+    let named = |request: &str, source: &str| {
+        format!(
+            r#"{{"kind":"reload_start","schema":"public","table":"t0","request":"{request}","source":"{source}"}}"#
+        )
+    };
+    marker(&mut b, 30, &named("r2", "other"), &mut sealed);
+    controls.clear();
+    b.drain_controls(&mut controls);
+    assert!(controls.is_empty(), "another source's marker: {controls:?}");
+    marker(&mut b, 40, &named("r3", "main"), &mut sealed);
+    let unnamed =
+        r#"{"kind":"reload_start","schema":"public","table":"t0","request":"r4","source":null}"#;
+    marker(&mut b, 50, unnamed, &mut sealed);
+    controls.clear();
+    b.drain_controls(&mut controls);
+    let requests: Vec<_> = controls
+        .iter()
+        .map(|c| match c {
+            Control::ReloadStart { request, .. } => request.as_str(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(requests, ["r3", "r4"]);
 }

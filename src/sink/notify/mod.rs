@@ -60,10 +60,11 @@ use crate::table::TableName;
 ///   point makes safe. A definite error (a collision, a stream that keeps changing under us)
 ///   means the caller must stop.
 /// - Subjects of notices are `<prefix>.batch|reload|ddl.<schema>.<table>`, each name one subject
-///   token ([`subject_token`]); the prefix is [`subject_prefix`](Publish::subject_prefix).
+///   token ([`subject_token`]); the prefix is [`subject_prefix`](Publish::subject_prefix):
+///   `<nats.subject_prefix>.<source.name>`, so sources sharing a stream never share a subject.
 /// - Handles are cheap clones sharing one connection; calls may run concurrently.
 pub trait Publish: Clone + Send + Sync + 'static {
-    /// `nats.subject_prefix`.
+    /// `<nats.subject_prefix>.<source.name>`: every subject this publisher writes starts with it.
     fn subject_prefix(&self) -> &str;
 
     fn publish_once(
@@ -113,6 +114,9 @@ pub fn notice_subject(prefix: &str, kind: &str, table: &TableName) -> String {
 pub struct Notifier {
     js: jetstream::Context,
     stream: String,
+    /// `nats.subject_prefix`: the stream captures `<stream_prefix>.>`, shared by every source.
+    stream_prefix: String,
+    /// `<nats.subject_prefix>.<source.name>`: the prefix of every subject this notifier publishes.
     prefix: String,
     /// `<registry incarnation>:` (see [`Notifier::with_incarnation`]).
     id_prefix: String,
@@ -124,6 +128,8 @@ pub struct NatsConfig {
     pub url: Option<SecretUrl>,
     pub stream: String,
     pub subject_prefix: String,
+    /// `source.name`: the subject token after the prefix (see [`Publish`]).
+    pub source: String,
     pub change_events: bool,
     pub auth: NatsAuth,
 }
@@ -319,7 +325,8 @@ impl Notifier {
         Ok(Some(Notifier {
             js: jetstream::new(client),
             stream: cfg.stream.clone(),
-            prefix: cfg.subject_prefix.clone(),
+            stream_prefix: cfg.subject_prefix.clone(),
+            prefix: format!("{}.{}", cfg.subject_prefix, cfg.source),
             id_prefix: String::new(),
         }))
     }
@@ -338,7 +345,7 @@ impl Notifier {
     }
 
     async fn ensure_stream(&self) -> Result<(), Error> {
-        let wanted = format!("{}.>", self.prefix);
+        let wanted = format!("{}.>", self.stream_prefix);
         // nats-server 2.9 removes an account's empty store folder when its last stream is deleted;
         // a creation racing with that fails once ("error creating store for stream", 10049) and
         // succeeds when asked again. A few quick tries here keep that race out of the caller's
@@ -471,7 +478,7 @@ impl Notifier {
             .map_err(|e| transient(&format!("open stream {}", self.stream), e))
     }
 
-    /// The subject of the owner record: `<prefix>.owner`.
+    /// The subject of the owner record: `<prefix>.<source>.owner`.
     pub fn owner_subject(&self) -> String {
         format!("{}.owner", self.prefix)
     }

@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "owner",
         include_str!("../../../migrations/0004_owner.sql"),
     ),
+    (
+        5,
+        "sources",
+        include_str!("../../../migrations/0005_sources.sql"),
+    ),
 ];
 
 /// The reload-marker event trigger, installed in the source database (see the file's header).
@@ -68,7 +73,6 @@ pub enum MarkerTrigger {
 pub async fn install_reload_marker(
     c: &tokio_postgres::Client,
     schema: &str,
-    publication: &str,
 ) -> Result<MarkerTrigger, Error> {
     let row = c
         .query_one(
@@ -93,14 +97,19 @@ pub async fn install_reload_marker(
             "{{schema_ident_literal}}",
             &quote_literal(&quote_ident(schema)),
         )
-        .replace("{{publication_literal}}", &quote_literal(publication))
         .replace("{{prefix_literal}}", &quote_literal(&marker_prefix(schema)))
         .replace(
             "{{trigger_literal}}",
             &quote_literal(&marker_trigger_name(schema)),
         );
+    // One explicit transaction holding the migration lock until it commits: daemons of one
+    // database starting together (several slots) must not run `CREATE SCHEMA IF NOT EXISTS` or
+    // `CREATE OR REPLACE FUNCTION` against each other's uncommitted catalog rows ("tuple
+    // concurrently updated", a duplicate schema). The key is `migrate`'s, so a registry migrating in
+    // the same database waits too.
     c.batch_execute(&format!(
-        "SET client_min_messages = warning; SELECT pg_advisory_lock(hashtext('cdc_egress.marker:' || {lit})); {sql}; SELECT pg_advisory_unlock(hashtext('cdc_egress.marker:' || {lit}));",
+        "BEGIN; SET LOCAL client_min_messages = warning; \
+         SELECT pg_advisory_xact_lock(hashtext('cdc_egress.migrate:' || {lit})); {sql}; COMMIT;",
         lit = quote_literal(schema)
     ))
     .await

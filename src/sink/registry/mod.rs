@@ -4,12 +4,15 @@
 //! - A batch is *committed* when its `files` row commits. The row and the table's new last position
 //!   (`tables.last_commit_lsn/last_seq`) commit in one transaction, so the skip positions read at start
 //!   (see `batch`) are exactly the ends of the committed batches.
-//! - `files.batch_id` is unique and deterministic (see `write::layout`): registering the same batch
+//! - `files.batch_id` is unique and deterministic (see `sink::layout`): registering the same batch
 //!   twice is a no-op that returns the existing row, never a second row.
 //! - Rows are appended in seal order per table; `files.id` order is registry order. A consumer that
 //!   reads `files` by id finds every file exactly once (README.md "Replaying").
 //! - `files.notified_stream_seq` is set only after JetStream acknowledged the notice; rows where it is
 //!   NULL are completed (manifest, notice) at start-up before streaming resumes.
+//! - Every row belongs to one source (`source.name`, see `sink::owner`): a [`Registry`] handle
+//!   reads and writes only the rows of its source, so daemons sharing a registry never read, complete
+//!   or move each other's rows.
 //!
 //! The schema is created by the numbered files in `migrations/`, applied by [`migrate()`] under an
 //! advisory lock, each once, each in its own transaction.
@@ -54,6 +57,8 @@ pub struct Registry {
     pool: deadpool_postgres::Pool,
     schema: String,
     quoted: String,
+    /// The source whose rows this handle reads and writes (`source.name`); see [`crate::sink::owner`].
+    source: String,
 }
 
 /// The file log: what delivery (`daemon::deliver`) and start-up recovery need of the registry.
@@ -161,16 +166,22 @@ fn parse_lsn(s: Option<String>) -> Option<Lsn> {
 }
 
 impl Registry {
-    pub fn new(pool: deadpool_postgres::Pool, schema: &str) -> Self {
+    /// A handle on the registry in `schema` for the rows of `source`.
+    pub fn new(pool: deadpool_postgres::Pool, schema: &str, source: &str) -> Self {
         Registry {
             pool,
             schema: schema.to_string(),
             quoted: quote_ident(schema),
+            source: source.to_string(),
         }
     }
 
     pub fn schema(&self) -> &str {
         &self.schema
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     pub async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
@@ -213,10 +224,10 @@ impl Registry {
             .query(
                 &format!(
                     "SELECT table_schema, table_name, last_commit_lsn::text, last_seq, schema_version, \
-                     schema_fingerprint, mode FROM {}",
+                     schema_fingerprint, mode FROM {} WHERE source = $1",
                     self.t("tables")
                 ),
-                &[],
+                &[&self.source],
             )
             .await
             .map_err(|e| pg_err("read tables", e))?;
@@ -267,9 +278,9 @@ impl Registry {
                     "INSERT INTO {} (batch_id, table_schema, table_name, kind, object_path, schema_path, \
                      manifest_path, first_commit_lsn, first_seq, last_commit_lsn, last_seq, first_commit_ts, \
                      last_commit_ts, row_count, byte_size, csv_bytes, checksum, schema_version, \
-                     schema_fingerprint, reload_id, part, ops) \
+                     schema_fingerprint, reload_id, part, ops, source) \
                      VALUES ($1,$2,$3,$4,$5,$6,$7,$8::text::pg_lsn,$9,$10::text::pg_lsn,$11,$12,$13,$14,$15,$16, \
-                     $17,$18,$19,$20,$21,$22) ON CONFLICT (batch_id) DO NOTHING RETURNING id",
+                     $17,$18,$19,$20,$21,$22,$23) ON CONFLICT (batch_id) DO NOTHING RETURNING id",
                     self.t("files")
                 ),
                 &[
@@ -295,6 +306,7 @@ impl Registry {
                     &rec.reload_id,
                     &rec.part,
                     &ops,
+                    &self.source,
                 ],
             )
             .await
@@ -319,9 +331,9 @@ impl Registry {
         tx.execute(
             &format!(
                 "INSERT INTO {t} AS t (table_schema, table_name, last_commit_lsn, last_seq, last_file_id, \
-                 schema_version, schema_fingerprint, columns, rows_total, updated_at) \
-                 VALUES ($1, $2, $3::text::pg_lsn, $4, $5, $6, $7, $8, $9, now()) \
-                 ON CONFLICT (table_schema, table_name) DO UPDATE SET \
+                 schema_version, schema_fingerprint, columns, rows_total, updated_at, source) \
+                 VALUES ($1, $2, $3::text::pg_lsn, $4, $5, $6, $7, $8, $9, now(), $10) \
+                 ON CONFLICT (source, table_schema, table_name) DO UPDATE SET \
                    last_commit_lsn = CASE WHEN EXCLUDED.last_commit_lsn IS NULL \
                          OR (t.last_commit_lsn, t.last_seq) >= (EXCLUDED.last_commit_lsn, EXCLUDED.last_seq) \
                          THEN t.last_commit_lsn ELSE EXCLUDED.last_commit_lsn END, \
@@ -345,6 +357,7 @@ impl Registry {
                 &rec.schema_fingerprint,
                 &columns,
                 &(rec.rows as i64),
+                &self.source,
             ],
         )
         .await
@@ -386,6 +399,9 @@ impl Registry {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Registered>, Error> {
         let c = self.client().await?;
+        let source_param = format!("${}", params.len() + 1);
+        let mut params = params.to_vec();
+        params.push(&self.source);
         let rows = c
             .query(
                 &format!(
@@ -393,10 +409,10 @@ impl Registry {
                      first_commit_lsn::text, first_seq, last_commit_lsn::text, last_seq, first_commit_ts, \
                      last_commit_ts, row_count, byte_size, csv_bytes, checksum, schema_version, \
                      schema_fingerprint, reload_id, part, ops, notified_stream_seq \
-                     FROM {} WHERE {cond} ORDER BY id",
+                     FROM {} WHERE source = {source_param} AND ({cond}) ORDER BY id",
                     self.t("files")
                 ),
-                params,
+                &params,
             )
             .await
             .map_err(|e| pg_err("read files", e))?;
@@ -412,10 +428,10 @@ impl Registry {
         let rows = c
             .query(
                 &format!(
-                    "WITH last AS (SELECT table_schema, table_name,                        max((first_commit_ts AT TIME ZONE 'UTC')::date) - 1 AS d                        FROM {f} WHERE kind = 'streaming' GROUP BY 1, 2)                      SELECT l.table_schema, l.table_name, l.d, array_agg(f.batch_id)                      FROM last l JOIN {f} f USING (table_schema, table_name)                      WHERE f.kind = 'streaming' AND (f.first_commit_ts AT TIME ZONE 'UTC')::date >= l.d                      GROUP BY 1, 2, 3",
+                    "WITH last AS (SELECT table_schema, table_name,                        max((first_commit_ts AT TIME ZONE 'UTC')::date) - 1 AS d                        FROM {f} WHERE kind = 'streaming' AND source = $1 GROUP BY 1, 2)                      SELECT l.table_schema, l.table_name, l.d, array_agg(f.batch_id)                      FROM last l JOIN {f} f USING (table_schema, table_name)                      WHERE f.kind = 'streaming' AND f.source = $1 AND (f.first_commit_ts AT TIME ZONE 'UTC')::date >= l.d                      GROUP BY 1, 2, 3",
                     f = self.t("files")
                 ),
-                &[],
+                &[&self.source],
             )
             .await
             .map_err(|e| pg_err("read batch dates", e))?;
@@ -431,30 +447,30 @@ impl Registry {
             .collect())
     }
 
-    /// Claims the registry for `ours` (see [`crate::sink::owner`]) unless someone already did; refuses
-    /// when that is another slot or database. One conditional `UPDATE`: of two claims at once,
-    /// exactly one sets the owner, and the other reads it.
+    /// Claims this handle's source name for `ours` (see [`crate::sink::owner`]) unless someone
+    /// already did; refuses when that is another slot or database. An insert that does nothing on
+    /// conflict, then a read: of two claims at once, exactly one inserts and the other reads it.
     pub async fn claim_owner(&self, ours: &Owner) -> Result<(), Error> {
         let c = self.client().await?;
-        let info = self.t("registry_info");
+        let sources = self.t("sources");
         c.execute(
             &format!(
-                "UPDATE {info} SET owner_system_identifier = $1, owner_database = $2, owner_slot = $3, \
-                 owner_claimed_at = now() WHERE owner_slot IS NULL"
+                "INSERT INTO {sources} (name, system_identifier, database, slot) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (name) DO NOTHING"
             ),
-            &[&ours.system_identifier, &ours.database, &ours.slot],
+            &[&self.source, &ours.system_identifier, &ours.database, &ours.slot],
         )
         .await
-        .map_err(|e| pg_err("claim the registry", e))?;
+        .map_err(|e| pg_err("claim the source name", e))?;
         let row = c
             .query_one(
                 &format!(
-                    "SELECT coalesce(owner_system_identifier, ''), owner_database, owner_slot FROM {info}"
+                    "SELECT coalesce(system_identifier, ''), database, slot FROM {sources} WHERE name = $1"
                 ),
-                &[],
+                &[&self.source],
             )
             .await
-            .map_err(|e| pg_err("read the registry's owner", e))?;
+            .map_err(|e| pg_err("read the source's owner", e))?;
         let recorded = Owner {
             system_identifier: row.get(0),
             database: row.get(1),
@@ -464,32 +480,33 @@ impl Registry {
             return Ok(());
         }
         Err(ours.refused(
-            &format!("the registry schema {:?}", self.schema),
+            &format!(
+                "source {:?} in the registry schema {:?}",
+                self.source, self.schema
+            ),
             &recorded,
             "stop the other daemon and run `cdc-egress release-owner --yes` with this configuration",
         ))
     }
 
-    /// Releases the registry's claim (`cdc-egress release-owner`); returns the owner it had.
+    /// Releases this source name's claim (`cdc-egress release-owner`); returns the owner it had.
     pub async fn release_owner(&self) -> Result<Option<Owner>, Error> {
         let c = self.client().await?;
-        let info = self.t("registry_info");
         let row = c
-            .query_one(
+            .query_opt(
                 &format!(
-                    "WITH old AS (SELECT coalesce(owner_system_identifier, '') AS sys, owner_database AS db, \
-                     owner_slot AS slot FROM {info} FOR UPDATE) \
-                     UPDATE {info} SET owner_system_identifier = NULL, owner_database = NULL, \
-                     owner_slot = NULL, owner_claimed_at = NULL FROM old RETURNING old.sys, old.db, old.slot"
+                    "DELETE FROM {} WHERE name = $1 \
+                     RETURNING coalesce(system_identifier, ''), database, slot",
+                    self.t("sources")
                 ),
-                &[],
+                &[&self.source],
             )
             .await
-            .map_err(|e| pg_err("release the registry", e))?;
-        Ok(row.get::<_, Option<String>>(2).map(|slot| Owner {
+            .map_err(|e| pg_err("release the source name", e))?;
+        Ok(row.map(|row| Owner {
             system_identifier: row.get(0),
-            database: row.get::<_, Option<String>>(1).unwrap_or_default(),
-            slot,
+            database: row.get(1),
+            slot: row.get(2),
         }))
     }
 
@@ -546,9 +563,9 @@ impl Registry {
         };
         c.execute(
             &format!(
-                "INSERT INTO {t} (slot_name, confirmed_lsn, received_lsn, state, last_error, pid, host, heartbeat_at) \
-                 VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, $6, $7, now()) \
-                 ON CONFLICT (slot_name) DO UPDATE SET \
+                "INSERT INTO {t} (slot_name, confirmed_lsn, received_lsn, state, last_error, pid, host, heartbeat_at, source) \
+                 VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, $6, $7, now(), $8) \
+                 ON CONFLICT (source) DO UPDATE SET slot_name = EXCLUDED.slot_name, \
                  confirmed_lsn = coalesce(EXCLUDED.confirmed_lsn, {t}.confirmed_lsn), \
                  received_lsn = coalesce(EXCLUDED.received_lsn, {t}.received_lsn), state = EXCLUDED.state, \
                  last_error = EXCLUDED.last_error, pid = EXCLUDED.pid, host = EXCLUDED.host, heartbeat_at = now()",
@@ -562,6 +579,7 @@ impl Registry {
                 &last_error,
                 &(std::process::id() as i32),
                 &host_name(),
+                &self.source,
             ],
         )
         .await
@@ -581,10 +599,11 @@ impl Registry {
         let row = c
             .query_one(
                 &format!(
-                    "INSERT INTO {} (slot_name, event, lsn, detail) VALUES ($1, $2, $3::text::pg_lsn, $4) RETURNING id",
+                    "INSERT INTO {} (slot_name, event, lsn, detail, source) VALUES ($1, $2, $3::text::pg_lsn, $4, $5) \
+                     RETURNING id",
                     self.t("slot_events")
                 ),
-                &[&slot, &event, &lsn.map(|l| l.to_string()), &detail],
+                &[&slot, &event, &lsn.map(|l| l.to_string()), &detail, &self.source],
             )
             .await
             .map_err(|e| pg_err("record slot event", e))?;
@@ -597,10 +616,10 @@ impl Registry {
         let row = c
             .query_opt(
                 &format!(
-                    "SELECT event FROM {} WHERE slot_name = $1 ORDER BY id DESC LIMIT 1",
+                    "SELECT event FROM {} WHERE source = $2 AND slot_name = $1 ORDER BY id DESC LIMIT 1",
                     self.t("slot_events")
                 ),
-                &[&slot],
+                &[&slot, &self.source],
             )
             .await
             .map_err(|e| pg_err("read slot events", e))?;
@@ -616,11 +635,11 @@ impl Registry {
         let rows = c
             .query(
                 &format!(
-                    "SELECT id, lsn::text, detail, at::text FROM {} WHERE slot_name = $1 AND event = 'lost' \
+                    "SELECT id, lsn::text, detail, at::text FROM {} WHERE source = $2 AND slot_name = $1 AND event = 'lost' \
                      AND notified_stream_seq IS NULL ORDER BY id",
                     self.t("slot_events")
                 ),
-                &[&slot],
+                &[&slot, &self.source],
             )
             .await
             .map_err(|e| pg_err("read slot events", e))?;
@@ -650,10 +669,10 @@ impl Registry {
         let row = c
             .query_opt(
                 &format!(
-                    "SELECT confirmed_lsn::text FROM {} WHERE slot_name = $1",
+                    "SELECT confirmed_lsn::text FROM {} WHERE source = $2 AND slot_name = $1",
                     self.t("daemon")
                 ),
-                &[&slot],
+                &[&slot, &self.source],
             )
             .await
             .map_err(|e| pg_err("read daemon state", e))?;

@@ -60,10 +60,10 @@ impl Registry {
             .query_opt(
                 &format!(
                     "SELECT id FROM {r} WHERE request = $1 \
-                     UNION ALL SELECT id FROM {r} WHERE table_schema = $2 AND table_name = $3 \
+                     UNION ALL SELECT id FROM {r} WHERE source = $4 AND table_schema = $2 AND table_name = $3 \
                        AND status IN ('requested', 'running') LIMIT 1"
                 ),
-                &[&request, &table.schema, &table.name],
+                &[&request, &table.schema, &table.name, &self.source()],
             )
             .await
             .map_err(|e| pg_err("find reload", e))?;
@@ -72,10 +72,11 @@ impl Registry {
             None => tx
                 .query_one(
                     &format!(
-                        "INSERT INTO {r} (table_schema, table_name, status, reason, request, marker_lsn, requested_at, started_at) \
-                         VALUES ($1, $2, 'running', 'requested', $3, $4::text::pg_lsn, now(), now()) RETURNING id"
+                        "INSERT INTO {r} (table_schema, table_name, status, reason, request, marker_lsn, requested_at, \
+                         started_at, source) \
+                         VALUES ($1, $2, 'running', 'requested', $3, $4::text::pg_lsn, now(), now(), $5) RETURNING id"
                     ),
-                    &[&table.schema, &table.name, &request, &marker.to_string()],
+                    &[&table.schema, &table.name, &request, &marker.to_string(), &self.source()],
                 )
                 .await
                 .map_err(|e| pg_err("create reload", e))?
@@ -103,10 +104,10 @@ impl Registry {
         c.execute(
             &format!(
                 "UPDATE {} SET status = 'requested', reason = 'initial', started_at = NULL \
-                 WHERE status IN ('requested', 'running') AND cut_lsn IS NULL",
+                 WHERE source = $1 AND status IN ('requested', 'running') AND cut_lsn IS NULL",
                 self.t("reloads")
             ),
-            &[],
+            &[&self.source()],
         )
         .await
         .map_err(|e| pg_err("restart reloads after the slot was lost", e))
@@ -120,11 +121,11 @@ impl Registry {
     ) -> Result<(), Error> {
         tx.execute(
             &format!(
-                "INSERT INTO {} (table_schema, table_name, mode) VALUES ($1, $2, $3) \
-                 ON CONFLICT (table_schema, table_name) DO UPDATE SET mode = EXCLUDED.mode, updated_at = now()",
+                "INSERT INTO {} (table_schema, table_name, mode, source) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (source, table_schema, table_name) DO UPDATE SET mode = EXCLUDED.mode, updated_at = now()",
                 self.t("tables")
             ),
-            &[&table.schema, &table.name, &mode],
+            &[&table.schema, &table.name, &mode, &self.source()],
         )
         .await
         .map_err(|e| pg_err("set table mode", e))?;
@@ -138,11 +139,11 @@ impl Registry {
         for t in tables {
             tx.execute(
                 &format!(
-                    "INSERT INTO {} (table_schema, table_name, status, reason) VALUES ($1, $2, 'requested', 'initial') \
-                     ON CONFLICT DO NOTHING",
+                    "INSERT INTO {} (table_schema, table_name, status, reason, source) \
+                     VALUES ($1, $2, 'requested', 'initial', $3) ON CONFLICT DO NOTHING",
                     self.t("reloads")
                 ),
-                &[&t.schema, &t.name],
+                &[&t.schema, &t.name, &self.source()],
             )
             .await
             .map_err(|e| pg_err("request initial reload", e))?;
@@ -158,10 +159,10 @@ impl Registry {
             .query(
                 &format!(
                     "SELECT id, table_schema, table_name, status, reason, request, cut_lsn::text FROM {} \
-                     WHERE status IN ('requested', 'running') ORDER BY id",
+                     WHERE source = $1 AND status IN ('requested', 'running') ORDER BY id",
                     self.t("reloads")
                 ),
-                &[],
+                &[&self.source()],
             )
             .await
             .map_err(|e| pg_err("read reloads", e))?;
@@ -233,10 +234,11 @@ impl Registry {
         let row = c
             .query_opt(
                 &format!(
-                    "SELECT schema_version, schema_fingerprint FROM {} WHERE table_schema = $1 AND table_name = $2",
+                    "SELECT schema_version, schema_fingerprint FROM {} WHERE source = $3 AND table_schema = $1 \
+                     AND table_name = $2",
                     self.t("tables")
                 ),
-                &[&table.schema, &table.name],
+                &[&table.schema, &table.name, &self.source()],
             )
             .await
             .map_err(|e| pg_err("read schema version", e))?;
