@@ -120,6 +120,11 @@ pub struct ColumnSchema {
     pub primary_key: Option<u16>,
     /// Part of the replica identity key (what pgoutput sends as the old key).
     pub replica_key: bool,
+    /// `pg_attribute.attnum`: the column's identity in its table, kept across renames (a renamed
+    /// column has the same attnum under its new name; a dropped and re-added one gets a new one).
+    /// `None` when the catalog no longer had a column of that name when the daemon described the
+    /// relation (renamed or dropped again before it read the WAL up to here).
+    pub attnum: Option<i16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,6 +197,7 @@ mod tests {
             nullable: true,
             primary_key: None,
             replica_key: false,
+            attnum: None,
         };
         let t = TableName::new("s", "t");
         let a = TableSchema::new(t.clone(), 1, ReplicaIdentity::Default, vec![col("a", 23)]);

@@ -96,6 +96,7 @@ impl World {
                 nullable: false,
                 primary_key: Some(1),
                 replica_key: true,
+                attnum: Some(1),
             }],
         );
         let mut spool = self.spools.create(table).unwrap();

@@ -502,3 +502,79 @@ async fn a_hostile_table_name_keeps_its_batch_in_one_directory() {
     assert_replays_equal(&mut db, WEIRD_DDL, &[WEIRD]).await;
     db.cleanup().await;
 }
+
+/// A renamed column keeps its `attnum` in `schema.yml`, so a consumer tells a rename from "drop a,
+/// add b"; a dropped and re-added column gets a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_yml_names_columns_by_attnum_across_a_rename() {
+    let db = TestDb::new("attnum").await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY, a text, n int); CREATE PUBLICATION {} FOR ALL TABLES",
+        db.publication
+    ))
+    .await
+    .unwrap();
+    let env = db.daemon_env(&db.out_url());
+    let d = Daemon::start(&env, db.dir.path(), &[], "attnum.log");
+    db.wait_for_slot(&d).await;
+    let step = async |sql: &str, db: &TestDb| {
+        c.batch_execute(sql).await.unwrap();
+        db.wait_caught_up(CATCH_UP).await;
+    };
+    step("INSERT INTO t VALUES (1, 'x', 1)", &db).await;
+    // Each step waits until the slot confirmed it: its rows are sealed, the next step's rows start a
+    // new file, and every Relation is described while its columns still have the names it lists.
+    // (A drop and re-add of a column of the same name and type inside one open batch does not seal
+    // it: the fingerprint covers names and types. Sealing at DDL is the DDL capture's job.)
+    step(
+        "ALTER TABLE t RENAME COLUMN a TO b; INSERT INTO t VALUES (2, 'y', 2)",
+        &db,
+    )
+    .await;
+    step(
+        "ALTER TABLE t DROP COLUMN n; ALTER TABLE t ADD COLUMN n int; INSERT INTO t VALUES (3, 'z', 3)",
+        &db,
+    )
+    .await;
+    assert!(d.stop().await.success());
+    let store = cdc_egress::sink::store::Store::open(&db.out_url(), &Default::default()).unwrap();
+    let mut shapes = Vec::new();
+    for r in c
+        .query(
+            "SELECT schema_path FROM cdc_egress.files WHERE kind = 'streaming' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        let path = cdc_egress::sink::layout::stored_path(&r.get::<_, String>(0));
+        let doc: serde_yaml::Value =
+            serde_yaml::from_slice(&store.get(&path).await.unwrap()).unwrap();
+        let columns: Vec<String> = doc["columns"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|col| {
+                format!(
+                    "{}@{}",
+                    col["name"].as_str().unwrap(),
+                    col["attnum"].as_i64().unwrap()
+                )
+            })
+            .collect();
+        if shapes.last() != Some(&columns) {
+            shapes.push(columns);
+        }
+    }
+    assert_eq!(
+        shapes,
+        [
+            vec!["id@1", "a@2", "n@3"],
+            vec!["id@1", "b@2", "n@3"],
+            vec!["id@1", "b@2", "n@4"],
+        ],
+        "one shape per schema, columns identified by attnum"
+    );
+    db.cleanup().await;
+}

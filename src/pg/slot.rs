@@ -596,9 +596,9 @@ pub async fn published_subset(
 }
 
 /// Builds the table schema for a Relation message: names, OIDs and typmods from the message (what the
-/// WAL says at that position); type names via `format_type`, NOT NULL and primary-key positions from
-/// the current catalog (matched by column name; a column the catalog no longer has is nullable and
-/// keyless).
+/// WAL says at that position); type names via `format_type`, NOT NULL, primary-key positions and
+/// attnums from the current catalog (matched by column name; a column the catalog no longer has is
+/// nullable, keyless and without an attnum).
 pub async fn describe_relation(c: &Client, rel: &Relation) -> Result<Arc<TableSchema>, Error> {
     let oids: Vec<u32> = rel.columns.iter().map(|c| c.type_oid).collect();
     let mods: Vec<i32> = rel.columns.iter().map(|c| c.type_modifier).collect();
@@ -608,7 +608,8 @@ pub async fn describe_relation(c: &Client, rel: &Relation) -> Result<Arc<TableSc
             "SELECT t.ord::int, format_type(t.oid, NULLIF(t.typmod, -1)), \
                     COALESCE(a.attnotnull, false), \
                     (SELECT k.ord::int2 FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
-                      WHERE i.indrelid = $4::oid AND i.indisprimary AND k.attnum = a.attnum) \
+                      WHERE i.indrelid = $4::oid AND i.indisprimary AND k.attnum = a.attnum), \
+                    a.attnum \
              FROM unnest($1::oid[], $2::int4[], $3::text[]) WITH ORDINALITY AS t(oid, typmod, name, ord) \
              LEFT JOIN pg_attribute a ON a.attrelid = $4::oid AND a.attname = t.name AND NOT a.attisdropped \
              ORDER BY t.ord",
@@ -630,6 +631,7 @@ pub async fn describe_relation(c: &Client, rel: &Relation) -> Result<Arc<TableSc
             nullable: !not_null,
             primary_key: pk.map(|p| p as u16),
             replica_key: col.is_key,
+            attnum: row.get(4),
         });
     }
     let identity = match rel.replica_identity {

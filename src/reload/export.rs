@@ -294,6 +294,7 @@ async fn describe_published(
             nullable: !r.get::<_, bool>(4),
             primary_key: r.get::<_, Option<i16>>(5).map(|p| p as u16),
             replica_key: r.get(6),
+            attnum: Some(r.get(7)),
         })
         .collect();
     Ok(Planned {
@@ -639,6 +640,7 @@ mod tests {
             nullable: true,
             primary_key: None,
             replica_key: false,
+            attnum: None,
         };
         let t = TableName::new("s", "T");
         let schema = TableSchema::new(

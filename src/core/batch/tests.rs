@@ -29,6 +29,7 @@ fn schema(i: usize) -> Arc<TableSchema> {
         nullable: !key,
         primary_key: key.then_some(1),
         replica_key: key,
+        attnum: None,
     };
     TableSchema::new(
         TableName::new("public", format!("t{i}")),

@@ -153,6 +153,7 @@ mod tests {
                 nullable: false,
                 primary_key: None,
                 replica_key: false,
+                attnum: Some(1),
             }],
         );
         let y = SchemaDoc::streaming(
