@@ -648,4 +648,17 @@ mod tests {
         assert_eq!(subject_token(""), "%00");
         assert_eq!(subject_token("Ünï"), "Ünï");
     }
+
+    proptest::proptest! {
+        /// Any identifier (no NUL) is one token with no NATS-reserved character, and percent-decoding
+        /// gives it back: different tables never share a subject.
+        #[test]
+        fn subject_tokens_are_reversible_single_tokens(name in "\\PC{1,24}|[ .*>%\t]{1,6}") {
+            let token = subject_token(&name);
+            proptest::prop_assert!(!token.is_empty());
+            proptest::prop_assert!(!token.chars().any(|c| c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control()));
+            let back = percent_encoding::percent_decode_str(&token).decode_utf8().unwrap();
+            proptest::prop_assert_eq!(back, name);
+        }
+    }
 }
