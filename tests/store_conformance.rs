@@ -871,3 +871,42 @@ async fn a_manifest_clears_stale_staging_files_of_interrupted_local_uploads() {
     names.sort();
     assert_eq!(names, ["keep#me", "manifest.json", "part-00001.csv.gz"]);
 }
+
+/// Start-up orphan removal also clears what local uploads killed in the middle left: `<name>#<n>`
+/// files, hidden from listings, including in a directory that holds nothing else.
+#[tokio::test]
+async fn orphan_removal_clears_staging_files_of_interrupted_local_uploads() {
+    let (_dir, store, ctx) = local_store();
+    let Backend::File { dir: root } = &ctx.backend else {
+        unreachable!()
+    };
+    let ns = Namespace::new(store.root(), "src");
+    let table = TableName::new("public", "t");
+    let day = root.join("src/public/t/streaming/2024-01-01");
+    let only_staging = day.join("0000000001000000.00000000-0000000001000100.00000002");
+    let orphan = day.join("0000000001000200.00000000-0000000001000300.00000000");
+    std::fs::create_dir_all(&only_staging).unwrap();
+    std::fs::write(only_staging.join("data.csv.gz#1"), b"half").unwrap();
+    let data = ns
+        .table_dir(&table)
+        .join("streaming")
+        .join("2024-01-01")
+        .join("0000000001000200.00000000-0000000001000300.00000000")
+        .join("data.csv.gz");
+    store.put_bytes(&data, b"x".to_vec()).await.unwrap();
+    std::fs::write(orphan.join("schema.yml#2"), b"half").unwrap();
+    let n = remove_orphans(
+        &store,
+        &ns,
+        &table,
+        Some(&["2024-01-01".to_string()]),
+        &HashSet::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(n, 3, "the orphan's data file and both staging files");
+    for d in [&only_staging, &orphan] {
+        let left = std::fs::read_dir(d).map_or(0, |r| r.flatten().count());
+        assert_eq!(left, 0, "{} still holds files", d.display());
+    }
+}

@@ -266,6 +266,35 @@ impl Store {
         Ok(removed)
     }
 
+    /// [`Store::remove_stale_staging`] for `dir` and each directory directly below it; for a
+    /// caller that knows no upload into any of them is running.
+    pub fn remove_stale_staging_below(&self, dir: &Path) -> Result<usize, Error> {
+        let Some(root) = &self.local_dir else {
+            return Ok(0);
+        };
+        let mut removed = self.remove_stale_staging(dir)?;
+        let subdirs = match std::fs::read_dir(root.join(dir.as_ref())) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+            Err(e) => {
+                return Err(Error::transient(
+                    Component::ObjectStore,
+                    format!("list {}: {e}", root.join(dir.as_ref()).display()),
+                ))
+            }
+        };
+        for entry in subdirs.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                if let Some(name) = entry.file_name().to_str() {
+                    // On disk the segment is as the store encoded it.
+                    let sub = Path::parse(format!("{dir}/{name}")).unwrap_or_else(|_| dir.clone());
+                    removed += self.remove_stale_staging(&sub)?;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     pub async fn put_bytes(
         &self,
         path: &Path,

@@ -248,6 +248,10 @@ pub async fn remove_orphans(
             }
             e.1.push(o.location);
         }
+        // A local upload killed in the middle left `<name>#<n>`, which listings hide (a directory
+        // holding only that is not even listed). Nothing uploads into this source's directories
+        // while it starts, so every staging file below the date is stale.
+        deleted += store.remove_stale_staging_below(&prefix)?;
         for (dir, (has_manifest, paths)) in dirs {
             let batch_id = format!("{table_key}/streaming/{date}/{dir}");
             if has_manifest || committed.contains(&batch_id) {
