@@ -41,11 +41,17 @@ ALTER TABLE {{schema}}.reloads ALTER COLUMN source SET NOT NULL;
 DROP INDEX {{schema}}.reloads_one_active_idx;
 CREATE UNIQUE INDEX reloads_one_active_idx ON {{schema}}.reloads (source, table_schema, table_name)
     WHERE status IN ('requested', 'running');
+-- A hand-written marker without `source=` reaches every daemon sharing the registry schema with one
+-- request id: each source's reload of it is its own row.
+DROP INDEX {{schema}}.reloads_request_idx;
+CREATE UNIQUE INDEX reloads_request_idx ON {{schema}}.reloads (source, request);
 
 ALTER TABLE {{schema}}.reload_requests ADD COLUMN source text;
 UPDATE {{schema}}.reload_requests SET source = (SELECT coalesce((SELECT owner_slot FROM {{schema}}.registry_info),
                         (SELECT min(slot_name) FROM {{schema}}.daemon), ''));
 ALTER TABLE {{schema}}.reload_requests ALTER COLUMN source SET NOT NULL;
+ALTER TABLE {{schema}}.reload_requests DROP CONSTRAINT reload_requests_pkey;
+ALTER TABLE {{schema}}.reload_requests ADD PRIMARY KEY (source, request);
 
 ALTER TABLE {{schema}}.ddl_history ADD COLUMN source text;
 UPDATE {{schema}}.ddl_history SET source = (SELECT coalesce((SELECT owner_slot FROM {{schema}}.registry_info),
@@ -60,6 +66,8 @@ DROP INDEX {{schema}}.slot_events_slot_idx;
 CREATE INDEX slot_events_source_idx ON {{schema}}.slot_events (source, id);
 
 ALTER TABLE {{schema}}.daemon ADD COLUMN source text;
+-- Keyed by source from now on: each slot's row is the row of the source named after it (the owner's
+-- row included, which the other tables' rows go to).
 UPDATE {{schema}}.daemon SET source = slot_name;
 ALTER TABLE {{schema}}.daemon ALTER COLUMN source SET NOT NULL;
 ALTER TABLE {{schema}}.daemon DROP CONSTRAINT daemon_pkey;

@@ -280,8 +280,18 @@ async fn drop_slot(config: &Config, yes: bool) -> Result<(), Error> {
     )
     .await?
     {
-        v if v >= 3 => Some(config.open_registry(1)?),
-        _ => None,
+        0..=2 => None,
+        v if v < cdc_egress::sink::registry::migrate::LATEST => {
+            return Err(Error::definite(
+                Component::Config,
+                format!(
+                "the registry schema {:?} is at version {v}: run `cdc-egress migrate` first, so \
+                     the drop is recorded for source {:?}",
+                config.registry.schema, config.source.name
+            ),
+            ))
+        }
+        _ => Some(config.open_registry(1)?),
     };
     let last_event = match &registry {
         Some(r) => r.last_slot_event(slot).await?,

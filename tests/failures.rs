@@ -390,6 +390,33 @@ async fn another_slot_under_the_same_source_name_is_refused_everywhere() {
         "names the subject prefix and the way to hand it over:\n{text}"
     );
 
+    // One that fails before it gets to claim the name (its publication does not exist) must not
+    // write its failure into the owner's daemon row either.
+    let daemon_row = "SELECT slot_name, pid FROM cdc_egress.daemon";
+    let before = query_rows(&c, daemon_row).await;
+    let intruder = Daemon::start(
+        &env,
+        db.dir.path(),
+        &[
+            ("CDC_EGRESS_SOURCE_SLOT", &other_slot),
+            same_name,
+            ("CDC_EGRESS_SOURCE_PUBLICATION", "no_such_publication"),
+        ],
+        "intruder4.log",
+    );
+    let log = intruder.log.clone();
+    let status = intruder.wait_exit(CATCH_UP).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !status.success() && text.contains("no_such_publication"),
+        "a definite error:\n{text}"
+    );
+    assert_eq!(
+        query_rows(&c, daemon_row).await,
+        before,
+        "the owner's daemon row changed:\n{text}"
+    );
+
     let slots: i64 = c
         .query_one(
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",

@@ -1280,3 +1280,96 @@ async fn hostile_table_names_get_their_own_folders() {
     }
     db.cleanup().await;
 }
+
+/// A reload requested in plain SQL without `source=` reaches every daemon sharing the registry
+/// schema with one request id: each source reloads the table in a reload row of its own (neither
+/// joins, finishes or skips the other's), and each replays equal from its own rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unnamed_reload_marker_is_a_reload_of_its_own_for_each_source() {
+    let mut db = TestDb::new("srcmark").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); \
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 500) g; \
+         CREATE PUBLICATION p1 FOR TABLE t; CREATE PUBLICATION p2 FOR TABLE t;",
+    )
+    .await
+    .unwrap();
+    let base = with(
+        db.daemon_env(&db.out_url()),
+        "CDC_EGRESS_RELOAD_INITIAL",
+        "true",
+    );
+    let mut daemons: Vec<(String, Daemon)> = (1..=2)
+        .map(|i| {
+            let slot = format!("{}_s{i}", db.name);
+            let env = with(
+                with(base.clone(), "CDC_EGRESS_SOURCE_SLOT", &slot),
+                "CDC_EGRESS_SOURCE_PUBLICATION",
+                &format!("p{i}"),
+            );
+            (
+                slot,
+                Daemon::start(&env, db.dir.path(), &[], &format!("d{i}.log")),
+            )
+        })
+        .collect();
+    for (slot, d) in &mut daemons {
+        wait_for_slot(&db.url, slot, d).await;
+    }
+    let done = "SELECT count(*) FROM cdc_egress.reloads WHERE status = 'done'";
+    db.wait_until(&format!("SELECT ({done}) = 2"), CATCH_UP, &daemons[0].1)
+        .await;
+    c.batch_execute(
+        "UPDATE t SET v = 'u' WHERE id % 7 = 0; \
+         COMMENT ON SCHEMA cdc_egress IS 'cdc-egress reload public.t request=by-hand'; \
+         DELETE FROM t WHERE id % 11 = 0;",
+    )
+    .await
+    .unwrap();
+    db.wait_until(&format!("SELECT ({done}) = 4"), CATCH_UP, &daemons[0].1)
+        .await;
+    for (slot, d) in &daemons {
+        wait_slot_caught_up(&db.url, slot, d).await;
+    }
+    assert_eq!(
+        query_rows(
+            &c,
+            "SELECT source, status FROM cdc_egress.reloads WHERE request = 'by-hand'"
+        )
+        .await,
+        daemons
+            .iter()
+            .map(|(slot, _)| format!("({slot},done)"))
+            .collect::<Vec<_>>(),
+        "one reload of the request per source"
+    );
+    for (_, d) in daemons {
+        assert!(d.stop().await.success());
+    }
+    let target_url = db.extra_db("replay").await;
+    let target = connect(&target_url).await;
+    for i in 1..=2 {
+        let source = format!("{}_s{i}", db.name);
+        target
+            .batch_execute("DROP TABLE IF EXISTS t; CREATE TABLE t (id int PRIMARY KEY, v text)")
+            .await
+            .unwrap();
+        let r = replay_source(
+            &db.url,
+            "cdc_egress",
+            Some(&source),
+            &db.out_url(),
+            &HashMap::new(),
+            &target,
+        )
+        .await;
+        assert_eq!(r.cuts.len(), 1, "{source}: {r:?}");
+        assert_eq!(
+            table_rows(&target, "t").await,
+            table_rows(&c, "t").await,
+            "t differs after replaying source {source}"
+        );
+    }
+    db.cleanup().await;
+}

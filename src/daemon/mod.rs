@@ -131,7 +131,12 @@ async fn record_state(config: &Config, state: &str, error: Option<&str>) {
     let write = async {
         config
             .open_registry(1)?
-            .report_daemon_state(&config.source.slot, state, error)
+            .report_daemon_state(
+                &config.source.slot,
+                config.source_conninfo()?.dbname(),
+                state,
+                error,
+            )
             .await
     };
     match tokio::time::timeout(Duration::from_secs(5), write).await {

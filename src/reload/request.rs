@@ -101,6 +101,22 @@ pub async fn request(
              (event triggers need a superuser): run `cdc-egress migrate` as a superuser"
         )));
     }
+    // A trigger installed by a version before source names ignores a comment naming a source:
+    // the request would silently never reach a daemon.
+    let current = src
+        .query_opt(
+            "SELECT prosrc LIKE '%source=%' FROM pg_proc WHERE oid = to_regprocedure($1)",
+            &[&format!("{}.reload_marker()", quote_ident(schema))],
+        )
+        .await
+        .map_err(pg_error)?
+        .is_some_and(|r| r.get::<_, bool>(0));
+    if !current {
+        return Err(definite(format!(
+            "the reload-marker event trigger {trigger} was installed by an older cdc-egress and does \
+             not know source names: run `cdc-egress migrate` as a superuser to refresh it"
+        )));
+    }
     let mut parsed = Vec::new();
     for t in tables {
         let name = TableName::parse(t).ok_or_else(|| {

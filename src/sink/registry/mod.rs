@@ -525,14 +525,18 @@ impl Registry {
 
     /// Records the daemon's state and last error without touching its positions: between sessions,
     /// when it is retrying a failure and has no stream (so `status` never says "never ran" about a
-    /// daemon that is running and retrying).
+    /// daemon that is running and retrying). It may not have claimed its source name yet (see
+    /// `sink::owner`), so nothing is written when another slot or database owns the name: that
+    /// daemon's row is not ours to overwrite.
     pub async fn report_daemon_state(
         &self,
         slot: &str,
+        database: &str,
         state: &str,
         last_error: Option<&str>,
     ) -> Result<(), Error> {
-        self.upsert_daemon(slot, None, state, last_error).await
+        self.upsert_daemon(slot, Some(database), None, state, last_error)
+            .await
     }
 
     /// Upserts the daemon's row (state, positions, last error) for `status`.
@@ -544,14 +548,16 @@ impl Registry {
         state: &str,
         last_error: Option<&str>,
     ) -> Result<(), Error> {
-        self.upsert_daemon(slot, Some((confirmed, received)), state, last_error)
+        self.upsert_daemon(slot, None, Some((confirmed, received)), state, last_error)
             .await
     }
 
-    /// One upsert for both: positions are kept as they are when `positions` is `None`.
+    /// One upsert for both: positions are kept as they are when `positions` is `None`; with
+    /// `unclaimed_database`, only when the source name is unclaimed or claimed by this slot of it.
     async fn upsert_daemon(
         &self,
         slot: &str,
+        unclaimed_database: Option<&str>,
         positions: Option<(Lsn, Lsn)>,
         state: &str,
         last_error: Option<&str>,
@@ -564,12 +570,15 @@ impl Registry {
         c.execute(
             &format!(
                 "INSERT INTO {t} (slot_name, confirmed_lsn, received_lsn, state, last_error, pid, host, heartbeat_at, source) \
-                 VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, $6, $7, now(), $8) \
+                 SELECT $1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, $6, $7, now(), $8 \
+                 WHERE $9::text IS NULL OR NOT EXISTS (SELECT 1 FROM {sources} s WHERE s.name = $8 \
+                   AND (s.slot <> $1 OR s.database <> $9)) \
                  ON CONFLICT (source) DO UPDATE SET slot_name = EXCLUDED.slot_name, \
                  confirmed_lsn = coalesce(EXCLUDED.confirmed_lsn, {t}.confirmed_lsn), \
                  received_lsn = coalesce(EXCLUDED.received_lsn, {t}.received_lsn), state = EXCLUDED.state, \
                  last_error = EXCLUDED.last_error, pid = EXCLUDED.pid, host = EXCLUDED.host, heartbeat_at = now()",
-                t = self.t("daemon")
+                t = self.t("daemon"),
+                sources = self.t("sources")
             ),
             &[
                 &slot,
@@ -580,6 +589,7 @@ impl Registry {
                 &(std::process::id() as i32),
                 &host_name(),
                 &self.source,
+                &unclaimed_database,
             ],
         )
         .await

@@ -37,8 +37,10 @@ impl Registry {
         let r = self.t("reloads");
         let finished = tx
             .query_opt(
-                &format!("SELECT 1 FROM {r} WHERE request = $1 AND status IN ('done', 'failed')"),
-                &[&request],
+                &format!(
+                    "SELECT 1 FROM {r} WHERE source = $2 AND request = $1 AND status IN ('done', 'failed')"
+                ),
+                &[&request, &self.source()],
             )
             .await
             .map_err(|e| pg_err("find reload", e))?
@@ -46,10 +48,10 @@ impl Registry {
         if finished {
             tx.execute(
                 &format!(
-                    "UPDATE {} SET read_at = coalesce(read_at, now()) WHERE request = $1",
+                    "UPDATE {} SET read_at = coalesce(read_at, now()) WHERE source = $2 AND request = $1",
                     self.t("reload_requests")
                 ),
-                &[&request],
+                &[&request, &self.source()],
             )
             .await
             .map_err(|e| pg_err("record the request as read", e))?;
@@ -59,7 +61,7 @@ impl Registry {
         let existing = tx
             .query_opt(
                 &format!(
-                    "SELECT id FROM {r} WHERE request = $1 \
+                    "SELECT id FROM {r} WHERE source = $4 AND request = $1 \
                      UNION ALL SELECT id FROM {r} WHERE source = $4 AND table_schema = $2 AND table_name = $3 \
                        AND status IN ('requested', 'running') LIMIT 1"
                 ),
@@ -85,10 +87,10 @@ impl Registry {
         self.set_mode(&tx, table, "reloading").await?;
         tx.execute(
             &format!(
-                "UPDATE {} SET reload_id = $2, read_at = now() WHERE request = $1",
+                "UPDATE {} SET reload_id = $2, read_at = now() WHERE source = $3 AND request = $1",
                 self.t("reload_requests")
             ),
-            &[&request, &id],
+            &[&request, &id, &self.source()],
         )
         .await
         .map_err(|e| pg_err("record the request as read", e))?;
