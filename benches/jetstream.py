@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Minimal JetStream admin over the plain NATS text protocol (stdlib only).
 
-    jetstream.py URL info   STREAM   -> prints the stream's message count (or "absent")
-    jetstream.py URL delete STREAM   -> deletes the stream; exit 0 if deleted or absent
+    jetstream.py URL info   STREAM          -> prints the stream's message count (or "absent")
+    jetstream.py URL count  STREAM FILTER   -> prints the number of messages on subjects matching FILTER
+                                               (e.g. "cdc.src.batch.>"; "absent" without the stream)
+    jetstream.py URL delete STREAM          -> deletes the stream; exit 0 if deleted or absent
 
-Only what the benchmark needs: one request/reply on $JS.API.STREAM.<op>.<name>. Refuses non-loopback
+Only what the benchmarks need: request/reply on $JS.API.STREAM.<op>.<name>. Refuses non-loopback
 hosts, like the test harness.
 """
 import json
@@ -50,7 +52,30 @@ def request(url, subject, payload=b"", timeout=5.0):
     sys.exit(f"jetstream.py: no reply on {subject} (is JetStream enabled?)")
 
 
+def count(url, stream, subjects_filter):
+    """Messages per subject matching the filter (STREAM.INFO with subjects_filter), summed over all
+    pages of the subject list; None when the stream does not exist."""
+    total, offset = 0, 0
+    while True:
+        payload = json.dumps({"subjects_filter": subjects_filter, "offset": offset}).encode()
+        r = request(url, f"$JS.API.STREAM.INFO.{stream}", payload)
+        if "error" in r:
+            if r["error"].get("code") == 404:
+                return None
+            sys.exit(f"jetstream.py: info {stream}: {r['error']}")
+        subjects = r["state"].get("subjects") or {}
+        total += sum(subjects.values())
+        offset += len(subjects)
+        # The server pages long subject lists: "total" is the number of matching subjects.
+        if not subjects or offset >= r.get("total", offset):
+            return total
+
+
 def main():
+    if len(sys.argv) == 5 and sys.argv[2] == "count":
+        n = count(sys.argv[1], sys.argv[3], sys.argv[4])
+        print("absent" if n is None else n)
+        return
     if len(sys.argv) != 4 or sys.argv[2] not in ("info", "delete"):
         sys.exit(__doc__)
     url, op, stream = sys.argv[1:]

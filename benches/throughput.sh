@@ -31,6 +31,8 @@ shopt -s inherit_errexit
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 ROWS=${BENCH_ROWS_PER_TABLE:-120000}
 PGBENCH_TXNS=${BENCH_PGBENCH_TXNS:-10000}
@@ -40,6 +42,7 @@ PG_HOST=${BENCH_PG_HOST:-127.0.0.1}
 PG_PORT=${BENCH_PG_PORT:-5432}
 PG_USER=${BENCH_PG_USER:-postgres}
 NATS_URL=${BENCH_NATS_URL:-nats://127.0.0.1:4222}
+# shellcheck disable=SC2012
 PGBIN=${BENCH_PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
 NTABLES=10
 
@@ -57,26 +60,14 @@ DAEMON_PID=
 DAEMON_JOB=
 PQ_PID=
 PERF_PID=
-MP_PID_SAVED=
 
 trap 'log "error in line $LINENO: $BASH_COMMAND"' ERR
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "FAILED: $*"; exit 1; }
-
-is_loopback() {
-    local h=$1
-    h=${h#*://}; h=${h##*@}; h=${h%%/*}
-    if [[ $h == \[* ]]; then h=${h#[}; h=${h%%]*}; else h=${h%%:*}; fi
-    [[ $h == localhost || $h == ::1 || $h == 127.* ]]
-}
 is_loopback "$PG_HOST" || die "BENCH_PG_HOST=$PG_HOST is not a loopback address"
 is_loopback "$NATS_URL" || die "BENCH_NATS_URL=$NATS_URL is not a loopback address"
 [[ -x $PGBIN/pg_recvlogical && -x $PGBIN/psql && -x $PGBIN/pgbench ]] ||
     die "pg_recvlogical/psql/pgbench not found in '$PGBIN' (set BENCH_PGBIN)"
 
 PSQL=("$PGBIN/psql" -X -v ON_ERROR_STOP=1 -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER")
-admin() { "${PSQL[@]}" -d postgres -Atq -c "$1"; }
-sql() { "${PSQL[@]}" -d "$DB" -Atq -c "$1"; }
 
 # ------------------------------------------------------------------------------------------------
 # Clean-up: runs on every exit. Only touches what this run created (names carry our pid).
@@ -92,29 +83,13 @@ cleanup() {
             kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
         fi
     done
-    if [[ -n $MP_PID_SAVED ]]; then
-        exec {MP_IN}>&- 2>/dev/null
-        kill "$MP_PID_SAVED" 2>/dev/null
-    fi
-    if [[ -n $PQ_PID ]]; then
-        exec {PQ_IN}>&- 2>/dev/null
-        kill "$PQ_PID" 2>/dev/null
-    fi
+    stop_scrapers
+    stop_poller
     if [[ ${BENCH_KEEP:-0} == 1 ]]; then
         log "BENCH_KEEP=1: leaving database $DB, slots $SLOT_REF/$SLOT_CDC, stream $STREAM, $WORK"
         exit "$rc"
     fi
-    local slots="'$SLOT_REF','$SLOT_CDC'" left=1
-    for _ in $(seq 50); do
-        admin "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
-               WHERE slot_name IN ($slots) AND active_pid IS NOT NULL" >/dev/null 2>&1
-        admin "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-               WHERE slot_name IN ($slots) AND NOT active" >/dev/null 2>&1
-        left=$(admin "SELECT count(*) FROM pg_replication_slots WHERE slot_name IN ($slots)" 2>/dev/null)
-        [[ $left == 0 ]] && break
-        sleep 0.2
-    done
-    [[ $left == 0 ]] || log "WARNING: could not drop slots $slots: drop them by hand"
+    drop_slots "'$SLOT_REF','$SLOT_CDC'"
     admin "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 ||
         log "WARNING: could not drop database $DB"
     python3 "$ROOT/benches/jetstream.py" "$NATS_URL" delete "$STREAM" >/dev/null 2>&1 ||
@@ -123,44 +98,11 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
 
 # ------------------------------------------------------------------------------------------------
-# Small helpers.
-
-now() { printf '%s' "$EPOCHREALTIME"; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-calc() { awk "BEGIN { printf \"$1\", $2 }"; }
-commas() {
-    local n=$1 s=
-    while ((${#n} > 3)); do s=",${n: -3}$s"; n=${n:0:${#n}-3}; done
-    printf '%s%s' "$n" "$s"
-}
-lsn_num() { local hi=${1%/*} lo=${1#*/}; printf '%d' $(((16#$hi << 32) + 16#$lo)); }
-# The polling loops below fork nothing per iteration (the machine may have only 2 cores): the clock
-# is $EPOCHREALTIME in microseconds, CPU times are read from /proc into variables, sleeping is a read
-# with a timeout on a FIFO nobody writes to.
-NOW_US=0
-tick() { local t=$EPOCHREALTIME; NOW_US=$((10#${t/./})); }
-# sample LABEL PID: CPU time in ns (all threads) into CPU_NS[LABEL] and the number of times its
-# threads were switched in into SLICES[LABEL] (~ context switches), from /proc/<pid>/task/*/schedstat:
-# one short line per thread, cheap enough to read every iteration. Left unchanged when the process is
-# gone, so the values are the last ones seen before it exited.
-declare -A CPU_NS=() SLICES=()
-sample() {
-    local task a b c cpu=0 n=0
-    for task in /proc/"$2"/task/*; do
-        { read -r a b c <"$task/schedstat"; } 2>/dev/null || return 0
-        cpu=$((cpu + a))
-        n=$((n + c))
-    done
-    ((cpu > 0)) || return 0
-    CPU_NS[$1]=$cpu
-    SLICES[$1]=$n
-}
-cpu_s() { calc '%.2f' "${CPU_NS[$1]:-0} / 1e9"; }
-nap() { read -r -t 0.05 -u "$NAP_FD" _ || true; }
+# Helpers of this benchmark (the shared ones are in benches/lib.sh).
 
 # Optional profile of the whole machine while one consumer drains (BENCH_PERF=1): which processes and
 # threads used the CPU, including whatever else runs on a shared machine.
@@ -174,7 +116,7 @@ perf_start() { # name
 }
 # ... and, per process, counts of the system calls and scheduler events that show how data moves
 # between the walsender and the consumer (perf stat on syscall tracepoints, cheap).
-PERF_EVENTS=task-clock,context-switches,cpu-migrations
+PERF_EVENTS='task-clock,context-switches,cpu-migrations'
 for e in read recvfrom readv write sendto writev futex epoll_wait epoll_pwait ppoll poll select pselect6; do
     PERF_EVENTS+=,syscalls:sys_enter_$e
 done
@@ -223,13 +165,6 @@ perf_stop() { # name
     log "perf ($1): benches/results/perf-$1.{data,threads.txt,symbols.txt}"
 }
 
-# One persistent psql session for polling (a new psql per poll would cost more than the poll).
-start_poller() {
-    coproc PQ { "${PSQL[@]}" -d "$DB" -Atq 2>&1; }
-    PQ_PID=$PQ_PID
-    exec {PQ_IN}>&"${PQ[1]}" {PQ_OUT}<&"${PQ[0]}"
-}
-q() { printf '%s\n' "$1" >&"$PQ_IN"; IFS= read -r REPLY <&"$PQ_OUT"; }
 # Is the slot's confirmed_flush_lsn at or past the target? Also records the walsender's pid.
 slot_done() {
     q "SELECT coalesce(confirmed_flush_lsn >= '$TARGET', false)::text || ' ' || coalesce(active_pid, 0)
@@ -244,36 +179,11 @@ slot_done() {
     fi
     [[ $done == true ]]
 }
-# The daemon's metrics, through one long-lived scraper (benches/metrics.py).
-start_scraper() { # port   (FIFOs rather than a second coproc, which bash does not support well)
-    mkfifo "$WORK/scrape.in" "$WORK/scrape.out"
-    python3 -u "$ROOT/benches/metrics.py" "$1" cdc_egress_received_lsn cdc_egress_messages_received_total \
-        <"$WORK/scrape.in" >"$WORK/scrape.out" &
-    MP_PID_SAVED=$!
-    exec {MP_IN}>"$WORK/scrape.in" {MP_OUT}<"$WORK/scrape.out"
-    scrape || true # waits until python is up, so its start-up is not inside the timed run
-}
-scrape() { # -> RECEIVED_LSN, MESSAGES (empty when the endpoint is not up yet)
-    printf '\n' >&"$MP_IN"
-    IFS= read -r REPLY <&"$MP_OUT"
-    RECEIVED_LSN= MESSAGES=
-    [[ $REPLY =~ ^([0-9]+)\ ([0-9]+)$ ]] || return 1
-    RECEIVED_LSN=${BASH_REMATCH[1]}
-    MESSAGES=${BASH_REMATCH[2]}
-}
 
 # ------------------------------------------------------------------------------------------------
 # 1. Build.
 
-# The build directory cargo uses (CARGO_TARGET_DIR when set, like the demo).
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/cdc-egress
-if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
-    log "cargo build --release (5+ minutes from cold on 2 cores; log in target/bench-build.log)"
-    mkdir -p "$ROOT/target"
-    timeout "${BENCH_BUILD_TIMEOUT_S:-3600}" cargo build --release >"$ROOT/target/bench-build.log" 2>&1 ||
-        { tail -n 30 "$ROOT/target/bench-build.log" >&2; die "cargo build --release"; }
-fi
-[[ -x $BIN ]] || die "$BIN missing (build first or unset BENCH_SKIP_BUILD)"
+build_release
 
 # ------------------------------------------------------------------------------------------------
 # 2. Database, tables, publication, slots.
@@ -287,24 +197,9 @@ python3 "$ROOT/benches/jetstream.py" "$NATS_URL" info "$STREAM" >/dev/null ||
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 log "database $DB, work dir $WORK (load average $LOAD_START)"
 admin "CREATE DATABASE $DB"
-TABLES=()
-for i in $(seq -w 1 $NTABLES); do TABLES+=("t$i"); done
+make_table_names
 {
-    for t in "${TABLES[@]}"; do
-        cat <<SQL
-CREATE TABLE $t (
-    id          bigint PRIMARY KEY,
-    customer_id integer NOT NULL,
-    status      text NOT NULL,
-    amount      numeric(12,2),
-    quantity    integer,
-    note        text,
-    created_at  timestamptz NOT NULL,
-    updated_at  timestamptz
-);
-SQL
-    done
-    echo "CREATE SEQUENCE bench_ids START 1000000000;"
+    tables_ddl
     echo "CREATE PUBLICATION $PUB FOR ALL TABLES;"
 } | "${PSQL[@]}" -d "$DB" -q
 
@@ -318,107 +213,9 @@ sql "SELECT pg_create_logical_replication_slot('$SLOT_CDC', 'pgoutput')" >/dev/n
 # ------------------------------------------------------------------------------------------------
 # 3. Workload. Counts come from the server's command tags; transactions are counted as we go.
 
-TXNS=0
-insert_rows() { # table first last
-    printf "INSERT INTO %s (id, customer_id, status, amount, quantity, note, created_at)
-SELECT g, (g * 7919) %% 100000, (ARRAY['new','paid','shipped','delivered','returned'])[1 + g %% 5],
-       round((g %% 100000) * 1.37, 2), 1 + g %% 9, 'order note ' || md5(g::text) || ' #' || (g %% 997),
-       timestamptz '2024-01-01 00:00:00+00' + g * interval '1.000123 second'
-FROM generate_series(%d, %d) g;\n" "$1" "$2" "$3"
-}
-gen_bulk() {
-    # Inserts: chunk sizes cycle through 20000..1 rows per table; even chunks are one transaction
-    # over all tables (up to 200,000 changes), odd chunks one transaction per table.
-    local pattern=(20000 5000 1000 200 50 10 1 1) next=1 i=0 size last t
-    while ((next <= ROWS)); do
-        size=${pattern[i % ${#pattern[@]}]}
-        ((size > ROWS - next + 1)) && size=$((ROWS - next + 1))
-        last=$((next + size - 1))
-        if ((i % 2 == 0)); then
-            echo "BEGIN;"
-            for t in "${TABLES[@]}"; do insert_rows "$t" "$next" "$last"; done
-            echo "COMMIT;"
-            TXNS=$((TXNS + 1))
-        else
-            for t in "${TABLES[@]}"; do insert_rows "$t" "$next" "$last"; done
-            TXNS=$((TXNS + NTABLES))
-        fi
-        next=$((last + 1))
-        i=$((i + 1))
-    done
-    # Updates of every fifth row (id % 5 = 2), id ranges of varied width, one transaction per range
-    # over all tables.
-    local widths=(25000 5000 500 50) lo=1 hi
-    i=0
-    while ((lo <= ROWS)); do
-        hi=$((lo + widths[i % ${#widths[@]}] - 1))
-        echo "BEGIN;"
-        for t in "${TABLES[@]}"; do
-            echo "UPDATE $t SET status = 'updated', amount = amount + 1,
-                  updated_at = timestamptz '2024-06-01 00:00:00+00' + id * interval '1 millisecond'
-                  WHERE id BETWEEN $lo AND $hi AND id % 5 = 2;"
-        done
-        echo "COMMIT;"
-        TXNS=$((TXNS + 1))
-        lo=$((hi + 1))
-        i=$((i + 1))
-    done
-}
-gen_deletes() {
-    # Deletes of every twentieth row of the lower half, 10,000 ids per single-table transaction.
-    local lo hi t
-    for ((lo = 1; lo <= ROWS / 2; lo += 10000)); do
-        hi=$((lo + 9999))
-        for t in "${TABLES[@]}"; do
-            echo "DELETE FROM $t WHERE id BETWEEN $lo AND $hi AND id % 20 = 0;"
-            TXNS=$((TXNS + 1))
-        done
-    done
-}
-tally() { # psql output with command tags -> "inserts updates deletes"
-    awk '$1 == "INSERT" { i += $3 } $1 == "UPDATE" { u += $2 } $1 == "DELETE" { d += $2 }
-         END { printf "%d %d %d\n", i, u, d }'
-}
-
 GEN_START=$(now)
 log "workload: $NTABLES tables x $ROWS rows bulk, updates, deletes, $PGBENCH_TXNS pgbench transactions"
-# (plain redirections, not $(...): the generators count TXNS in this shell)
-gen_bulk >"$WORK/bulk.sql"
-gen_deletes >"$WORK/deletes.sql"
-run_sql_file() { # file -> "inserts updates deletes" from the command tags
-    "${PSQL[@]}" -d "$DB" -f "$1" >"$1.out" || die "psql -f $1"
-    tally <"$1.out"
-}
-read -r INS UPD DEL < <(run_sql_file "$WORK/bulk.sql")
-[[ -n $INS ]] || die "bulk workload"
-
-# pgbench: small transactions (one insert + one update of an existing, never-deleted row), spread
-# over the 10 tables by 10 equally weighted scripts.
-PGB_ARGS=()
-for t in "${TABLES[@]}"; do
-    cat >"$WORK/pgbench_$t.sql" <<SQL
-\\set k random(0, $((ROWS / 5 - 1)))
-BEGIN;
-INSERT INTO $t (id, customer_id, status, amount, quantity, note, created_at)
-    VALUES (nextval('bench_ids'), :k % 100000, 'new', 9.99, 1, 'pgbench order ' || md5(:k::text), now());
-UPDATE $t SET quantity = quantity + 1, status = 'touched', updated_at = now() WHERE id = :k * 5 + 3;
-END;
-SQL
-    PGB_ARGS+=(-f "$WORK/pgbench_$t.sql")
-done
-PGB_OUT=$("$PGBIN/pgbench" -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -n -M prepared -c 2 -j 2 \
-    -t $((PGBENCH_TXNS / 2)) "${PGB_ARGS[@]}" "$DB" 2>&1) || { echo "$PGB_OUT" >&2; die "pgbench"; }
-[[ $PGB_OUT =~ transactions\ actually\ processed:\ ([0-9]+)/([0-9]+) ]] || { echo "$PGB_OUT" >&2; die "pgbench output"; }
-[[ ${BASH_REMATCH[1]} == "${BASH_REMATCH[2]}" ]] || die "pgbench processed ${BASH_REMATCH[1]} of ${BASH_REMATCH[2]}"
-PGB_DONE=${BASH_REMATCH[1]}
-INS=$((INS + PGB_DONE))
-UPD=$((UPD + PGB_DONE))
-TXNS=$((TXNS + PGB_DONE))
-
-read -r _ _ D2 < <(run_sql_file "$WORK/deletes.sql")
-[[ -n $D2 ]] || die "delete workload"
-DEL=$((DEL + D2))
-CHANGES=$((INS + UPD + DEL))
+run_workload
 
 # 4. The target: WAL end after the workload.
 TARGET=$(sql "SELECT pg_current_wal_lsn()")
@@ -426,11 +223,7 @@ TARGET_NUM=$(lsn_num "$TARGET")
 WAL_BYTES=$((TARGET_NUM - $(lsn_num "$START_LSN")))
 GEN_S=$(elapsed "$GEN_START" "$(now)")
 
-# Cross-check the workload count with the server's statistics (flushed when each session ended).
-read -r SI SU SD < <(sql "SELECT sum(n_tup_ins), sum(n_tup_upd), sum(n_tup_del) FROM pg_stat_user_tables
-                          WHERE schemaname = 'public'" | tr '|' ' ')
-[[ "$SI $SU $SD" == "$INS $UPD $DEL" ]] ||
-    die "workload count mismatch: command tags/pgbench say I/U/D $INS/$UPD/$DEL, pg_stat_user_tables says $SI/$SU/$SD"
+check_workload
 log "workload done in ${GEN_S}s: $(commas $CHANGES) changes (I $INS / U $UPD / D $DEL) in $(commas $TXNS) transactions," \
     "$(calc '%.1f' "$WAL_BYTES / 1048576") MiB of WAL, target $TARGET"
 
@@ -477,7 +270,7 @@ log "pg_recvlogical: ${REF_S}s"
 # 6. cdc-egress. The registry schema is installed first (a one-time step, not timed; its WAL lies
 #    after the target).
 
-HTTP_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+HTTP_PORT=$(free_port)
 EGRESS_ENV=(
     CDC_EGRESS_SOURCE_URL="postgres://$PG_USER@$PG_HOST:$PG_PORT/$DB"
     CDC_EGRESS_SOURCE_SLOT="$SLOT_CDC"
@@ -491,8 +284,7 @@ EGRESS_ENV=(
     CDC_EGRESS_HTTP_LISTEN="127.0.0.1:$HTTP_PORT"
     CDC_EGRESS_LOG_LEVEL=info
 )
-UNSET=()
-for v in $(compgen -e); do [[ $v == CDC_EGRESS_* ]] && UNSET+=(-u "$v"); done
+egress_unset
 egress() { (cd "$WORK" && env "${UNSET[@]}" "${EGRESS_ENV[@]}" "$BIN" "$@"); }
 mkdir -p "$WORK/out"
 egress migrate >"$WORK/migrate.log" 2>&1 || { cat "$WORK/migrate.log" >&2; die "cdc-egress migrate"; }
@@ -507,9 +299,9 @@ RSS_SERIES=
 FIRST_US=
 PAGE_KB=$(($(getconf PAGESIZE) / 1024))
 RECV_MESSAGES=0
-start_scraper "$HTTP_PORT"
+start_scraper eg "$HTTP_PORT"
 sample poller0 "$$"
-sample scraper0 "$MP_PID_SAVED"
+sample scraper0 "${SCRAPER_PID[eg]}"
 perf_start egress
 tick; T0_US=$NOW_US
 launch egress "$WORK/egress.log" env -C "$WORK" "${UNSET[@]}" "${EGRESS_ENV[@]}" "$BIN" run
@@ -523,7 +315,7 @@ while :; do
     if { read -r _ rss _ <"/proc/$DAEMON_PID/statm"; } 2>/dev/null; then
         RSS_SERIES+="$(((NOW_US - T0_US) / 1000)) $((rss * PAGE_KB)) ${MESSAGES:-0}"$'\n'
     fi
-    if [[ -z $RECV_US ]] && scrape && [[ -z $FIRST_US ]] && ((MESSAGES > 0)); then FIRST_US=$NOW_US; fi
+    if [[ -z $RECV_US ]] && scrape eg && [[ -z $FIRST_US ]] && ((MESSAGES > 0)); then FIRST_US=$NOW_US; fi
     if [[ -z $RECV_US && -n $RECEIVED_LSN ]] && ((RECEIVED_LSN >= TARGET_NUM)); then
         RECV_US=$NOW_US
         EG_CPU_AT_RECV_NS=${CPU_NS[eg]:-0}
@@ -541,7 +333,7 @@ PEAK_RSS_KB=$(awk '/^VmHWM:/ { print $2 }' "/proc/$DAEMON_PID/status")
 sample eg "$DAEMON_PID"
 [[ -z $WALSENDER_PID ]] || sample eg_ws "$WALSENDER_PID"
 sample poller1 "$$"
-sample scraper1 "$MP_PID_SAVED"
+sample scraper1 "${SCRAPER_PID[eg]}"
 POLL_CPU=$(calc '%.2f' "(${CPU_NS[poller1]:-0} - ${CPU_NS[poller0]:-0} + ${CPU_NS[scraper1]:-0} - ${CPU_NS[scraper0]:-0}) / 1e9")
 curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics" >"$WORK/metrics.txt" || die "cannot read cdc-egress metrics"
 perf_stop egress
