@@ -248,6 +248,30 @@ async fn bad_reload_requests_are_refused() {
     let (code, _, err) = run_cli(&["reload", "pub"], &env, db.dir.path());
     assert_eq!(code, 1);
     assert!(err.contains("already running"), "{err}");
+    c.execute("DELETE FROM cdc_egress.reloads", &[])
+        .await
+        .unwrap();
+    // A trigger function of a version before source names (it would skip a comment naming one, and
+    // the request would silently never reach a daemon): refused until migrate refreshes it.
+    let function = "cdc_egress.reload_marker()";
+    let current: String = c
+        .query_one(
+            &format!("SELECT pg_get_functiondef('{function}'::regprocedure)"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    c.batch_execute(&current.replace(" source=", " origin="))
+        .await
+        .unwrap();
+    let (code, _, err) = run_cli(&["reload", "pub"], &env, db.dir.path());
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("older cdc-egress") && err.contains("migrate"),
+        "{err}"
+    );
+    c.batch_execute(&current).await.unwrap();
     // No event trigger (e.g. migrate ran without superuser): a clear error.
     c.batch_execute("DROP EVENT TRIGGER cdc_egress_reload_marker")
         .await
