@@ -598,6 +598,30 @@ async fn two_slots_share_one_registry_bucket_and_stream_through_kill_9() {
 
     // Notices, per source.
     check_notices(&reg, &db.stream, &db.prefix, &src_a).await;
+    // `status` of one source: its own tables, and every source of the registry on a line each.
+    let (code, out, err) = run_cli(&["status", "--json"], &env_a, &dir);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["source_name"], src_a.as_str(), "{out}");
+    let tables: Vec<&str> = status["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["table"].as_str().unwrap())
+        .collect();
+    assert_eq!(tables, ["acc.a"], "{out}");
+    let sources: Vec<(&str, &str)> = status["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["name"].as_str().unwrap(), x["slot"].as_str().unwrap()))
+        .collect();
+    let mut want = vec![
+        (src_a.as_str(), slot_a.as_str()),
+        (src_b.as_str(), slot_b.as_str()),
+    ];
+    want.sort();
+    assert_eq!(sources, want, "{out}");
     check_notices(&reg, &db.stream, &db.prefix, &src_b).await;
     assert_eq!(
         stream_count(&db.stream, &format!("{}.{src_b}.reload.acc.b", db.prefix)).await,

@@ -18,11 +18,11 @@
 //! and the table are two segments, each the identifier encoded by [`segment`]: `object_store`'s own
 //! path-part encoding (bytes outside printable ASCII and ``/ \ % " # < > [ ] ^ { } | ~ ` * ?`` become
 //! `%XX`; a whole `.` or `..` becomes `%2E` / `%2E%2E`). The encoding is injective (`%` itself is
-//! encoded) and [`decode_segment`] reverses it, so no two tables share a directory and a consumer maps
-//! a path back to its table; because it *is* the store's encoding, the store never re-encodes a
-//! segment and the name in a listing is the name written here. The batch id (the registry key and
-//! the JetStream `Nats-Msg-Id`) is the batch directory relative to the root, so it is unique across
-//! every source sharing a registry and a stream.
+//! encoded) and percent-decoding reverses it (property-tested below), so no two tables share a
+//! directory and a consumer maps a path back to its table; because it *is* the store's encoding, the
+//! store never re-encodes a segment and the name in a listing is the name written here. The batch id
+//! (the registry key; a notice's `Nats-Msg-Id` is `<incarnation>:<batch id>`) is the batch directory
+//! relative to the root, so it is unique across every source sharing a registry and a stream.
 //!
 //! A batch directory is complete exactly when its `manifest.json` exists; the manifest is written only
 //! after the registry row commits, so a listing reader never sees a partial or orphaned batch as
@@ -42,15 +42,6 @@ pub const OWNER_FILE: &str = "cdc-egress-owner.json";
 /// One path segment for a PostgreSQL identifier (see the module header).
 pub fn segment(identifier: &str) -> PathPart<'static> {
     PathPart::from(identifier.to_string())
-}
-
-/// The identifier a [`segment`] encodes; `None` for text that no identifier encodes to.
-pub fn decode_segment(segment: &str) -> Option<String> {
-    let decoded = percent_encoding::percent_decode_str(segment)
-        .decode_utf8()
-        .ok()?
-        .into_owned();
-    (PathPart::from(decoded.as_str()).as_ref() == segment).then_some(decoded)
 }
 
 /// A source name is used unencoded in object paths and NATS subjects, so it is restricted to
@@ -85,11 +76,6 @@ impl Namespace {
 
     pub fn source(&self) -> &str {
         &self.source
-    }
-
-    /// The output root, shared by every source.
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     /// `<root>/<source>`: everything this source writes, and nothing another source writes.
@@ -179,6 +165,16 @@ mod tests {
     use super::*;
     use crate::lsn::Lsn;
     use proptest::prelude::*;
+
+    /// The identifier a [`segment`] encodes (what the README tells consumers: URL-decode the
+    /// folder name); `None` for text that no identifier encodes to.
+    fn decode_segment(segment: &str) -> Option<String> {
+        let decoded = percent_encoding::percent_decode_str(segment)
+            .decode_utf8()
+            .ok()?
+            .into_owned();
+        (PathPart::from(decoded.as_str()).as_ref() == segment).then_some(decoded)
+    }
 
     fn ns() -> Namespace {
         Namespace::new(&Path::from("root/prefix"), "main")

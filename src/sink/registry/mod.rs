@@ -385,14 +385,6 @@ impl Registry {
         self.files_where("notified_stream_seq IS NULL", &[]).await
     }
 
-    pub(crate) async fn files_where_pub(
-        &self,
-        cond: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<Registered>, Error> {
-        self.files_where(cond, params).await
-    }
-
     async fn files_where(
         &self,
         cond: &str,

@@ -221,7 +221,7 @@ impl Registry {
 
     /// The registered part rows of a reload, in part order.
     pub async fn reload_files(&self, id: i64) -> Result<Vec<super::Registered>, Error> {
-        self.files_where_pub("reload_id = $1 AND kind = 'reload'", &[&id])
+        self.files_where("reload_id = $1 AND kind = 'reload'", &[&id])
             .await
     }
 
