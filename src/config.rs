@@ -58,6 +58,7 @@ pub const KEYS: &[&str] = &[
     "nats.tls_key_file",
     "reload.parallelism",
     "reload.initial",
+    "reload.on_rewrite",
     "http.listen",
     "log.format",
     "log.level",
@@ -141,6 +142,7 @@ pub struct BatchConfig {
 
 // Settings types owned by the module that uses them (so that module does not depend on this one),
 // re-exported here where the whole configuration is assembled.
+pub use crate::core::ddl::RewritePolicy;
 pub use crate::observe::LogFormat;
 pub use crate::pg::slot::SlotLostPolicy;
 pub use crate::secret::{redact_url, Secret, SecretUrl};
@@ -151,6 +153,8 @@ pub struct ReloadConfig {
     pub parallelism: usize,
     /// Export every published table on a fresh start (no slot yet).
     pub initial: bool,
+    /// What a DDL that changes existing rows without row changes starts (README "Schema changes").
+    pub on_rewrite: RewritePolicy,
 }
 
 #[derive(Clone, Debug)]
@@ -728,6 +732,16 @@ impl Layers {
                     |s| s.parse().ok().filter(|n| *n > 0 && *n <= 256),
                 )?,
                 initial: self.parsed("reload.initial", true, "true or false", parse_bool)?,
+                on_rewrite: self.parsed(
+                    "reload.on_rewrite",
+                    RewritePolicy::Reload,
+                    "reload or record",
+                    |s| match s {
+                        "reload" => Some(RewritePolicy::Reload),
+                        "record" => Some(RewritePolicy::Record),
+                        _ => None,
+                    },
+                )?,
             },
             http: HttpConfig {
                 listen: http_listen,

@@ -8,6 +8,7 @@
 //! |------------------|---------------------------------------------------------------|
 //! | `after_upload`   | data and schema.yml uploaded, registry row not yet committed  |
 //! | `after_register` | registry row committed, no manifest yet                       |
+//! | `after_ddl_register` | a DDL record's rows committed, no manifest yet            |
 //! | `after_manifest` | manifest written, notice not yet published                    |
 //! | `after_publish`  | notice acknowledged by JetStream, sequence not yet recorded   |
 //! | `before_status`  | batch persisted, the new confirmed LSN not yet sent           |

@@ -12,7 +12,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use cdc_egress::core::ack::BatchId;
-use cdc_egress::core::batch::{OpCounts, Position, SealedBatch, SpoolFactory};
+use cdc_egress::core::batch::{OpCounts, Position, Sealed, SealedBatch, SpoolFactory};
 use cdc_egress::daemon::deliver::{self, Sinks};
 use cdc_egress::error::{Error, Kind};
 use cdc_egress::lsn::Lsn;
@@ -136,7 +136,7 @@ impl World {
     async fn deliver(&self, batches: Vec<Batch>) -> (Result<(), Error>, Vec<u64>) {
         let (tx, rx) = mpsc::channel(batches.len().max(1));
         for b in batches {
-            tx.send(b).await.unwrap();
+            tx.send(Sealed::Batch(b)).await.unwrap();
         }
         drop(tx);
         let (ptx, mut prx) = mpsc::unbounded_channel();
@@ -265,7 +265,9 @@ async fn a_definite_publish_failure_ends_delivery_and_recovery_completes_the_row
     let (tx, rx) = mpsc::channel(batches.len());
     let (ptx, mut prx) = mpsc::unbounded_channel();
     let mut batches = batches.into_iter();
-    tx.send(batches.next().unwrap()).await.unwrap();
+    tx.send(Sealed::Batch(batches.next().unwrap()))
+        .await
+        .unwrap();
     let delivery = tokio::spawn(deliver::deliver_batches(
         w.sinks.clone(),
         rx,
@@ -277,7 +279,7 @@ async fn a_definite_publish_failure_ends_delivery_and_recovery_completes_the_row
     w.notifier.fail_next(1, Fault::Definite);
     for b in batches {
         // Delivery may have ended already: the rest would be re-sent by the slot.
-        let _ = tx.send(b).await;
+        let _ = tx.send(Sealed::Batch(b)).await;
     }
     drop(tx);
     let e = delivery

@@ -470,7 +470,7 @@ async fn migration_5_files_earlier_rows_under_the_owning_slot() {
     .await
     .unwrap();
     let mut client = db.client().await;
-    assert_eq!(migrate(&mut client, schema).await.unwrap(), [5]);
+    assert_eq!(migrate(&mut client, schema).await.unwrap(), [5, 6]);
     let pool = ConnInfo::parse(&db.url).unwrap().pool(2).unwrap();
     let upgraded = Registry::new(pool.clone(), schema, "old_slot");
     assert_eq!(FileLog::unnotified(&upgraded).await.unwrap().len(), 1);

@@ -32,7 +32,7 @@
 //! 2. **Bounded attempts.** An attempt is counted when it starts (a cut that cannot be taken counts
 //!    too, so nothing can spin), and a failed attempt is retried only while fewer than
 //!    [`MAX_ATTEMPTS`] were started; so no reload starts more than `MAX_ATTEMPTS` attempts in a
-//!    session. (A restart starts counting again: the session's failure already waited its backoff.)
+//!    session (a superseded attempt, see 7, counts as a failed one). (A restart starts counting again: the session's failure already waited its backoff.)
 //! 3. **Never stuck.** An active reload always waits for exactly one of: the outcome of its running
 //!    attempt (the driver owes one per table, see the contract), or its retry deadline, which
 //!    [`ReloadPlan::next_wake`] reports so the driver wakes for it. Every outcome either ends the
@@ -51,6 +51,13 @@
 //!    forgotten. A failure ends with `RecordFailure`, then the END marker `failed` with the cut
 //!    recorded in this session (`ZERO` if none).
 //!
+//! 7. **A cut never predates a marker it answers.** A marker read while its table's reload is
+//!    active joins it only if the known cut is above the marker's commit (the export then
+//!    includes the marker's transaction); otherwise the table is held again and a new attempt
+//!    takes a new cut, so a DDL that rewrote rows after the first cut is in the export. The
+//!    superseded attempt's outcome, whatever it is, counts as a transient failure (retried with
+//!    a new cut after the usual backoff, within the bound of 2).
+//!
 //! # Contract (for the driver)
 //! - Perform commands in the order given; answer [`Command::RecordRequest`] with
 //!   [`ReloadPlan::recorded`] before feeding anything else.
@@ -64,7 +71,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
-use crate::error::Error;
+use crate::error::{Component, Error};
 use crate::lsn::Lsn;
 use crate::table::TableName;
 
@@ -174,6 +181,12 @@ struct Active {
     /// Attempts started in this session.
     attempts: u32,
     waiting: Waiting,
+    /// The running attempt's cut is below a marker read since: its outcome counts as a transient
+    /// failure ([`ReloadPlan::export_finished`]).
+    superseded: bool,
+    /// The cut last recorded in this session, even if a later marker superseded it (what a
+    /// failure's END marker reports).
+    recorded_cut: Option<Lsn>,
 }
 
 impl Active {
@@ -185,6 +198,8 @@ impl Active {
             cut: None,
             attempts: 0,
             waiting: NOT_STARTED,
+            superseded: false,
+            recorded_cut: None,
         }
     }
 }
@@ -260,7 +275,7 @@ impl ReloadPlan {
         out: &mut Vec<Command<P>>,
     ) {
         if self.active.contains_key(&table) {
-            self.join(table, out);
+            self.join(table, marker_commit_lsn, out);
         } else {
             out.push(Command::RecordRequest {
                 table,
@@ -287,8 +302,9 @@ impl ReloadPlan {
             return;
         };
         if self.active.contains_key(&table) {
-            // Not with a driver that keeps the contract (nothing is fed in between); join.
-            self.join(table, out);
+            // Not with a driver that keeps the contract (nothing is fed in between); join as a
+            // marker at the lowest position would (no cut is superseded).
+            self.join(table, Lsn::ZERO, out);
             return;
         }
         self.active
@@ -314,6 +330,7 @@ impl ReloadPlan {
                 continue;
             }
             a.cut = Some(cut);
+            a.recorded_cut = Some(cut);
             out.push(Command::RecordCut {
                 table: table.clone(),
                 reload_id: a.reload_id,
@@ -357,7 +374,19 @@ impl ReloadPlan {
         if a.waiting != Waiting::Attempt(attempt) {
             return;
         }
-        let (reload_id, cut) = (a.reload_id, a.cut);
+        let (reload_id, cut, recorded_cut) = (a.reload_id, a.cut, a.recorded_cut);
+        let result = if a.superseded {
+            // A marker after this attempt's cut arrived meanwhile: its export is too old, whatever
+            // it produced. It counts as a transient failure, so a new attempt takes a new cut (the
+            // table is held since that marker) within the bound on attempts.
+            a.superseded = false;
+            Err(Error::transient(
+                Component::Reload,
+                "a DDL or reload request after this attempt's cut needs a newer cut",
+            ))
+        } else {
+            result
+        };
         match result {
             Ok(output) => {
                 let a = self.active.remove(table).expect("active");
@@ -404,7 +433,7 @@ impl ReloadPlan {
                     table: table.clone(),
                     reload_id,
                     request: a.request,
-                    cut: cut.unwrap_or(Lsn::ZERO),
+                    cut: recorded_cut.unwrap_or(Lsn::ZERO),
                     status: EndStatus::Failed,
                 });
             }
@@ -447,16 +476,28 @@ impl ReloadPlan {
         });
     }
 
-    /// A marker for a table whose reload is active: it joins; a new hold is released at once with
-    /// the known cut (with none known, the hold already there waits for it).
-    fn join<P>(&mut self, table: TableName, out: &mut Vec<Command<P>>) {
-        let a = &self.active[&table];
+    /// A marker for a table whose reload is active: it joins. With no cut known, the hold already
+    /// there waits for it. A known cut above the marker covers the marker's transaction: the new
+    /// hold is released at once with it. A known cut at or below the marker does not (a DDL
+    /// committed after the cut, e.g. a second rewrite): the reload needs a new cut, so the table
+    /// stays held (`cut` is `None` again) and the running attempt's outcome, when it comes, is
+    /// replaced by a new attempt; a reload waiting for a retry takes a new cut anyway.
+    fn join<P>(&mut self, table: TableName, marker_commit_lsn: Lsn, out: &mut Vec<Command<P>>) {
+        let a = self
+            .active
+            .get_mut(&table)
+            .expect("joined reloads are active");
         out.push(Command::Joined {
             table: table.clone(),
             reload_id: a.reload_id,
         });
-        if let Some(cut) = a.cut {
-            out.push(Command::Release { table, cut });
+        match a.cut {
+            Some(cut) if cut > marker_commit_lsn => out.push(Command::Release { table, cut }),
+            Some(_) => {
+                a.cut = None;
+                a.superseded = matches!(a.waiting, Waiting::Attempt(_));
+            }
+            None => {}
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Frames and relations arrive in [`Input`] chunks from the reader, persisted reports from the
 //! delivery (a second, unbounded channel, so delivery can never block on a full input channel);
-//! sealed batches, change events and reload controls leave through bounded channels. After each
+//! sealed batches and DDL records, change events and reload controls leave through bounded channels. After each
 //! step the confirmed LSN ([`Batcher::confirmed`]) is published on a watch for the status task.
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use crate::core::ack::BatchId;
-use crate::core::batch::{Batcher, Control, EventOut, SealedBatch};
+use crate::core::batch::{Batcher, Control, EventOut, Sealed};
 use crate::core::decode::{self};
 use crate::error::{Component, Error};
 use crate::lsn::Lsn;
@@ -73,7 +73,7 @@ pub(super) fn run_batcher(
     stop: Arc<std::sync::atomic::AtomicBool>,
     mut input_rx: mpsc::Receiver<Input>,
     mut persisted_rx: mpsc::UnboundedReceiver<BatchId>,
-    sealed_tx: mpsc::Sender<SealedBatch<SpooledFile>>,
+    sealed_tx: mpsc::Sender<Sealed<SpooledFile>>,
     events_tx: Option<mpsc::Sender<EventOut>>,
     controls_tx: mpsc::UnboundedSender<Control>,
     confirmed_tx: watch::Sender<Lsn>,

@@ -1,4 +1,5 @@
-//! Delivery of sealed batches: upload → register → manifest → notice → report persisted.
+//! Delivery of sealed batches and DDL records: upload → register → manifest → notice → report
+//! persisted.
 //!
 //! Uploads of up to [`UPLOAD_CONCURRENCY`] batches overlap; everything from the registry commit on
 //! happens strictly in seal order, so the file log and the notices of a table are in position order,
@@ -20,7 +21,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
 use crate::core::ack::BatchId;
-use crate::core::batch::SealedBatch;
+use crate::core::batch::Sealed;
 use crate::error::{Component, Error};
 use crate::observe::Metrics;
 use crate::reload::notice::ReloadNotice;
@@ -165,38 +166,64 @@ pub async fn finish_unnotified<R: FileLog, N: Publish>(
     Ok(rows.len())
 }
 
-/// Consumes sealed batches until the channel closes; reports each persisted batch on `persisted`.
+/// Consumes sealed batches and DDL records until the channel closes; reports each persisted one on
+/// `persisted`, in the order received.
 pub async fn deliver_batches<R: FileLog, N: Publish>(
     sinks: Sinks<R, N>,
-    sealed: mpsc::Receiver<SealedBatch<SpooledFile>>,
+    sealed: mpsc::Receiver<Sealed<SpooledFile>>,
     mut versions: SchemaVersions,
     persisted: mpsc::UnboundedSender<BatchId>,
 ) -> Result<(), Error> {
     let uploads = tokio_stream_from(sealed)
-        .map(|batch| {
-            let version = versions.version_for(&batch.schema);
+        .map(|item| {
+            let version = match &item {
+                Sealed::Batch(b) => versions.version_for(&b.schema),
+                Sealed::Ddl(d) => versions.current(&d.table),
+            };
             let sinks = sinks.clone();
             async move {
                 let started = Instant::now();
-                let rec = retry("upload batch", &sinks, || {
-                    upload::upload_streaming(&sinks.store, &sinks.layout, &batch, version)
-                })
-                .await?;
+                let rec = match &item {
+                    Sealed::Batch(batch) => {
+                        retry("upload batch", &sinks, || {
+                            upload::upload_streaming(&sinks.store, &sinks.layout, batch, version)
+                        })
+                        .await?
+                    }
+                    Sealed::Ddl(ddl) => {
+                        retry("upload DDL record", &sinks, || {
+                            upload::upload_ddl(&sinks.store, &sinks.layout, ddl, version)
+                        })
+                        .await?
+                    }
+                };
                 sinks
                     .metrics
                     .observe("upload", started.elapsed().as_secs_f64());
-                Ok::<_, Error>((batch, rec))
+                Ok::<_, Error>((item, rec))
             }
         })
         .buffered(UPLOAD_CONCURRENCY);
     futures::pin_mut!(uploads);
     while let Some(done) = uploads.next().await {
-        let (batch, rec) = done?;
+        let (item, rec) = done?;
         crate::failpoint::hit("after_upload");
-        let id = retry("register batch", &sinks, || {
-            sinks.registry.commit_file(&rec, Some(&batch.schema))
-        })
-        .await?;
+        let id = match &item {
+            Sealed::Batch(batch) => {
+                retry("register batch", &sinks, || {
+                    sinks.registry.commit_file(&rec, Some(&batch.schema))
+                })
+                .await?
+            }
+            Sealed::Ddl(ddl) => {
+                let id = retry("register DDL record", &sinks, || {
+                    sinks.registry.commit_ddl(&rec, ddl)
+                })
+                .await?;
+                crate::failpoint::hit("after_ddl_register");
+                id
+            }
+        };
         crate::failpoint::hit("after_register");
         let reg = Registered {
             id,
@@ -204,19 +231,31 @@ pub async fn deliver_batches<R: FileLog, N: Publish>(
             notified_stream_seq: None,
         };
         finish_registered(&sinks, &reg).await?;
-        sinks.metrics.bytes_written.inc_by(reg.record.bytes);
-        sinks
-            .metrics
-            .batch_sealed(&reg.record.table, &reg.record.ops);
-        tracing::info!(
-            batch = %reg.record.batch_id,
-            rows = reg.record.rows,
-            bytes = reg.record.bytes,
-            registry_id = id,
-            "batch delivered"
-        );
-        let id = batch.id;
-        drop(batch); // removes the spool file
+        match &item {
+            Sealed::Batch(_) => {
+                sinks.metrics.bytes_written.inc_by(reg.record.bytes);
+                sinks
+                    .metrics
+                    .batch_sealed(&reg.record.table, &reg.record.ops);
+                tracing::info!(
+                    batch = %reg.record.batch_id,
+                    rows = reg.record.rows,
+                    bytes = reg.record.bytes,
+                    registry_id = id,
+                    "batch delivered"
+                );
+            }
+            Sealed::Ddl(ddl) => tracing::info!(
+                record = %reg.record.batch_id,
+                event = ddl.change.event.as_str(),
+                command = %ddl.change.command_tag,
+                reload = ddl.reload_request.as_deref().unwrap_or("-"),
+                registry_id = id,
+                "DDL record delivered"
+            ),
+        }
+        let id = item.id();
+        drop(item); // removes a batch's spool file
         if persisted.send(id).is_err() {
             break;
         }

@@ -37,7 +37,7 @@ use super::startup::{
 use super::status_updates::send_status;
 use crate::config::Config;
 use crate::core::ack::BatchId;
-use crate::core::batch::{Control, EventOut, SealedBatch};
+use crate::core::batch::{Control, EventOut, Sealed};
 use crate::error::{Component, Error};
 use crate::lsn::Lsn;
 use crate::observe::Metrics;
@@ -143,7 +143,7 @@ impl Running {
         let sinks = &ep.sinks;
         let metrics = &sinks.metrics;
         let (input_tx, input_rx) = mpsc::channel::<Input>(INPUT_CAPACITY);
-        let (sealed_tx, sealed_rx) = mpsc::channel::<SealedBatch<SpooledFile>>(SEALED_CAPACITY);
+        let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed<SpooledFile>>(SEALED_CAPACITY);
         let (persisted_tx, persisted_rx) = mpsc::unbounded_channel::<BatchId>();
         let (events_tx, events_rx) = mpsc::channel::<EventOut>(EVENTS_CAPACITY);
         let (confirmed_tx, confirmed_rx) = watch::channel(start);

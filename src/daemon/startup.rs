@@ -56,8 +56,10 @@ pub(super) async fn connect(
             .await?;
     if installed == crate::sink::registry::migrate::MarkerTrigger::Missing {
         tracing::warn!(
-            "the source role is not a superuser: the reload-marker event trigger is not installed, so \
-             `cdc-egress reload` is unavailable until `cdc-egress migrate` runs as a superuser"
+            "the source role is not a superuser: the reload-marker and DDL-capture event triggers are \
+             not installed, so `cdc-egress reload` is unavailable and schema changes get no DDL records \
+             (no reload after a filled-in default or a rewrite) until `cdc-egress migrate` runs as a \
+             superuser"
         );
     }
     let registry_info = config.registry_conninfo()?;
@@ -453,6 +455,7 @@ pub(super) async fn prepare_batcher(
         &config.registry.schema,
     ));
     batcher.set_marker_source(&config.source.name);
+    batcher.set_ddl_scope(&config.source.publication, config.reload.on_rewrite);
     // Reloads to (re)start now: fresh-start exports, and reloads whose cut was taken by a previous
     // run. Their tables are held from the first streamed row until the new cut is known. Reloads
     // created from a marker whose cut was never recorded wait for that marker: the hold kept the ack

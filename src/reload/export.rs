@@ -340,6 +340,8 @@ impl Exporter {
         for _ in 0..workers {
             clients.push(begin_in_snapshot(&self.source, &cut.snapshot).await?);
         }
+        // One more transaction in the snapshot holds the DDL guard (see `guard_against_ddl`).
+        let guard = begin_in_snapshot(&self.source, &cut.snapshot).await?;
         // Every worker holds the snapshot now: the temporary slot is no longer needed.
         cut.release().await;
 
@@ -351,6 +353,19 @@ impl Exporter {
                 describe_published(&clients[0], &self.publication, &published, &job.table).await,
             );
         }
+        // Keep DDL off the planned tables until every part is read, and refuse the tables a DDL
+        // changed between the cut and this lock (see `guard_against_ddl`).
+        let current = self.source.connect().await?;
+        for (job, plan) in jobs.iter().zip(plans.iter_mut()) {
+            if let Ok(p) = plan {
+                if let Err(e) =
+                    guard_against_ddl(&guard, &current, &job.table, p.schema.relation_oid).await
+                {
+                    *plan = Err(e);
+                }
+            }
+        }
+        drop(current);
         let mut queue = Vec::new();
         let mut remaining: Vec<usize> = vec![0; jobs.len()];
         let mut schemas: Vec<Option<(Arc<TableSchema>, Option<String>)>> = vec![None; jobs.len()];
@@ -487,6 +502,8 @@ impl Exporter {
                 abnormal.get_or_insert_with(|| e.to_string());
             }
         }
+        // Every part is read: DDL may proceed.
+        let _ = guard.batch_execute("COMMIT").await;
         if let Some(why) = abnormal {
             // A worker that panicked took its part with it, so its table would never finish and
             // the coordinator would wait for it forever: fail every table still missing parts
@@ -513,6 +530,56 @@ impl Exporter {
         }
         Ok(())
     }
+}
+
+/// What a DDL could change under an export: the table's file (a rewrite gives it a new one) and
+/// its columns.
+const SHAPE_SQL: &str = "SELECT c.relfilenode::text || ' ' || coalesce(string_agg(a.attname || ':' || \
+    a.atttypid || ':' || a.atttypmod, ',' ORDER BY a.attnum), '') FROM pg_class c LEFT JOIN pg_attribute a \
+    ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped WHERE c.oid = $1 GROUP BY c.relfilenode";
+
+/// Locks `table` (ACCESS SHARE, as any reader does) in `guard`, a transaction in the export's
+/// snapshot that stays open until every part is read, so no DDL can commit on it meanwhile. A DDL
+/// committed between the cut and this lock would not be in the snapshot but would be in the
+/// catalog every `COPY` plans with: a dropped or renamed column fails the copy, and a rewrite
+/// (`ALTER … TYPE`, a volatile default) gives the table a new file whose rows the old snapshot
+/// cannot see, an export silently empty. So the table's shape as the snapshot sees it is compared
+/// with the shape now (`current`, outside the snapshot, after the lock): a difference fails the
+/// table's attempt as transient, and the retry takes a new cut after that DDL.
+async fn guard_against_ddl(
+    guard: &tokio_postgres::Client,
+    current: &tokio_postgres::Client,
+    table: &TableName,
+    oid: u32,
+) -> Result<(), Error> {
+    guard
+        .batch_execute(&format!(
+            "SET LOCAL lock_timeout = '10s'; LOCK TABLE {} IN ACCESS SHARE MODE",
+            table.quoted()
+        ))
+        .await
+        .map_err(|e| {
+            Error::transient(
+                Component::Reload,
+                format!("cannot lock {table} for its export (a DDL holds it?): {e}"),
+            )
+        })?;
+    let then = guard
+        .query_opt(SHAPE_SQL, &[&oid])
+        .await
+        .map_err(pg_error)?;
+    let now = current
+        .query_opt(SHAPE_SQL, &[&oid])
+        .await
+        .map_err(pg_error)?;
+    let text = |r: Option<tokio_postgres::Row>| r.map(|r| r.get::<_, Option<String>>(0));
+    if text(then) != text(now) {
+        return Err(Error::transient(
+            Component::Reload,
+            format!("{table} was changed by a DDL after the reload's cut; retrying with a new cut"),
+        ));
+    }
+    Ok(())
 }
 
 /// What a part selects of its table: the published columns and rows.

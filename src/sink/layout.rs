@@ -7,9 +7,10 @@
 //!                                                                       /schema.yml
 //!                                                                       /manifest.json   (written last)
 //! <root>/<source>/<schema>/<table>/reload/<reload_id>/part-00001.csv.gz … schema.yml manifest.json
+//! <root>/<source>/<schema>/<table>/ddl/<position>/ddl.yml manifest.json
 //! <root>/<source>/cdc-egress-owner.json
 //! ```
-//! `<first>` and `<last>` are `LLLLLLLLLLLLLLLL.SSSSSSSS`: the commit LSN as 16 hex digits and the
+//! `<first>`, `<last>` and `<position>` are `LLLLLLLLLLLLLLLL.SSSSSSSS`: the commit LSN as 16 hex digits and the
 //! `_seq` as 8, so names sort in replay order. The date is the UTC commit date of the first
 //! transaction.
 //!
@@ -36,6 +37,7 @@ use crate::table::TableName;
 pub const DATA_FILE: &str = "data.csv.gz";
 pub const SCHEMA_FILE: &str = "schema.yml";
 pub const MANIFEST_FILE: &str = "manifest.json";
+pub const DDL_FILE: &str = "ddl.yml";
 /// The object in a source's directory that names its owner ([`crate::sink::owner`]).
 pub const OWNER_FILE: &str = "cdc-egress-owner.json";
 
@@ -120,6 +122,11 @@ impl Namespace {
             position(first),
             position(last)
         )
+    }
+
+    /// The batch id of a DDL record: `<source>/<schema>/<table>/ddl/<position>`.
+    pub fn ddl_batch_id(&self, table: &TableName, at: Position) -> String {
+        format!("{}/ddl/{}", self.table_key(table), position(at))
     }
 
     /// The id of a reload (its notice's `Nats-Msg-Id`): `<source>/<schema>/<table>/reload/<id>`.

@@ -17,10 +17,11 @@ use std::collections::HashMap;
 
 use object_store::path::Path;
 
-use super::layout::{self, DATA_FILE, MANIFEST_FILE, SCHEMA_FILE};
+use super::layout::{self, DATA_FILE, DDL_FILE, MANIFEST_FILE, SCHEMA_FILE};
 use super::record::{FileKind, FileRecord, Registered};
 use super::spool::SpooledFile;
 use super::store::Store;
+use crate::core::batch::DdlRecord;
 use crate::core::batch::SealedBatch;
 use crate::error::Error;
 use crate::table::{TableName, TableSchema};
@@ -36,6 +37,11 @@ pub struct SchemaVersions {
 impl SchemaVersions {
     pub fn new(current: HashMap<TableName, (i32, String)>) -> Self {
         SchemaVersions { current }
+    }
+
+    /// The table's current version, without counting a new one (for DDL records).
+    pub fn current(&self, table: &TableName) -> i32 {
+        self.current.get(table).map_or(0, |(v, _)| *v)
     }
 
     pub fn version_for(&mut self, schema: &TableSchema) -> i32 {
@@ -101,6 +107,46 @@ pub async fn upload_streaming(
         reload_id: None,
         part: None,
         ops: batch.ops,
+    })
+}
+
+/// Uploads a DDL record's `ddl.yml` and returns the registry record to commit. The record's
+/// position is its first and last position; `schema_version` is the table's version when it was
+/// captured (the batch after a shape change gets the next one).
+pub async fn upload_ddl(
+    store: &Store,
+    layout: &layout::Namespace,
+    rec: &DdlRecord,
+    schema_version: i32,
+) -> Result<FileRecord, Error> {
+    let batch_id = layout.ddl_batch_id(&rec.table, rec.position);
+    let dir = layout.batch_dir(&batch_id);
+    let path = dir.clone().join(DDL_FILE);
+    let body = crate::core::encode::ddl_yml::DdlDoc::new(layout.source(), rec).to_yaml();
+    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes()));
+    let bytes = body.len() as u64;
+    store.put_bytes(&path, body).await?;
+    let ts = crate::core::decode::pg_micros_to_utc(rec.commit_ts);
+    Ok(FileRecord {
+        batch_id,
+        table: rec.table.clone(),
+        kind: FileKind::Ddl,
+        object_path: path.to_string(),
+        schema_path: path.to_string(),
+        manifest_path: dir.clone().join(MANIFEST_FILE).to_string(),
+        first: Some(rec.position),
+        last: Some(rec.position),
+        first_commit_ts: ts,
+        last_commit_ts: ts,
+        rows: 0,
+        bytes,
+        csv_bytes: 0,
+        checksum: format!("sha256:{sha256}"),
+        schema_version,
+        schema_fingerprint: String::new(),
+        reload_id: None,
+        part: None,
+        ops: Default::default(),
     })
 }
 

@@ -856,6 +856,8 @@ struct SchemaCol {
     #[serde(rename = "type")]
     type_name: String,
     primary_key: Option<u16>,
+    #[serde(default)]
+    attnum: Option<i16>,
 }
 
 #[derive(serde::Deserialize, Debug)]
@@ -1565,4 +1567,387 @@ pub async fn replay_source(
         report.streaming_files += 1;
     }
     report
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schema changes (tests/ddl.rs): the consumer rule that follows DDL records (README "Schema changes").
+
+/// A column as `schema.yml` or `ddl.yml` describes it.
+#[derive(serde::Deserialize, Debug, Clone)]
+pub struct DdlCol {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub type_name: String,
+    #[serde(default)]
+    pub attnum: Option<i16>,
+}
+
+#[derive(serde::Deserialize, Debug)]
+struct DdlTableRef {
+    schema: String,
+    table: String,
+}
+
+#[derive(serde::Deserialize, Debug)]
+pub struct DdlYml {
+    pub event: String,
+    pub schema: String,
+    pub table: String,
+    pub commit_lsn: String,
+    pub seq: u32,
+    pub table_before: Option<serde_yaml::Value>,
+    pub columns_after: Option<Vec<DdlCol>>,
+    pub rewrites_rows: bool,
+    pub reload_request: Option<String>,
+    pub mode_after: Option<String>,
+}
+
+/// What [`replay_following_ddl`] did.
+#[derive(Debug, Default)]
+pub struct DdlReplay {
+    pub streaming_files: usize,
+    pub ddl_records: Vec<DdlYml>,
+    pub reloads_loaded: usize,
+}
+
+/// Per target table: source attnum → the target column's name, learned from the files.
+type Attnums = HashMap<(String, String), HashMap<i16, String>>;
+
+/// The consumer rule with schema changes, as README "Schema changes" states it: the registry's
+/// `streaming` and `ddl` rows in id order; per table, a `done` reload (the latest) replaces the
+/// table just before the first of its rows or records at or after the reload's cut, and what lies
+/// below the cut is skipped. A DDL record renames, creates, drops or reshapes the table (columns
+/// matched by `attnum`, so a rename is a rename); a streaming file first reshapes the table to its
+/// `schema.yml`, then its rows are applied. Tables are created from the files alone: `target`
+/// starts empty.
+pub async fn replay_following_ddl(
+    registry_url: &str,
+    output_url: &str,
+    target: &Client,
+) -> DdlReplay {
+    use futures::SinkExt;
+    let reg = connect(registry_url).await;
+    let store = cdc_egress::sink::store::Store::open(output_url, &Default::default()).unwrap();
+    let get = async |path: &str| -> Vec<u8> {
+        store
+            .get(&cdc_egress::sink::layout::stored_path(path))
+            .await
+            .unwrap()
+            .to_vec()
+    };
+    let mut report = DdlReplay::default();
+    let mut attnums: Attnums = HashMap::new();
+    // Latest done reload per table: (id, cut).
+    let mut reloads: HashMap<(String, String), (i64, String)> = HashMap::new();
+    for r in reg
+        .query(
+            "SELECT DISTINCT ON (table_schema, table_name) id, table_schema, table_name, cut_lsn::text \
+             FROM cdc_egress.reloads WHERE status = 'done' ORDER BY table_schema, table_name, id DESC",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        reloads.insert((r.get(1), r.get(2)), (r.get(0), r.get(3)));
+    }
+    let mut loaded: std::collections::HashSet<(String, String)> = Default::default();
+    let entries = reg
+        .query(
+            "SELECT kind, table_schema, table_name, object_path, schema_path, first_commit_lsn::text \
+             FROM cdc_egress.files WHERE kind IN ('streaming', 'ddl') ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let ge = async |a: &str, b: &str| -> bool {
+        target
+            .query_one("SELECT $1::text::pg_lsn >= $2::text::pg_lsn", &[&a, &b])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    for e in entries {
+        let (kind, key): (String, (String, String)) = (e.get(0), (e.get(1), e.get(2)));
+        let object: String = e.get(3);
+        let first: String = e.get(5);
+        let cut = reloads.get(&key).cloned();
+        if let Some((reload_id, cut)) = &cut {
+            if !ge(&first, cut).await {
+                continue; // superseded by the reload
+            }
+            if loaded.insert(key.clone()) {
+                load_reload(&reg, &store, target, &mut attnums, &key, *reload_id).await;
+                report.reloads_loaded += 1;
+            }
+        }
+        if kind == "ddl" {
+            let doc: DdlYml = serde_yaml::from_slice(&get(&object).await).unwrap();
+            apply_ddl(target, &mut attnums, &key, &doc).await;
+            report.ddl_records.push(doc);
+            continue;
+        }
+        let schema: SchemaYml = serde_yaml::from_slice(&get(&e.get::<_, String>(4)).await).unwrap();
+        let cols: Vec<DdlCol> = schema
+            .columns
+            .iter()
+            .map(|c| DdlCol {
+                name: c.name.clone(),
+                type_name: c.type_name.clone(),
+                attnum: c.attnum,
+            })
+            .collect();
+        reshape(target, &mut attnums, &key, &cols).await;
+        let mut csv = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(&get(&object).await[..]),
+            &mut csv,
+        )
+        .unwrap();
+        apply_file_from(target, &schema, &csv, cut.as_ref().map(|(_, c)| c.as_str())).await;
+        report.streaming_files += 1;
+    }
+    // Reloads with nothing at or after their cut are loaded last.
+    for (key, (reload_id, _)) in &reloads {
+        if !loaded.contains(key) {
+            load_reload(&reg, &store, target, &mut attnums, key, *reload_id).await;
+            report.reloads_loaded += 1;
+        }
+    }
+    return report;
+
+    async fn load_reload(
+        reg: &Client,
+        store: &cdc_egress::sink::store::Store,
+        target: &Client,
+        attnums: &mut Attnums,
+        key: &(String, String),
+        reload_id: i64,
+    ) {
+        let parts = reg
+            .query(
+                "SELECT object_path, schema_path FROM cdc_egress.files \
+                 WHERE kind = 'reload' AND reload_id = $1 ORDER BY part",
+                &[&reload_id],
+            )
+            .await
+            .unwrap();
+        assert!(!parts.is_empty(), "reload {reload_id} has no parts");
+        let schema_text = store
+            .get(&cdc_egress::sink::layout::stored_path(
+                &parts[0].get::<_, String>(1),
+            ))
+            .await
+            .unwrap();
+        let schema: SchemaYml = serde_yaml::from_slice(&schema_text).unwrap();
+        let cols: Vec<DdlCol> = schema
+            .columns
+            .iter()
+            .map(|c| DdlCol {
+                name: c.name.clone(),
+                type_name: c.type_name.clone(),
+                attnum: c.attnum,
+            })
+            .collect();
+        reshape(target, attnums, key, &cols).await;
+        let qualified = TableName::new(key.0.clone(), key.1.clone()).quoted();
+        target
+            .batch_execute(&format!("TRUNCATE {qualified}"))
+            .await
+            .unwrap();
+        let list = cols
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        for p in parts {
+            let data = store
+                .get(&cdc_egress::sink::layout::stored_path(
+                    &p.get::<_, String>(0),
+                ))
+                .await
+                .unwrap();
+            let mut csv = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut csv)
+                .unwrap();
+            let sink = target
+                .copy_in(&format!(
+                    "COPY {qualified} ({list}) FROM STDIN (FORMAT csv, HEADER, NULL '\\N')"
+                ))
+                .await
+                .unwrap();
+            futures::pin_mut!(sink);
+            sink.send(bytes::Bytes::from(csv)).await.unwrap();
+            sink.finish().await.unwrap();
+        }
+    }
+}
+
+/// A DDL record applied to the target: rename, drop, or reshape to the columns after it.
+async fn apply_ddl(target: &Client, attnums: &mut Attnums, key: &(String, String), doc: &DdlYml) {
+    let here = TableName::new(key.0.clone(), key.1.clone()).quoted();
+    match doc.event.as_str() {
+        "drop" => {
+            target
+                .batch_execute(&format!("DROP TABLE IF EXISTS {here}"))
+                .await
+                .unwrap();
+            attnums.remove(key);
+        }
+        "rename" => {
+            let before: DdlTableRef =
+                serde_yaml::from_value(doc.table_before.clone().unwrap()).unwrap();
+            let old = (before.schema, before.table);
+            let after = (doc.schema.clone(), doc.table.clone());
+            // Filed under both names: the first copy renames, the second finds it done.
+            let (old_q, new_name) = (
+                TableName::new(old.0.clone(), old.1.clone()).quoted(),
+                &after,
+            );
+            let exists = |k: &(String, String)| {
+                format!(
+                    "SELECT to_regclass({}) IS NOT NULL",
+                    cdc_egress::table::quote_literal(
+                        &TableName::new(k.0.clone(), k.1.clone()).quoted()
+                    )
+                )
+            };
+            let old_exists: bool = target.query_one(&exists(&old), &[]).await.unwrap().get(0);
+            let new_exists: bool = target
+                .query_one(&exists(new_name), &[])
+                .await
+                .unwrap()
+                .get(0);
+            if old != *new_name && old_exists && !new_exists {
+                if old.0 != new_name.0 {
+                    target
+                        .batch_execute(&format!(
+                            "ALTER TABLE {old_q} SET SCHEMA {}",
+                            quote_ident(&new_name.0)
+                        ))
+                        .await
+                        .unwrap();
+                }
+                let moved = TableName::new(new_name.0.clone(), old.1.clone()).quoted();
+                if old.1 != new_name.1 {
+                    target
+                        .batch_execute(&format!(
+                            "ALTER TABLE {moved} RENAME TO {}",
+                            quote_ident(&new_name.1)
+                        ))
+                        .await
+                        .unwrap();
+                }
+                if let Some(map) = attnums.remove(&old) {
+                    attnums.insert(new_name.clone(), map);
+                }
+            }
+            if let Some(cols) = &doc.columns_after {
+                if *key == *new_name {
+                    reshape(target, attnums, key, cols).await;
+                }
+            }
+        }
+        "unpublish" => {}
+        _ => {
+            if let Some(cols) = &doc.columns_after {
+                reshape(target, attnums, key, cols).await;
+            }
+        }
+    }
+}
+
+/// Creates the table or brings its columns to `cols`: renames (same attnum, new name), adds,
+/// retypes and drops, in that order.
+async fn reshape(target: &Client, attnums: &mut Attnums, key: &(String, String), cols: &[DdlCol]) {
+    let table = TableName::new(key.0.clone(), key.1.clone()).quoted();
+    target
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            quote_ident(&key.0)
+        ))
+        .await
+        .unwrap();
+    let current: Vec<(String, String)> = target
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let exists: bool = target
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .unwrap()
+        .get(0);
+    let map = attnums.entry(key.clone()).or_default();
+    if !exists {
+        let defs: Vec<String> = cols
+            .iter()
+            .map(|c| format!("{} {}", quote_ident(&c.name), c.type_name))
+            .collect();
+        target
+            .batch_execute(&format!("CREATE TABLE {table} ({})", defs.join(", ")))
+            .await
+            .unwrap();
+    } else {
+        let mut names: Vec<String> = current.iter().map(|c| c.0.clone()).collect();
+        for c in cols {
+            if let Some(old) = c.attnum.and_then(|a| map.get(&a)).cloned() {
+                if old != c.name && names.contains(&old) && !names.contains(&c.name) {
+                    target
+                        .batch_execute(&format!(
+                            "ALTER TABLE {table} RENAME COLUMN {} TO {}",
+                            quote_ident(&old),
+                            quote_ident(&c.name)
+                        ))
+                        .await
+                        .unwrap();
+                    names.retain(|n| *n != old);
+                    names.push(c.name.clone());
+                }
+            }
+        }
+        for c in cols {
+            let now = current.iter().find(|(n, _)| *n == c.name);
+            if !names.contains(&c.name) {
+                target
+                    .batch_execute(&format!(
+                        "ALTER TABLE {table} ADD COLUMN {} {}",
+                        quote_ident(&c.name),
+                        c.type_name
+                    ))
+                    .await
+                    .unwrap();
+                names.push(c.name.clone());
+            } else if now.is_some_and(|(_, t)| *t != c.type_name) {
+                let col = quote_ident(&c.name);
+                target
+                    .batch_execute(&format!(
+                        "ALTER TABLE {table} ALTER COLUMN {col} TYPE {ty} USING {col}::text::{ty}",
+                        ty = c.type_name
+                    ))
+                    .await
+                    .unwrap();
+            }
+        }
+        for n in names.iter().filter(|n| !cols.iter().any(|c| c.name == **n)) {
+            target
+                .batch_execute(&format!(
+                    "ALTER TABLE {table} DROP COLUMN {}",
+                    quote_ident(n)
+                ))
+                .await
+                .unwrap();
+        }
+    }
+    map.clear();
+    for c in cols {
+        if let Some(a) = c.attnum {
+            map.insert(a, c.name.clone());
+        }
+    }
 }

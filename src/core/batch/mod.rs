@@ -24,6 +24,11 @@
 //!    what makes the replay after a crash exactly-once (ARCHITECTURE.md, invariant 2).
 //! 4. The acknowledgement rule lives in [`crate::core::ack`]; every open batch is registered there with its
 //!    floor before its first row is written.
+//! 5. A DDL record ([`crate::core::ddl`]) takes the next `seq` of its transaction, whatever table it
+//!    concerns (so positions do not depend on configuration), seals its table's open batch first and
+//!    leaves in [`Sealed`] order after it, so one file has one schema and the registry lists the
+//!    record between the batches before and after it. Records are not skipped on replay: their names
+//!    and contents derive from their position, and registering one is idempotent.
 //!
 //! Sealing policy: a batch is sealed at the first transaction boundary after its *deadline* (the first
 //! multiple of `interval` since the Unix epoch after it opened, so seals are wall-clock aligned), or
@@ -38,6 +43,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::core::ack::{AckTracker, BatchId};
+use crate::core::ddl::{self, DdlChange, RewritePolicy};
 use crate::core::decode::{self, Message, OldTuple, OldTupleKind, Tuple, Value};
 use crate::core::encode::csv::{push_header, push_value, METADATA_COLUMNS};
 use crate::error::{Component, Error};
@@ -199,6 +205,51 @@ impl<S> SealedBatch<S> {
     }
 }
 
+/// What the batcher hands out, in the order it is to be persisted: sealed batches and DDL records.
+#[derive(Debug)]
+pub enum Sealed<S> {
+    Batch(SealedBatch<S>),
+    Ddl(DdlRecord),
+}
+
+impl<S> Sealed<S> {
+    /// The ack entry that persisting this item closes.
+    pub fn id(&self) -> BatchId {
+        match self {
+            Sealed::Batch(b) => b.id,
+            Sealed::Ddl(d) => d.id,
+        }
+    }
+
+    /// The same item with a batch's spool transformed (DDL records carry none).
+    pub fn map_spool<T, E>(self, f: impl FnOnce(S) -> Result<T, E>) -> Result<Sealed<T>, E> {
+        Ok(match self {
+            Sealed::Batch(b) => Sealed::Batch(b.map_spool(f)?),
+            Sealed::Ddl(d) => Sealed::Ddl(d),
+        })
+    }
+}
+
+/// A DDL record to persist: its `ddl.yml`, registry rows and notice, filed under `table` (a rename
+/// is filed twice: under the old name, which ends there, and the new one, which starts there).
+/// Tracked by the ack like a batch (`id`), so the confirmed LSN cannot pass an unpersisted record.
+#[derive(Debug, Clone)]
+pub struct DdlRecord {
+    pub id: BatchId,
+    pub table: TableName,
+    pub position: Position,
+    pub xid: u32,
+    /// Commit timestamp, PostgreSQL epoch µs.
+    pub commit_ts: i64,
+    pub change: Arc<DdlChange>,
+    /// The request id of the reload this change started, if any.
+    pub reload_request: Option<String>,
+    /// The table's mode in the registry after this record (`tables.mode`), when it changes:
+    /// `dropped`, `renamed` (the old name of a rename), `unpublished` (no longer in this daemon's
+    /// publication), or `streaming` again (created, published, the new name of a rename).
+    pub mode_after: Option<&'static str>,
+}
+
 /// One change as seen by optional per-change event publishing.
 #[derive(Debug, Clone)]
 pub struct ChangeEvent {
@@ -261,6 +312,9 @@ pub struct Batcher<F: SpoolFactory> {
     marker_prefix: String,
     /// This daemon's `source.name`; `None` takes every marker.
     marker_source: Option<String>,
+    /// This daemon's publication; `None` takes every DDL record.
+    publication: Option<String>,
+    rewrite_policy: RewritePolicy,
 }
 
 fn protocol(msg: impl Into<String>) -> Error {
@@ -304,7 +358,16 @@ impl<F: SpoolFactory> Batcher<F> {
             controls: Vec::new(),
             marker_prefix: "cdc_egress:cdc_egress".into(),
             marker_source: None,
+            publication: None,
+            rewrite_policy: RewritePolicy::default(),
         }
+    }
+
+    /// Takes only the DDL records that concern `publication`, and applies `policy` to changes that
+    /// rewrite existing rows.
+    pub fn set_ddl_scope(&mut self, publication: impl Into<String>, policy: RewritePolicy) {
+        self.publication = Some(publication.into());
+        self.rewrite_policy = policy;
     }
 
     /// Also collect a [`ChangeEvent`] per written change (drained with [`Batcher::drain_change_events`]).
@@ -338,7 +401,7 @@ impl<F: SpoolFactory> Batcher<F> {
     pub fn relation(
         &mut self,
         schema: Arc<TableSchema>,
-        sealed: &mut Vec<SealedBatch<F::Spool>>,
+        sealed: &mut Vec<Sealed<F::Spool>>,
     ) -> Result<(), Error> {
         if let Some(open) = self.open.get(&schema.table) {
             if open.schema.fingerprint() != schema.fingerprint() {
@@ -355,7 +418,7 @@ impl<F: SpoolFactory> Batcher<F> {
     pub fn message(
         &mut self,
         msg: Message,
-        sealed: &mut Vec<SealedBatch<F::Spool>>,
+        sealed: &mut Vec<Sealed<F::Spool>>,
     ) -> Result<(), Error> {
         match msg {
             Message::Begin(b) => {
@@ -442,7 +505,7 @@ impl<F: SpoolFactory> Batcher<F> {
     pub fn tick(
         &mut self,
         now_unix_us: i64,
-        sealed: &mut Vec<SealedBatch<F::Spool>>,
+        sealed: &mut Vec<Sealed<F::Spool>>,
     ) -> Result<(), Error> {
         self.now_us = self.now_us.max(now_unix_us);
         if self.txn.is_none() {
@@ -452,7 +515,7 @@ impl<F: SpoolFactory> Batcher<F> {
     }
 
     /// Seals every open batch now (only between transactions; returns false inside one).
-    pub fn seal_all(&mut self, sealed: &mut Vec<SealedBatch<F::Spool>>) -> Result<bool, Error> {
+    pub fn seal_all(&mut self, sealed: &mut Vec<Sealed<F::Spool>>) -> Result<bool, Error> {
         if self.txn.is_some() {
             return Ok(false);
         }
@@ -467,11 +530,11 @@ impl<F: SpoolFactory> Batcher<F> {
     pub fn seal_table(
         &mut self,
         table: &TableName,
-        sealed: &mut Vec<SealedBatch<F::Spool>>,
+        sealed: &mut Vec<Sealed<F::Spool>>,
     ) -> Result<(), Error> {
         if let Some(b) = self.open.remove(table) {
             self.skip_through.insert(table.clone(), b.last);
-            sealed.push(SealedBatch {
+            sealed.push(Sealed::Batch(SealedBatch {
                 id: b.id,
                 schema: b.schema,
                 first: b.first,
@@ -482,14 +545,14 @@ impl<F: SpoolFactory> Batcher<F> {
                 csv_bytes: b.csv_bytes,
                 ops: b.ops,
                 spool: b.spool,
-            });
+            }));
         }
         Ok(())
     }
 
     fn seal_due(
         &mut self,
-        sealed: &mut Vec<SealedBatch<F::Spool>>,
+        sealed: &mut Vec<Sealed<F::Spool>>,
         check_limits: bool,
     ) -> Result<(), Error> {
         let now = self.now_us;
@@ -581,7 +644,7 @@ impl<F: SpoolFactory> Batcher<F> {
     pub fn begin_hold(
         &mut self,
         table: &TableName,
-        sealed: &mut Vec<SealedBatch<F::Spool>>,
+        sealed: &mut Vec<Sealed<F::Spool>>,
     ) -> Result<(), Error> {
         if self.holds.contains_key(table) {
             return Ok(());
@@ -608,7 +671,7 @@ impl<F: SpoolFactory> Batcher<F> {
         &mut self,
         table: &TableName,
         cut: Lsn,
-        sealed: &mut Vec<SealedBatch<F::Spool>>,
+        sealed: &mut Vec<Sealed<F::Spool>>,
     ) -> Result<u64, Error> {
         if cut > Lsn::ZERO {
             self.cuts.insert(table.clone(), cut);
@@ -682,12 +745,19 @@ impl<F: SpoolFactory> Batcher<F> {
     fn marker(
         &mut self,
         m: &decode::LogicalMessage,
-        sealed: &mut Vec<SealedBatch<F::Spool>>,
+        sealed: &mut Vec<Sealed<F::Spool>>,
     ) -> Result<(), Error> {
         let Some(txn) = self.txn.as_ref() else {
             return Ok(());
         };
         let commit_lsn = txn.commit_lsn;
+        #[derive(serde::Deserialize)]
+        struct Kind {
+            kind: String,
+        }
+        if serde_json::from_slice::<Kind>(&m.content).is_ok_and(|k| k.kind == "ddl") {
+            return self.ddl(&m.content, sealed);
+        }
         let parsed: Marker = match serde_json::from_slice(&m.content) {
             Ok(p) => p,
             Err(e) => {
@@ -714,12 +784,88 @@ impl<F: SpoolFactory> Batcher<F> {
         Ok(())
     }
 
+    /// A DDL-capture message (invariant 5): seals the table's open batch, hands out its record (two
+    /// for a rename: the old name's last and the new name's first) and, when the change leaves
+    /// existing rows that no row change describes, starts a reload of the table at this position
+    /// (see [`crate::core::ddl`]).
+    fn ddl(&mut self, content: &[u8], sealed: &mut Vec<Sealed<F::Spool>>) -> Result<(), Error> {
+        let txn = self.txn.as_mut().expect("called inside a transaction");
+        txn.seq += 1;
+        let pos = Position::new(txn.commit_lsn, txn.seq);
+        let (xid, commit_ts) = (txn.xid, txn.commit_ts);
+        let change = match DdlChange::parse(content) {
+            Ok(c) => c,
+            Err(error) => {
+                self.controls.push(Control::MalformedMarker {
+                    commit_lsn: pos.commit_lsn,
+                    error: format!("DDL record: {error}"),
+                });
+                return Ok(());
+            }
+        };
+        let publication = self.publication.as_deref();
+        if !change.concerns(publication)
+            || self
+                .excluded_schema
+                .as_deref()
+                .is_some_and(|s| s == change.schema)
+        {
+            return Ok(());
+        }
+        let table = change.table_name();
+        let reload = change
+            .needs_reload(publication, self.rewrite_policy)
+            .map(|reason| ddl::reload_request_id(reason, pos.commit_lsn, pos.seq));
+        let still_published = change.published_in(publication);
+        let change = Arc::new(change);
+        let mut filed_under = Vec::with_capacity(2);
+        if let Some(previous) = change.previous_name() {
+            filed_under.push((previous, Some("renamed")));
+        }
+        let mode = match change.event {
+            ddl::DdlEvent::Drop => Some("dropped"),
+            _ if !still_published => Some("unpublished"),
+            ddl::DdlEvent::Create | ddl::DdlEvent::Publish | ddl::DdlEvent::Rename => {
+                Some("streaming")
+            }
+            _ => None,
+        };
+        // A reload started here sets the mode itself (`reloading`, then `streaming`).
+        filed_under.push((table.clone(), if reload.is_some() { None } else { mode }));
+        for (name, mode_after) in filed_under {
+            self.seal_table(&name, sealed)?;
+            let id = BatchId(self.next_id);
+            self.next_id += 1;
+            let floor = self.acks.current_boundary();
+            self.acks.open(id, floor);
+            sealed.push(Sealed::Ddl(DdlRecord {
+                id,
+                table: name,
+                position: pos,
+                xid,
+                commit_ts,
+                change: change.clone(),
+                reload_request: reload.clone(),
+                mode_after,
+            }));
+        }
+        if let Some(request) = reload {
+            self.begin_hold(&table, sealed)?;
+            self.controls.push(Control::ReloadStart {
+                table,
+                request,
+                marker_commit_lsn: pos.commit_lsn,
+            });
+        }
+        Ok(())
+    }
+
     /// Seals `table`'s open batch when `pos` is the first position at or after a pending cut.
     fn split_at_cut(
         &mut self,
         table: &TableName,
         pos: Position,
-        sealed: &mut Vec<SealedBatch<F::Spool>>,
+        sealed: &mut Vec<Sealed<F::Spool>>,
     ) -> Result<(), Error> {
         if self
             .cuts
@@ -738,7 +884,7 @@ impl<F: SpoolFactory> Batcher<F> {
         op: Op,
         old: Option<&OldTuple>,
         new: Option<&Tuple>,
-        sealed: &mut Vec<SealedBatch<F::Spool>>,
+        sealed: &mut Vec<Sealed<F::Spool>>,
     ) -> Result<(), Error> {
         let Some(txn) = self.txn.as_mut() else {
             return Err(protocol(format!(

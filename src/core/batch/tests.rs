@@ -6,6 +6,16 @@ use crate::core::decode::{
 };
 use crate::table::{ColumnSchema, ReplicaIdentity};
 use proptest::prelude::*;
+
+impl<S> Sealed<S> {
+    /// The batch this item is; the tests that call it produce no DDL records.
+    fn batch(&self) -> &SealedBatch<S> {
+        match self {
+            Sealed::Batch(b) => b,
+            Sealed::Ddl(d) => panic!("expected a sealed batch, got the DDL record {d:?}"),
+        }
+    }
+}
 use std::collections::{BTreeMap, BTreeSet};
 
 struct VecSpools;
@@ -143,7 +153,7 @@ fn encodes_every_op_with_metadata() {
     .unwrap();
     assert!(b.seal_all(&mut sealed).unwrap());
     assert_eq!(sealed.len(), 1);
-    let text = String::from_utf8(sealed[0].spool.clone()).unwrap();
+    let text = String::from_utf8(sealed[0].batch().spool.clone()).unwrap();
     assert_eq!(
         text,
         "_op,_commit_lsn,_seq,_xid,_commit_ts,_before,_unchanged,id,v\n\
@@ -153,7 +163,7 @@ fn encodes_every_op_with_metadata() {
          \"T\",\"1/10\",\"4\",\"7\",\"2000-01-01 00:00:00.000000+00\",\\N,\\N,\\N,\\N\n"
     );
     assert_eq!(
-        sealed[0].ops,
+        sealed[0].batch().ops,
         OpCounts {
             insert: 1,
             update: 1,
@@ -162,7 +172,7 @@ fn encodes_every_op_with_metadata() {
         }
     );
     assert_eq!(b.confirmed(), Lsn(10), "nothing persisted yet");
-    b.persisted(sealed[0].id);
+    b.persisted(sealed[0].id());
     assert_eq!(b.confirmed(), Lsn(0x1_0000_0040));
 }
 
@@ -227,15 +237,15 @@ fn schema_change_mid_batch_seals_the_old_shape() {
         &mut sealed,
     )
     .unwrap();
-    b.persisted(sealed[0].id);
+    b.persisted(sealed[0].id());
     assert_eq!(
         b.confirmed(),
         Lsn(1),
         "the second half of the transaction is still open"
     );
     b.seal_all(&mut sealed).unwrap();
-    assert_eq!(sealed[1].first, Position::new(Lsn(50), 2));
-    b.persisted(sealed[1].id);
+    assert_eq!(sealed[1].batch().first, Position::new(Lsn(50), 2));
+    b.persisted(sealed[1].id());
     assert_eq!(b.confirmed(), Lsn(60));
 }
 
@@ -365,7 +375,7 @@ struct Sim {
     registry: BTreeMap<usize, Vec<Position>>,
     batcher: Batcher<VecSpools>,
     next_txn: usize,
-    in_flight: Vec<SealedBatch<Vec<u8>>>,
+    in_flight: Vec<Sealed<Vec<u8>>>,
     clock: i64,
     rows_per_batch: u64,
 }
@@ -413,7 +423,7 @@ impl Sim {
         }
     }
 
-    fn deliver(&mut self, ticky: bool, sealed: &mut Vec<SealedBatch<Vec<u8>>>) {
+    fn deliver(&mut self, ticky: bool, sealed: &mut Vec<Sealed<Vec<u8>>>) {
         let Some(txn) = self.wal.get(self.next_txn).cloned() else {
             return;
         };
@@ -478,14 +488,16 @@ impl Sim {
             return;
         }
         // Per table, the writer registers in seal order; across tables any order may complete first.
-        let pick = &self.in_flight[i % self.in_flight.len()];
+        let pick = self.in_flight[i % self.in_flight.len()].batch();
         let table = &pick.schema.table;
         let idx = self
             .in_flight
             .iter()
-            .position(|b| &b.schema.table == table)
+            .position(|b| &b.batch().schema.table == table)
             .unwrap();
-        let b = self.in_flight.remove(idx);
+        let Sealed::Batch(b) = self.in_flight.remove(idx) else {
+            unreachable!("this workload has no DDL")
+        };
         let t: usize = b.schema.table.name[1..].parse().unwrap();
         let rows = rows_of(&b.spool);
         assert_eq!(rows.len() as u64, b.rows);
@@ -580,7 +592,7 @@ fn release_splits_at_the_cut_and_drops_nothing() {
     let mut b = one_table_batcher();
     let mut sealed = Vec::new();
     let txn =
-        |b: &mut Batcher<VecSpools>, lsn: u64, id: &str, sealed: &mut Vec<SealedBatch<Vec<u8>>>| {
+        |b: &mut Batcher<VecSpools>, lsn: u64, id: &str, sealed: &mut Vec<Sealed<Vec<u8>>>| {
             b.message(
                 Message::Begin(Begin {
                     final_lsn: Lsn(lsn),
@@ -618,7 +630,7 @@ fn release_splits_at_the_cut_and_drops_nothing() {
     );
     txn(&mut b, 20, "2", &mut sealed);
     txn(&mut b, 30, "3", &mut sealed);
-    b.persisted(sealed[0].id);
+    b.persisted(sealed[0].id());
     assert_eq!(
         b.confirmed(),
         Lsn(15),
@@ -636,7 +648,8 @@ fn release_splits_at_the_cut_and_drops_nothing() {
         "the first row at or after the cut seals the pre-cut batch"
     );
     b.seal_all(&mut sealed).unwrap();
-    let ids = |s: &SealedBatch<Vec<u8>>| {
+    let ids = |s: &Sealed<Vec<u8>>| {
+        let s = s.batch();
         rows_of(&s.spool)
             .into_iter()
             .map(|r| r.2[0].clone().unwrap())
@@ -648,9 +661,12 @@ fn release_splits_at_the_cut_and_drops_nothing() {
         "rows below the cut: kept, in their own batch"
     );
     assert_eq!(ids(&sealed[2]), vec!["5"]);
-    assert!(sealed[1].last.commit_lsn < Lsn(32) && sealed[2].first.commit_lsn >= Lsn(32));
+    assert!(
+        sealed[1].batch().last.commit_lsn < Lsn(32)
+            && sealed[2].batch().first.commit_lsn >= Lsn(32)
+    );
     for s in &sealed[1..] {
-        b.persisted(s.id);
+        b.persisted(s.id());
     }
     assert_eq!(b.confirmed(), Lsn(45));
 }
@@ -729,4 +745,253 @@ fn markers_become_controls_and_malformed_or_foreign_ones_are_not_acted_on() {
         })
         .collect();
     assert_eq!(requests, ["r3", "r4"]);
+}
+
+/// A DDL message as the capture trigger writes it, for table `t0`.
+fn ddl_json(event: &str, publications: &[&str], rewrites: bool, previous: Option<&str>) -> String {
+    let prev = previous.map_or("null".to_string(), |p| format!("{p:?}"));
+    format!(
+        r#"{{"kind":"ddl","event":"{event}","command_tag":"ALTER TABLE","statement":"ALTER TABLE t0 …",
+            "relation_oid":1000,"schema":"public","table":"t0","previous_schema":{ps},"previous_table":{prev},
+            "publications":{pubs:?},"previous_publications":{pubs:?},
+            "columns_before":[{{"name":"id","attnum":1,"type":"text","not_null":true}}],
+            "columns":[{{"name":"id","attnum":1,"type":"text","not_null":true}},
+                       {{"name":"d","attnum":3,"type":"integer","not_null":true,"default":"7","filled":true}}],
+            "rewrites_rows":{rewrites},"reason":null}}"#,
+        ps = if previous.is_some() {
+            "\"public\""
+        } else {
+            "null"
+        },
+        pubs = publications,
+    )
+}
+
+/// Feeds one transaction: an insert of `before` rows of t0, the DDL message, `after` more rows.
+fn txn_with_ddl(
+    b: &mut Batcher<VecSpools>,
+    lsn: u64,
+    ddl: &str,
+    (before, after): (usize, usize),
+    sealed: &mut Vec<Sealed<Vec<u8>>>,
+) {
+    let insert = |b: &mut Batcher<VecSpools>, id: String, sealed: &mut Vec<Sealed<Vec<u8>>>| {
+        b.message(
+            Message::Insert(Insert {
+                relation_oid: 1000,
+                new: Tuple(vec![text(&id), text("v")]),
+            }),
+            sealed,
+        )
+        .unwrap();
+    };
+    b.message(
+        Message::Begin(Begin {
+            final_lsn: Lsn(lsn),
+            commit_ts: 0,
+            xid: 9,
+        }),
+        sealed,
+    )
+    .unwrap();
+    for i in 0..before {
+        insert(b, format!("b{i}"), sealed);
+    }
+    b.message(
+        Message::Message(crate::core::decode::LogicalMessage {
+            transactional: true,
+            lsn: Lsn(lsn - 1),
+            prefix: "cdc_egress:cdc_egress".into(),
+            content: bytes::Bytes::copy_from_slice(ddl.as_bytes()),
+        }),
+        sealed,
+    )
+    .unwrap();
+    for i in 0..after {
+        insert(b, format!("a{i}"), sealed);
+    }
+    b.message(
+        Message::Commit(Commit {
+            flags: 0,
+            commit_lsn: Lsn(lsn),
+            end_lsn: Lsn(lsn + 5),
+            commit_ts: 0,
+        }),
+        sealed,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_ddl_record_sits_between_the_rows_before_and_after_it_and_holds_the_ack() {
+    let mut b = one_table_batcher();
+    b.set_ddl_scope("pub", RewritePolicy::Reload);
+    let mut sealed = Vec::new();
+    txn_with_ddl(
+        &mut b,
+        100,
+        &ddl_json("alter", &["pub"], false, None),
+        (2, 1),
+        &mut sealed,
+    );
+    // The open batch (2 rows) is sealed at the DDL, then the record follows; the row after it is
+    // in a new open batch.
+    assert_eq!(sealed.len(), 2, "{sealed:?}");
+    let rows: Vec<Position> = rows_of(&sealed[0].batch().spool)
+        .into_iter()
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(
+        rows,
+        [Position::new(Lsn(100), 1), Position::new(Lsn(100), 2)]
+    );
+    let Sealed::Ddl(rec) = &sealed[1] else {
+        panic!("{:?}", sealed[1])
+    };
+    assert_eq!(
+        rec.position,
+        Position::new(Lsn(100), 3),
+        "the record takes the next seq"
+    );
+    assert_eq!(rec.table, schema(0).table);
+    assert_eq!(rec.reload_request, None);
+    assert_eq!(rec.mode_after, None);
+    b.seal_all(&mut sealed).unwrap();
+    let after: Vec<Position> = rows_of(&sealed[2].batch().spool)
+        .into_iter()
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(after, [Position::new(Lsn(100), 4)]);
+    // Every item holds the ack until persisted, the record included.
+    b.persisted(sealed[0].id());
+    b.persisted(sealed[2].id());
+    assert!(
+        b.confirmed() < Lsn(105),
+        "an unpersisted DDL record holds the ack"
+    );
+    b.persisted(sealed[1].id());
+    assert_eq!(b.confirmed(), Lsn(105));
+}
+
+#[test]
+fn ddl_of_another_publication_is_not_recorded_but_keeps_positions_stable() {
+    let mut b = one_table_batcher();
+    b.set_ddl_scope("pub", RewritePolicy::Reload);
+    let mut sealed = Vec::new();
+    txn_with_ddl(
+        &mut b,
+        100,
+        &ddl_json("alter", &["other"], true, None),
+        (1, 1),
+        &mut sealed,
+    );
+    b.seal_all(&mut sealed).unwrap();
+    assert_eq!(sealed.len(), 1, "one batch, no record: {sealed:?}");
+    let rows: Vec<Position> = rows_of(&sealed[0].batch().spool)
+        .into_iter()
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(
+        rows,
+        [Position::new(Lsn(100), 1), Position::new(Lsn(100), 3)],
+        "the message takes its seq whoever it concerns, so positions do not depend on the configuration"
+    );
+    let mut controls = Vec::new();
+    b.drain_controls(&mut controls);
+    assert!(controls.is_empty(), "{controls:?}");
+}
+
+#[test]
+fn a_rewriting_ddl_starts_a_reload_at_its_position_unless_the_policy_records_only() {
+    for (policy, reload) in [
+        (RewritePolicy::Reload, true),
+        (RewritePolicy::Record, false),
+    ] {
+        let mut b = one_table_batcher();
+        b.set_ddl_scope("pub", policy);
+        let mut sealed = Vec::new();
+        txn_with_ddl(
+            &mut b,
+            100,
+            &ddl_json("alter", &["pub"], true, None),
+            (1, 1),
+            &mut sealed,
+        );
+        let Sealed::Ddl(rec) = &sealed[1] else {
+            panic!("{:?}", sealed[1])
+        };
+        let mut controls = Vec::new();
+        b.drain_controls(&mut controls);
+        if reload {
+            let request = "ddl:0/64:2".to_string();
+            assert_eq!(rec.reload_request.as_deref(), Some(request.as_str()));
+            assert_eq!(
+                controls,
+                vec![Control::ReloadStart {
+                    table: schema(0).table.clone(),
+                    request,
+                    marker_commit_lsn: Lsn(100),
+                }]
+            );
+            // The row after the DDL is parked by the hold, not in an open batch.
+            assert_eq!(b.open_batches(), 0);
+        } else {
+            assert_eq!(rec.reload_request, None);
+            assert!(controls.is_empty(), "{controls:?}");
+            assert!(
+                rec.change.rewrites_rows,
+                "the record still says what diverged"
+            );
+            assert_eq!(b.open_batches(), 1);
+        }
+    }
+}
+
+#[test]
+fn a_rename_is_filed_under_both_names_and_the_old_one_ends() {
+    let mut b = one_table_batcher();
+    b.set_ddl_scope("pub", RewritePolicy::Reload);
+    let mut sealed = Vec::new();
+    // `t0` is the new name here; the old one is `t_old`.
+    txn_with_ddl(
+        &mut b,
+        100,
+        &ddl_json("rename", &["pub"], false, Some("t_old")),
+        (0, 0),
+        &mut sealed,
+    );
+    let recs: Vec<(String, Option<&str>)> = sealed
+        .iter()
+        .map(|s| match s {
+            Sealed::Ddl(d) => (d.table.dotted(), d.mode_after),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        recs,
+        [
+            ("public.t_old".to_string(), Some("renamed")),
+            ("public.t0".to_string(), Some("streaming"))
+        ]
+    );
+}
+
+#[test]
+fn malformed_ddl_messages_are_reported_not_acted_on() {
+    let mut b = one_table_batcher();
+    let mut sealed = Vec::new();
+    txn_with_ddl(
+        &mut b,
+        100,
+        r#"{"kind":"ddl","event":"explode"}"#,
+        (1, 0),
+        &mut sealed,
+    );
+    let mut controls = Vec::new();
+    b.drain_controls(&mut controls);
+    assert!(
+        matches!(&controls[..], [Control::MalformedMarker { error, .. }] if error.starts_with("DDL record")),
+        "{controls:?}"
+    );
+    assert_eq!(b.open_batches(), 1, "nothing sealed");
 }

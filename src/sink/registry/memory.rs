@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{FileKind, FileLog, FileRecord, Registered};
+use crate::core::batch::DdlRecord;
 use crate::core::batch::Position;
 use crate::error::{Component, Error};
 use crate::sink::fault::{Fault, Faults};
@@ -49,7 +50,33 @@ struct State {
     /// Row `i` has id `i + 1`.
     files: Vec<Registered>,
     positions: HashMap<TableName, Position>,
+    /// Table modes set by DDL records (`tables.mode`).
+    modes: HashMap<TableName, String>,
     faults: Faults<Op>,
+}
+
+impl State {
+    /// Appends the row unless its batch id is there; the id, and whether it is new.
+    fn insert(&mut self, rec: &FileRecord) -> (i64, bool) {
+        if let Some(r) = self
+            .files
+            .iter()
+            .find(|r| r.record.batch_id == rec.batch_id)
+        {
+            return (r.id, false);
+        }
+        let id = self.files.len() as i64 + 1;
+        self.files.push(Registered {
+            id,
+            record: rec.clone(),
+            notified_stream_seq: None,
+        });
+        if let (FileKind::Streaming, Some(last)) = (rec.kind, rec.last) {
+            let p = self.positions.entry(rec.table.clone()).or_insert(last);
+            *p = (*p).max(last);
+        }
+        (id, true)
+    }
 }
 
 /// The file log in memory; clones share it (like clones of a [`super::Registry`] share a database).
@@ -89,6 +116,11 @@ impl MemoryRegistry {
         self.lock().positions.get(table).copied()
     }
 
+    /// The table's mode as DDL records set it (`tables.mode`), if one did.
+    pub fn mode(&self, table: &TableName) -> Option<String> {
+        self.lock().modes.get(table).cloned()
+    }
+
     /// Runs `effect` under the lock as operation `op`, with the failure armed for it, if any.
     fn run<T>(&self, op: Op, effect: impl FnOnce(&mut State) -> T) -> Result<T, Error> {
         let mut state = self.lock();
@@ -109,19 +141,14 @@ impl FileLog for MemoryRegistry {
         rec: &FileRecord,
         _schema: Option<&TableSchema>,
     ) -> Result<i64, Error> {
+        self.run(Op::CommitFile, |s| s.insert(rec).0)
+    }
+
+    async fn commit_ddl(&self, rec: &FileRecord, ddl: &DdlRecord) -> Result<i64, Error> {
         self.run(Op::CommitFile, |s| {
-            if let Some(r) = s.files.iter().find(|r| r.record.batch_id == rec.batch_id) {
-                return r.id;
-            }
-            let id = s.files.len() as i64 + 1;
-            s.files.push(Registered {
-                id,
-                record: rec.clone(),
-                notified_stream_seq: None,
-            });
-            if let (FileKind::Streaming, Some(last)) = (rec.kind, rec.last) {
-                let p = s.positions.entry(rec.table.clone()).or_insert(last);
-                *p = (*p).max(last);
+            let (id, new) = s.insert(rec);
+            if let (true, Some(mode)) = (new, ddl.mode_after) {
+                s.modes.insert(ddl.table.clone(), mode.to_string());
             }
             id
         })

@@ -36,10 +36,13 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "sources",
         include_str!("../../../migrations/0005_sources.sql"),
     ),
+    (6, "ddl", include_str!("../../../migrations/0006_ddl.sql")),
 ];
 
 /// The reload-marker event trigger, installed in the source database (see the file's header).
 pub const RELOAD_MARKER_SQL: &str = include_str!("../../../migrations/source/reload_marker.sql");
+/// The DDL-capture event triggers, installed with the reload marker (see the file's header).
+pub const DDL_CAPTURE_SQL: &str = include_str!("../../../migrations/source/ddl_capture.sql");
 
 /// Logical-message prefix of the markers of the instance whose registry schema is `schema`.
 pub fn marker_prefix(schema: &str) -> String {
@@ -48,7 +51,17 @@ pub fn marker_prefix(schema: &str) -> String {
 
 /// Name of the event trigger of the instance whose registry schema is `schema`.
 pub fn marker_trigger_name(schema: &str) -> String {
-    let mut name = format!("{schema}_reload_marker");
+    trigger_name(schema, "reload_marker")
+}
+
+/// Name of one of the DDL-capture event triggers (`what`: `ddl_end`, `ddl_drop`, `ddl_rewrite`).
+pub fn ddl_trigger_name(schema: &str, what: &str) -> String {
+    trigger_name(schema, what)
+}
+
+/// `<schema>_<what>`, cut from the front to PostgreSQL's 63-byte limit.
+fn trigger_name(schema: &str, what: &str) -> String {
+    let mut name = format!("{schema}_{what}");
     while name.len() > 63 {
         name.remove(0);
     }
@@ -67,9 +80,9 @@ pub enum MarkerTrigger {
     Missing,
 }
 
-/// Installs (or refreshes) the reload-marker event trigger in the source database. Event triggers
-/// need a superuser; without one nothing is changed and the result says whether an earlier
-/// installation is there.
+/// Installs (or refreshes) the reload-marker and DDL-capture event triggers in the source database.
+/// Event triggers need a superuser; without one nothing is changed and the result says whether an
+/// earlier installation of the reload marker is there.
 pub async fn install_reload_marker(
     c: &tokio_postgres::Client,
     schema: &str,
@@ -90,7 +103,7 @@ pub async fn install_reload_marker(
             MarkerTrigger::Missing
         });
     }
-    let sql = RELOAD_MARKER_SQL
+    let sql = format!("{RELOAD_MARKER_SQL};\n{DDL_CAPTURE_SQL}")
         .replace("{{schema}}", &quote_ident(schema))
         .replace("{{schema_literal}}", &quote_literal(&quote_ident(schema)))
         .replace(
@@ -101,6 +114,18 @@ pub async fn install_reload_marker(
         .replace(
             "{{trigger_literal}}",
             &quote_literal(&marker_trigger_name(schema)),
+        )
+        .replace(
+            "{{ddl_end_trigger_literal}}",
+            &quote_literal(&ddl_trigger_name(schema, "ddl_end")),
+        )
+        .replace(
+            "{{ddl_drop_trigger_literal}}",
+            &quote_literal(&ddl_trigger_name(schema, "ddl_drop")),
+        )
+        .replace(
+            "{{ddl_rewrite_trigger_literal}}",
+            &quote_literal(&ddl_trigger_name(schema, "ddl_rewrite")),
         );
     // One explicit transaction holding the migration lock until it commits: daemons of one
     // database starting together (several slots) must not run `CREATE SCHEMA IF NOT EXISTS` or
@@ -113,7 +138,12 @@ pub async fn install_reload_marker(
         lit = quote_literal(schema)
     ))
     .await
-    .map_err(|e| pg("install the reload-marker event trigger", e))?;
+    .map_err(|e| {
+        pg(
+            "install the reload-marker and DDL-capture event triggers",
+            e,
+        )
+    })?;
     Ok(MarkerTrigger::Installed)
 }
 

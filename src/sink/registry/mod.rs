@@ -30,6 +30,7 @@ use std::future::Future;
 
 use tokio_postgres::Row;
 
+use crate::core::batch::DdlRecord;
 use crate::core::batch::{OpCounts, Position};
 use crate::error::{Component, Error, Kind};
 use crate::lsn::Lsn;
@@ -77,6 +78,11 @@ pub struct Registry {
 ///     order, the registry order consumers replay in. A new row has no notice sequence.
 ///   - `schema` (the batch's columns) is recorded with the table's position for operators; nothing in
 ///     this trait reads it back.
+/// - [`commit_ddl`](FileLog::commit_ddl) commits a [`FileKind::Ddl`] row as `commit_file` does, and
+///   with it, in the same transaction and only when the row is new, the change's `ddl_history` row
+///   and the table's mode after it ([`DdlRecord::mode_after`]). A repeat changes nothing and returns
+///   the first id, so a record replayed after later batches of its table were registered cannot
+///   set an older mode again.
 /// - [`mark_notified`](FileLog::mark_notified) records the JetStream sequence of a row's notice; the
 ///   row then leaves [`unnotified`](FileLog::unnotified). Repeating it with the same sequence changes
 ///   nothing delivery reads (PostgreSQL refreshes its `notified_at`; a later call with another sequence overwrites, which delivery never does); an unknown
@@ -101,6 +107,12 @@ pub trait FileLog: Clone + Send + Sync + 'static {
         schema: Option<&TableSchema>,
     ) -> impl Future<Output = Result<i64, Error>> + Send;
 
+    fn commit_ddl(
+        &self,
+        rec: &FileRecord,
+        ddl: &DdlRecord,
+    ) -> impl Future<Output = Result<i64, Error>> + Send;
+
     fn mark_notified(
         &self,
         id: i64,
@@ -123,6 +135,14 @@ impl FileLog for Registry {
         schema: Option<&TableSchema>,
     ) -> impl Future<Output = Result<i64, Error>> + Send {
         Registry::commit_file(self, rec, schema)
+    }
+
+    fn commit_ddl(
+        &self,
+        rec: &FileRecord,
+        ddl: &DdlRecord,
+    ) -> impl Future<Output = Result<i64, Error>> + Send {
+        Registry::commit_ddl(self, rec, ddl)
     }
 
     fn mark_notified(
@@ -263,6 +283,62 @@ impl Registry {
         Ok(id)
     }
 
+    /// Commits a DDL record's file row, its `ddl_history` row and the table's new mode, atomically
+    /// (see [`FileLog::commit_ddl`]).
+    pub async fn commit_ddl(&self, rec: &FileRecord, ddl: &DdlRecord) -> Result<i64, Error> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(|e| pg_err("begin", e))?;
+        let id = self.insert_file(&tx, rec, None).await?;
+        let change = &ddl.change;
+        let mut details = serde_json::to_value(change.as_ref()).expect("change serializes");
+        details["reload_request"] = serde_json::json!(ddl.reload_request);
+        let identity = format!(
+            "{}.{}",
+            quote_ident(&change.schema),
+            quote_ident(&change.table)
+        );
+        let new = tx
+            .execute(
+                &format!(
+                    "INSERT INTO {} (commit_lsn, seq, table_schema, table_name, command_tag, event,                      object_identity, command, schema_version, xid, file_id, details, source)                      VALUES ($1::text::pg_lsn, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)                      ON CONFLICT (source, table_schema, table_name, commit_lsn, seq) DO NOTHING",
+                    self.t("ddl_history")
+                ),
+                &[
+                    &ddl.position.commit_lsn.to_string(),
+                    &(ddl.position.seq as i32),
+                    &ddl.table.schema,
+                    &ddl.table.name,
+                    &change.command_tag,
+                    &change.event.as_str(),
+                    &identity,
+                    &change.statement,
+                    &rec.schema_version,
+                    &(ddl.xid as i64),
+                    &id,
+                    &details,
+                    &self.source,
+                ],
+            )
+            .await
+            .map_err(|e| pg_err("insert DDL record", e))?
+            == 1;
+        if let (true, Some(mode)) = (new, ddl.mode_after) {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {} (table_schema, table_name, mode, source) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (source, table_schema, table_name) DO UPDATE SET mode = EXCLUDED.mode, \
+                     updated_at = now()",
+                    self.t("tables")
+                ),
+                &[&ddl.table.schema, &ddl.table.name, &mode, &self.source],
+            )
+            .await
+            .map_err(|e| pg_err("set table mode", e))?;
+        }
+        tx.commit().await.map_err(|e| pg_err("commit", e))?;
+        Ok(id)
+    }
+
     /// Inserts a file row (or finds the existing one with the same batch id) and, for a new streaming
     /// row, advances the table's state, inside the caller's transaction.
     pub(crate) async fn insert_file(
@@ -344,7 +420,9 @@ impl Registry {
                    schema_version = GREATEST(t.schema_version, EXCLUDED.schema_version), \
                    schema_fingerprint = EXCLUDED.schema_fingerprint, \
                    columns = COALESCE(EXCLUDED.columns, t.columns), \
-                   rows_total = t.rows_total + EXCLUDED.rows_total, updated_at = now()",
+                   rows_total = t.rows_total + EXCLUDED.rows_total, updated_at = now(), \
+                   mode = CASE WHEN t.mode IN ('dropped', 'renamed', 'unpublished') THEN 'streaming' \
+                          ELSE t.mode END",
                 t = self.t("tables")
             ),
             &[

@@ -76,9 +76,9 @@ impl Registry {
                     &format!(
                         "INSERT INTO {r} (table_schema, table_name, status, reason, request, marker_lsn, requested_at, \
                          started_at, source) \
-                         VALUES ($1, $2, 'running', 'requested', $3, $4::text::pg_lsn, now(), now(), $5) RETURNING id"
+                         VALUES ($1, $2, 'running', $6, $3, $4::text::pg_lsn, now(), now(), $5) RETURNING id"
                     ),
-                    &[&table.schema, &table.name, &request, &marker.to_string(), &self.source()],
+                    &[&table.schema, &table.name, &request, &marker.to_string(), &self.source(), &reason_of(request)],
                 )
                 .await
                 .map_err(|e| pg_err("create reload", e))?
@@ -313,5 +313,16 @@ impl Registry {
         self.set_mode(&tx, &table, "streaming").await?;
         tx.commit().await.map_err(|e| pg_err("commit", e))?;
         Ok(())
+    }
+}
+
+/// A reload's `reason`: `ddl` or `published` when a DDL record started it (its request id is
+/// [`crate::core::ddl::reload_request_id`]), `requested` for `cdc-egress reload` and hand-written
+/// markers.
+fn reason_of(request: &str) -> &'static str {
+    match request.split(':').next() {
+        Some("ddl") if request.contains(':') => "ddl",
+        Some("published") if request.contains(':') => "published",
+        _ => "requested",
     }
 }

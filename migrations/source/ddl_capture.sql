@@ -1,0 +1,292 @@
+-- DDL capture, installed in the SOURCE database with the reload marker (same transaction, same
+-- substitutions). Every schema or publication change that touches a published table becomes a
+-- transactional logical message with prefix {{prefix_literal}} and `"kind": "ddl"`, emitted inside
+-- the DDL's own transaction: pgoutput delivers it at that transaction's commit position, between the
+-- data changes made before and after the DDL (ARCHITECTURE.md, "DDL at its exact position"). A
+-- rolled-back DDL emits nothing.
+--
+-- What each message carries (README "Schema changes"): the event (create, alter, rename, drop,
+-- publish, unpublish), the command tag and statement, the table's relation OID and name (and its
+-- previous name after a rename), the publications it is in now and was in before, its columns before
+-- and after (name, attnum, type, not null, default), and whether existing rows changed without row
+-- changes in the WAL (`rewrites_rows`, with the reason): an ADD COLUMN whose default fills the
+-- existing rows, or a table rewrite (a type change, a volatile default, a generated column).
+--
+-- "Before" comes from {{schema}}.ddl_shadow, the columns and publications of every published table
+-- as of its last captured DDL (or of the last `migrate`/daemon start, which refreshes it). It is
+-- UNLOGGED: never decoded, never published, costs no WAL. A server crash empties it; the next DDL of
+-- a table without a shadow row then reports no columns before and treats any filled-in column as a
+-- rewrite (the safe side).
+--
+-- The functions are SECURITY DEFINER (owned by the superuser who ran migrate) with a fixed
+-- search_path, so any role allowed to alter a published table can emit the message and keep the
+-- shadow, and nothing else.
+
+CREATE UNLOGGED TABLE IF NOT EXISTS {{schema}}.ddl_shadow (
+    relid        oid     PRIMARY KEY,
+    schema_name  text    NOT NULL,
+    table_name   text    NOT NULL,
+    publications text[]  NOT NULL,
+    columns      jsonb   NOT NULL
+);
+
+-- The columns of a table as the messages describe them.
+CREATE OR REPLACE FUNCTION {{schema}}.ddl_columns(rel oid) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $fn$
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'name', a.attname,
+               'attnum', a.attnum,
+               'type', format_type(a.atttypid, a.atttypmod),
+               'not_null', a.attnotnull,
+               'default', pg_get_expr(d.adbin, d.adrelid),
+               'filled', a.atthasmissing) ORDER BY a.attnum), '[]'::jsonb)
+      FROM pg_attribute a
+      LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+$fn$;
+
+-- The publications a table is in now (through a table list, a schema, or FOR ALL TABLES).
+CREATE OR REPLACE FUNCTION {{schema}}.ddl_publications(rel oid) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $fn$
+    SELECT coalesce(array_agg(DISTINCT t.pubname ORDER BY t.pubname), '{}')
+      FROM pg_publication_tables t
+      JOIN pg_class c ON c.relname = t.tablename
+      JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = t.schemaname
+     WHERE c.oid = rel
+$fn$;
+
+-- Records a published table's name, publications and columns in the shadow.
+CREATE OR REPLACE FUNCTION {{schema}}.ddl_remember(rel oid, rel_schema text, rel_name text, pubs text[], cols jsonb)
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+    INSERT INTO {{schema}}.ddl_shadow VALUES (rel, rel_schema, rel_name, pubs, cols)
+        ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name,
+            publications = EXCLUDED.publications, columns = EXCLUDED.columns;
+$fn$;
+
+-- Emits one message (its fields: see the header).
+CREATE OR REPLACE FUNCTION {{schema}}.ddl_emit(event text, tag text, rel oid, rel_schema text, rel_name text,
+                                               pubs_now text[], pubs_before text[], cols_before jsonb,
+                                               cols_after jsonb, prev_schema text, prev_name text,
+                                               rewrites boolean, reason text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+BEGIN
+    PERFORM pg_logical_emit_message(true, {{prefix_literal}}, json_build_object(
+        'kind', 'ddl',
+        'event', event,
+        'command_tag', tag,
+        'statement', current_query(),
+        'relation_oid', rel::bigint,
+        'schema', rel_schema,
+        'table', rel_name,
+        'previous_schema', prev_schema,
+        'previous_table', prev_name,
+        'publications', coalesce(pubs_now, '{}'),
+        'previous_publications', coalesce(pubs_before, '{}'),
+        'columns_before', cols_before,
+        'columns', cols_after,
+        'rewrites_rows', rewrites,
+        'reason', reason)::text);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION {{schema}}.ddl_rewrite() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+BEGIN
+    -- Remembered until the DDL's ddl_command_end (same statement), which clears it.
+    PERFORM set_config('cdc_egress.rewritten',
+                       coalesce(current_setting('cdc_egress.rewritten', true), '') || ','
+                       || pg_event_trigger_table_rewrite_oid()::text || ',', true);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION {{schema}}.ddl_command_end() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+DECLARE
+    cmd        record;
+    rel        oid;
+    pub        text;
+    seen       oid[] := '{}';
+    rewritten  text := coalesce(current_setting('cdc_egress.rewritten', true), '');
+    shadow     record;
+    rel_schema text;
+    rel_name   text;
+    rel_kind   "char";
+    pubs       text[];
+    cols       jsonb;
+    event      text;
+    rewrites   boolean;
+    reason     text;
+BEGIN
+    PERFORM set_config('cdc_egress.rewritten', '', true);
+    FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands()
+               WHERE object_type IN ('table', 'table column', 'publication relation', 'publication namespace')
+                 AND NOT in_extension
+    LOOP
+        IF cmd.object_type = 'publication relation' THEN
+            SELECT p.pubname, r.prrelid INTO pub, rel
+              FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid WHERE r.oid = cmd.objid;
+            CONTINUE WHEN rel IS NULL;
+            SELECT n.nspname, c.relname INTO rel_schema, rel_name
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
+            cols := {{schema}}.ddl_columns(rel);
+            PERFORM {{schema}}.ddl_emit('publish', cmd.command_tag, rel, rel_schema, rel_name, ARRAY[pub], NULL,
+                                        NULL, cols, NULL, NULL, false, NULL);
+            PERFORM {{schema}}.ddl_remember(rel, rel_schema, rel_name, {{schema}}.ddl_publications(rel), cols);
+            CONTINUE;
+        END IF;
+        IF cmd.object_type = 'publication namespace' THEN
+            -- Every table of the schema joins the publication (pg_publication_namespace is PG 15+).
+            FOR rel, rel_schema, rel_name, pub IN
+                EXECUTE 'SELECT c.oid, n.nspname, c.relname, p.pubname FROM pg_publication_namespace pn
+                           JOIN pg_publication p ON p.oid = pn.pnpubid
+                           JOIN pg_namespace n ON n.oid = pn.pnnspid
+                           JOIN pg_class c ON c.relnamespace = n.oid AND c.relkind IN (''r'', ''p'')
+                                          AND c.relpersistence = ''p''
+                          WHERE pn.oid = $1' USING cmd.objid
+            LOOP
+                cols := {{schema}}.ddl_columns(rel);
+                PERFORM {{schema}}.ddl_emit('publish', cmd.command_tag, rel, rel_schema, rel_name, ARRAY[pub], NULL,
+                                            NULL, cols, NULL, NULL, false, NULL);
+                PERFORM {{schema}}.ddl_remember(rel, rel_schema, rel_name, {{schema}}.ddl_publications(rel), cols);
+            END LOOP;
+            CONTINUE;
+        END IF;
+        -- A table or one of its columns: once per table and statement.
+        rel := cmd.objid;
+        CONTINUE WHEN rel = ANY (seen);
+        seen := seen || rel;
+        SELECT n.nspname, c.relname, c.relkind INTO rel_schema, rel_name, rel_kind
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
+        CONTINUE WHEN rel_kind IS NULL OR rel_kind NOT IN ('r', 'p');
+        SELECT * INTO shadow FROM {{schema}}.ddl_shadow WHERE relid = rel;
+        pubs := {{schema}}.ddl_publications(rel);
+        CONTINUE WHEN cardinality(pubs) = 0 AND shadow IS NULL;
+        cols := {{schema}}.ddl_columns(rel);
+        rewrites := false;
+        reason := NULL;
+        IF cmd.command_tag IN ('CREATE TABLE AS', 'SELECT INTO') THEN
+            rewrites := true;
+            reason := 'created with rows';
+        ELSIF position(',' || rel::text || ',' IN rewritten) > 0 THEN
+            rewrites := true;
+            reason := 'table rewritten';
+        ELSIF EXISTS (SELECT 1 FROM jsonb_array_elements(cols) c
+                       WHERE (c->>'filled')::boolean
+                         AND (shadow IS NULL OR NOT EXISTS (
+                              SELECT 1 FROM jsonb_array_elements(shadow.columns) b
+                               WHERE b->'attnum' = c->'attnum' AND (b->>'filled')::boolean))) THEN
+            rewrites := true;
+            reason := 'a new column''s default fills existing rows';
+        END IF;
+        event := CASE
+            WHEN cmd.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO') THEN 'create'
+            WHEN shadow IS NOT NULL AND (shadow.schema_name, shadow.table_name) <> (rel_schema, rel_name) THEN 'rename'
+            WHEN cardinality(pubs) = 0 THEN 'unpublish'
+            ELSE 'alter' END;
+        PERFORM {{schema}}.ddl_emit(event, cmd.command_tag, rel, rel_schema, rel_name, pubs, shadow.publications,
+                                    shadow.columns, cols,
+                                    CASE WHEN event = 'rename' THEN shadow.schema_name END,
+                                    CASE WHEN event = 'rename' THEN shadow.table_name END,
+                                    rewrites, reason);
+        IF cardinality(pubs) = 0 THEN
+            DELETE FROM {{schema}}.ddl_shadow WHERE relid = rel;
+        ELSE
+            PERFORM {{schema}}.ddl_remember(rel, rel_schema, rel_name, pubs, cols);
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION {{schema}}.ddl_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+DECLARE
+    obj    record;
+    shadow record;
+    pubs   text[];
+    rel    oid;
+    rel_schema text;
+    rel_name   text;
+    dropped_tables text[] := '{}';
+BEGIN
+    -- Dropped tables first: their publication entries go with them and need no message of their own.
+    FOR obj IN SELECT * FROM pg_event_trigger_dropped_objects() WHERE object_type = 'table' LOOP
+        dropped_tables := dropped_tables || (obj.schema_name || '.' || obj.object_name);
+        SELECT * INTO shadow FROM {{schema}}.ddl_shadow WHERE relid = obj.objid;
+        -- The publications it was in: explicit entries dropped with it, FOR ALL TABLES ones, its schema's.
+        SELECT coalesce(array_agg(DISTINCT p), '{}') INTO pubs FROM (
+            SELECT d.address_args[1] AS p FROM pg_event_trigger_dropped_objects() d
+             WHERE d.object_type = 'publication relation'
+               AND d.address_names = ARRAY[obj.schema_name, obj.object_name]
+            UNION ALL SELECT pubname FROM pg_publication WHERE puballtables
+            UNION ALL SELECT unnest(shadow.publications)) x;
+        CONTINUE WHEN cardinality(pubs) = 0;
+        PERFORM {{schema}}.ddl_emit('drop', tg_tag, obj.objid, obj.schema_name, obj.object_name, '{}', pubs,
+                                    shadow.columns, NULL, NULL, NULL, false, NULL);
+        DELETE FROM {{schema}}.ddl_shadow WHERE relid = obj.objid;
+    END LOOP;
+    FOR obj IN SELECT * FROM pg_event_trigger_dropped_objects()
+               WHERE object_type IN ('publication relation', 'publication namespace') AND original LOOP
+        IF obj.object_type = 'publication relation' THEN
+            CONTINUE WHEN (obj.address_names[1] || '.' || obj.address_names[2]) = ANY (dropped_tables);
+            rel := to_regclass(format('%I.%I', obj.address_names[1], obj.address_names[2]));
+            CONTINUE WHEN rel IS NULL;
+            PERFORM {{schema}}.ddl_unpublish(rel, obj.address_args[1], tg_tag);
+        ELSE
+            FOR rel IN SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                        WHERE n.nspname = obj.address_names[1] AND c.relkind IN ('r', 'p') LOOP
+                PERFORM {{schema}}.ddl_unpublish(rel, obj.address_args[1], tg_tag);
+            END LOOP;
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+-- `rel` left publication `pub` (it may still be in others).
+CREATE OR REPLACE FUNCTION {{schema}}.ddl_unpublish(rel oid, pub text, tag text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+DECLARE
+    shadow record;
+    rel_schema text;
+    rel_name   text;
+    pubs       text[];
+BEGIN
+    SELECT n.nspname, c.relname INTO rel_schema, rel_name
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
+    SELECT * INTO shadow FROM {{schema}}.ddl_shadow WHERE relid = rel;
+    pubs := {{schema}}.ddl_publications(rel);
+    PERFORM {{schema}}.ddl_emit('unpublish', tag, rel, rel_schema, rel_name, pubs, ARRAY[pub],
+                                shadow.columns, {{schema}}.ddl_columns(rel), NULL, NULL, false, NULL);
+    IF cardinality(pubs) = 0 THEN
+        DELETE FROM {{schema}}.ddl_shadow WHERE relid = rel;
+    ELSE
+        UPDATE {{schema}}.ddl_shadow SET publications = pubs WHERE relid = rel;
+    END IF;
+END
+$fn$;
+
+-- Refresh the shadow of every published table: "before" for the next DDL is the catalog as of now.
+INSERT INTO {{schema}}.ddl_shadow
+SELECT c.oid, n.nspname, c.relname, {{schema}}.ddl_publications(c.oid), {{schema}}.ddl_columns(c.oid)
+  FROM (SELECT DISTINCT schemaname, tablename FROM pg_publication_tables) t
+  JOIN pg_namespace n ON n.nspname = t.schemaname
+  JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename
+ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name,
+    publications = EXCLUDED.publications, columns = EXCLUDED.columns;
+
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = {{ddl_end_trigger_literal}}) THEN
+        EXECUTE format('CREATE EVENT TRIGGER %I ON ddl_command_end WHEN TAG IN (''CREATE TABLE'', ''CREATE TABLE AS'', '
+                       '''SELECT INTO'', ''ALTER TABLE'', ''ALTER PUBLICATION'') EXECUTE FUNCTION %s.ddl_command_end()',
+                       {{ddl_end_trigger_literal}}, {{schema_ident_literal}});
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = {{ddl_drop_trigger_literal}}) THEN
+        EXECUTE format('CREATE EVENT TRIGGER %I ON sql_drop EXECUTE FUNCTION %s.ddl_sql_drop()',
+                       {{ddl_drop_trigger_literal}}, {{schema_ident_literal}});
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = {{ddl_rewrite_trigger_literal}}) THEN
+        EXECUTE format('CREATE EVENT TRIGGER %I ON table_rewrite EXECUTE FUNCTION %s.ddl_rewrite()',
+                       {{ddl_rewrite_trigger_literal}}, {{schema_ident_literal}});
+    END IF;
+END
+$do$;
