@@ -115,6 +115,16 @@ async fn assert_follows_source(db: &mut TestDb) -> DdlReplay {
     report
 }
 
+/// The two text columns of every row `sql` returns.
+async fn pairs(c: &Client, sql: &str) -> Vec<(String, String)> {
+    c.query(sql, &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 async fn records(c: &Client) -> Vec<(String, String, String)> {
     c.query(
         "SELECT table_name, event, command_tag FROM cdc_egress.ddl_history ORDER BY commit_lsn, seq, id",
@@ -169,16 +179,11 @@ async fn every_schema_and_publication_change_replays_to_the_source() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(reloads, ["ddl done t", "published done u"]);
-    let modes: Vec<(String, String)> = c
-        .query(
-            "SELECT table_name, mode FROM cdc_egress.tables ORDER BY table_name",
-            &[],
-        )
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let modes = pairs(
+        &c,
+        "SELECT table_name, mode FROM cdc_egress.tables ORDER BY table_name",
+    )
+    .await;
     for (table, mode) in [
         ("gone", "dropped"),
         ("r", "renamed"),
@@ -263,4 +268,77 @@ async fn kill_9_after_a_ddl_record_is_registered_replays_equal_with_nothing_twic
     assert_eq!(dup, 0, "nothing registered twice");
     assert_follows_source(&mut db).await;
     db.cleanup().await;
+}
+
+/// A partition attached with rows (or detached) changes what a published partitioned table holds
+/// without a row change in the WAL. Published as its root, the root is reloaded at the DDL; with
+/// its leaves published themselves, the attached leaf is published (its rows exported) and the
+/// detached one unpublished.
+async fn partitions_follow_attach_and_detach(via_root: bool) {
+    let mut db = TestDb::new(if via_root { "ddl_root" } else { "ddl_leaf" }).await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE m (id int, k int, v text, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);
+         CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10);
+         CREATE TABLE m2 (id int, k int, v text, PRIMARY KEY (id, k));
+         INSERT INTO m2 SELECT g, 10 + g % 10, 'attached later' FROM generate_series(1, 30) g;
+         CREATE PUBLICATION {} FOR TABLE m WITH (publish_via_partition_root = {via_root});",
+        db.publication
+    ))
+    .await
+    .unwrap();
+    let env = db.daemon_env(&db.out_url());
+    let d = Daemon::start(&env, db.dir.path(), &[], "partitions.log");
+    db.wait_for_slot(&d).await;
+    for sql in [
+        "INSERT INTO m SELECT g, g % 10, 'streamed' FROM generate_series(1, 20) g",
+        "ALTER TABLE m ATTACH PARTITION m2 FOR VALUES FROM (10) TO (20)",
+        "INSERT INTO m VALUES (100, 15, 'after attach'); UPDATE m SET v = 'updated' WHERE id = 3",
+        "ALTER TABLE m DETACH PARTITION m1",
+        "INSERT INTO m VALUES (101, 16, 'after detach')",
+    ] {
+        c.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    settle(&db, &d).await;
+    let log = d.log_text();
+    assert!(d.stop().await.success(), "log:\n{log}");
+    let events = pairs(
+        &c,
+        "SELECT table_name, event FROM cdc_egress.ddl_history ORDER BY commit_lsn, seq, id",
+    )
+    .await;
+    let (expected, compared): (&[(&str, &str)], &[&str]) = if via_root {
+        (&[("m", "alter"), ("m", "alter")], &["m"])
+    } else {
+        (&[("m2", "publish"), ("m1", "unpublish")], &["m2"])
+    };
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(t, e)| (t.to_string(), e.to_string()))
+        .collect();
+    assert_eq!(events, expected);
+    let target_url = db.extra_db("replay").await;
+    let target = connect(&target_url).await;
+    replay_following_ddl(&db.url, &db.out_url(), &target).await;
+    for t in compared {
+        let q = format!("SELECT id, k, v FROM {t}");
+        assert_eq!(
+            query_rows(&target, &q).await,
+            query_rows(&c, &q).await,
+            "{t} differs after replay"
+        );
+    }
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_attached_to_a_root_published_table_reloads_the_root() {
+    partitions_follow_attach_and_detach(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_leaf_is_published_with_its_rows_and_a_detached_one_unpublished() {
+    partitions_follow_attach_and_detach(false).await;
 }

@@ -29,6 +29,15 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {{schema}}.ddl_shadow (
     publications text[]  NOT NULL,
     columns      jsonb   NOT NULL
 );
+-- A partitioned table's leaf partitions, and a partition's root (PostgreSQL 12+ functions).
+ALTER TABLE {{schema}}.ddl_shadow ADD COLUMN IF NOT EXISTS partitions oid[];
+ALTER TABLE {{schema}}.ddl_shadow ADD COLUMN IF NOT EXISTS root oid;
+
+-- The leaf partitions of a partitioned table (empty for a plain table).
+CREATE OR REPLACE FUNCTION {{schema}}.ddl_partitions(rel oid) RETURNS oid[]
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $fn$
+    SELECT coalesce(array_agg(relid ORDER BY relid), '{}') FROM pg_partition_tree(rel) WHERE isleaf AND relid <> rel
+$fn$;
 
 -- The columns of a table as the messages describe them.
 CREATE OR REPLACE FUNCTION {{schema}}.ddl_columns(rel oid) RETURNS jsonb
@@ -58,9 +67,12 @@ $fn$;
 -- Records a published table's name, publications and columns in the shadow.
 CREATE OR REPLACE FUNCTION {{schema}}.ddl_remember(rel oid, rel_schema text, rel_name text, pubs text[], cols jsonb)
 RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
-    INSERT INTO {{schema}}.ddl_shadow VALUES (rel, rel_schema, rel_name, pubs, cols)
+    INSERT INTO {{schema}}.ddl_shadow (relid, schema_name, table_name, publications, columns, partitions, root)
+    VALUES (rel, rel_schema, rel_name, pubs, cols, {{schema}}.ddl_partitions(rel),
+            nullif(pg_partition_root(rel), rel))
         ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name,
-            publications = EXCLUDED.publications, columns = EXCLUDED.columns;
+            publications = EXCLUDED.publications, columns = EXCLUDED.columns, partitions = EXCLUDED.partitions,
+            root = EXCLUDED.root;
 $fn$;
 
 -- Emits one message (its fields: see the header).
@@ -111,6 +123,9 @@ DECLARE
     rel_schema text;
     rel_name   text;
     rel_kind   "char";
+    leaf       oid;
+    leaf_schema text;
+    leaf_name  text;
     pubs       text[];
     cols       jsonb;
     event      text;
@@ -158,9 +173,37 @@ BEGIN
         SELECT n.nspname, c.relname, c.relkind INTO rel_schema, rel_name, rel_kind
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
         CONTINUE WHEN rel_kind IS NULL OR rel_kind NOT IN ('r', 'p');
+        IF rel_kind = 'p' THEN
+            -- Without publish_via_partition_root the leaves are published themselves: an attached
+            -- leaf joins the publication with its rows, a detached one leaves it.
+            FOR leaf IN SELECT unnest({{schema}}.ddl_partitions(rel)) LOOP
+                CONTINUE WHEN EXISTS (SELECT 1 FROM {{schema}}.ddl_shadow WHERE relid = leaf);
+                pubs := {{schema}}.ddl_publications(leaf);
+                CONTINUE WHEN cardinality(pubs) = 0;
+                SELECT n.nspname, c.relname INTO leaf_schema, leaf_name
+                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = leaf;
+                cols := {{schema}}.ddl_columns(leaf);
+                PERFORM {{schema}}.ddl_emit('publish', cmd.command_tag, leaf, leaf_schema, leaf_name, pubs, NULL,
+                                            NULL, cols, NULL, NULL, false, NULL);
+                PERFORM {{schema}}.ddl_remember(leaf, leaf_schema, leaf_name, pubs, cols);
+            END LOOP;
+            FOR shadow IN SELECT * FROM {{schema}}.ddl_shadow
+                           WHERE root = rel AND relid <> ALL ({{schema}}.ddl_partitions(rel)) LOOP
+                pubs := {{schema}}.ddl_publications(shadow.relid);
+                IF cardinality(pubs) = 0 THEN
+                    PERFORM {{schema}}.ddl_emit('unpublish', cmd.command_tag, shadow.relid, shadow.schema_name,
+                                                shadow.table_name, pubs, shadow.publications, shadow.columns,
+                                                {{schema}}.ddl_columns(shadow.relid), NULL, NULL, false, NULL);
+                    DELETE FROM {{schema}}.ddl_shadow WHERE relid = shadow.relid;
+                ELSE
+                    PERFORM {{schema}}.ddl_remember(shadow.relid, shadow.schema_name, shadow.table_name, pubs,
+                                                    shadow.columns);
+                END IF;
+            END LOOP;
+        END IF;
         SELECT * INTO shadow FROM {{schema}}.ddl_shadow WHERE relid = rel;
         pubs := {{schema}}.ddl_publications(rel);
-        CONTINUE WHEN cardinality(pubs) = 0 AND shadow IS NULL;
+        CONTINUE WHEN cardinality(pubs) = 0 AND shadow.relid IS NULL;
         cols := {{schema}}.ddl_columns(rel);
         rewrites := false;
         reason := NULL;
@@ -172,15 +215,21 @@ BEGIN
             reason := 'table rewritten';
         ELSIF EXISTS (SELECT 1 FROM jsonb_array_elements(cols) c
                        WHERE (c->>'filled')::boolean
-                         AND (shadow IS NULL OR NOT EXISTS (
+                         AND (shadow.relid IS NULL OR NOT EXISTS (
                               SELECT 1 FROM jsonb_array_elements(shadow.columns) b
                                WHERE b->'attnum' = c->'attnum' AND (b->>'filled')::boolean))) THEN
             rewrites := true;
             reason := 'a new column''s default fills existing rows';
+        ELSIF rel_kind = 'p' AND shadow.relid IS NOT NULL
+              AND shadow.partitions IS DISTINCT FROM {{schema}}.ddl_partitions(rel) THEN
+            -- Published as its root (publish_via_partition_root): an attached partition's rows join
+            -- it, a detached one's leave it, without a row change in the WAL.
+            rewrites := true;
+            reason := 'a partition was attached or detached';
         END IF;
         event := CASE
             WHEN cmd.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO') THEN 'create'
-            WHEN shadow IS NOT NULL AND (shadow.schema_name, shadow.table_name) <> (rel_schema, rel_name) THEN 'rename'
+            WHEN shadow.relid IS NOT NULL AND (shadow.schema_name, shadow.table_name) <> (rel_schema, rel_name) THEN 'rename'
             WHEN cardinality(pubs) = 0 THEN 'unpublish'
             ELSE 'alter' END;
         PERFORM {{schema}}.ddl_emit(event, cmd.command_tag, rel, rel_schema, rel_name, pubs, shadow.publications,
@@ -265,13 +314,11 @@ END
 $fn$;
 
 -- Refresh the shadow of every published table: "before" for the next DDL is the catalog as of now.
-INSERT INTO {{schema}}.ddl_shadow
-SELECT c.oid, n.nspname, c.relname, {{schema}}.ddl_publications(c.oid), {{schema}}.ddl_columns(c.oid)
+SELECT {{schema}}.ddl_remember(c.oid, n.nspname, c.relname, {{schema}}.ddl_publications(c.oid),
+                               {{schema}}.ddl_columns(c.oid))
   FROM (SELECT DISTINCT schemaname, tablename FROM pg_publication_tables) t
   JOIN pg_namespace n ON n.nspname = t.schemaname
-  JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename
-ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name,
-    publications = EXCLUDED.publications, columns = EXCLUDED.columns;
+  JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename;
 
 DO $do$
 BEGIN

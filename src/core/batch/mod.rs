@@ -793,16 +793,17 @@ impl<F: SpoolFactory> Batcher<F> {
         txn.seq += 1;
         let pos = Position::new(txn.commit_lsn, txn.seq);
         let (xid, commit_ts) = (txn.xid, txn.commit_ts);
-        let change = match DdlChange::parse(content) {
-            Ok(c) => c,
-            Err(error) => {
-                self.controls.push(Control::MalformedMarker {
-                    commit_lsn: pos.commit_lsn,
-                    error: format!("DDL record: {error}"),
-                });
-                return Ok(());
-            }
-        };
+        // A record that cannot be read is a schema change that cannot be represented: stop here
+        // rather than write files that silently miss it. Nothing at or after it is acknowledged,
+        // so nothing is lost; the usual cause is a trigger installed by a newer cdc-egress.
+        let change = DdlChange::parse(content).map_err(|error| {
+            protocol(format!(
+                "the DDL record at {} (seq {}) cannot be read: {error}. It was written by the DDL-capture \
+                 trigger of the source database; run the cdc-egress version that installed it (or \
+                 `cdc-egress migrate` with this one) and restart",
+                pos.commit_lsn, pos.seq
+            ))
+        })?;
         let publication = self.publication.as_deref();
         if !change.concerns(publication)
             || self

@@ -977,21 +977,35 @@ fn a_rename_is_filed_under_both_names_and_the_old_one_ends() {
 }
 
 #[test]
-fn malformed_ddl_messages_are_reported_not_acted_on() {
+fn an_unreadable_ddl_record_stops_the_batcher_before_anything_passes_it() {
     let mut b = one_table_batcher();
     let mut sealed = Vec::new();
-    txn_with_ddl(
-        &mut b,
-        100,
-        r#"{"kind":"ddl","event":"explode"}"#,
-        (1, 0),
+    b.message(
+        Message::Begin(Begin {
+            final_lsn: Lsn(100),
+            commit_ts: 0,
+            xid: 9,
+        }),
         &mut sealed,
+    )
+    .unwrap();
+    let err = b
+        .message(
+            Message::Message(crate::core::decode::LogicalMessage {
+                transactional: true,
+                lsn: Lsn(99),
+                prefix: "cdc_egress:cdc_egress".into(),
+                content: bytes::Bytes::from_static(br#"{"kind":"ddl","event":"explode"}"#),
+            }),
+            &mut sealed,
+        )
+        .unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    assert!(err.to_string().contains("DDL record at 0/64"), "{err}");
+    assert!(sealed.is_empty());
+    assert_eq!(
+        b.confirmed(),
+        Lsn(1),
+        "nothing at or after it is acknowledged"
     );
-    let mut controls = Vec::new();
-    b.drain_controls(&mut controls);
-    assert!(
-        matches!(&controls[..], [Control::MalformedMarker { error, .. }] if error.starts_with("DDL record")),
-        "{controls:?}"
-    );
-    assert_eq!(b.open_batches(), 1, "nothing sealed");
 }
