@@ -127,20 +127,27 @@ stop_poller() {
 # A daemon's metrics, through one long-lived scraper per daemon (benches/metrics.py), FIFOs rather
 # than a second coproc, which bash does not support well.
 declare -A SCRAPER_PID=() SCRAPER_IN=() SCRAPER_OUT=()
-start_scraper() { # name port
-    local in out
-    mkfifo "$WORK/scrape-$1.in" "$WORK/scrape-$1.out"
-    python3 -u "$ROOT/benches/metrics.py" "$2" cdc_egress_received_lsn cdc_egress_messages_received_total \
-        <"$WORK/scrape-$1.in" >"$WORK/scrape-$1.out" &
-    SCRAPER_PID[$1]=$!
-    exec {in}>"$WORK/scrape-$1.in" {out}<"$WORK/scrape-$1.out"
-    SCRAPER_IN[$1]=$in
-    SCRAPER_OUT[$1]=$out
-    scrape "$1" || true # waits until python is up, so its start-up is not inside the timed run
+# start_scraper NAME PORT [METRIC...]: the metrics default to the two `scrape` reads; with others,
+# read them with `scrape_raw`.
+start_scraper() {
+    local in out name=$1 port=$2
+    shift 2
+    (($#)) || set -- cdc_egress_received_lsn cdc_egress_messages_received_total
+    mkfifo "$WORK/scrape-$name.in" "$WORK/scrape-$name.out"
+    python3 -u "$ROOT/benches/metrics.py" "$port" "$@" \
+        <"$WORK/scrape-$name.in" >"$WORK/scrape-$name.out" &
+    SCRAPER_PID[$name]=$!
+    exec {in}>"$WORK/scrape-$name.in" {out}<"$WORK/scrape-$name.out"
+    SCRAPER_IN[$name]=$in
+    SCRAPER_OUT[$name]=$out
+    scrape_raw "$name" # waits until python is up, so its start-up is not inside the timed run
 }
-scrape() { # name -> RECEIVED_LSN, MESSAGES (empty when the endpoint is not up yet)
+scrape_raw() { # name -> REPLY: the values of the scraper's metrics, space-separated, or "down"
     printf '\n' >&"${SCRAPER_IN[$1]}"
     IFS= read -r REPLY <&"${SCRAPER_OUT[$1]}"
+}
+scrape() { # name -> RECEIVED_LSN, MESSAGES (empty when the endpoint is not up yet)
+    scrape_raw "$1"
     RECEIVED_LSN='' MESSAGES=''
     [[ $REPLY =~ ^([0-9]+)\ ([0-9]+)$ ]] || return 1
     RECEIVED_LSN=${BASH_REMATCH[1]}
