@@ -16,6 +16,17 @@ is_loopback() {
     [[ $h == localhost || $h == ::1 || $h == 127.* ]]
 }
 
+# The servers and tools of a benchmark, from the environment (BENCH_PG_HOST/PORT/USER, BENCH_NATS_URL,
+# BENCH_PGBIN) or their defaults. Sets PG_HOST, PG_PORT, PG_USER, NATS_URL, PGBIN.
+server_knobs() {
+    PG_HOST=${BENCH_PG_HOST:-127.0.0.1}
+    PG_PORT=${BENCH_PG_PORT:-5432}
+    PG_USER=${BENCH_PG_USER:-postgres}
+    NATS_URL=${BENCH_NATS_URL:-nats://127.0.0.1:4222}
+    # shellcheck disable=SC2012
+    PGBIN=${BENCH_PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
+}
+
 admin() { "${PSQL[@]}" -d postgres -Atq -c "$1"; }
 sql() { "${PSQL[@]}" -d "$DB" -Atq -c "$1"; }
 

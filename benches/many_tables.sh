@@ -39,12 +39,7 @@ INTERVAL_S=${BENCH_INTERVAL_S:-300}
 SEAL=${BENCH_SEAL:-1}
 SETTLE_S=${BENCH_SETTLE_S:-3}
 TIMEOUT_S=${BENCH_TIMEOUT_S:-900}
-PG_HOST=${BENCH_PG_HOST:-127.0.0.1}
-PG_PORT=${BENCH_PG_PORT:-5432}
-PG_USER=${BENCH_PG_USER:-postgres}
-NATS_URL=${BENCH_NATS_URL:-nats://127.0.0.1:4222}
-# shellcheck disable=SC2012
-PGBIN=${BENCH_PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
+server_knobs
 
 ID=$$
 DB=
@@ -82,7 +77,7 @@ teardown() {
     [[ -z $STREAM ]] || python3 "$ROOT/benches/jetstream.py" "$NATS_URL" delete "$STREAM" >/dev/null 2>&1 ||
         log "WARNING: could not delete JetStream stream $STREAM"
     if [[ -n $WORK && -d $WORK ]]; then rm -rf "$WORK"; fi
-    DB= SLOT= STREAM= WORK=
+    DB='' SLOT='' STREAM='' WORK=''
     return 0
 }
 cleanup() {
