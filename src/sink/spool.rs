@@ -9,14 +9,18 @@
 //!   - once it holds [`PROMOTE_AT`] (256 KiB) of CSV, at a spill, and fewer than [`MAX_LIVE`] (16)
 //!     batches of the same [`GzipSpools`] are *live*, it is promoted: what it has so far is compressed
 //!     into its spool file and the rest is compressed as it arrives, through a 64 KiB buffer. A live
-//!     batch costs the gzip state (~256 KiB at `Compression::fast()`) and that buffer. A raw batch that
+//!     batch costs the gzip state (~250 KiB at `Compression::fast()`) and that buffer. A raw batch that
 //!     found no free slot tries again at each later spill; a slot is freed when its batch is finished
 //!     or dropped.
 //!   - a batch still raw when sealed is compressed by [`GzipSpool::finish`], which reads its file back
 //!     (with a compressor of its own for that time only).
 //!
-//!   So N open batches cost at most N × 4 KiB + 16 × ~320 KiB: about 25 MiB for 5,000 tables, against
-//!   ~320 KiB a batch when every batch had its own compressor.
+//!   So N open batches cost at most N × 4 KiB + 16 × ~320 KiB (at most ~25 MiB for 5,000 tables),
+//!   where a compressor per batch cost ~320 KiB each (`benches/many_tables.sh`: 1.6 GiB then, 25 MiB
+//!   now, for the whole daemon with a one-row batch open in each of 5,000 tables).
+//!   The price is on disk and at seal: a batch beyond the 16 live ones keeps its CSV uncompressed on
+//!   disk (up to `batch.max_bytes`, ~5 times its gzip size), and its compression happens at its seal,
+//!   in one go, on the batcher thread.
 //! - [`GzipSpool::finish`] returns the compressed size and SHA-256 computed while writing the gzip
 //!   file, so that file is read once more only to upload it. The gzip file is one gzip member at the
 //!   factory's level, the same whether the batch was promoted or compressed at the end.
