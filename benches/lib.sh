@@ -16,6 +16,17 @@ is_loopback() {
     [[ $h == localhost || $h == ::1 || $h == 127.* ]]
 }
 
+# The servers and tools of a benchmark, from the environment (BENCH_PG_HOST/PORT/USER, BENCH_NATS_URL,
+# BENCH_PGBIN) or their defaults. Sets PG_HOST, PG_PORT, PG_USER, NATS_URL, PGBIN.
+server_knobs() {
+    PG_HOST=${BENCH_PG_HOST:-127.0.0.1}
+    PG_PORT=${BENCH_PG_PORT:-5432}
+    PG_USER=${BENCH_PG_USER:-postgres}
+    NATS_URL=${BENCH_NATS_URL:-nats://127.0.0.1:4222}
+    # shellcheck disable=SC2012
+    PGBIN=${BENCH_PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
+}
+
 admin() { "${PSQL[@]}" -d postgres -Atq -c "$1"; }
 sql() { "${PSQL[@]}" -d "$DB" -Atq -c "$1"; }
 
@@ -127,20 +138,27 @@ stop_poller() {
 # A daemon's metrics, through one long-lived scraper per daemon (benches/metrics.py), FIFOs rather
 # than a second coproc, which bash does not support well.
 declare -A SCRAPER_PID=() SCRAPER_IN=() SCRAPER_OUT=()
-start_scraper() { # name port
-    local in out
-    mkfifo "$WORK/scrape-$1.in" "$WORK/scrape-$1.out"
-    python3 -u "$ROOT/benches/metrics.py" "$2" cdc_egress_received_lsn cdc_egress_messages_received_total \
-        <"$WORK/scrape-$1.in" >"$WORK/scrape-$1.out" &
-    SCRAPER_PID[$1]=$!
-    exec {in}>"$WORK/scrape-$1.in" {out}<"$WORK/scrape-$1.out"
-    SCRAPER_IN[$1]=$in
-    SCRAPER_OUT[$1]=$out
-    scrape "$1" || true # waits until python is up, so its start-up is not inside the timed run
+# start_scraper NAME PORT [METRIC...]: the metrics default to the two `scrape` reads; with others,
+# read them with `scrape_raw`.
+start_scraper() {
+    local in out name=$1 port=$2
+    shift 2
+    (($#)) || set -- cdc_egress_received_lsn cdc_egress_messages_received_total
+    mkfifo "$WORK/scrape-$name.in" "$WORK/scrape-$name.out"
+    python3 -u "$ROOT/benches/metrics.py" "$port" "$@" \
+        <"$WORK/scrape-$name.in" >"$WORK/scrape-$name.out" &
+    SCRAPER_PID[$name]=$!
+    exec {in}>"$WORK/scrape-$name.in" {out}<"$WORK/scrape-$name.out"
+    SCRAPER_IN[$name]=$in
+    SCRAPER_OUT[$name]=$out
+    scrape_raw "$name" # waits until python is up, so its start-up is not inside the timed run
 }
-scrape() { # name -> RECEIVED_LSN, MESSAGES (empty when the endpoint is not up yet)
+scrape_raw() { # name -> REPLY: the values of the scraper's metrics, space-separated, or "down"
     printf '\n' >&"${SCRAPER_IN[$1]}"
     IFS= read -r REPLY <&"${SCRAPER_OUT[$1]}"
+}
+scrape() { # name -> RECEIVED_LSN, MESSAGES (empty when the endpoint is not up yet)
+    scrape_raw "$1"
     RECEIVED_LSN='' MESSAGES=''
     [[ $REPLY =~ ^([0-9]+)\ ([0-9]+)$ ]] || return 1
     RECEIVED_LSN=${BASH_REMATCH[1]}

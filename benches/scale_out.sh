@@ -46,12 +46,7 @@ NTABLES=${BENCH_TABLES:-10}
 INTERVAL_S=${BENCH_INTERVAL_S:-2}
 TIMEOUT_S=${BENCH_TIMEOUT_S:-600}
 if [[ ${BENCH_SOLO:-1} == 0 ]]; then ORDER=${BENCH_ORDER:-one,pair}; else ORDER=${BENCH_ORDER:-one,solo,pair}; fi
-PG_HOST=${BENCH_PG_HOST:-127.0.0.1}
-PG_PORT=${BENCH_PG_PORT:-5432}
-PG_USER=${BENCH_PG_USER:-postgres}
-NATS_URL=${BENCH_NATS_URL:-nats://127.0.0.1:4222}
-# shellcheck disable=SC2012
-PGBIN=${BENCH_PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
+server_knobs
 
 ID=$$
 DB=cdc_scale_$ID

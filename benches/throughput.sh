@@ -38,12 +38,7 @@ ROWS=${BENCH_ROWS_PER_TABLE:-120000}
 PGBENCH_TXNS=${BENCH_PGBENCH_TXNS:-10000}
 INTERVAL_S=${BENCH_INTERVAL_S:-10}
 TIMEOUT_S=${BENCH_TIMEOUT_S:-600}
-PG_HOST=${BENCH_PG_HOST:-127.0.0.1}
-PG_PORT=${BENCH_PG_PORT:-5432}
-PG_USER=${BENCH_PG_USER:-postgres}
-NATS_URL=${BENCH_NATS_URL:-nats://127.0.0.1:4222}
-# shellcheck disable=SC2012
-PGBIN=${BENCH_PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
+server_knobs
 NTABLES=10
 
 ID=$$
