@@ -19,6 +19,9 @@ pub struct TableStatus {
     pub last_batch_at: Option<String>,
     pub rows_total: i64,
     pub schema_version: i32,
+    /// The table's last DDL record: `<event> at <commit LSN>`, a rename naming where the table went
+    /// (README "Schema changes").
+    pub last_ddl: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -152,7 +155,12 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
         .query(
             &format!(
                 "SELECT t.table_schema || '.' || t.table_name, t.mode, f.batch_id, t.last_commit_lsn::text, \
-                 f.created_at::text, t.rows_total, t.schema_version \
+                 f.created_at::text, t.rows_total, t.schema_version, \
+                 (SELECT d.event || CASE WHEN d.event = 'rename' AND d.details->>'table' IS DISTINCT FROM t.table_name \
+                          THEN ' to ' || (d.details->>'schema') || '.' || (d.details->>'table') ELSE '' END \
+                          || ' at ' || d.commit_lsn::text \
+                    FROM {s}.ddl_history d WHERE d.source = t.source AND d.table_schema = t.table_schema \
+                     AND d.table_name = t.table_name ORDER BY d.commit_lsn DESC, d.seq DESC LIMIT 1) \
                  FROM {s}.tables t LEFT JOIN {s}.files f ON f.id = t.last_file_id WHERE t.source = $1 ORDER BY 1"
             ),
             &[name],
@@ -168,6 +176,7 @@ pub async fn collect(config: &Config) -> Result<Status, Error> {
             last_batch_at: r.get(4),
             rows_total: r.get(5),
             schema_version: r.get(6),
+            last_ddl: r.get(7),
         })
         .collect();
     let reloads: Vec<ReloadStatus> = reg
@@ -426,6 +435,18 @@ pub fn render_text(s: &Status) -> String {
             t.last_commit_lsn.as_deref().unwrap_or("-"),
             t.last_batch.as_deref().unwrap_or("-")
         );
+    }
+    let ddl: Vec<&TableStatus> = s.tables.iter().filter(|t| t.last_ddl.is_some()).collect();
+    if !ddl.is_empty() {
+        let _ = writeln!(o, "\n{:<32} LAST SCHEMA CHANGE", "TABLE");
+        for t in ddl {
+            let _ = writeln!(
+                o,
+                "{:<32} {}",
+                t.table,
+                t.last_ddl.as_deref().unwrap_or("-")
+            );
+        }
     }
     for wmsg in &s.warnings {
         let _ = writeln!(o, "warning     {wmsg}");

@@ -210,6 +210,24 @@ async fn every_schema_and_publication_change_replays_to_the_source() {
         stream_count(&db.stream, &format!("{}.{}.ddl.>", db.prefix, db.slot)).await,
         8
     );
+    // `status` follows the table: the old name says where it went, the dropped one that it went.
+    let (code, out, err) = run_cli(&["status", "--json"], &env, db.dir.path());
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let last_ddl = |t: &str| {
+        status["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["table"] == t)
+            .and_then(|x| x["last_ddl"].as_str().map(str::to_string))
+            .unwrap_or_else(|| panic!("{t} in {status}"))
+    };
+    assert!(
+        last_ddl("public.r").starts_with("rename to public.r2 at "),
+        "{status}"
+    );
+    assert!(last_ddl("public.gone").starts_with("drop at "), "{status}");
     let report = assert_follows_source(&mut db).await;
     assert_eq!(report.reloads_loaded, 2);
     let _ = report;
