@@ -6,23 +6,41 @@
 -- rolled-back DDL emits nothing.
 --
 -- What each message carries (README "Schema changes"): the event (create, alter, rename, drop,
--- publish, unpublish), the command tag and statement, the table's relation OID and name (and its
--- previous name after a rename), the publications it is in now and was in before, its columns before
--- and after (name, attnum, type, not null, default), and whether existing rows changed without row
--- changes in the WAL (`rewrites_rows`, with the reason): an ADD COLUMN whose default fills the
--- existing rows, or a table rewrite (a type change, a volatile default, a generated column).
+-- publish, unpublish), the command tag, the table's relation OID and name (and its previous name
+-- after a rename), the publications it is in now and was in before, its columns before and after
+-- (name, attnum, type, not null, default; generated columns, which pgoutput does not send, left out),
+-- and whether existing rows changed without row changes in the WAL (`rewrites_rows`, with the
+-- reason): an ADD COLUMN whose default fills the existing rows, a table rewrite (a type change, a
+-- volatile default), a partition attached or detached. Not the statement text: a client's query
+-- string may hold other statements, secrets among them, and would be copied into the WAL, the
+-- files, the registry and NATS.
 --
--- "Before" comes from {{schema}}.ddl_shadow, the columns and publications of every published table
+-- "Before" comes from {{capture}}.ddl_shadow, the columns and publications of every published table
 -- as of its last captured DDL (or of the last `migrate`/daemon start, which refreshes it). It is
 -- UNLOGGED: never decoded, never published, costs no WAL. A server crash empties it; the next DDL of
 -- a table without a shadow row then reports no columns before and treats any filled-in column as a
 -- rewrite (the safe side).
 --
--- The functions are SECURITY DEFINER (owned by the superuser who ran migrate) with a fixed
--- search_path, so any role allowed to alter a published table can emit the message and keep the
--- shadow, and nothing else.
+-- Everything lives in {{capture}}, a schema of its own owned by the superuser who installs it (the
+-- install refuses one owned by anyone else), with EXECUTE and USAGE revoked from PUBLIC. The
+-- functions are SECURITY DEFINER with search_path = pg_catalog, so a role allowed to alter a published
+-- table gets its change recorded without any right of its own here, and no role but a superuser can
+-- change what runs as the superuser. (The registry schema may belong to the daemon's role: nothing
+-- here lives in it.)
 
-CREATE UNLOGGED TABLE IF NOT EXISTS {{schema}}.ddl_shadow (
+DO $do$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner
+                WHERE n.nspname = {{capture_literal}} AND NOT r.rolsuper) THEN
+        RAISE EXCEPTION 'cdc-egress: schema % is owned by a role that is not a superuser', {{capture_literal}}
+            USING HINT = 'Its functions run as a superuser: drop it (DROP SCHEMA ... CASCADE) and run cdc-egress migrate as a superuser.';
+    END IF;
+END
+$do$;
+CREATE SCHEMA IF NOT EXISTS {{capture}};
+REVOKE ALL ON SCHEMA {{capture}} FROM PUBLIC;
+
+CREATE UNLOGGED TABLE IF NOT EXISTS {{capture}}.ddl_shadow (
     relid        oid     PRIMARY KEY,
     schema_name  text    NOT NULL,
     table_name   text    NOT NULL,
@@ -30,17 +48,17 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {{schema}}.ddl_shadow (
     columns      jsonb   NOT NULL
 );
 -- A partitioned table's leaf partitions, and a partition's root (PostgreSQL 12+ functions).
-ALTER TABLE {{schema}}.ddl_shadow ADD COLUMN IF NOT EXISTS partitions oid[];
-ALTER TABLE {{schema}}.ddl_shadow ADD COLUMN IF NOT EXISTS root oid;
+ALTER TABLE {{capture}}.ddl_shadow ADD COLUMN IF NOT EXISTS partitions oid[];
+ALTER TABLE {{capture}}.ddl_shadow ADD COLUMN IF NOT EXISTS root oid;
 
 -- The leaf partitions of a partitioned table (empty for a plain table).
-CREATE OR REPLACE FUNCTION {{schema}}.ddl_partitions(rel oid) RETURNS oid[]
+CREATE OR REPLACE FUNCTION {{capture}}.ddl_partitions(rel oid) RETURNS oid[]
 LANGUAGE sql STABLE SET search_path = pg_catalog AS $fn$
     SELECT coalesce(array_agg(relid ORDER BY relid), '{}') FROM pg_partition_tree(rel) WHERE isleaf AND relid <> rel
 $fn$;
 
 -- The columns of a table as the messages describe them.
-CREATE OR REPLACE FUNCTION {{schema}}.ddl_columns(rel oid) RETURNS jsonb
+CREATE OR REPLACE FUNCTION {{capture}}.ddl_columns(rel oid) RETURNS jsonb
 LANGUAGE sql STABLE SET search_path = pg_catalog AS $fn$
     SELECT coalesce(jsonb_agg(jsonb_build_object(
                'name', a.attname,
@@ -51,24 +69,64 @@ LANGUAGE sql STABLE SET search_path = pg_catalog AS $fn$
                'filled', a.atthasmissing) ORDER BY a.attnum), '[]'::jsonb)
       FROM pg_attribute a
       LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
 $fn$;
 
--- The publications a table is in now (through a table list, a schema, or FOR ALL TABLES).
-CREATE OR REPLACE FUNCTION {{schema}}.ddl_publications(rel oid) RETURNS text[]
-LANGUAGE sql STABLE SET search_path = pg_catalog AS $fn$
-    SELECT coalesce(array_agg(DISTINCT t.pubname ORDER BY t.pubname), '{}')
-      FROM pg_publication_tables t
-      JOIN pg_class c ON c.relname = t.tablename
-      JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = t.schemaname
-     WHERE c.oid = rel
+-- The publications a table is in now (through a table list, a schema, or FOR ALL TABLES), as
+-- pg_publication_tables says. Only a permanent table can be published, and the publications that can
+-- hold it are few: each one's tables are expanded only when it is FOR ALL TABLES or names the table,
+-- one of its ancestors or its schema, not for every table of the database.
+CREATE OR REPLACE FUNCTION {{capture}}.ddl_publications(rel oid) RETURNS text[]
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $fn$
+DECLARE
+    pubs text[] := '{}';
+    pub  record;
+    rel_schema text;
+    rel_name   text;
+BEGIN
+    SELECT n.nspname, c.relname INTO rel_schema, rel_name
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = rel AND c.relpersistence = 'p' AND c.relkind IN ('r', 'p');
+    IF rel_name IS NULL THEN
+        RETURN pubs;
+    END IF;
+    FOR pub IN SELECT p.pubname FROM pg_publication p
+                WHERE p.puballtables
+                   OR EXISTS (SELECT 1 FROM pg_publication_rel r
+                               WHERE r.prpubid = p.oid
+                                 AND (r.prrelid = rel OR r.prrelid IN (SELECT pg_partition_ancestors(rel))
+                                      OR rel IN (SELECT relid FROM pg_partition_tree(r.prrelid))))
+                   OR (to_regclass('pg_catalog.pg_publication_namespace') IS NOT NULL
+                       AND {{capture}}.ddl_in_published_schema(p.oid, rel))
+    LOOP
+        IF EXISTS (SELECT 1 FROM pg_publication_tables t
+                    WHERE t.pubname = pub.pubname AND t.schemaname = rel_schema AND t.tablename = rel_name) THEN
+            pubs := pubs || pub.pubname::text;
+        END IF;
+    END LOOP;
+    RETURN pubs;
+END
+$fn$;
+
+-- Whether publication `pub` publishes the schema of `rel` or of one of its ancestors (PostgreSQL
+-- 15+; pg_publication_namespace is read through EXECUTE so the function exists on 14).
+CREATE OR REPLACE FUNCTION {{capture}}.ddl_in_published_schema(pub oid, rel oid) RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $fn$
+DECLARE
+    found boolean;
+BEGIN
+    EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_publication_namespace pn JOIN pg_class c ON c.relnamespace = pn.pnnspid
+                             WHERE pn.pnpubid = $1 AND (c.oid = $2 OR c.oid IN (SELECT pg_partition_ancestors($2))))'
+        INTO found USING pub, rel;
+    RETURN found;
+END
 $fn$;
 
 -- Records a published table's name, publications and columns in the shadow.
-CREATE OR REPLACE FUNCTION {{schema}}.ddl_remember(rel oid, rel_schema text, rel_name text, pubs text[], cols jsonb)
+CREATE OR REPLACE FUNCTION {{capture}}.ddl_remember(rel oid, rel_schema text, rel_name text, pubs text[], cols jsonb)
 RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
-    INSERT INTO {{schema}}.ddl_shadow (relid, schema_name, table_name, publications, columns, partitions, root)
-    VALUES (rel, rel_schema, rel_name, pubs, cols, {{schema}}.ddl_partitions(rel),
+    INSERT INTO {{capture}}.ddl_shadow (relid, schema_name, table_name, publications, columns, partitions, root)
+    VALUES (rel, rel_schema, rel_name, pubs, cols, {{capture}}.ddl_partitions(rel),
             nullif(pg_partition_root(rel), rel))
         ON CONFLICT (relid) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name,
             publications = EXCLUDED.publications, columns = EXCLUDED.columns, partitions = EXCLUDED.partitions,
@@ -76,7 +134,7 @@ RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 $fn$;
 
 -- Emits one message (its fields: see the header).
-CREATE OR REPLACE FUNCTION {{schema}}.ddl_emit(event text, tag text, rel oid, rel_schema text, rel_name text,
+CREATE OR REPLACE FUNCTION {{capture}}.ddl_emit(event text, tag text, rel oid, rel_schema text, rel_name text,
                                                pubs_now text[], pubs_before text[], cols_before jsonb,
                                                cols_after jsonb, prev_schema text, prev_name text,
                                                rewrites boolean, reason text)
@@ -86,7 +144,6 @@ BEGIN
         'kind', 'ddl',
         'event', event,
         'command_tag', tag,
-        'statement', current_query(),
         'relation_oid', rel::bigint,
         'schema', rel_schema,
         'table', rel_name,
@@ -101,7 +158,7 @@ BEGIN
 END
 $fn$;
 
-CREATE OR REPLACE FUNCTION {{schema}}.ddl_rewrite() RETURNS event_trigger
+CREATE OR REPLACE FUNCTION {{capture}}.ddl_rewrite() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 BEGIN
     -- Remembered until the DDL's ddl_command_end (same statement), which clears it.
@@ -111,7 +168,7 @@ BEGIN
 END
 $fn$;
 
-CREATE OR REPLACE FUNCTION {{schema}}.ddl_command_end() RETURNS event_trigger
+CREATE OR REPLACE FUNCTION {{capture}}.ddl_command_end() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     cmd        record;
@@ -143,10 +200,10 @@ BEGIN
             CONTINUE WHEN rel IS NULL;
             SELECT n.nspname, c.relname INTO rel_schema, rel_name
               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
-            cols := {{schema}}.ddl_columns(rel);
-            PERFORM {{schema}}.ddl_emit('publish', cmd.command_tag, rel, rel_schema, rel_name, ARRAY[pub], NULL,
+            cols := {{capture}}.ddl_columns(rel);
+            PERFORM {{capture}}.ddl_emit('publish', cmd.command_tag, rel, rel_schema, rel_name, ARRAY[pub], NULL,
                                         NULL, cols, NULL, NULL, false, NULL);
-            PERFORM {{schema}}.ddl_remember(rel, rel_schema, rel_name, {{schema}}.ddl_publications(rel), cols);
+            PERFORM {{capture}}.ddl_remember(rel, rel_schema, rel_name, {{capture}}.ddl_publications(rel), cols);
             CONTINUE;
         END IF;
         IF cmd.object_type = 'publication namespace' THEN
@@ -159,10 +216,10 @@ BEGIN
                                           AND c.relpersistence = ''p''
                           WHERE pn.oid = $1' USING cmd.objid
             LOOP
-                cols := {{schema}}.ddl_columns(rel);
-                PERFORM {{schema}}.ddl_emit('publish', cmd.command_tag, rel, rel_schema, rel_name, ARRAY[pub], NULL,
+                cols := {{capture}}.ddl_columns(rel);
+                PERFORM {{capture}}.ddl_emit('publish', cmd.command_tag, rel, rel_schema, rel_name, ARRAY[pub], NULL,
                                             NULL, cols, NULL, NULL, false, NULL);
-                PERFORM {{schema}}.ddl_remember(rel, rel_schema, rel_name, {{schema}}.ddl_publications(rel), cols);
+                PERFORM {{capture}}.ddl_remember(rel, rel_schema, rel_name, {{capture}}.ddl_publications(rel), cols);
             END LOOP;
             CONTINUE;
         END IF;
@@ -172,45 +229,44 @@ BEGIN
         seen := seen || rel;
         SELECT n.nspname, c.relname, c.relkind INTO rel_schema, rel_name, rel_kind
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
-        CONTINUE WHEN rel_kind IS NULL OR rel_kind NOT IN ('r', 'p');
+        CONTINUE WHEN rel_kind IS NULL OR rel_kind NOT IN ('r', 'p')
+                   OR (SELECT relpersistence FROM pg_class WHERE oid = rel) <> 'p';
         IF rel_kind = 'p' THEN
             -- Without publish_via_partition_root the leaves are published themselves: an attached
             -- leaf joins the publication with its rows, a detached one leaves it.
-            FOR leaf IN SELECT unnest({{schema}}.ddl_partitions(rel)) LOOP
-                CONTINUE WHEN EXISTS (SELECT 1 FROM {{schema}}.ddl_shadow WHERE relid = leaf);
-                pubs := {{schema}}.ddl_publications(leaf);
+            FOR leaf IN SELECT unnest({{capture}}.ddl_partitions(rel)) LOOP
+                CONTINUE WHEN EXISTS (SELECT 1 FROM {{capture}}.ddl_shadow WHERE relid = leaf);
+                pubs := {{capture}}.ddl_publications(leaf);
                 CONTINUE WHEN cardinality(pubs) = 0;
                 SELECT n.nspname, c.relname INTO leaf_schema, leaf_name
                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = leaf;
-                cols := {{schema}}.ddl_columns(leaf);
-                PERFORM {{schema}}.ddl_emit('publish', cmd.command_tag, leaf, leaf_schema, leaf_name, pubs, NULL,
+                cols := {{capture}}.ddl_columns(leaf);
+                PERFORM {{capture}}.ddl_emit('publish', cmd.command_tag, leaf, leaf_schema, leaf_name, pubs, NULL,
                                             NULL, cols, NULL, NULL, false, NULL);
-                PERFORM {{schema}}.ddl_remember(leaf, leaf_schema, leaf_name, pubs, cols);
+                PERFORM {{capture}}.ddl_remember(leaf, leaf_schema, leaf_name, pubs, cols);
             END LOOP;
-            FOR shadow IN SELECT * FROM {{schema}}.ddl_shadow
-                           WHERE root = rel AND relid <> ALL ({{schema}}.ddl_partitions(rel)) LOOP
-                pubs := {{schema}}.ddl_publications(shadow.relid);
+            FOR shadow IN SELECT * FROM {{capture}}.ddl_shadow
+                           WHERE root = rel AND relid <> ALL ({{capture}}.ddl_partitions(rel)) LOOP
+                pubs := {{capture}}.ddl_publications(shadow.relid);
                 IF cardinality(pubs) = 0 THEN
-                    PERFORM {{schema}}.ddl_emit('unpublish', cmd.command_tag, shadow.relid, shadow.schema_name,
+                    PERFORM {{capture}}.ddl_emit('unpublish', cmd.command_tag, shadow.relid, shadow.schema_name,
                                                 shadow.table_name, pubs, shadow.publications, shadow.columns,
-                                                {{schema}}.ddl_columns(shadow.relid), NULL, NULL, false, NULL);
-                    DELETE FROM {{schema}}.ddl_shadow WHERE relid = shadow.relid;
+                                                {{capture}}.ddl_columns(shadow.relid), NULL, NULL, false, NULL);
+                    DELETE FROM {{capture}}.ddl_shadow WHERE relid = shadow.relid;
                 ELSE
-                    PERFORM {{schema}}.ddl_remember(shadow.relid, shadow.schema_name, shadow.table_name, pubs,
+                    PERFORM {{capture}}.ddl_remember(shadow.relid, shadow.schema_name, shadow.table_name, pubs,
                                                     shadow.columns);
                 END IF;
             END LOOP;
         END IF;
-        SELECT * INTO shadow FROM {{schema}}.ddl_shadow WHERE relid = rel;
-        pubs := {{schema}}.ddl_publications(rel);
+        SELECT * INTO shadow FROM {{capture}}.ddl_shadow WHERE relid = rel;
+        pubs := {{capture}}.ddl_publications(rel);
         CONTINUE WHEN cardinality(pubs) = 0 AND shadow.relid IS NULL;
-        cols := {{schema}}.ddl_columns(rel);
+        cols := {{capture}}.ddl_columns(rel);
         rewrites := false;
         reason := NULL;
-        IF cmd.command_tag IN ('CREATE TABLE AS', 'SELECT INTO') THEN
-            rewrites := true;
-            reason := 'created with rows';
-        ELSIF position(',' || rel::text || ',' IN rewritten) > 0 THEN
+        -- CREATE TABLE AS / SELECT INTO: its rows are decoded like any insert; nothing to repair.
+        IF position(',' || rel::text || ',' IN rewritten) > 0 THEN
             rewrites := true;
             reason := 'table rewritten';
         ELSIF EXISTS (SELECT 1 FROM jsonb_array_elements(cols) c
@@ -221,7 +277,7 @@ BEGIN
             rewrites := true;
             reason := 'a new column''s default fills existing rows';
         ELSIF rel_kind = 'p' AND shadow.relid IS NOT NULL
-              AND shadow.partitions IS DISTINCT FROM {{schema}}.ddl_partitions(rel) THEN
+              AND shadow.partitions IS DISTINCT FROM {{capture}}.ddl_partitions(rel) THEN
             -- Published as its root (publish_via_partition_root): an attached partition's rows join
             -- it, a detached one's leave it, without a row change in the WAL.
             rewrites := true;
@@ -229,24 +285,29 @@ BEGIN
         END IF;
         event := CASE
             WHEN cmd.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO') THEN 'create'
-            WHEN shadow.relid IS NOT NULL AND (shadow.schema_name, shadow.table_name) <> (rel_schema, rel_name) THEN 'rename'
             WHEN cardinality(pubs) = 0 THEN 'unpublish'
+            WHEN shadow.relid IS NOT NULL AND (shadow.schema_name, shadow.table_name) <> (rel_schema, rel_name) THEN 'rename'
             ELSE 'alter' END;
-        PERFORM {{schema}}.ddl_emit(event, cmd.command_tag, rel, rel_schema, rel_name, pubs, shadow.publications,
+        IF event = 'unpublish' AND shadow.relid IS NOT NULL THEN
+            -- Moved out of a published schema: it leaves under the name it was published as.
+            rel_schema := shadow.schema_name;
+            rel_name := shadow.table_name;
+        END IF;
+        PERFORM {{capture}}.ddl_emit(event, cmd.command_tag, rel, rel_schema, rel_name, pubs, shadow.publications,
                                     shadow.columns, cols,
                                     CASE WHEN event = 'rename' THEN shadow.schema_name END,
                                     CASE WHEN event = 'rename' THEN shadow.table_name END,
                                     rewrites, reason);
         IF cardinality(pubs) = 0 THEN
-            DELETE FROM {{schema}}.ddl_shadow WHERE relid = rel;
+            DELETE FROM {{capture}}.ddl_shadow WHERE relid = rel;
         ELSE
-            PERFORM {{schema}}.ddl_remember(rel, rel_schema, rel_name, pubs, cols);
+            PERFORM {{capture}}.ddl_remember(rel, rel_schema, rel_name, pubs, cols);
         END IF;
     END LOOP;
 END
 $fn$;
 
-CREATE OR REPLACE FUNCTION {{schema}}.ddl_sql_drop() RETURNS event_trigger
+CREATE OR REPLACE FUNCTION {{capture}}.ddl_sql_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     obj    record;
@@ -260,18 +321,20 @@ BEGIN
     -- Dropped tables first: their publication entries go with them and need no message of their own.
     FOR obj IN SELECT * FROM pg_event_trigger_dropped_objects() WHERE object_type = 'table' LOOP
         dropped_tables := dropped_tables || (obj.schema_name || '.' || obj.object_name);
-        SELECT * INTO shadow FROM {{schema}}.ddl_shadow WHERE relid = obj.objid;
-        -- The publications it was in: explicit entries dropped with it, FOR ALL TABLES ones, its schema's.
+        SELECT * INTO shadow FROM {{capture}}.ddl_shadow WHERE relid = obj.objid;
+        -- The publications it was in: as the shadow last saw them, and explicit entries dropped with
+        -- it. (Not every FOR ALL TABLES publication: temporary and unlogged tables are never in one,
+        -- and a dropped table's persistence can no longer be read.)
+        CONTINUE WHEN obj.schema_name LIKE 'pg\_temp%' OR obj.schema_name LIKE 'pg\_toast%';
         SELECT coalesce(array_agg(DISTINCT p), '{}') INTO pubs FROM (
             SELECT d.address_args[1] AS p FROM pg_event_trigger_dropped_objects() d
              WHERE d.object_type = 'publication relation'
                AND d.address_names = ARRAY[obj.schema_name, obj.object_name]
-            UNION ALL SELECT pubname FROM pg_publication WHERE puballtables
             UNION ALL SELECT unnest(shadow.publications)) x;
         CONTINUE WHEN cardinality(pubs) = 0;
-        PERFORM {{schema}}.ddl_emit('drop', tg_tag, obj.objid, obj.schema_name, obj.object_name, '{}', pubs,
+        PERFORM {{capture}}.ddl_emit('drop', tg_tag, obj.objid, obj.schema_name, obj.object_name, '{}', pubs,
                                     shadow.columns, NULL, NULL, NULL, false, NULL);
-        DELETE FROM {{schema}}.ddl_shadow WHERE relid = obj.objid;
+        DELETE FROM {{capture}}.ddl_shadow WHERE relid = obj.objid;
     END LOOP;
     FOR obj IN SELECT * FROM pg_event_trigger_dropped_objects()
                WHERE object_type IN ('publication relation', 'publication namespace') AND original LOOP
@@ -279,11 +342,11 @@ BEGIN
             CONTINUE WHEN (obj.address_names[1] || '.' || obj.address_names[2]) = ANY (dropped_tables);
             rel := to_regclass(format('%I.%I', obj.address_names[1], obj.address_names[2]));
             CONTINUE WHEN rel IS NULL;
-            PERFORM {{schema}}.ddl_unpublish(rel, obj.address_args[1], tg_tag);
+            PERFORM {{capture}}.ddl_unpublish(rel, obj.address_args[1], tg_tag);
         ELSE
             FOR rel IN SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                         WHERE n.nspname = obj.address_names[1] AND c.relkind IN ('r', 'p') LOOP
-                PERFORM {{schema}}.ddl_unpublish(rel, obj.address_args[1], tg_tag);
+                PERFORM {{capture}}.ddl_unpublish(rel, obj.address_args[1], tg_tag);
             END LOOP;
         END IF;
     END LOOP;
@@ -291,7 +354,7 @@ END
 $fn$;
 
 -- `rel` left publication `pub` (it may still be in others).
-CREATE OR REPLACE FUNCTION {{schema}}.ddl_unpublish(rel oid, pub text, tag text) RETURNS void
+CREATE OR REPLACE FUNCTION {{capture}}.ddl_unpublish(rel oid, pub text, tag text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     shadow record;
@@ -301,39 +364,41 @@ DECLARE
 BEGIN
     SELECT n.nspname, c.relname INTO rel_schema, rel_name
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
-    SELECT * INTO shadow FROM {{schema}}.ddl_shadow WHERE relid = rel;
-    pubs := {{schema}}.ddl_publications(rel);
-    PERFORM {{schema}}.ddl_emit('unpublish', tag, rel, rel_schema, rel_name, pubs, ARRAY[pub],
-                                shadow.columns, {{schema}}.ddl_columns(rel), NULL, NULL, false, NULL);
+    SELECT * INTO shadow FROM {{capture}}.ddl_shadow WHERE relid = rel;
+    pubs := {{capture}}.ddl_publications(rel);
+    PERFORM {{capture}}.ddl_emit('unpublish', tag, rel, rel_schema, rel_name, pubs, ARRAY[pub],
+                                shadow.columns, {{capture}}.ddl_columns(rel), NULL, NULL, false, NULL);
     IF cardinality(pubs) = 0 THEN
-        DELETE FROM {{schema}}.ddl_shadow WHERE relid = rel;
+        DELETE FROM {{capture}}.ddl_shadow WHERE relid = rel;
     ELSE
-        UPDATE {{schema}}.ddl_shadow SET publications = pubs WHERE relid = rel;
+        UPDATE {{capture}}.ddl_shadow SET publications = pubs WHERE relid = rel;
     END IF;
 END
 $fn$;
 
 -- Refresh the shadow of every published table: "before" for the next DDL is the catalog as of now.
-SELECT {{schema}}.ddl_remember(c.oid, n.nspname, c.relname, {{schema}}.ddl_publications(c.oid),
-                               {{schema}}.ddl_columns(c.oid))
-  FROM (SELECT DISTINCT schemaname, tablename FROM pg_publication_tables) t
+-- One pass over pg_publication_tables (the publications of a table aggregated, not looked up per table).
+SELECT {{capture}}.ddl_remember(c.oid, n.nspname, c.relname, t.pubs, {{capture}}.ddl_columns(c.oid))
+  FROM (SELECT schemaname, tablename, array_agg(DISTINCT pubname::text ORDER BY pubname::text) AS pubs
+          FROM pg_publication_tables GROUP BY schemaname, tablename) t
   JOIN pg_namespace n ON n.nspname = t.schemaname
   JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename;
 
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {{capture}} FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA {{capture}} FROM PUBLIC;
+
+-- Re-created on every install, so they always call this version's functions.
 DO $do$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = {{ddl_end_trigger_literal}}) THEN
-        EXECUTE format('CREATE EVENT TRIGGER %I ON ddl_command_end WHEN TAG IN (''CREATE TABLE'', ''CREATE TABLE AS'', '
-                       '''SELECT INTO'', ''ALTER TABLE'', ''ALTER PUBLICATION'') EXECUTE FUNCTION %s.ddl_command_end()',
-                       {{ddl_end_trigger_literal}}, {{schema_ident_literal}});
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = {{ddl_drop_trigger_literal}}) THEN
-        EXECUTE format('CREATE EVENT TRIGGER %I ON sql_drop EXECUTE FUNCTION %s.ddl_sql_drop()',
-                       {{ddl_drop_trigger_literal}}, {{schema_ident_literal}});
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = {{ddl_rewrite_trigger_literal}}) THEN
-        EXECUTE format('CREATE EVENT TRIGGER %I ON table_rewrite EXECUTE FUNCTION %s.ddl_rewrite()',
-                       {{ddl_rewrite_trigger_literal}}, {{schema_ident_literal}});
-    END IF;
+    EXECUTE format('DROP EVENT TRIGGER IF EXISTS %I', {{ddl_end_trigger_literal}});
+    EXECUTE format('DROP EVENT TRIGGER IF EXISTS %I', {{ddl_drop_trigger_literal}});
+    EXECUTE format('DROP EVENT TRIGGER IF EXISTS %I', {{ddl_rewrite_trigger_literal}});
+    EXECUTE format('CREATE EVENT TRIGGER %I ON ddl_command_end WHEN TAG IN (''CREATE TABLE'', ''CREATE TABLE AS'', '
+                   '''SELECT INTO'', ''ALTER TABLE'', ''ALTER PUBLICATION'') EXECUTE FUNCTION %s.ddl_command_end()',
+                   {{ddl_end_trigger_literal}}, {{capture_ident_literal}});
+    EXECUTE format('CREATE EVENT TRIGGER %I ON sql_drop EXECUTE FUNCTION %s.ddl_sql_drop()',
+                   {{ddl_drop_trigger_literal}}, {{capture_ident_literal}});
+    EXECUTE format('CREATE EVENT TRIGGER %I ON table_rewrite EXECUTE FUNCTION %s.ddl_rewrite()',
+                   {{ddl_rewrite_trigger_literal}}, {{capture_ident_literal}});
 END
 $do$;

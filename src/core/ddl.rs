@@ -75,9 +75,6 @@ pub struct DdlColumn {
 pub struct DdlChange {
     pub event: DdlEvent,
     pub command_tag: String,
-    /// The statement text as the client sent it (`current_query()`).
-    #[serde(default)]
-    pub statement: Option<String>,
     pub relation_oid: u32,
     pub schema: String,
     pub table: String,

@@ -52,11 +52,12 @@
 //!    recorded in this session (`ZERO` if none).
 //!
 //! 7. **A cut never predates a marker it answers.** A marker read while its table's reload is
-//!    active joins it only if the known cut is above the marker's commit (the export then
-//!    includes the marker's transaction); otherwise the table is held again and a new attempt
-//!    takes a new cut, so a DDL that rewrote rows after the first cut is in the export. The
-//!    superseded attempt's outcome, whatever it is, counts as a transient failure (retried with
-//!    a new cut after the usual backoff, within the bound of 2).
+//!    active and has a cut at or below the marker's commit (the export would miss the marker's
+//!    transaction, e.g. a second rewrite) marks the running attempt superseded: its success counts
+//!    as a transient failure (retried with a new cut after the usual backoff, within the bound of
+//!    2; a definite failure stays definite). Its hold is released at once with the known cut, as
+//!    for any join, so the slot is not pinned while the old export runs; the new cut's release
+//!    moves the split forward (see 1).
 //!
 //! # Contract (for the driver)
 //! - Perform commands in the order given; answer [`Command::RecordRequest`] with
@@ -375,18 +376,17 @@ impl ReloadPlan {
             return;
         }
         let (reload_id, cut, recorded_cut) = (a.reload_id, a.cut, a.recorded_cut);
-        let result = if a.superseded {
-            // A marker after this attempt's cut arrived meanwhile: its export is too old, whatever
-            // it produced. It counts as a transient failure, so a new attempt takes a new cut (the
-            // table is held since that marker) within the bound on attempts.
-            a.superseded = false;
-            Err(Error::transient(
+        let result = match result {
+            // A marker after this attempt's cut arrived meanwhile: its export is too old. It counts
+            // as a transient failure, so a new attempt takes a new cut within the bound on
+            // attempts; a definite failure stays definite.
+            Ok(_) if a.superseded => Err(Error::transient(
                 Component::Reload,
                 "a DDL or reload request after this attempt's cut needs a newer cut",
-            ))
-        } else {
-            result
+            )),
+            other => other,
         };
+        a.superseded = false;
         match result {
             Ok(output) => {
                 let a = self.active.remove(table).expect("active");
@@ -477,11 +477,12 @@ impl ReloadPlan {
     }
 
     /// A marker for a table whose reload is active: it joins. With no cut known, the hold already
-    /// there waits for it. A known cut above the marker covers the marker's transaction: the new
-    /// hold is released at once with it. A known cut at or below the marker does not (a DDL
-    /// committed after the cut, e.g. a second rewrite): the reload needs a new cut, so the table
-    /// stays held (`cut` is `None` again) and the running attempt's outcome, when it comes, is
-    /// replaced by a new attempt; a reload waiting for a retry takes a new cut anyway.
+    /// there waits for it. With one known, the new hold is released at once with it. A known cut at
+    /// or below the marker does not cover the marker's transaction (a DDL committed after the cut,
+    /// e.g. a second rewrite): the running attempt's outcome, when it comes, is replaced by a new
+    /// attempt with a new cut (a reload waiting for a retry takes one anyway). Nothing is held
+    /// meanwhile: the new cut's release moves the split forward, and the consumer rule
+    /// (`_commit_lsn >= cut_lsn` of the latest done reload) skips the streamed rows it covers.
     fn join<P>(&mut self, table: TableName, marker_commit_lsn: Lsn, out: &mut Vec<Command<P>>) {
         let a = self
             .active
@@ -491,13 +492,12 @@ impl ReloadPlan {
             table: table.clone(),
             reload_id: a.reload_id,
         });
-        match a.cut {
-            Some(cut) if cut > marker_commit_lsn => out.push(Command::Release { table, cut }),
-            Some(_) => {
-                a.cut = None;
+        if let Some(cut) = a.cut {
+            if cut <= marker_commit_lsn {
+                // The running attempt (if any) is too old; one waiting for its retry cuts anew.
                 a.superseded = matches!(a.waiting, Waiting::Attempt(_));
             }
-            None => {}
+            out.push(Command::Release { table, cut });
         }
     }
 }

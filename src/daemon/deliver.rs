@@ -176,9 +176,11 @@ pub async fn deliver_batches<R: FileLog, N: Publish>(
 ) -> Result<(), Error> {
     let uploads = tokio_stream_from(sealed)
         .map(|item| {
+            // A DDL record has no schema version of its own (0): its files must be the same bytes
+            // on every replay, whatever batches were registered after it before a crash.
             let version = match &item {
                 Sealed::Batch(b) => versions.version_for(&b.schema),
-                Sealed::Ddl(d) => versions.current(&d.table),
+                Sealed::Ddl(_) => 0,
             };
             let sinks = sinks.clone();
             async move {

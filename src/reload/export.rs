@@ -532,11 +532,17 @@ impl Exporter {
     }
 }
 
-/// What a DDL could change under an export: the table's file (a rewrite gives it a new one) and
-/// its columns.
-const SHAPE_SQL: &str = "SELECT c.relfilenode::text || ' ' || coalesce(string_agg(a.attname || ':' || \
-    a.atttypid || ':' || a.atttypmod, ',' ORDER BY a.attnum), '') FROM pg_class c LEFT JOIN pg_attribute a \
-    ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped WHERE c.oid = $1 GROUP BY c.relfilenode";
+/// What a DDL could change under an export: the files of the table and of its partitions (a
+/// rewrite gives a table a new one; a partitioned table's own is 0) and its columns.
+const SHAPE_SQL: &str = "SELECT (SELECT string_agg(p.oid::text || ':' || p.relfilenode::text, ',' ORDER BY p.oid) \
+    FROM pg_class p WHERE p.oid = $1 OR p.oid IN (SELECT relid FROM pg_partition_tree($1))) || ' ' || \
+    coalesce((SELECT string_agg(a.attname || ':' || a.atttypid || ':' || a.atttypmod, ',' ORDER BY a.attnum) \
+    FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped), '')";
+
+/// How long the guard waits for a table's lock. Below PostgreSQL's default `deadlock_timeout` (1 s),
+/// so in a lock cycle with a user's migration it is the export that gives up (and retries), never the
+/// migration that is chosen as the deadlock victim.
+const GUARD_LOCK_TIMEOUT: &str = "500ms";
 
 /// Locks `table` (ACCESS SHARE, as any reader does) in `guard`, a transaction in the export's
 /// snapshot that stays open until every part is read, so no DDL can commit on it meanwhile. A DDL
@@ -545,25 +551,28 @@ const SHAPE_SQL: &str = "SELECT c.relfilenode::text || ' ' || coalesce(string_ag
 /// (`ALTER … TYPE`, a volatile default) gives the table a new file whose rows the old snapshot
 /// cannot see, an export silently empty. So the table's shape as the snapshot sees it is compared
 /// with the shape now (`current`, outside the snapshot, after the lock): a difference fails the
-/// table's attempt as transient, and the retry takes a new cut after that DDL.
+/// table's attempt as transient, and the retry takes a new cut after that DDL. Each lock is taken
+/// under a savepoint, so a lock that times out fails its table only.
 async fn guard_against_ddl(
     guard: &tokio_postgres::Client,
     current: &tokio_postgres::Client,
     table: &TableName,
     oid: u32,
 ) -> Result<(), Error> {
-    guard
+    let locked = guard
         .batch_execute(&format!(
-            "SET LOCAL lock_timeout = '10s'; LOCK TABLE {} IN ACCESS SHARE MODE",
+            "SAVEPOINT guard; SET LOCAL lock_timeout = '{GUARD_LOCK_TIMEOUT}'; \
+             LOCK TABLE {} IN ACCESS SHARE MODE; RELEASE SAVEPOINT guard",
             table.quoted()
         ))
-        .await
-        .map_err(|e| {
-            Error::transient(
-                Component::Reload,
-                format!("cannot lock {table} for its export (a DDL holds it?): {e}"),
-            )
-        })?;
+        .await;
+    if let Err(e) = locked {
+        let _ = guard.batch_execute("ROLLBACK TO SAVEPOINT guard").await;
+        return Err(Error::transient(
+            Component::Reload,
+            format!("cannot lock {table} for its export (a DDL holds or waits for it): {e}"),
+        ));
+    }
     let then = guard
         .query_opt(SHAPE_SQL, &[&oid])
         .await

@@ -39,11 +39,6 @@ impl SchemaVersions {
         SchemaVersions { current }
     }
 
-    /// The table's current version, without counting a new one (for DDL records).
-    pub fn current(&self, table: &TableName) -> i32 {
-        self.current.get(table).map_or(0, |(v, _)| *v)
-    }
-
     pub fn version_for(&mut self, schema: &TableSchema) -> i32 {
         let fp = schema.fingerprint();
         let entry = self
@@ -111,8 +106,8 @@ pub async fn upload_streaming(
 }
 
 /// Uploads a DDL record's `ddl.yml` and returns the registry record to commit. The record's
-/// position is its first and last position; `schema_version` is the table's version when it was
-/// captured (the batch after a shape change gets the next one).
+/// position is its first and last position; `schema_version` is 0 (a record has none: the batch
+/// after a shape change gets the next one).
 pub async fn upload_ddl(
     store: &Store,
     layout: &layout::Namespace,

@@ -27,7 +27,9 @@
 //! 5. A DDL record ([`crate::core::ddl`]) takes the next `seq` of its transaction, whatever table it
 //!    concerns (so positions do not depend on configuration), seals its table's open batch first and
 //!    leaves in [`Sealed`] order after it, so one file has one schema and the registry lists the
-//!    record between the batches before and after it. Records are not skipped on replay: their names
+//!    record between the batches before and after it; a record of a held table waits with the parked
+//!    rows and leaves among them in position order at the release. Records are not skipped on
+//!    replay: their names
 //!    and contents derive from their position, and registering one is idempotent.
 //!
 //! Sealing policy: a batch is sealed at the first transaction boundary after its *deadline* (the first
@@ -305,6 +307,9 @@ pub struct Batcher<F: SpoolFactory> {
     scratch: Vec<u8>,
     change_events: Option<Vec<EventOut>>,
     holds: FastMap<TableName, Hold<F::Hold>>,
+    /// DDL records of held tables, in position order: they leave with the parked rows, in position
+    /// order among them, when the hold is released (so the registry keeps a table's order).
+    deferred_ddl: FastMap<TableName, Vec<DdlRecord>>,
     /// Reload cuts not yet passed by the stream: the table's open batch holds only rows below the
     /// cut, and the first row at or after it seals that batch first (so no batch straddles a cut).
     cuts: FastMap<TableName, Lsn>,
@@ -354,6 +359,7 @@ impl<F: SpoolFactory> Batcher<F> {
             scratch: Vec::with_capacity(4096),
             change_events: None,
             holds: FastMap::default(),
+            deferred_ddl: FastMap::default(),
             cuts: FastMap::default(),
             controls: Vec::new(),
             marker_prefix: "cdc_egress:cdc_egress".into(),
@@ -680,6 +686,12 @@ impl<F: SpoolFactory> Batcher<F> {
             return Ok(0);
         };
         let (id, floor) = (hold.id, hold.floor);
+        let mut deferred = self
+            .deferred_ddl
+            .remove(table)
+            .unwrap_or_default()
+            .into_iter()
+            .peekable();
         let mut released = 0;
         let mut current: Option<Arc<TableSchema>> = None;
         for rec in hold.into_records().map_err(|e| {
@@ -694,6 +706,10 @@ impl<F: SpoolFactory> Batcher<F> {
                 .is_some_and(|skip| pos <= *skip)
             {
                 continue;
+            }
+            while let Some(ddl) = deferred.next_if(|d| d.position < pos) {
+                self.seal_table(table, sealed)?;
+                sealed.push(Sealed::Ddl(ddl));
             }
             self.split_at_cut(table, pos, sealed)?;
             if current
@@ -718,6 +734,10 @@ impl<F: SpoolFactory> Batcher<F> {
                 }));
             }
             released += 1;
+        }
+        for ddl in deferred {
+            self.seal_table(table, sealed)?;
+            sealed.push(Sealed::Ddl(ddl));
         }
         match self.change_events.as_mut() {
             // The hold's ack entry now covers the released events; they close it when acknowledged.
@@ -834,21 +854,27 @@ impl<F: SpoolFactory> Batcher<F> {
         // A reload started here sets the mode itself (`reloading`, then `streaming`).
         filed_under.push((table.clone(), if reload.is_some() { None } else { mode }));
         for (name, mode_after) in filed_under {
-            self.seal_table(&name, sealed)?;
             let id = BatchId(self.next_id);
             self.next_id += 1;
             let floor = self.acks.current_boundary();
             self.acks.open(id, floor);
-            sealed.push(Sealed::Ddl(DdlRecord {
+            let record = DdlRecord {
                 id,
-                table: name,
+                table: name.clone(),
                 position: pos,
                 xid,
                 commit_ts,
                 change: change.clone(),
                 reload_request: reload.clone(),
                 mode_after,
-            }));
+            };
+            if self.holds.contains_key(&name) {
+                // Rows before it are parked: it waits for them (see `release_hold`).
+                self.deferred_ddl.entry(name).or_default().push(record);
+            } else {
+                self.seal_table(&name, sealed)?;
+                sealed.push(Sealed::Ddl(record));
+            }
         }
         if let Some(request) = reload {
             self.begin_hold(&table, sealed)?;

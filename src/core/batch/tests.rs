@@ -751,7 +751,7 @@ fn markers_become_controls_and_malformed_or_foreign_ones_are_not_acted_on() {
 fn ddl_json(event: &str, publications: &[&str], rewrites: bool, previous: Option<&str>) -> String {
     let prev = previous.map_or("null".to_string(), |p| format!("{p:?}"));
     format!(
-        r#"{{"kind":"ddl","event":"{event}","command_tag":"ALTER TABLE","statement":"ALTER TABLE t0 …",
+        r#"{{"kind":"ddl","event":"{event}","command_tag":"ALTER TABLE",
             "relation_oid":1000,"schema":"public","table":"t0","previous_schema":{ps},"previous_table":{prev},
             "publications":{pubs:?},"previous_publications":{pubs:?},
             "columns_before":[{{"name":"id","attnum":1,"type":"text","not_null":true}}],
@@ -1008,4 +1008,44 @@ fn an_unreadable_ddl_record_stops_the_batcher_before_anything_passes_it() {
         Lsn(1),
         "nothing at or after it is acknowledged"
     );
+}
+
+#[test]
+fn a_ddl_record_of_a_held_table_leaves_among_the_parked_rows_in_position_order() {
+    let mut b = one_table_batcher();
+    b.set_ddl_scope("pub", RewritePolicy::Record);
+    let mut sealed = Vec::new();
+    b.begin_hold(&schema(0).table, &mut sealed).unwrap();
+    txn_with_ddl(
+        &mut b,
+        100,
+        &ddl_json("alter", &["pub"], false, None),
+        (1, 1),
+        &mut sealed,
+    );
+    assert!(
+        sealed.is_empty(),
+        "everything waits for the release: {sealed:?}"
+    );
+    b.release_hold(&schema(0).table, Lsn::ZERO, &mut sealed)
+        .unwrap();
+    b.seal_all(&mut sealed).unwrap();
+    let order: Vec<String> = sealed
+        .iter()
+        .map(|s| match s {
+            Sealed::Batch(b) => format!(
+                "rows {:?}",
+                rows_of(&b.spool)
+                    .into_iter()
+                    .map(|r| r.1.seq)
+                    .collect::<Vec<_>>()
+            ),
+            Sealed::Ddl(d) => format!("ddl {}", d.position.seq),
+        })
+        .collect();
+    assert_eq!(order, ["rows [1]", "ddl 2", "rows [3]"]);
+    for s in &sealed {
+        b.persisted(s.id());
+    }
+    assert_eq!(b.confirmed(), Lsn(105));
 }

@@ -2,7 +2,7 @@
 //! `ddl/<position>/` directory (README.md "Schema changes").
 //!
 //! It says where the change sits among the rows (`commit_lsn`, `seq`: the same order as `_commit_lsn`,
-//! `_seq`), what happened (`event`, the command tag and statement), the table's columns before and
+//! `_seq`), what happened (`event`, the command tag; not the statement text, which may hold secrets), the table's columns before and
 //! after with their `attnum` (a rename keeps it; a dropped and re-added column gets a new one), the
 //! publications before and after, whether existing rows changed without row changes
 //! (`rewrites_rows`, `reason`) and the reload that change started (`reload_request`). Everything in
@@ -29,7 +29,6 @@ pub struct DdlDoc<'a> {
     pub commit_ts: String,
     pub event: &'static str,
     pub command_tag: &'a str,
-    pub statement: Option<&'a str>,
     pub relation_oid: u32,
     pub table_after: Option<TableRef<'a>>,
     pub table_before: Option<TableRef<'a>>,
@@ -81,7 +80,6 @@ impl<'a> DdlDoc<'a> {
             commit_ts: format_commit_ts(rec.commit_ts),
             event: c.event.as_str(),
             command_tag: &c.command_tag,
-            statement: c.statement.as_deref(),
             relation_oid: c.relation_oid,
             table_after: after,
             table_before: before,

@@ -698,3 +698,50 @@ fn same_seed_same_schedule() {
     assert_eq!(waits(7), waits(7));
     assert_eq!(waits(7).len(), 2);
 }
+
+#[test]
+fn a_marker_after_the_running_attempts_cut_makes_the_reload_cut_again_without_holding() {
+    let mut plan = ReloadPlan::with_seed(1);
+    let now = Instant::now();
+    let mut out: Vec<Command<&str>> = Vec::new();
+    plan.marker(table(0), "r1".into(), Lsn(50), &mut out);
+    plan.recorded(table(0), "r1".into(), Some(7), &mut out);
+    plan.cut_taken(AttemptId(1), &[table(0)], Lsn(100), "snap", &mut out);
+    out.clear();
+    // A rewrite committed at 200, after the cut: the export at 100 cannot show it.
+    plan.marker(table(0), "ddl:0/C8:1".into(), Lsn(200), &mut out);
+    assert!(
+        matches!(&out[..], [Command::Joined { .. }, Command::Release { cut, .. }] if *cut == Lsn(100)),
+        "released at once, nothing pinned: {out:?}"
+    );
+    out.clear();
+    plan.export_finished(now, AttemptId(1), &table(0), Ok("parts at 100"), &mut out);
+    assert!(
+        matches!(&out[..], [Command::RetryLater { .. }]),
+        "the old export is not registered: {out:?}"
+    );
+    out.clear();
+    plan.wake(now + RETRY_MAX * 2, &mut out);
+    assert!(
+        matches!(&out[..], [Command::StartAttempt { .. }]),
+        "{out:?}"
+    );
+    out.clear();
+    plan.cut_taken(AttemptId(2), &[table(0)], Lsn(300), "snap2", &mut out);
+    plan.export_finished(now, AttemptId(2), &table(0), Ok("parts at 300"), &mut out);
+    assert!(
+        out.iter()
+            .any(|c| matches!(c, Command::Register { cut, output, .. } if *cut == Lsn(300) && *output == "parts at 300")),
+        "{out:?}"
+    );
+    // A marker whose transaction the known cut covers joins as before.
+    let mut plan = ReloadPlan::with_seed(1);
+    let mut out: Vec<Command<&str>> = Vec::new();
+    plan.marker(table(0), "r1".into(), Lsn(50), &mut out);
+    plan.recorded(table(0), "r1".into(), Some(7), &mut out);
+    plan.cut_taken(AttemptId(1), &[table(0)], Lsn(100), "snap", &mut out);
+    plan.marker(table(0), "r2".into(), Lsn(60), &mut out);
+    out.clear();
+    plan.export_finished(now, AttemptId(1), &table(0), Ok("parts at 100"), &mut out);
+    assert!(matches!(&out[0], Command::Register { .. }), "{out:?}");
+}

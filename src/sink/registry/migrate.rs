@@ -59,6 +59,12 @@ pub fn ddl_trigger_name(schema: &str, what: &str) -> String {
     trigger_name(schema, what)
 }
 
+/// The schema of the DDL-capture objects in the source database: `<schema>_capture`, owned by the
+/// superuser that installs it (see `migrations/source/ddl_capture.sql`).
+pub fn capture_schema(schema: &str) -> String {
+    format!("{schema}_capture")
+}
+
 /// `<schema>_<what>`, cut from the front to PostgreSQL's 63-byte limit.
 fn trigger_name(schema: &str, what: &str) -> String {
     let mut name = format!("{schema}_{what}");
@@ -114,6 +120,15 @@ pub async fn install_reload_marker(
         .replace(
             "{{trigger_literal}}",
             &quote_literal(&marker_trigger_name(schema)),
+        )
+        .replace("{{capture}}", &quote_ident(&capture_schema(schema)))
+        .replace(
+            "{{capture_literal}}",
+            &quote_literal(&capture_schema(schema)),
+        )
+        .replace(
+            "{{capture_ident_literal}}",
+            &quote_literal(&quote_ident(&capture_schema(schema))),
         )
         .replace(
             "{{ddl_end_trigger_literal}}",

@@ -311,7 +311,7 @@ impl Registry {
                     &change.command_tag,
                     &change.event.as_str(),
                     &identity,
-                    &change.statement,
+                    &None::<String>,
                     &rec.schema_version,
                     &(ddl.xid as i64),
                     &id,
