@@ -314,6 +314,9 @@ async fn partitions_follow_attach_and_detach(via_root: bool) {
         "INSERT INTO m VALUES (100, 15, 'after attach'); UPDATE m SET v = 'updated' WHERE id = 3",
         "ALTER TABLE m DETACH PARTITION m1",
         "INSERT INTO m VALUES (101, 16, 'after detach')",
+        // Filled in on the partitions, not on the partitioned table (it has no rows of its own).
+        "ALTER TABLE m ADD COLUMN d int NOT NULL DEFAULT 9",
+        "INSERT INTO m VALUES (102, 17, 'after fill', 1)",
     ] {
         c.batch_execute(sql)
             .await
@@ -328,9 +331,12 @@ async fn partitions_follow_attach_and_detach(via_root: bool) {
     )
     .await;
     let (expected, compared): (&[(&str, &str)], &[&str]) = if via_root {
-        (&[("m", "alter"), ("m", "alter")], &["m"])
+        (&[("m", "alter"), ("m", "alter"), ("m", "alter")], &["m"])
     } else {
-        (&[("m2", "publish"), ("m1", "unpublish")], &["m2"])
+        (
+            &[("m2", "publish"), ("m1", "unpublish"), ("m2", "alter")],
+            &["m2"],
+        )
     };
     let expected: Vec<(String, String)> = expected
         .iter()
@@ -341,7 +347,7 @@ async fn partitions_follow_attach_and_detach(via_root: bool) {
     let target = connect(&target_url).await;
     replay_following_ddl(&db.url, &db.out_url(), &target).await;
     for t in compared {
-        let q = format!("SELECT id, k, v FROM {t}");
+        let q = format!("SELECT id, k, v, d FROM {t}");
         assert_eq!(
             query_rows(&target, &q).await,
             query_rows(&c, &q).await,

@@ -303,11 +303,24 @@ async fn drop_slot_clears_the_refusal_for_a_slot_already_gone() {
     let d = Daemon::start(&env, db.dir.path(), &[], "run1.log");
     db.wait_for_slot(&d).await;
     d.stop().await;
-    db.client()
-        .await
-        .execute("SELECT pg_drop_replication_slot($1)", &[&db.slot])
-        .await
-        .unwrap();
+    // The walsender of the stopped daemon may hold the slot for a moment after the process exits.
+    let c = db.client().await;
+    wait_until(
+        "the stopped daemon's slot to be dropped",
+        Duration::from_secs(30),
+        String::new,
+        async || {
+            c.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND NOT active",
+                &[&db.slot],
+            )
+            .await
+            .unwrap()
+                == 1
+        },
+    )
+    .await;
     let d = Daemon::start(&env, db.dir.path(), &[], "run2.log");
     assert_eq!(d.wait_exit(Duration::from_secs(60)).await.code(), Some(1));
     let (code, out, err) = run_cli_timeout(&["drop-slot", "--yes"], &env, db.dir.path(), CATCH_UP);

@@ -40,7 +40,8 @@ MIN_MAJOR=14
 # type, streaming with a mixed workload, SIGKILL mid-stream, a crash between registry commit and
 # manifest, a dropped walsender connection, heartbeats on an idle slot, reloads (a failing one next to a
 # good one; request checks, event trigger), a lost slot (wal_status / invalidation_reason differ per
-# version), source.slot_failover (17+), the one-shot commands and the version gate.
+# version), source.slot_failover (17+), the one-shot commands and the version gate, and DDL capture
+# (the event triggers read catalogs that differ per version).
 # Not here: reload::fresh_start_and_reload_under_load_replay_equal takes minutes (2M rows).
 # Nor reload::exports_honour_the_publication_column_list_and_row_filter and
 # reload::exports_select_what_pgoutput_sends: column lists and row filters are PostgreSQL 15+ (a syntax
@@ -68,6 +69,9 @@ cli::missing_publication_and_installed_trigger_are_reported_truthfully
 cli::reload_wait_times_out_and_status_shows_the_pending_request
 cli::drop_slot_drops_the_slot
 cli::server_version_is_checked
+ddl::every_schema_and_publication_change_replays_to_the_source
+ddl::a_partition_attached_to_a_root_published_table_reloads_the_root
+ddl::an_attached_leaf_is_published_with_its_rows_and_a_detached_one_unpublished
 "
 PG_TESTS="${PG_TESTS:-$DEFAULT_TESTS}"
 REFUSAL_TESTS="cli::server_version_is_checked"

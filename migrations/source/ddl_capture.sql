@@ -96,8 +96,8 @@ BEGIN
                                WHERE r.prpubid = p.oid
                                  AND (r.prrelid = rel OR r.prrelid IN (SELECT pg_partition_ancestors(rel))
                                       OR rel IN (SELECT relid FROM pg_partition_tree(r.prrelid))))
-                   OR (to_regclass('pg_catalog.pg_publication_namespace') IS NOT NULL
-                       AND {{capture}}.ddl_in_published_schema(p.oid, rel))
+                   OR CASE WHEN to_regclass('pg_catalog.pg_publication_namespace') IS NULL THEN false
+                           ELSE {{capture}}.ddl_in_published_schema(p.oid, rel) END
     LOOP
         IF EXISTS (SELECT 1 FROM pg_publication_tables t
                     WHERE t.pubname = pub.pubname AND t.schemaname = rel_schema AND t.tablename = rel_name) THEN
@@ -168,6 +168,81 @@ BEGIN
 END
 $fn$;
 
+-- One table touched by a DDL (or a leaf of a partitioned table that was): its record, if it is
+-- published (now or, per the shadow, before). `only_if_changed` (leaves) skips a table whose columns,
+-- name and rows did not change.
+CREATE OR REPLACE FUNCTION {{capture}}.ddl_table(rel oid, tag text, rewritten text, only_if_changed boolean)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+DECLARE
+    shadow     record;
+    rel_schema text;
+    rel_name   text;
+    rel_kind   "char";
+    leaves     oid[];
+    pubs       text[];
+    cols       jsonb;
+    event      text;
+    rewrites   boolean := false;
+    reason     text;
+BEGIN
+    SELECT n.nspname, c.relname, c.relkind INTO rel_schema, rel_name, rel_kind
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
+    SELECT * INTO shadow FROM {{capture}}.ddl_shadow WHERE relid = rel;
+    pubs := {{capture}}.ddl_publications(rel);
+    IF cardinality(pubs) = 0 AND shadow.relid IS NULL THEN
+        RETURN;
+    END IF;
+    cols := {{capture}}.ddl_columns(rel);
+    leaves := CASE WHEN rel_kind = 'p' THEN {{capture}}.ddl_partitions(rel) ELSE ARRAY[rel] END;
+    -- CREATE TABLE AS / SELECT INTO: its rows are decoded like any insert; nothing to repair.
+    IF EXISTS (SELECT 1 FROM unnest(leaves) l WHERE position(',' || l::text || ',' IN rewritten) > 0) THEN
+        rewrites := true;
+        reason := 'table rewritten';
+    ELSIF EXISTS (SELECT 1 FROM jsonb_array_elements(cols) c
+                   WHERE (shadow.relid IS NULL OR NOT EXISTS (
+                          SELECT 1 FROM jsonb_array_elements(shadow.columns) b
+                           WHERE b->'attnum' = c->'attnum' AND (b->>'filled')::boolean))
+                     -- filled in the table itself, or (a partitioned table has no rows) in a leaf
+                     AND EXISTS (SELECT 1 FROM pg_attribute a
+                                  WHERE a.attrelid = ANY (leaves) AND a.attname = c->>'name'
+                                    AND a.atthasmissing AND NOT a.attisdropped)) THEN
+        rewrites := true;
+        reason := 'a new column''s default fills existing rows';
+    ELSIF rel_kind = 'p' AND shadow.relid IS NOT NULL
+          AND shadow.partitions IS DISTINCT FROM {{capture}}.ddl_partitions(rel) THEN
+        -- Published as its root (publish_via_partition_root): an attached partition's rows join
+        -- it, a detached one's leave it, without a row change in the WAL.
+        rewrites := true;
+        reason := 'a partition was attached or detached';
+    END IF;
+    IF only_if_changed AND NOT rewrites AND shadow.relid IS NOT NULL AND shadow.columns = cols
+       AND (shadow.schema_name, shadow.table_name) = (rel_schema, rel_name)
+       AND cardinality(pubs) > 0 THEN
+        RETURN;
+    END IF;
+    event := CASE
+        WHEN tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO') THEN 'create'
+        WHEN cardinality(pubs) = 0 THEN 'unpublish'
+        WHEN shadow.relid IS NOT NULL AND (shadow.schema_name, shadow.table_name) <> (rel_schema, rel_name) THEN 'rename'
+        ELSE 'alter' END;
+    IF event = 'unpublish' AND shadow.relid IS NOT NULL THEN
+        -- Moved out of a published schema: it leaves under the name it was published as.
+        rel_schema := shadow.schema_name;
+        rel_name := shadow.table_name;
+    END IF;
+    PERFORM {{capture}}.ddl_emit(event, tag, rel, rel_schema, rel_name, pubs, shadow.publications,
+                                shadow.columns, cols,
+                                CASE WHEN event = 'rename' THEN shadow.schema_name END,
+                                CASE WHEN event = 'rename' THEN shadow.table_name END,
+                                rewrites, reason);
+    IF cardinality(pubs) = 0 THEN
+        DELETE FROM {{capture}}.ddl_shadow WHERE relid = rel;
+    ELSE
+        PERFORM {{capture}}.ddl_remember(rel, rel_schema, rel_name, pubs, cols);
+    END IF;
+END
+$fn$;
+
 CREATE OR REPLACE FUNCTION {{capture}}.ddl_command_end() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
@@ -185,9 +260,6 @@ DECLARE
     leaf_name  text;
     pubs       text[];
     cols       jsonb;
-    event      text;
-    rewrites   boolean;
-    reason     text;
 BEGIN
     PERFORM set_config('cdc_egress.rewritten', '', true);
     FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands()
@@ -244,6 +316,7 @@ BEGIN
                 PERFORM {{capture}}.ddl_emit('publish', cmd.command_tag, leaf, leaf_schema, leaf_name, pubs, NULL,
                                             NULL, cols, NULL, NULL, false, NULL);
                 PERFORM {{capture}}.ddl_remember(leaf, leaf_schema, leaf_name, pubs, cols);
+                seen := seen || leaf;
             END LOOP;
             FOR shadow IN SELECT * FROM {{capture}}.ddl_shadow
                            WHERE root = rel AND relid <> ALL ({{capture}}.ddl_partitions(rel)) LOOP
@@ -259,50 +332,16 @@ BEGIN
                 END IF;
             END LOOP;
         END IF;
-        SELECT * INTO shadow FROM {{capture}}.ddl_shadow WHERE relid = rel;
-        pubs := {{capture}}.ddl_publications(rel);
-        CONTINUE WHEN cardinality(pubs) = 0 AND shadow.relid IS NULL;
-        cols := {{capture}}.ddl_columns(rel);
-        rewrites := false;
-        reason := NULL;
-        -- CREATE TABLE AS / SELECT INTO: its rows are decoded like any insert; nothing to repair.
-        IF position(',' || rel::text || ',' IN rewritten) > 0 THEN
-            rewrites := true;
-            reason := 'table rewritten';
-        ELSIF EXISTS (SELECT 1 FROM jsonb_array_elements(cols) c
-                       WHERE (c->>'filled')::boolean
-                         AND (shadow.relid IS NULL OR NOT EXISTS (
-                              SELECT 1 FROM jsonb_array_elements(shadow.columns) b
-                               WHERE b->'attnum' = c->'attnum' AND (b->>'filled')::boolean))) THEN
-            rewrites := true;
-            reason := 'a new column''s default fills existing rows';
-        ELSIF rel_kind = 'p' AND shadow.relid IS NOT NULL
-              AND shadow.partitions IS DISTINCT FROM {{capture}}.ddl_partitions(rel) THEN
-            -- Published as its root (publish_via_partition_root): an attached partition's rows join
-            -- it, a detached one's leave it, without a row change in the WAL.
-            rewrites := true;
-            reason := 'a partition was attached or detached';
+        -- The leaves of a partitioned table change with it: each published one gets its own
+        -- record when its columns changed or its rows were rewritten or filled in.
+        IF rel_kind = 'p' THEN
+            FOR leaf IN SELECT unnest({{capture}}.ddl_partitions(rel)) LOOP
+                CONTINUE WHEN leaf = ANY (seen);
+                seen := seen || leaf;
+                PERFORM {{capture}}.ddl_table(leaf, cmd.command_tag, rewritten, true);
+            END LOOP;
         END IF;
-        event := CASE
-            WHEN cmd.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO') THEN 'create'
-            WHEN cardinality(pubs) = 0 THEN 'unpublish'
-            WHEN shadow.relid IS NOT NULL AND (shadow.schema_name, shadow.table_name) <> (rel_schema, rel_name) THEN 'rename'
-            ELSE 'alter' END;
-        IF event = 'unpublish' AND shadow.relid IS NOT NULL THEN
-            -- Moved out of a published schema: it leaves under the name it was published as.
-            rel_schema := shadow.schema_name;
-            rel_name := shadow.table_name;
-        END IF;
-        PERFORM {{capture}}.ddl_emit(event, cmd.command_tag, rel, rel_schema, rel_name, pubs, shadow.publications,
-                                    shadow.columns, cols,
-                                    CASE WHEN event = 'rename' THEN shadow.schema_name END,
-                                    CASE WHEN event = 'rename' THEN shadow.table_name END,
-                                    rewrites, reason);
-        IF cardinality(pubs) = 0 THEN
-            DELETE FROM {{capture}}.ddl_shadow WHERE relid = rel;
-        ELSE
-            PERFORM {{capture}}.ddl_remember(rel, rel_schema, rel_name, pubs, cols);
-        END IF;
+        PERFORM {{capture}}.ddl_table(rel, cmd.command_tag, rewritten, false);
     END LOOP;
 END
 $fn$;
