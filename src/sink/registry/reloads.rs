@@ -115,6 +115,8 @@ impl Registry {
         .map_err(|e| pg_err("restart reloads after the slot was lost", e))
     }
 
+    /// Sets the table's mode; the end of a reload (`streaming`) only replaces `reloading`, so a
+    /// DDL record's `dropped`, `renamed` or `unpublished` committed meanwhile stays.
     async fn set_mode(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
@@ -123,8 +125,10 @@ impl Registry {
     ) -> Result<(), Error> {
         tx.execute(
             &format!(
-                "INSERT INTO {} (table_schema, table_name, mode, source) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (source, table_schema, table_name) DO UPDATE SET mode = EXCLUDED.mode, updated_at = now()",
+                "INSERT INTO {} AS t (table_schema, table_name, mode, source) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (source, table_schema, table_name) DO UPDATE SET updated_at = now(), \
+                   mode = CASE WHEN EXCLUDED.mode = 'streaming' AND t.mode <> 'reloading' THEN t.mode \
+                          ELSE EXCLUDED.mode END",
                 self.t("tables")
             ),
             &[&table.schema, &table.name, &mode, &self.source()],
