@@ -112,3 +112,38 @@ async fn streaming_files_load_losslessly_into_duckdb() {
     assert_eq!(got[2][1].as_deref(), Some("\\N"));
     db.cleanup().await;
 }
+
+/// README "Schema changes": the DuckDB statements it gives for applying a rename, an added column
+/// and a type change run as written, and keep the rows.
+#[test]
+fn the_readme_schema_change_statements_run_in_duckdb() {
+    let script = r#"
+import duckdb, json
+c = duckdb.connect()
+c.execute("CREATE TABLE t (id INTEGER, a VARCHAR, n DECIMAL(10,2))")
+c.execute("INSERT INTO t VALUES (1, 'x', 1.25)")
+c.execute("ALTER TABLE t RENAME COLUMN a TO b; ALTER TABLE t ADD COLUMN d INTEGER;")
+c.execute("ALTER TABLE t ALTER n TYPE DECIMAL(10,1)")
+print(json.dumps([[str(v) if v is not None else None for v in r] for r in c.execute("SELECT id, b, n, d FROM t").fetchall()]))
+"#;
+    let out = std::process::Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Vec<Option<String>>> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        rows,
+        vec![vec![
+            Some("1".to_string()),
+            Some("x".to_string()),
+            Some("1.3".to_string()),
+            None
+        ]]
+    );
+}
