@@ -23,7 +23,9 @@
 --
 -- Everything lives in {{capture}}, a schema of its own owned by the superuser who installs it (the
 -- install refuses one owned by anyone else), with EXECUTE and USAGE revoked from PUBLIC. The
--- functions are SECURITY DEFINER with search_path = pg_catalog, so a role allowed to alter a published
+-- functions are SECURITY DEFINER with search_path = pg_catalog, pg_temp (pg_temp named last: otherwise
+-- it is searched first, and a temporary view or type of the caller would run as the superuser), so a
+-- role allowed to alter a published
 -- table gets its change recorded without any right of its own here, and no role but a superuser can
 -- change what runs as the superuser. (The registry schema may belong to the daemon's role: nothing
 -- here lives in it.)
@@ -51,15 +53,20 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {{capture}}.ddl_shadow (
 ALTER TABLE {{capture}}.ddl_shadow ADD COLUMN IF NOT EXISTS partitions oid[];
 ALTER TABLE {{capture}}.ddl_shadow ADD COLUMN IF NOT EXISTS root oid;
 
--- The leaf partitions of a partitioned table (empty for a plain table).
+-- The leaf partitions of a partitioned table (empty for a plain table), read from pg_inherits:
+-- pg_partition_tree would lock every partition, on every DDL.
 CREATE OR REPLACE FUNCTION {{capture}}.ddl_partitions(rel oid) RETURNS oid[]
-LANGUAGE sql STABLE SET search_path = pg_catalog AS $fn$
-    SELECT coalesce(array_agg(relid ORDER BY relid), '{}') FROM pg_partition_tree(rel) WHERE isleaf AND relid <> rel
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    WITH RECURSIVE tree(relid) AS (
+        SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = rel
+        UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent = t.relid)
+    SELECT coalesce(array_agg(t.relid ORDER BY t.relid), '{}') FROM tree t
+      JOIN pg_catalog.pg_class c ON c.oid = t.relid WHERE c.relkind <> 'p'
 $fn$;
 
 -- The columns of a table as the messages describe them.
 CREATE OR REPLACE FUNCTION {{capture}}.ddl_columns(rel oid) RETURNS jsonb
-LANGUAGE sql STABLE SET search_path = pg_catalog AS $fn$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT coalesce(jsonb_agg(jsonb_build_object(
                'name', a.attname,
                'attnum', a.attnum,
@@ -77,7 +84,7 @@ $fn$;
 -- hold it are few: each one's tables are expanded only when it is FOR ALL TABLES or names the table,
 -- one of its ancestors or its schema, not for every table of the database.
 CREATE OR REPLACE FUNCTION {{capture}}.ddl_publications(rel oid) RETURNS text[]
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     pubs text[] := '{}';
     pub  record;
@@ -95,7 +102,7 @@ BEGIN
                    OR EXISTS (SELECT 1 FROM pg_publication_rel r
                                WHERE r.prpubid = p.oid
                                  AND (r.prrelid = rel OR r.prrelid IN (SELECT pg_partition_ancestors(rel))
-                                      OR rel IN (SELECT relid FROM pg_partition_tree(r.prrelid))))
+                                      OR r.prrelid = ANY ({{capture}}.ddl_partitions(rel))))
                    OR CASE WHEN to_regclass('pg_catalog.pg_publication_namespace') IS NULL THEN false
                            ELSE {{capture}}.ddl_in_published_schema(p.oid, rel) END
     LOOP
@@ -111,7 +118,7 @@ $fn$;
 -- Whether publication `pub` publishes the schema of `rel` or of one of its ancestors (PostgreSQL
 -- 15+; pg_publication_namespace is read through EXECUTE so the function exists on 14).
 CREATE OR REPLACE FUNCTION {{capture}}.ddl_in_published_schema(pub oid, rel oid) RETURNS boolean
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     found boolean;
 BEGIN
@@ -124,7 +131,7 @@ $fn$;
 
 -- Records a published table's name, publications and columns in the shadow.
 CREATE OR REPLACE FUNCTION {{capture}}.ddl_remember(rel oid, rel_schema text, rel_name text, pubs text[], cols jsonb)
-RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
     INSERT INTO {{capture}}.ddl_shadow (relid, schema_name, table_name, publications, columns, partitions, root)
     VALUES (rel, rel_schema, rel_name, pubs, cols, {{capture}}.ddl_partitions(rel),
             nullif(pg_partition_root(rel), rel))
@@ -133,15 +140,49 @@ RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
             root = EXCLUDED.root;
 $fn$;
 
+-- Whether publication `pub` lists `rel` (as pg_publication_tables does: a partitioned table
+-- itself under publish_via_partition_root, else its leaves).
+CREATE OR REPLACE FUNCTION {{capture}}.ddl_lists(pub text, rel oid) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables t
+                     JOIN pg_catalog.pg_namespace n ON n.nspname = t.schemaname
+                     JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename
+                    WHERE t.pubname = pub AND c.oid = rel)
+$fn$;
+
+-- `rel` (and, for a partitioned table, its leaves) joined publication `pub`: a `publish` record for
+-- each relation the publication lists and did not list before (per the shadow).
+CREATE OR REPLACE FUNCTION {{capture}}.ddl_publish(rel oid, pub text, tag text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    c    oid;
+    c_schema text;
+    c_name   text;
+    cols jsonb;
+BEGIN
+    FOR c IN SELECT unnest(ARRAY[rel] || {{capture}}.ddl_partitions(rel)) LOOP
+        CONTINUE WHEN NOT {{capture}}.ddl_lists(pub, c);
+        CONTINUE WHEN EXISTS (SELECT 1 FROM {{capture}}.ddl_shadow WHERE relid = c AND pub = ANY (publications));
+        SELECT n.nspname, k.relname INTO c_schema, c_name
+          FROM pg_class k JOIN pg_namespace n ON n.oid = k.relnamespace WHERE k.oid = c;
+        cols := {{capture}}.ddl_columns(c);
+        PERFORM {{capture}}.ddl_emit('publish', tag, c, c_schema, c_name, ARRAY[pub], NULL, NULL, cols, NULL, NULL,
+                                    false, NULL);
+        PERFORM {{capture}}.ddl_remember(c, c_schema, c_name, {{capture}}.ddl_publications(c), cols);
+    END LOOP;
+END
+$fn$;
+
 -- Emits one message (its fields: see the header).
 CREATE OR REPLACE FUNCTION {{capture}}.ddl_emit(event text, tag text, rel oid, rel_schema text, rel_name text,
                                                pubs_now text[], pubs_before text[], cols_before jsonb,
                                                cols_after jsonb, prev_schema text, prev_name text,
                                                rewrites boolean, reason text)
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     PERFORM pg_logical_emit_message(true, {{prefix_literal}}, json_build_object(
         'kind', 'ddl',
+        'format', 1,
         'event', event,
         'command_tag', tag,
         'relation_oid', rel::bigint,
@@ -159,7 +200,7 @@ END
 $fn$;
 
 CREATE OR REPLACE FUNCTION {{capture}}.ddl_rewrite() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     -- Remembered until the DDL's ddl_command_end (same statement), which clears it.
     PERFORM set_config('cdc_egress.rewritten',
@@ -172,7 +213,7 @@ $fn$;
 -- published (now or, per the shadow, before). `only_if_changed` (leaves) skips a table whose columns,
 -- name and rows did not change.
 CREATE OR REPLACE FUNCTION {{capture}}.ddl_table(rel oid, tag text, rewritten text, only_if_changed boolean)
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     shadow     record;
     rel_schema text;
@@ -244,7 +285,7 @@ END
 $fn$;
 
 CREATE OR REPLACE FUNCTION {{capture}}.ddl_command_end() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     cmd        record;
     rel        oid;
@@ -255,6 +296,7 @@ DECLARE
     rel_schema text;
     rel_name   text;
     rel_kind   "char";
+    top        oid;
     leaf       oid;
     leaf_schema text;
     leaf_name  text;
@@ -270,12 +312,7 @@ BEGIN
             SELECT p.pubname, r.prrelid INTO pub, rel
               FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid WHERE r.oid = cmd.objid;
             CONTINUE WHEN rel IS NULL;
-            SELECT n.nspname, c.relname INTO rel_schema, rel_name
-              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
-            cols := {{capture}}.ddl_columns(rel);
-            PERFORM {{capture}}.ddl_emit('publish', cmd.command_tag, rel, rel_schema, rel_name, ARRAY[pub], NULL,
-                                        NULL, cols, NULL, NULL, false, NULL);
-            PERFORM {{capture}}.ddl_remember(rel, rel_schema, rel_name, {{capture}}.ddl_publications(rel), cols);
+            PERFORM {{capture}}.ddl_publish(rel, pub, cmd.command_tag);
             CONTINUE;
         END IF;
         IF cmd.object_type = 'publication namespace' THEN
@@ -288,10 +325,7 @@ BEGIN
                                           AND c.relpersistence = ''p''
                           WHERE pn.oid = $1' USING cmd.objid
             LOOP
-                cols := {{capture}}.ddl_columns(rel);
-                PERFORM {{capture}}.ddl_emit('publish', cmd.command_tag, rel, rel_schema, rel_name, ARRAY[pub], NULL,
-                                            NULL, cols, NULL, NULL, false, NULL);
-                PERFORM {{capture}}.ddl_remember(rel, rel_schema, rel_name, {{capture}}.ddl_publications(rel), cols);
+                PERFORM {{capture}}.ddl_publish(rel, pub, cmd.command_tag);
             END LOOP;
             CONTINUE;
         END IF;
@@ -301,12 +335,16 @@ BEGIN
         seen := seen || rel;
         SELECT n.nspname, c.relname, c.relkind INTO rel_schema, rel_name, rel_kind
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
+        -- Temporary and unlogged tables are never published; one that was (SET UNLOGGED) leaves.
         CONTINUE WHEN rel_kind IS NULL OR rel_kind NOT IN ('r', 'p')
-                   OR (SELECT relpersistence FROM pg_class WHERE oid = rel) <> 'p';
+                   OR ((SELECT relpersistence FROM pg_class WHERE oid = rel) <> 'p'
+                       AND NOT EXISTS (SELECT 1 FROM {{capture}}.ddl_shadow WHERE relid = rel));
+        top := coalesce(pg_partition_root(rel), rel);
         IF rel_kind = 'p' THEN
-            -- Without publish_via_partition_root the leaves are published themselves: an attached
-            -- leaf joins the publication with its rows, a detached one leaves it.
-            FOR leaf IN SELECT unnest({{capture}}.ddl_partitions(rel)) LOOP
+            -- The whole tree, from its top: an ATTACH or DETACH one level down changes what the top
+            -- holds. Without publish_via_partition_root the leaves are published themselves: an
+            -- attached leaf joins the publication with its rows, a detached one leaves it.
+            FOR leaf IN SELECT unnest({{capture}}.ddl_partitions(top)) LOOP
                 CONTINUE WHEN EXISTS (SELECT 1 FROM {{capture}}.ddl_shadow WHERE relid = leaf);
                 pubs := {{capture}}.ddl_publications(leaf);
                 CONTINUE WHEN cardinality(pubs) = 0;
@@ -319,7 +357,7 @@ BEGIN
                 seen := seen || leaf;
             END LOOP;
             FOR shadow IN SELECT * FROM {{capture}}.ddl_shadow
-                           WHERE root = rel AND relid <> ALL ({{capture}}.ddl_partitions(rel)) LOOP
+                           WHERE root = top AND relid <> ALL ({{capture}}.ddl_partitions(top)) LOOP
                 pubs := {{capture}}.ddl_publications(shadow.relid);
                 IF cardinality(pubs) = 0 THEN
                     PERFORM {{capture}}.ddl_emit('unpublish', cmd.command_tag, shadow.relid, shadow.schema_name,
@@ -335,11 +373,15 @@ BEGIN
         -- The leaves of a partitioned table change with it: each published one gets its own
         -- record when its columns changed or its rows were rewritten or filled in.
         IF rel_kind = 'p' THEN
-            FOR leaf IN SELECT unnest({{capture}}.ddl_partitions(rel)) LOOP
+            FOR leaf IN SELECT unnest({{capture}}.ddl_partitions(top)) LOOP
                 CONTINUE WHEN leaf = ANY (seen);
                 seen := seen || leaf;
                 PERFORM {{capture}}.ddl_table(leaf, cmd.command_tag, rewritten, true);
             END LOOP;
+            IF top <> rel AND NOT top = ANY (seen) THEN
+                seen := seen || top;
+                PERFORM {{capture}}.ddl_table(top, cmd.command_tag, rewritten, true);
+            END IF;
         END IF;
         PERFORM {{capture}}.ddl_table(rel, cmd.command_tag, rewritten, false);
     END LOOP;
@@ -347,7 +389,7 @@ END
 $fn$;
 
 CREATE OR REPLACE FUNCTION {{capture}}.ddl_sql_drop() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     obj    record;
     shadow record;
@@ -375,6 +417,19 @@ BEGIN
                                     shadow.columns, NULL, NULL, NULL, false, NULL);
         DELETE FROM {{capture}}.ddl_shadow WHERE relid = obj.objid;
     END LOOP;
+    -- A dropped partition takes its rows out of a root that is published as itself, without a row
+    -- change in the WAL: that root is reloaded (unless it is being dropped too).
+    FOR shadow IN SELECT s.* FROM {{capture}}.ddl_shadow s
+                   WHERE s.partitions && ARRAY(SELECT d.objid FROM pg_event_trigger_dropped_objects() d
+                                                WHERE d.object_type = 'table')
+                     AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = s.relid) LOOP
+        PERFORM {{capture}}.ddl_emit('alter', tg_tag, shadow.relid, shadow.schema_name, shadow.table_name,
+                                    {{capture}}.ddl_publications(shadow.relid), shadow.publications,
+                                    shadow.columns, {{capture}}.ddl_columns(shadow.relid), NULL, NULL, true,
+                                    'a partition was dropped');
+        PERFORM {{capture}}.ddl_remember(shadow.relid, shadow.schema_name, shadow.table_name,
+                                        {{capture}}.ddl_publications(shadow.relid), {{capture}}.ddl_columns(shadow.relid));
+    END LOOP;
     FOR obj IN SELECT * FROM pg_event_trigger_dropped_objects()
                WHERE object_type IN ('publication relation', 'publication namespace') AND original LOOP
         IF obj.object_type = 'publication relation' THEN
@@ -392,26 +447,27 @@ BEGIN
 END
 $fn$;
 
--- `rel` left publication `pub` (it may still be in others).
+-- `rel` (and, for a partitioned table, its leaves) left publication `pub` (they may still be in
+-- others): an `unpublish` record for each relation the shadow had in `pub` that it no longer lists.
 CREATE OR REPLACE FUNCTION {{capture}}.ddl_unpublish(rel oid, pub text, tag text) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     shadow record;
-    rel_schema text;
-    rel_name   text;
-    pubs       text[];
+    pubs   text[];
 BEGIN
-    SELECT n.nspname, c.relname INTO rel_schema, rel_name
-      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
-    SELECT * INTO shadow FROM {{capture}}.ddl_shadow WHERE relid = rel;
-    pubs := {{capture}}.ddl_publications(rel);
-    PERFORM {{capture}}.ddl_emit('unpublish', tag, rel, rel_schema, rel_name, pubs, ARRAY[pub],
-                                shadow.columns, {{capture}}.ddl_columns(rel), NULL, NULL, false, NULL);
-    IF cardinality(pubs) = 0 THEN
-        DELETE FROM {{capture}}.ddl_shadow WHERE relid = rel;
-    ELSE
-        UPDATE {{capture}}.ddl_shadow SET publications = pubs WHERE relid = rel;
-    END IF;
+    FOR shadow IN SELECT * FROM {{capture}}.ddl_shadow
+                   WHERE relid = ANY (ARRAY[rel] || {{capture}}.ddl_partitions(rel)) AND pub = ANY (publications) LOOP
+        CONTINUE WHEN {{capture}}.ddl_lists(pub, shadow.relid);
+        pubs := {{capture}}.ddl_publications(shadow.relid);
+        PERFORM {{capture}}.ddl_emit('unpublish', tag, shadow.relid, shadow.schema_name, shadow.table_name, pubs,
+                                    ARRAY[pub], shadow.columns, {{capture}}.ddl_columns(shadow.relid), NULL, NULL,
+                                    false, NULL);
+        IF cardinality(pubs) = 0 THEN
+            DELETE FROM {{capture}}.ddl_shadow WHERE relid = shadow.relid;
+        ELSE
+            UPDATE {{capture}}.ddl_shadow SET publications = pubs WHERE relid = shadow.relid;
+        END IF;
+    END LOOP;
 END
 $fn$;
 

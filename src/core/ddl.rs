@@ -73,6 +73,9 @@ pub struct DdlColumn {
 /// One captured change, exactly as the trigger described it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DdlChange {
+    /// The message format ([`FORMAT`] for this version's trigger).
+    #[serde(default = "first_format")]
+    pub format: u32,
     pub event: DdlEvent,
     pub command_tag: String,
     pub relation_oid: u32,
@@ -98,6 +101,13 @@ pub struct DdlChange {
     pub rewrites_rows: bool,
     #[serde(default)]
     pub reason: Option<String>,
+}
+
+/// The format of the messages this version's trigger writes and reads.
+pub const FORMAT: u32 = 1;
+
+fn first_format() -> u32 {
+    1
 }
 
 /// What to do about a change that rewrites existing rows (`ddl.on_rewrite`).

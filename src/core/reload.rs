@@ -182,9 +182,13 @@ struct Active {
     /// Attempts started in this session.
     attempts: u32,
     waiting: Waiting,
-    /// The running attempt's cut is below a marker read since: its outcome counts as a transient
-    /// failure ([`ReloadPlan::export_finished`]).
+    /// The running attempt's cut is at or below a marker joined meanwhile: its outcome counts as a
+    /// transient failure ([`ReloadPlan::export_finished`]).
     superseded: bool,
+    /// The cut of the attempt now running, once taken (`cut` may still be an earlier attempt's).
+    attempt_cut: Option<Lsn>,
+    /// The highest commit LSN of a marker that joined this reload in this session.
+    joined_marker: Lsn,
     /// The cut last recorded in this session, even if a later marker superseded it (what a
     /// failure's END marker reports).
     recorded_cut: Option<Lsn>,
@@ -201,6 +205,8 @@ impl Active {
             waiting: NOT_STARTED,
             superseded: false,
             recorded_cut: None,
+            attempt_cut: None,
+            joined_marker: Lsn::ZERO,
         }
     }
 }
@@ -332,6 +338,10 @@ impl ReloadPlan {
             }
             a.cut = Some(cut);
             a.recorded_cut = Some(cut);
+            a.attempt_cut = Some(cut);
+            // A marker that joined before this cut reached the plan but committed at or after it
+            // (the cut was taken first) is not in this export either.
+            a.superseded = cut <= a.joined_marker;
             out.push(Command::RecordCut {
                 table: table.clone(),
                 reload_id: a.reload_id,
@@ -468,6 +478,8 @@ impl ReloadPlan {
                 .expect("attempts start for active reloads");
             a.attempts += 1;
             a.waiting = Waiting::Attempt(attempt);
+            a.attempt_cut = None;
+            a.superseded = false;
             started.push((table.clone(), a.reload_id));
         }
         out.push(Command::StartAttempt {
@@ -492,11 +504,15 @@ impl ReloadPlan {
             table: table.clone(),
             reload_id: a.reload_id,
         });
-        if let Some(cut) = a.cut {
+        a.joined_marker = a.joined_marker.max(marker_commit_lsn);
+        // The running attempt's cut, once known, must be above the marker; one not taken yet is
+        // judged when it is (`cut_taken`); one waiting for its retry cuts anew.
+        if let (Waiting::Attempt(_), Some(cut)) = (a.waiting, a.attempt_cut) {
             if cut <= marker_commit_lsn {
-                // The running attempt (if any) is too old; one waiting for its retry cuts anew.
-                a.superseded = matches!(a.waiting, Waiting::Attempt(_));
+                a.superseded = true;
             }
+        }
+        if let Some(cut) = a.cut {
             out.push(Command::Release { table, cut });
         }
     }

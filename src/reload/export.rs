@@ -211,8 +211,12 @@ async fn begin_in_snapshot(
     snapshot: &str,
 ) -> Result<tokio_postgres::Client, Error> {
     let c = source.connect().await?;
+    // No wait on a lock without end: a worker's first COPY of a table whose ALTER waits behind
+    // the DDL guard would wait for the guard, which waits for the worker (a cycle PostgreSQL cannot
+    // see). A lock timeout fails the part (transient: 55P03), the attempt ends, and is retried.
     c.batch_execute(&format!(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        "SET lock_timeout = '{EXPORT_LOCK_TIMEOUT}'; \
+         BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
         quote_literal(snapshot)
     ))
     .await
@@ -356,6 +360,10 @@ impl Exporter {
         // Keep DDL off the planned tables until every part is read, and refuse the tables a DDL
         // changed between the cut and this lock (see `guard_against_ddl`).
         let current = self.source.connect().await?;
+        current
+            .batch_execute(&format!("SET lock_timeout = '{EXPORT_LOCK_TIMEOUT}'"))
+            .await
+            .map_err(pg_error)?;
         for (job, plan) in jobs.iter().zip(plans.iter_mut()) {
             if let Ok(p) = plan {
                 if let Err(e) =
@@ -533,11 +541,18 @@ impl Exporter {
 }
 
 /// What a DDL could change under an export: the files of the table and of its partitions (a
-/// rewrite gives a table a new one; a partitioned table's own is 0) and its columns.
-const SHAPE_SQL: &str = "SELECT (SELECT string_agg(p.oid::text || ':' || p.relfilenode::text, ',' ORDER BY p.oid) \
-    FROM pg_class p WHERE p.oid = $1 OR p.oid IN (SELECT relid FROM pg_partition_tree($1))) || ' ' || \
+/// rewrite gives a table a new one; a partitioned table's own is 0; an attach or detach changes the
+/// set) and its columns. Read from the catalog tables only (`pg_inherits`, not `pg_partition_tree`),
+/// so it takes no lock and, inside the snapshot, sees the catalog as of the cut.
+const SHAPE_SQL: &str = "WITH RECURSIVE tree(relid) AS (SELECT $1::oid UNION \
+    SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.relid) \
+    SELECT (SELECT string_agg(p.oid::text || ':' || p.relfilenode::text, ',' ORDER BY p.oid) \
+    FROM pg_class p JOIN tree t ON t.relid = p.oid) || ' ' || \
     coalesce((SELECT string_agg(a.attname || ':' || a.atttypid || ':' || a.atttypmod, ',' ORDER BY a.attnum) \
     FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped), '')";
+
+/// How long an export connection waits for any lock (see `begin_in_snapshot`).
+const EXPORT_LOCK_TIMEOUT: &str = "5s";
 
 /// How long the guard waits for a table's lock. Below PostgreSQL's default `deadlock_timeout` (1 s),
 /// so in a lock cycle with a user's migration it is the export that gives up (and retries), never the

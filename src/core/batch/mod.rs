@@ -709,6 +709,7 @@ impl<F: SpoolFactory> Batcher<F> {
             }
             while let Some(ddl) = deferred.next_if(|d| d.position < pos) {
                 self.seal_table(table, sealed)?;
+                self.seal_table(&ddl.table.clone(), sealed)?;
                 sealed.push(Sealed::Ddl(ddl));
             }
             self.split_at_cut(table, pos, sealed)?;
@@ -737,6 +738,7 @@ impl<F: SpoolFactory> Batcher<F> {
         }
         for ddl in deferred {
             self.seal_table(table, sealed)?;
+            self.seal_table(&ddl.table.clone(), sealed)?;
             sealed.push(Sealed::Ddl(ddl));
         }
         match self.change_events.as_mut() {
@@ -813,17 +815,31 @@ impl<F: SpoolFactory> Batcher<F> {
         txn.seq += 1;
         let pos = Position::new(txn.commit_lsn, txn.seq);
         let (xid, commit_ts) = (txn.xid, txn.commit_ts);
-        // A record that cannot be read is a schema change that cannot be represented: stop here
-        // rather than write files that silently miss it. Nothing at or after it is acknowledged,
-        // so nothing is lost; the usual cause is a trigger installed by a newer cdc-egress.
-        let change = DdlChange::parse(content).map_err(|error| {
-            protocol(format!(
-                "the DDL record at {} (seq {}) cannot be read: {error}. It was written by the DDL-capture \
-                 trigger of the source database; run the cdc-egress version that installed it (or \
-                 `cdc-egress migrate` with this one) and restart",
-                pos.commit_lsn, pos.seq
-            ))
-        })?;
+        // A record of a newer format is a schema change this version cannot represent: stop here
+        // rather than write files that silently miss it (nothing at or after it is acknowledged, so
+        // nothing is lost). One that does not parse at all was not written by our trigger (any
+        // role may emit a logical message): reported and skipped, never a reason to stop for good.
+        let change = match DdlChange::parse(content) {
+            Ok(c) if c.format <= ddl::FORMAT => c,
+            Ok(c) => {
+                return Err(protocol(format!(
+                    "the DDL record at {} (seq {}) has format {}, newer than this cdc-egress reads ({}): \
+                     it was written by the DDL-capture trigger of a newer version; run that version (or \
+                     `cdc-egress migrate` with this one, then restart)",
+                    pos.commit_lsn,
+                    pos.seq,
+                    c.format,
+                    ddl::FORMAT
+                )))
+            }
+            Err(error) => {
+                self.controls.push(Control::MalformedMarker {
+                    commit_lsn: pos.commit_lsn,
+                    error: format!("DDL record (seq {}) not written by cdc-egress: {error}", pos.seq),
+                });
+                return Ok(());
+            }
+        };
         let publication = self.publication.as_deref();
         if !change.concerns(publication)
             || self
@@ -853,6 +869,13 @@ impl<F: SpoolFactory> Batcher<F> {
         };
         // A reload started here sets the mode itself (`reloading`, then `streaming`).
         filed_under.push((table.clone(), if reload.is_some() { None } else { mode }));
+        // Where either name of a rename is held, both records wait in that hold, so the rename
+        // stays after the old name's parked rows under both names.
+        let held_under = filed_under
+            .iter()
+            .map(|(n, _)| n)
+            .find(|n| self.holds.contains_key(*n))
+            .cloned();
         for (name, mode_after) in filed_under {
             let id = BatchId(self.next_id);
             self.next_id += 1;
@@ -868,9 +891,12 @@ impl<F: SpoolFactory> Batcher<F> {
                 reload_request: reload.clone(),
                 mode_after,
             };
-            if self.holds.contains_key(&name) {
+            if let Some(held) = &held_under {
                 // Rows before it are parked: it waits for them (see `release_hold`).
-                self.deferred_ddl.entry(name).or_default().push(record);
+                self.deferred_ddl
+                    .entry(held.clone())
+                    .or_default()
+                    .push(record);
             } else {
                 self.seal_table(&name, sealed)?;
                 sealed.push(Sealed::Ddl(record));

@@ -977,37 +977,84 @@ fn a_rename_is_filed_under_both_names_and_the_old_one_ends() {
 }
 
 #[test]
-fn an_unreadable_ddl_record_stops_the_batcher_before_anything_passes_it() {
+fn a_newer_ddl_record_stops_the_batcher_and_junk_is_skipped() {
     let mut b = one_table_batcher();
     let mut sealed = Vec::new();
+    // Junk under our prefix (any role may emit a logical message): reported, skipped.
+    txn_with_ddl(
+        &mut b,
+        100,
+        r#"{"kind":"ddl","event":"explode"}"#,
+        (1, 0),
+        &mut sealed,
+    );
+    let mut controls = Vec::new();
+    b.drain_controls(&mut controls);
+    assert!(
+        matches!(&controls[..], [Control::MalformedMarker { error, .. }] if error.contains("not written by cdc-egress")),
+        "{controls:?}"
+    );
+    assert_eq!(b.open_batches(), 1, "nothing sealed");
+    // A record of a newer format: a change this version cannot represent stops it.
     b.message(
         Message::Begin(Begin {
-            final_lsn: Lsn(100),
+            final_lsn: Lsn(200),
             commit_ts: 0,
             xid: 9,
         }),
         &mut sealed,
     )
     .unwrap();
+    let newer = ddl_json("alter", &["pub"], false, None).replacen(
+        r#""kind":"ddl","#,
+        r#""kind":"ddl","format":2,"#,
+        1,
+    );
     let err = b
         .message(
             Message::Message(crate::core::decode::LogicalMessage {
                 transactional: true,
-                lsn: Lsn(99),
+                lsn: Lsn(199),
                 prefix: "cdc_egress:cdc_egress".into(),
-                content: bytes::Bytes::from_static(br#"{"kind":"ddl","event":"explode"}"#),
+                content: bytes::Bytes::from(newer),
             }),
             &mut sealed,
         )
         .unwrap_err();
     assert!(!err.is_transient(), "{err}");
-    assert!(err.to_string().contains("DDL record at 0/64"), "{err}");
+    assert!(err.to_string().contains("DDL record at 0/C8"), "{err}");
     assert!(sealed.is_empty());
-    assert_eq!(
-        b.confirmed(),
-        Lsn(1),
+    assert!(
+        b.confirmed() < Lsn(200),
         "nothing at or after it is acknowledged"
     );
+}
+
+#[test]
+fn a_rename_of_a_held_table_waits_under_both_names_with_the_parked_rows() {
+    let mut b = one_table_batcher();
+    b.set_ddl_scope("pub", RewritePolicy::Record);
+    let mut sealed = Vec::new();
+    // t_old is held (its reload takes its cut); `t0` is the new name.
+    let old = TableName::new("public", "t_old");
+    b.begin_hold(&old, &mut sealed).unwrap();
+    txn_with_ddl(
+        &mut b,
+        100,
+        &ddl_json("rename", &["pub"], false, Some("t_old")),
+        (0, 0),
+        &mut sealed,
+    );
+    assert!(sealed.is_empty(), "both records wait: {sealed:?}");
+    b.release_hold(&old, Lsn::ZERO, &mut sealed).unwrap();
+    let names: Vec<String> = sealed
+        .iter()
+        .filter_map(|s| match s {
+            Sealed::Ddl(d) => Some(d.table.dotted()),
+            Sealed::Batch(_) => None,
+        })
+        .collect();
+    assert_eq!(names, ["public.t_old", "public.t0"]);
 }
 
 #[test]

@@ -745,3 +745,28 @@ fn a_marker_after_the_running_attempts_cut_makes_the_reload_cut_again_without_ho
     plan.export_finished(now, AttemptId(1), &table(0), Ok("parts at 100"), &mut out);
     assert!(matches!(&out[0], Command::Register { .. }), "{out:?}");
 }
+
+#[test]
+fn a_marker_that_joins_before_a_lower_cut_is_reported_supersedes_that_attempt() {
+    let mut plan = ReloadPlan::with_seed(1);
+    let now = Instant::now();
+    let mut out: Vec<Command<&str>> = Vec::new();
+    plan.marker(table(0), "r1".into(), Lsn(50), &mut out);
+    plan.recorded(table(0), "r1".into(), Some(7), &mut out);
+    // The cut was taken at 100, but the coordinator hears of it only after a DDL at 200 joined.
+    plan.marker(table(0), "ddl:0/C8:1".into(), Lsn(200), &mut out);
+    plan.cut_taken(AttemptId(1), &[table(0)], Lsn(100), "snap", &mut out);
+    out.clear();
+    plan.export_finished(now, AttemptId(1), &table(0), Ok("parts at 100"), &mut out);
+    assert!(matches!(&out[..], [Command::RetryLater { .. }]), "{out:?}");
+    // The next attempt's cut is above the marker: it is registered.
+    out.clear();
+    plan.wake(now + RETRY_MAX * 2, &mut out);
+    plan.cut_taken(AttemptId(2), &[table(0)], Lsn(300), "snap2", &mut out);
+    out.clear();
+    plan.export_finished(now, AttemptId(2), &table(0), Ok("parts at 300"), &mut out);
+    assert!(
+        matches!(&out[0], Command::Register { cut, .. } if *cut == Lsn(300)),
+        "{out:?}"
+    );
+}
