@@ -317,6 +317,11 @@ async fn partitions_follow_attach_and_detach(via_root: bool) {
         // Filled in on the partitions, not on the partitioned table (it has no rows of its own).
         "ALTER TABLE m ADD COLUMN d int NOT NULL DEFAULT 9",
         "INSERT INTO m VALUES (102, 17, 'after fill', 1)",
+        // A new (empty) partition, filled, then dropped with its rows.
+        "CREATE TABLE m3 PARTITION OF m FOR VALUES FROM (20) TO (30)",
+        "INSERT INTO m SELECT g, 20 + g % 10, 'in m3', 2 FROM generate_series(200, 210) g",
+        "DROP TABLE m3",
+        "INSERT INTO m VALUES (103, 18, 'after drop', 3)",
     ] {
         c.batch_execute(sql)
             .await
@@ -331,10 +336,24 @@ async fn partitions_follow_attach_and_detach(via_root: bool) {
     )
     .await;
     let (expected, compared): (&[(&str, &str)], &[&str]) = if via_root {
-        (&[("m", "alter"), ("m", "alter"), ("m", "alter")], &["m"])
+        (
+            &[
+                ("m", "alter"),
+                ("m", "alter"),
+                ("m", "alter"),
+                ("m", "alter"),
+            ],
+            &["m"],
+        )
     } else {
         (
-            &[("m2", "publish"), ("m1", "unpublish"), ("m2", "alter")],
+            &[
+                ("m2", "publish"),
+                ("m1", "unpublish"),
+                ("m2", "alter"),
+                ("m3", "create"),
+                ("m3", "drop"),
+            ],
             &["m2"],
         )
     };

@@ -340,6 +340,10 @@ BEGIN
                    OR ((SELECT relpersistence FROM pg_class WHERE oid = rel) <> 'p'
                        AND NOT EXISTS (SELECT 1 FROM {{capture}}.ddl_shadow WHERE relid = rel));
         top := coalesce(pg_partition_root(rel), rel);
+        IF top <> rel AND cmd.command_tag = 'CREATE TABLE' THEN
+            -- A new partition is empty: the tree's shadow learns of it without a record for the top.
+            UPDATE {{capture}}.ddl_shadow SET partitions = {{capture}}.ddl_partitions(top) WHERE relid = top;
+        END IF;
         IF rel_kind = 'p' THEN
             -- The whole tree, from its top: an ATTACH or DETACH one level down changes what the top
             -- holds. Without publish_via_partition_root the leaves are published themselves: an
