@@ -86,12 +86,7 @@ cleanup() {
         log "BENCH_KEEP=1: leaving database $DB, slots $SLOT_REF/$SLOT_CDC, stream $STREAM, $WORK"
         exit "$rc"
     fi
-    drop_slots "'$SLOT_REF','$SLOT_CDC'"
-    admin "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 ||
-        log "WARNING: could not drop database $DB"
-    python3 "$ROOT/benches/jetstream.py" "$NATS_URL" delete "$STREAM" >/dev/null 2>&1 ||
-        log "WARNING: could not delete JetStream stream $STREAM"
-    [[ -n $WORK && -d $WORK ]] && rm -rf "$WORK"
+    drop_created "'$SLOT_REF','$SLOT_CDC'"
     exit "$rc"
 }
 trap cleanup EXIT
