@@ -51,6 +51,18 @@ drop_slots() {
     [[ $left == 0 ]] || log "WARNING: could not drop slots $slots: drop them by hand"
 }
 
+# drop_created "'slot1','slot2'": the end of a clean-up trap: drops the slots, the database DB, the
+# JetStream stream STREAM and the work directory WORK. Never fails; warns about what is left.
+drop_created() {
+    drop_slots "$1"
+    admin "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 ||
+        log "WARNING: could not drop database $DB"
+    python3 "$ROOT/benches/jetstream.py" "$NATS_URL" delete "$STREAM" >/dev/null 2>&1 ||
+        log "WARNING: could not delete JetStream stream $STREAM"
+    [[ -z $WORK || ! -d $WORK ]] || rm -rf "$WORK"
+    return 0
+}
+
 # cargo build --release (unless BENCH_SKIP_BUILD=1); sets BIN, the binary in the build directory cargo
 # uses (CARGO_TARGET_DIR when set, like the demo).
 build_release() {

@@ -24,7 +24,9 @@
 # BENCH_TIMEOUT_S per consumer (600), BENCH_PG_HOST/PORT/USER (127.0.0.1/5432/postgres),
 # BENCH_NATS_URL (nats://127.0.0.1:4222), BENCH_PGBIN (newest /usr/lib/postgresql/*/bin),
 # BENCH_SKIP_BUILD, BENCH_KEEP, BENCH_PERF=1 (system-wide `perf record` during each drain, saved in
-# benches/results/, with a per-thread CPU summary). All addresses must be loopback.
+# benches/results/, with a per-thread CPU summary), BENCH_CHANGE_EVENTS=1 (nats.change_events: one
+# JetStream message per change, acks awaited before the LSN moves; the check then also requires one
+# message per change on <prefix>.*.change.>). All addresses must be loopback.
 
 set -Eeuo pipefail
 shopt -s inherit_errexit
@@ -84,12 +86,7 @@ cleanup() {
         log "BENCH_KEEP=1: leaving database $DB, slots $SLOT_REF/$SLOT_CDC, stream $STREAM, $WORK"
         exit "$rc"
     fi
-    drop_slots "'$SLOT_REF','$SLOT_CDC'"
-    admin "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 ||
-        log "WARNING: could not drop database $DB"
-    python3 "$ROOT/benches/jetstream.py" "$NATS_URL" delete "$STREAM" >/dev/null 2>&1 ||
-        log "WARNING: could not delete JetStream stream $STREAM"
-    [[ -n $WORK && -d $WORK ]] && rm -rf "$WORK"
+    drop_created "'$SLOT_REF','$SLOT_CDC'"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -279,6 +276,9 @@ EGRESS_ENV=(
     CDC_EGRESS_HTTP_LISTEN="127.0.0.1:$HTTP_PORT"
     CDC_EGRESS_LOG_LEVEL=info
 )
+CHANGE_EVENTS=false
+[[ ${BENCH_CHANGE_EVENTS:-0} == 1 ]] && CHANGE_EVENTS=true
+EGRESS_ENV+=(CDC_EGRESS_NATS_CHANGE_EVENTS=$CHANGE_EVENTS)
 egress_unset
 egress() { (cd "$WORK" && env "${UNSET[@]}" "${EGRESS_ENV[@]}" "$BIN" "$@"); }
 mkdir -p "$WORK/out"
@@ -360,6 +360,13 @@ read -r FILES REG_ROWS REG_I REG_U REG_D REG_GZ REG_CSV < <(sql "
 NOTICES=$(python3 "$ROOT/benches/jetstream.py" "$NATS_URL" info "$STREAM")
 [[ $NOTICES =~ ^[0-9]+$ ]] && NOTICES=$((NOTICES - 1))
 PROBLEMS=()
+EVENTS=0
+if [[ $CHANGE_EVENTS == true ]]; then
+    # Change events share the stream: one per change, none duplicated.
+    EVENTS=$(python3 "$ROOT/benches/jetstream.py" "$NATS_URL" count "$STREAM" "$PREFIX.*.change.>")
+    [[ $EVENTS == "$CHANGES" ]] || PROBLEMS+=("change events $EVENTS != workload changes $CHANGES")
+    [[ $NOTICES =~ ^[0-9]+$ && $EVENTS =~ ^[0-9]+$ ]] && NOTICES=$((NOTICES - EVENTS))
+fi
 [[ $REG_ROWS == "$CHANGES" ]] || PROBLEMS+=("registered rows $REG_ROWS != workload changes $CHANGES")
 [[ "$REG_I $REG_U $REG_D" == "$INS $UPD $DEL" ]] ||
     PROBLEMS+=("registered I/U/D $REG_I/$REG_U/$REG_D != workload $INS/$UPD/$DEL")
@@ -404,8 +411,8 @@ EG_WS_CPU=$(cpu_s eg_ws)
     printf '%-18s walsender %s + pg_recvlogical %s | walsender %s + cdc-egress %s\n' "ctx switches" \
         "$(commas "${SLICES[ref_ws]:-0}")" "$(commas "${SLICES[ref]:-0}")" "$(commas "${SLICES[eg_ws]:-0}")" "$(commas "${SLICES[eg]:-0}")"
     printf '%-18s pg_recvlogical %s, cdc-egress %s\n' "TLS (pg_stat_ssl)" "$REF_SSL" "$EG_SSL"
-    printf '%-18s %s (%s files, %s rows registered, %s notices, %s MiB gz / %s MiB csv; %s warnings in log)\n' \
-        "check" "$CHECK" "$FILES" "$(commas "$REG_ROWS")" "$NOTICES" "$(calc '%.1f' "$REG_GZ / 1048576")" \
+    printf '%-18s %s (%s files, %s rows registered, %s notices, %s change events, %s MiB gz / %s MiB csv; %s warnings in log)\n' \
+        "check" "$CHECK" "$FILES" "$(commas "$REG_ROWS")" "$NOTICES" "$(commas "$EVENTS")" "$(calc '%.1f' "$REG_GZ / 1048576")" \
         "$(calc '%.1f' "$REG_CSV / 1048576")" "$WARNINGS"
     printf '%-18s %s cores, load %s -> %s, PostgreSQL %s, cdc-egress %s\n' machine "$(nproc)" \
         "$LOAD_START" "$LOAD_END" "$PG_VERSION" "$GIT_REV"
@@ -430,7 +437,7 @@ cat >"$ROOT/benches/results/last.json" <<JSON
   "pg_recvlogical": { "seconds": $REF_S, "changes_per_s": $REF_RATE, "cpu_s": $REF_CPU, "walsender_cpu_s": $REF_WS_CPU,
                       "context_switches": ${SLICES[ref]:-0}, "walsender_context_switches": ${SLICES[ref_ws]:-0}, "ssl": "$REF_SSL" },
   "cdc_egress": {
-    "batch_interval_s": $INTERVAL_S,
+    "batch_interval_s": $INTERVAL_S, "change_events": $CHANGE_EVENTS,
     "first_message_s": $FIRST_S,
     "received": { "seconds": $RECV_S, "changes_per_s": $RECV_RATE, "ratio": $(ratio "$RECV_S") },
     "acked": { "seconds": $ACK_S, "changes_per_s": $ACK_RATE, "ratio": $(ratio "$ACK_S"),
@@ -442,7 +449,7 @@ cat >"$ROOT/benches/results/last.json" <<JSON
   },
   "check": {
     "result": "$CHECK", "files": $FILES, "registered_rows": $REG_ROWS, "registered_inserts": $REG_I,
-    "registered_updates": $REG_U, "registered_deletes": $REG_D, "notices": $NOTICES,
+    "registered_updates": $REG_U, "registered_deletes": $REG_D, "notices": $NOTICES, "change_events": $EVENTS,
     "gz_bytes": $REG_GZ, "csv_bytes": $REG_CSV
   }
 }

@@ -74,7 +74,7 @@ pub(super) fn run_batcher(
     mut input_rx: mpsc::Receiver<Input>,
     mut persisted_rx: mpsc::UnboundedReceiver<BatchId>,
     sealed_tx: mpsc::Sender<Sealed<SpooledFile>>,
-    events_tx: Option<mpsc::Sender<EventOut>>,
+    events_tx: Option<mpsc::Sender<Vec<EventOut>>>,
     controls_tx: mpsc::UnboundedSender<Control>,
     confirmed_tx: watch::Sender<Lsn>,
     metrics: Arc<Metrics>,
@@ -139,14 +139,13 @@ pub(super) fn run_batcher(
             }
         }
         if let Some(tx) = &events_tx {
+            // One hand-off (and at most one wake-up of the publisher) per step, not per change.
             batcher.drain_change_events(&mut events);
-            for e in events.drain(..) {
-                if tx.blocking_send(e).is_err() {
-                    return Err(Error::transient(
-                        Component::Daemon,
-                        "change-event publisher stopped",
-                    ));
-                }
+            if !events.is_empty() && tx.blocking_send(std::mem::take(&mut events)).is_err() {
+                return Err(Error::transient(
+                    Component::Daemon,
+                    "change-event publisher stopped",
+                ));
             }
         }
         let c = batcher.confirmed();

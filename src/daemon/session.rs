@@ -46,7 +46,9 @@ use crate::reload::export::Exporter;
 use crate::sink::spool::SpooledFile;
 use crate::table::{quote_ident, quote_literal};
 
-const EVENTS_CAPACITY: usize = 4096;
+/// Chunks of change events (one per batcher step, at most about `CHUNK_FRAMES` events each) in flight
+/// between the batcher thread and the publisher.
+const EVENTS_CAPACITY: usize = 8;
 const SEALED_CAPACITY: usize = 16;
 /// How long a graceful stop waits for the batcher thread and for in-flight deliveries.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
@@ -145,7 +147,7 @@ impl Running {
         let (input_tx, input_rx) = mpsc::channel::<Input>(INPUT_CAPACITY);
         let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed<SpooledFile>>(SEALED_CAPACITY);
         let (persisted_tx, persisted_rx) = mpsc::unbounded_channel::<BatchId>();
-        let (events_tx, events_rx) = mpsc::channel::<EventOut>(EVENTS_CAPACITY);
+        let (events_tx, events_rx) = mpsc::channel::<Vec<EventOut>>(EVENTS_CAPACITY);
         let (confirmed_tx, confirmed_rx) = watch::channel(start);
         let (controls_tx, controls_rx) = mpsc::unbounded_channel::<Control>();
         let reply_now = Arc::new(Notify::new());

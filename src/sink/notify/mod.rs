@@ -622,7 +622,7 @@ impl Notifier {
     /// Starts a pipelined publish (change events); await the returned future for the PubAck.
     pub async fn publish_pipelined(
         &self,
-        subject: String,
+        subject: async_nats::Subject,
         id: &str,
         payload: Bytes,
     ) -> Result<jetstream::context::PublishAckFuture, Error> {
