@@ -1653,8 +1653,8 @@ pub async fn replay_following_ddl(
     let mut loaded: std::collections::HashSet<(String, String)> = Default::default();
     let entries = reg
         .query(
-            "SELECT kind, table_schema, table_name, object_path, schema_path, first_commit_lsn::text \
-             FROM cdc_egress.files WHERE kind IN ('streaming', 'ddl') ORDER BY id",
+            "SELECT kind, table_schema, table_name, object_path, schema_path, first_commit_lsn::text, \
+             last_commit_lsn::text FROM cdc_egress.files WHERE kind IN ('streaming', 'ddl') ORDER BY id",
             &[],
         )
         .await
@@ -1669,11 +1669,14 @@ pub async fn replay_following_ddl(
     for e in entries {
         let (kind, key): (String, (String, String)) = (e.get(0), (e.get(1), e.get(2)));
         let object: String = e.get(3);
-        let first: String = e.get(5);
+        let last: String = e.get(6);
         let cut = reloads.get(&key).cloned();
         if let Some((reload_id, cut)) = &cut {
-            if !ge(&first, cut).await {
-                continue; // superseded by the reload
+            // Wholly below the cut: superseded by the reload. A file that reaches the cut (one
+            // registered before a retried export took a newer cut may start below it) has its
+            // rows below the cut skipped by `apply_file_from`.
+            if !ge(&last, cut).await {
+                continue;
             }
             if loaded.insert(key.clone()) {
                 load_reload(&reg, &store, target, &mut attnums, &key, *reload_id).await;
