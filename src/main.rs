@@ -183,9 +183,11 @@ async fn migrate(config: &Config) -> Result<(), Error> {
     )
     .await?
     {
-        MarkerTrigger::Installed => {
-            println!("reload-marker event trigger {trigger} installed in the source database")
-        }
+        MarkerTrigger::Installed => println!(
+            "reload-marker event trigger {trigger} and the DDL-capture event triggers (schema {}) \
+             installed in the source database",
+            cdc_egress::sink::registry::migrate::capture_schema(&config.registry.schema)
+        ),
         MarkerTrigger::AlreadyInstalled => println!(
             "reload-marker event trigger {trigger} is installed in the source database \
              (left as it is: refreshing it needs a superuser)"

@@ -95,14 +95,25 @@ pub async fn install_reload_marker(
 ) -> Result<MarkerTrigger, Error> {
     let row = c
         .query_one(
-            "SELECT rolsuper, EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = $1 AND evtenabled <> 'D') \
+            "SELECT rolsuper, EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = $1 AND evtenabled <> 'D'), \
+             EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = $2 AND evtenabled <> 'D') \
              FROM pg_roles WHERE rolname = current_user",
-            &[&marker_trigger_name(schema)],
+            &[&marker_trigger_name(schema), &ddl_trigger_name(schema, "ddl_end")],
         )
         .await
         .map_err(|e| pg("check superuser", e))?;
-    let (superuser, present): (bool, bool) = (row.get(0), row.get(1));
+    let (superuser, present, ddl_present): (bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2));
     if !superuser {
+        if present && !ddl_present {
+            // An installation from before DDL capture: reloads work, schema changes get no records.
+            tracing::warn!(
+                "the DDL-capture event triggers are not installed in the source database (installed \
+                 before this version): schema changes get no DDL records and no reload after a \
+                 filled-in default or a rewrite until `cdc-egress migrate` runs as a superuser \
+                 (README \"Schema changes\")"
+            );
+        }
         return Ok(if present {
             MarkerTrigger::AlreadyInstalled
         } else {
