@@ -81,7 +81,7 @@ for _ in $(seq 1 100); do
 done
 
 step="running the sample workload"
-say "sample workload for ${seconds}s: inserts, updates, deletes, multi-table transactions"
+say "sample workload for ${seconds}s: inserts, updates, deletes, multi-table transactions, one schema change"
 end=$((SECONDS + seconds)); i=0
 while [ $SECONDS -lt $end ]; do
   i=$((i + 1))
@@ -94,6 +94,11 @@ COMMIT;
 UPDATE orders SET status = 'shipped' WHERE id % 3 = 0 AND status = 'new';
 DELETE FROM orders WHERE id % 11 = 0;
 SQL
+  if [ "$i" = 3 ]; then
+    # A schema change whose default fills the existing rows: a DDL record, and a reload of orders at
+    # that position (README "Schema changes").
+    psql_ "$db_url" -c "ALTER TABLE orders ADD COLUMN priority integer NOT NULL DEFAULT 1"
+  fi
   sleep 1
 done
 target=$(q "select pg_current_wal_lsn()")
@@ -101,7 +106,8 @@ step="waiting for cdc-egress to confirm $target"
 say "waiting until cdc-egress has confirmed $target"
 ok=f
 for _ in $(seq 1 300); do
-  ok=$(q "select confirmed_flush_lsn >= '$target' from pg_replication_slots where slot_name='cdc_egress_demo'")
+  ok=$(q "select confirmed_flush_lsn >= '$target' and not exists (select 1 from cdc_egress.reloads
+          where status in ('requested', 'running')) from pg_replication_slots where slot_name='cdc_egress_demo'")
   [ "$ok" = t ] && break
   sleep 0.5
 done
@@ -120,8 +126,13 @@ say "first lines of $(basename "$(dirname "$first")")/data.csv.gz"
 gzip -dc "$first" | sed -n 1,5p
 say "its schema.yml (excerpt)"
 head -24 "$(dirname "$first")/schema.yml"
+ddl=$(find "$demo/out" -name ddl.yml | sort | sed -n 1p)
+if [ -n "$ddl" ]; then
+  say "the schema change's record: $(dirname "${ddl#"$demo"/}")/ddl.yml (excerpt)"
+  sed -n 1,16p "$ddl"
+fi
 say "registry file log (cdc_egress.files)"
-psql "$db_url" -c "SELECT id, table_name, row_count, byte_size, first_commit_lsn, last_commit_lsn, notified_stream_seq FROM cdc_egress.files ORDER BY id LIMIT 10"
+psql "$db_url" -c "SELECT id, table_name, kind, row_count, byte_size, first_commit_lsn, last_commit_lsn, notified_stream_seq FROM cdc_egress.files ORDER BY id LIMIT 10"
 say "cdc-egress status"
 "$bin" --config "$demo/cdc-egress.yml" status
 say "newest JetStream notices (stream CDC_EGRESS_DEMO, subjects demo.shop.batch.<schema>.<table>)"
