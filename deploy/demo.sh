@@ -128,8 +128,8 @@ say "its schema.yml (excerpt)"
 head -24 "$(dirname "$first")/schema.yml"
 ddl=$(find "$demo/out" -name ddl.yml | sort | sed -n 1p)
 if [ -n "$ddl" ]; then
-  say "the schema change's record: $(dirname "${ddl#"$demo"/}")/ddl.yml (excerpt)"
-  sed -n 1,16p "$ddl"
+  say "the schema change's record: $(dirname "${ddl#"$demo"/}")/ddl.yml (its one-line fields)"
+  grep -E '^[a-z_]+: [^ ]' "$ddl" || true
 fi
 say "registry file log (cdc_egress.files)"
 psql "$db_url" -c "SELECT id, table_name, kind, row_count, byte_size, first_commit_lsn, last_commit_lsn, notified_stream_seq FROM cdc_egress.files ORDER BY id LIMIT 10"
