@@ -849,6 +849,23 @@ impl<F: SpoolFactory> Batcher<F> {
         {
             return Ok(());
         }
+        // The record's columns are the catalog at the DDL's position: they give the table's known
+        // schema its attnums (matched by name; a name the record does not list keeps its own), so
+        // the files after the DDL carry exact column identities even when no Relation message is
+        // sent before them or it was described after a later DDL (the fingerprint, which the
+        // attnums are not part of, is unchanged).
+        if let (Some(cols), Some(known)) = (
+            &change.columns,
+            self.relations.get_mut(&change.relation_oid),
+        ) {
+            let mut patched = (**known).clone();
+            for c in &mut patched.columns {
+                if let Some(d) = cols.iter().find(|d| d.name == c.name) {
+                    c.attnum = Some(d.attnum);
+                }
+            }
+            *known = Arc::new(patched);
+        }
         let table = change.table_name();
         let reload = change
             .needs_reload(publication, self.rewrite_policy)

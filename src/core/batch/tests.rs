@@ -1096,3 +1096,34 @@ fn a_ddl_record_of_a_held_table_leaves_among_the_parked_rows_in_position_order()
     }
     assert_eq!(b.confirmed(), Lsn(105));
 }
+
+#[test]
+fn a_ddl_record_gives_the_known_schema_its_attnums() {
+    let mut b = one_table_batcher();
+    b.set_ddl_scope("pub", RewritePolicy::Record);
+    let mut sealed = Vec::new();
+    // `schema(0)` has no attnums; the record lists id@1 (and d@3, which the relation lacks).
+    txn_with_ddl(
+        &mut b,
+        100,
+        &ddl_json("alter", &["pub"], false, None),
+        (0, 1),
+        &mut sealed,
+    );
+    b.seal_all(&mut sealed).unwrap();
+    let Some(Sealed::Batch(batch)) = sealed.last() else {
+        panic!("{sealed:?}")
+    };
+    let attnums: Vec<(String, Option<i16>)> = batch
+        .schema
+        .columns
+        .iter()
+        .map(|c| (c.name.clone(), c.attnum))
+        .collect();
+    assert_eq!(
+        attnums,
+        [("id".to_string(), Some(1)), ("v".to_string(), None)],
+        "matched by name; a name the record does not list keeps its own"
+    );
+    assert_eq!(batch.schema.fingerprint(), schema(0).fingerprint());
+}
