@@ -595,16 +595,15 @@ pub async fn published_subset(
     Ok(published_subset_of(&entries))
 }
 
-/// Builds the table schema for a Relation message: names, OIDs and typmods from the message (what the
-/// WAL says at that position); type names via `format_type`, NOT NULL, primary-key positions and
-/// attnums from the current catalog (matched by column name; a column the catalog no longer has is
-/// nullable, keyless and without an attnum).
-pub async fn describe_relation(c: &Client, rel: &Relation) -> Result<Arc<TableSchema>, Error> {
-    let oids: Vec<u32> = rel.columns.iter().map(|c| c.type_oid).collect();
-    let mods: Vec<i32> = rel.columns.iter().map(|c| c.type_modifier).collect();
-    let names: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
-    let rows = c
-        .query(
+/// The catalog facts of a Relation's columns, one row per column in order (see `describe_relation`).
+async fn describe_rows(
+    c: &Client,
+    rel: &Relation,
+    oids: &[u32],
+    mods: &[i32],
+    names: &[&str],
+) -> Result<Vec<tokio_postgres::Row>, Error> {
+    c.query(
             "SELECT t.ord::int, format_type(t.oid, NULLIF(t.typmod, -1)), \
                     COALESCE(a.attnotnull, false), \
                     (SELECT k.ord::int2 FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
@@ -616,7 +615,30 @@ pub async fn describe_relation(c: &Client, rel: &Relation) -> Result<Arc<TableSc
             &[&oids, &mods, &names, &rel.oid],
         )
         .await
-        .map_err(|e| pg(&format!("describe relation {}.{}", rel.namespace, rel.name), e))?;
+        .map_err(|e| pg(&format!("describe relation {}.{}", rel.namespace, rel.name), e))
+}
+
+/// Builds the table schema for a Relation message: names, OIDs and typmods from the message (what the
+/// WAL says at that position); type names via `format_type`, NOT NULL, primary-key positions and
+/// attnums from the current catalog (matched by column name; a column the catalog no longer has is
+/// nullable, keyless and without an attnum).
+pub async fn describe_relation(c: &Client, rel: &Relation) -> Result<Arc<TableSchema>, Error> {
+    let oids: Vec<u32> = rel.columns.iter().map(|c| c.type_oid).collect();
+    let mods: Vec<i32> = rel.columns.iter().map(|c| c.type_modifier).collect();
+    let names: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
+    // The walsender may send a transaction's changes a moment before the transaction is visible to
+    // other sessions (it is flushed before it leaves the process array): a column its DDL added or
+    // renamed can be missing from the catalog for that moment. Ask again briefly; a name still
+    // missing after that was renamed or dropped again since (README "schema.yml").
+    let mut attempt = 0;
+    let rows = loop {
+        let rows = describe_rows(c, rel, &oids, &mods, &names).await?;
+        attempt += 1;
+        if attempt >= 25 || rows.iter().all(|r| r.get::<_, Option<i16>>(4).is_some()) {
+            break rows;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     let mut columns = Vec::with_capacity(rel.columns.len());
     for (col, row) in rel.columns.iter().zip(rows) {
         let not_null: bool = row.get(2);

@@ -310,6 +310,8 @@ pub struct Batcher<F: SpoolFactory> {
     /// DDL records of held tables, in position order: they leave with the parked rows, in position
     /// order among them, when the hold is released (so the registry keeps a table's order).
     deferred_ddl: FastMap<TableName, Vec<DdlRecord>>,
+    /// Per relation OID, the columns (name, attnum) of its last DDL record.
+    ddl_attnums: FastMap<u32, Arc<[(String, i16)]>>,
     /// Reload cuts not yet passed by the stream: the table's open batch holds only rows below the
     /// cut, and the first row at or after it seals that batch first (so no batch straddles a cut).
     cuts: FastMap<TableName, Lsn>,
@@ -360,6 +362,7 @@ impl<F: SpoolFactory> Batcher<F> {
             change_events: None,
             holds: FastMap::default(),
             deferred_ddl: FastMap::default(),
+            ddl_attnums: FastMap::default(),
             cuts: FastMap::default(),
             controls: Vec::new(),
             marker_prefix: "cdc_egress:cdc_egress".into(),
@@ -409,6 +412,10 @@ impl<F: SpoolFactory> Batcher<F> {
         schema: Arc<TableSchema>,
         sealed: &mut Vec<Sealed<F::Spool>>,
     ) -> Result<(), Error> {
+        let schema = match self.ddl_attnums.get(&schema.relation_oid) {
+            Some(cols) => with_ddl_attnums(&schema, cols),
+            None => schema,
+        };
         if let Some(open) = self.open.get(&schema.table) {
             if open.schema.fingerprint() != schema.fingerprint() {
                 let table = schema.table.clone();
@@ -850,21 +857,14 @@ impl<F: SpoolFactory> Batcher<F> {
             return Ok(());
         }
         // The record's columns are the catalog at the DDL's position: they give the table's known
-        // schema its attnums (matched by name; a name the record does not list keeps its own), so
-        // the files after the DDL carry exact column identities even when no Relation message is
-        // sent before them or it was described after a later DDL (the fingerprint, which the
-        // attnums are not part of, is unchanged).
-        if let (Some(cols), Some(known)) = (
-            &change.columns,
-            self.relations.get_mut(&change.relation_oid),
-        ) {
-            let mut patched = (**known).clone();
-            for c in &mut patched.columns {
-                if let Some(d) = cols.iter().find(|d| d.name == c.name) {
-                    c.attnum = Some(d.attnum);
-                }
+        // schema, and every Relation of it described later, its attnums (see `with_ddl_attnums`).
+        if let Some(cols) = &change.columns {
+            let cols: Arc<[(String, i16)]> =
+                cols.iter().map(|c| (c.name.clone(), c.attnum)).collect();
+            if let Some(known) = self.relations.get_mut(&change.relation_oid) {
+                *known = with_ddl_attnums(known, &cols);
             }
-            *known = Arc::new(patched);
+            self.ddl_attnums.insert(change.relation_oid, cols);
         }
         let table = change.table_name();
         let reload = change
@@ -1084,6 +1084,21 @@ impl<F: SpoolFactory> Batcher<F> {
         }
         Ok(())
     }
+}
+
+/// `schema` with the attnums of `cols` (a DDL record's columns, exact at its position), matched by
+/// name; a name they do not list keeps its own. A Relation's attnums come from the catalog when the
+/// daemon reads it, which may be a moment before the transaction that sent it is visible to other
+/// sessions, or after a later DDL; a DDL record's are the catalog at the DDL itself. The fingerprint
+/// (names and types) is unchanged.
+fn with_ddl_attnums(schema: &Arc<TableSchema>, cols: &[(String, i16)]) -> Arc<TableSchema> {
+    let mut patched = (**schema).clone();
+    for c in &mut patched.columns {
+        if let Some((_, attnum)) = cols.iter().find(|(name, _)| *name == c.name) {
+            c.attnum = Some(*attnum);
+        }
+    }
+    Arc::new(patched)
 }
 
 /// `_before`: the old key (only replica-identity key columns) or the old row (REPLICA IDENTITY FULL)
