@@ -165,8 +165,9 @@ async fn every_schema_and_publication_change_replays_to_the_source() {
         .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())),
         "one record per committed change of a published table, in commit order"
     );
-    // The type change joins the reload the filled-in column started, or, when that one's cut was
-    // already taken below it, makes it take a new one: either way one reload of t, done.
+    // The type change joins the reload the filled-in column started (or, when that one's cut was
+    // already taken below it, makes it take a new one), or, when that reload ended before the stream
+    // reached the type change, starts a second one: one or two reloads of t, all done.
     let reloads: Vec<String> = c
         .query(
             "SELECT reason || ' ' || status || ' ' || table_name || coalesce(' ' || error, '') \
@@ -178,7 +179,10 @@ async fn every_schema_and_publication_change_replays_to_the_source() {
         .into_iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(reloads, ["ddl done t", "published done u"]);
+    let mut distinct = reloads.clone();
+    distinct.dedup();
+    assert_eq!(distinct, ["ddl done t", "published done u"], "{reloads:?}");
+    assert!(reloads.len() <= 3, "{reloads:?}");
     let modes = pairs(
         &c,
         "SELECT table_name, mode FROM cdc_egress.tables ORDER BY table_name",
