@@ -1451,7 +1451,6 @@ pub async fn replay_source(
     options: &HashMap<String, String>,
     target: &Client,
 ) -> SourceReplay {
-    use futures::SinkExt;
     use sha2::Digest;
     let reg = connect(registry_url).await;
     let store =
@@ -1493,24 +1492,13 @@ pub async fn replay_source(
             "done reload {id} of source {source:?} has no parts"
         );
         for p in parts {
-            let data = store
-                .get(&cdc_egress::sink::layout::stored_path(
-                    &p.get::<_, String>(0),
-                ))
-                .await
-                .unwrap();
-            let mut csv = Vec::new();
-            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut csv)
-                .unwrap();
-            let sink = target
-                .copy_in(&format!(
-                    "COPY {qualified} FROM STDIN (FORMAT csv, HEADER, NULL '\\N')"
-                ))
-                .await
-                .unwrap();
-            futures::pin_mut!(sink);
-            sink.send(bytes::Bytes::from(csv)).await.unwrap();
-            let n = sink.finish().await.unwrap();
+            let n = copy_part(
+                &store,
+                &p.get::<_, String>(0),
+                target,
+                &format!("COPY {qualified} FROM STDIN (FORMAT csv, HEADER, NULL '\\N')"),
+            )
+            .await;
             assert_eq!(
                 n,
                 p.get::<_, i64>(1) as u64,
@@ -1625,7 +1613,6 @@ pub async fn replay_following_ddl(
     output_url: &str,
     target: &Client,
 ) -> DdlReplay {
-    use futures::SinkExt;
     let reg = connect(registry_url).await;
     let store = cdc_egress::sink::store::Store::open(output_url, &Default::default()).unwrap();
     let get = async |path: &str| -> Vec<u8> {
@@ -1763,24 +1750,13 @@ pub async fn replay_following_ddl(
             .collect::<Vec<_>>()
             .join(", ");
         for p in parts {
-            let data = store
-                .get(&cdc_egress::sink::layout::stored_path(
-                    &p.get::<_, String>(0),
-                ))
-                .await
-                .unwrap();
-            let mut csv = Vec::new();
-            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut csv)
-                .unwrap();
-            let sink = target
-                .copy_in(&format!(
-                    "COPY {qualified} ({list}) FROM STDIN (FORMAT csv, HEADER, NULL '\\N')"
-                ))
-                .await
-                .unwrap();
-            futures::pin_mut!(sink);
-            sink.send(bytes::Bytes::from(csv)).await.unwrap();
-            sink.finish().await.unwrap();
+            copy_part(
+                store,
+                &p.get::<_, String>(0),
+                target,
+                &format!("COPY {qualified} ({list}) FROM STDIN (FORMAT csv, HEADER, NULL '\\N')"),
+            )
+            .await;
         }
     }
 }
@@ -1953,4 +1929,25 @@ async fn reshape(target: &Client, attnums: &mut Attnums, key: &(String, String),
             map.insert(a, c.name.clone());
         }
     }
+}
+
+/// Loads one gzipped CSV object (a reload part) into `target` with `copy` (`COPY … FROM STDIN`);
+/// returns the rows copied.
+async fn copy_part(
+    store: &cdc_egress::sink::store::Store,
+    object: &str,
+    target: &Client,
+    copy: &str,
+) -> u64 {
+    use futures::SinkExt;
+    let data = store
+        .get(&cdc_egress::sink::layout::stored_path(object))
+        .await
+        .unwrap();
+    let mut csv = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut csv).unwrap();
+    let sink = target.copy_in(copy).await.unwrap();
+    futures::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(csv)).await.unwrap();
+    sink.finish().await.unwrap()
 }
