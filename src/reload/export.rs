@@ -350,7 +350,19 @@ impl Exporter {
         cut.release().await;
 
         // Plan every table inside the snapshot.
-        let published = published_tables(&clients[0], &self.publication).await?;
+        // Listing the publication in an old snapshot opens every table the snapshot's catalog
+        // names; one a DDL dropped since the cut (a partition, say) fails with an internal error
+        // ("could not open relation"). That is this attempt's snapshot being too old, not a
+        // definite problem: the retry takes a new cut.
+        let published = published_tables(&clients[0], &self.publication)
+            .await
+            .map_err(|e| match e.sqlstate() {
+                Some("XX000") => Error::transient(
+                    Component::Reload,
+                    format!("{e} (a table was dropped after the cut; retrying with a new cut)"),
+                ),
+                _ => e,
+            })?;
         let mut plans = Vec::with_capacity(jobs.len());
         for job in &jobs {
             plans.push(
