@@ -12,6 +12,7 @@
 //! | `after_manifest` | manifest written, notice not yet published                    |
 //! | `after_publish`  | notice acknowledged by JetStream, sequence not yet recorded   |
 //! | `before_status`  | batch persisted, the new confirmed LSN not yet sent           |
+//! | `apply_mid_file` | `cdc-egress apply`: half a file's rows applied, not committed |
 //!
 //! Without the variable, [`hit`] is one relaxed load of an initialized `OnceLock`.
 

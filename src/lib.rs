@@ -9,6 +9,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod consume;
 pub mod core;
 pub mod daemon;
 pub mod error;

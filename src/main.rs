@@ -67,6 +67,54 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Apply the files to tables in a target PostgreSQL by the consumer rule, incrementally and
+    /// exactly once (README "Loading into PostgreSQL: apply").
+    Apply {
+        /// The target database, e.g. postgres://user@host/warehouse.
+        #[arg(long, value_name = "URL")]
+        into: String,
+        /// Only these tables (schema.table; default: every table of the source).
+        #[arg(value_name = "SCHEMA.TABLE")]
+        tables: Vec<String>,
+        /// Keep applying new files as they are registered, until Ctrl-C.
+        #[arg(long)]
+        follow: bool,
+        /// With --follow: how often the registry is polled.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+        poll: std::time::Duration,
+        /// Where the target keeps its progress.
+        #[arg(long, value_name = "SCHEMA", default_value = "cdc_egress_apply")]
+        state_schema: String,
+        /// Put each table into the schema `<prefix><schema>` of the target.
+        #[arg(long, value_name = "PREFIX", default_value = "")]
+        schema_prefix: String,
+    },
+    /// Prove that the files equal the source: rebuild each table from its files at a consistent
+    /// position of the source and compare row by row (README "Verifying").
+    /// Exit 0 equal, 1 different (or not caught up), 2 usage.
+    Verify {
+        /// Only these tables (schema.table; default: every published table).
+        #[arg(value_name = "SCHEMA.TABLE")]
+        tables: Vec<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Differing keys shown per table and kind.
+        #[arg(long, default_value_t = 5)]
+        samples: usize,
+        /// How long to wait for the daemon to confirm the position.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
+        wait: std::time::Duration,
+        /// The PostgreSQL for the scratch schemas (default: the registry's database).
+        #[arg(long, value_name = "URL")]
+        scratch: Option<String>,
+        /// Leave the scratch schemas for inspection.
+        #[arg(long)]
+        keep_scratch: bool,
+        /// Request a reload of each table that differs (through the WAL marker, like `reload`).
+        #[arg(long)]
+        repair: bool,
+    },
     /// Print the newest JetStream notices of the configured stream.
     Notices {
         /// How many messages, newest last.
@@ -114,7 +162,63 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async move {
+        let done = |r: Result<(), Error>| r.map(|()| ExitCode::SUCCESS);
         match cli.command {
+            Command::Apply {
+                into,
+                tables,
+                follow,
+                poll,
+                state_schema,
+                schema_prefix,
+            } => {
+                let naming = cdc_egress::consume::target::Naming {
+                    state_schema,
+                    schema_prefix,
+                    unlogged: false,
+                };
+                done(apply(&config, &into, &tables, follow, poll, naming).await)
+            }
+            Command::Verify {
+                tables,
+                json,
+                samples,
+                wait,
+                scratch,
+                keep_scratch,
+                repair,
+            } => {
+                let opts = cdc_egress::consume::verify::VerifyOptions {
+                    tables: parse_tables(&tables)?,
+                    samples,
+                    wait,
+                    keep_scratch,
+                    progress: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                };
+                verify(&config, scratch.as_deref(), &opts, json, repair).await
+            }
+            other => done(one_shot(&config, other).await),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // Once: the daemon's log is its stderr; one-shot commands print the error themselves.
+            if is_daemon {
+                tracing::error!(error = %e, "exiting");
+            } else {
+                eprintln!("cdc-egress: {e}");
+            }
+            exit_for(&e)
+        }
+    }
+}
+
+/// The commands that either succeed or fail.
+async fn one_shot(config: &Config, command: Command) -> Result<(), Error> {
+    let config = config.clone();
+    {
+        match command {
             Command::Migrate => migrate(&config).await,
             Command::Run => run(config).await,
             Command::Status { json } => {
@@ -146,20 +250,140 @@ fn main() -> ExitCode {
             }
             Command::Notices { limit } => notices(&config, limit).await,
             Command::ReleaseOwner { yes } => release_owner(&config, yes).await,
-        }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // Once: the daemon's log is its stderr; one-shot commands print the error themselves.
-            if is_daemon {
-                tracing::error!(error = %e, "exiting");
-            } else {
-                eprintln!("cdc-egress: {e}");
-            }
-            exit_for(&e)
+            Command::Apply { .. } | Command::Verify { .. } => unreachable!("handled by main"),
         }
     }
+}
+
+fn parse_tables(tables: &[String]) -> Result<Vec<cdc_egress::table::TableName>, Error> {
+    tables
+        .iter()
+        .map(|t| {
+            cdc_egress::table::TableName::parse(t).ok_or_else(|| {
+                Error::definite(
+                    Component::Config,
+                    format!("{t:?} is not a table name (schema.table, or a bare name for public)"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The registry listing and the objects of this configuration's source.
+async fn consumer_inputs(
+    config: &Config,
+) -> Result<
+    (
+        cdc_egress::consume::listing::Listing,
+        cdc_egress::consume::listing::Objects,
+    ),
+    Error,
+> {
+    let registry = config.registry_conninfo()?.connect().await?;
+    let listing = cdc_egress::consume::listing::Listing::open(
+        registry,
+        &config.registry.schema,
+        Some(&config.source.name),
+    )
+    .await?;
+    let store =
+        cdc_egress::sink::store::Store::open(&config.output.url, &config.output.options_exposed())?;
+    Ok((listing, cdc_egress::consume::listing::Objects::new(store)))
+}
+
+async fn apply(
+    config: &Config,
+    into: &str,
+    tables: &[String],
+    follow: bool,
+    poll: std::time::Duration,
+    naming: cdc_egress::consume::target::Naming,
+) -> Result<(), Error> {
+    use cdc_egress::consume::apply::{Applier, ApplyOptions};
+    let target = cdc_egress::pg::conninfo::ConnInfo::parse(into)
+        .map_err(|e| e.context("--into"))?
+        .connect()
+        .await?;
+    let (listing, objects) = consumer_inputs(config).await?;
+    let options = ApplyOptions {
+        tables: parse_tables(tables)?,
+        until: None,
+        strict: true,
+        ignore_reloads: false,
+    };
+    let mut applier = Applier::open(listing, objects, target, naming, options).await?;
+    let report = if follow {
+        let stop = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        applier.follow(poll, stop).await?
+    } else {
+        applier.catch_up().await?
+    };
+    println!(
+        "applied {} streaming files ({} rows), {} schema changes, {} reloads; at file {}",
+        report.streaming_files,
+        report.rows_applied,
+        report.ddl_records,
+        report.reloads_loaded,
+        report.last_file_id
+    );
+    Ok(())
+}
+
+async fn verify(
+    config: &Config,
+    scratch: Option<&str>,
+    opts: &cdc_egress::consume::verify::VerifyOptions,
+    json: bool,
+    repair: bool,
+) -> Result<ExitCode, Error> {
+    use cdc_egress::consume::verify::{verify, VerifyInputs};
+    let scratch = match scratch {
+        Some(url) => {
+            cdc_egress::pg::conninfo::ConnInfo::parse(url).map_err(|e| e.context("--scratch"))?
+        }
+        None => config.registry_conninfo()?,
+    };
+    let (listing, objects) = consumer_inputs(config).await?;
+    let source = config.source_conninfo()?;
+    let report = verify(
+        VerifyInputs {
+            source: &source,
+            slot: &config.source.slot,
+            publication: &config.source.publication,
+            listing,
+            objects,
+            scratch: &scratch,
+            registry_schema: &config.registry.schema,
+        },
+        opts,
+    )
+    .await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("the report serializes")
+        );
+    } else {
+        print!("{}", cdc_egress::consume::verify::render_text(&report));
+    }
+    let differing: Vec<String> = report
+        .tables
+        .iter()
+        .filter(|t| !t.equal())
+        .map(|t| t.table.clone())
+        .collect();
+    if repair && !differing.is_empty() {
+        for (t, id) in cdc_egress::reload::request::request(config, &differing).await? {
+            eprintln!("reload of {t} requested (request {id})");
+        }
+    }
+    Ok(if report.equal {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn migrate(config: &Config) -> Result<(), Error> {

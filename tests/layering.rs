@@ -18,7 +18,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("pure core", &["core"]),
     ("stages", &["pg", "sink", "observe"]),
     ("assembly", &["config", "reload"]),
-    ("drivers", &["daemon", "status", "main", "crate"]),
+    ("drivers", &["daemon", "consume", "status", "main", "crate"]),
 ];
 
 fn layer_of(module: &str) -> usize {

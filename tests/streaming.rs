@@ -150,6 +150,10 @@ async fn mixed_workload_on_object_store(
     workload::phase1(&c).await;
     workload::phase2(&c).await;
     db.wait_caught_up(CATCH_UP).await;
+    // `verify` reads the same store through object_store and finds every table equal.
+    let (code, stdout, stderr) = run_cli(&["verify"], &env, db.dir.path());
+    assert_eq!(code, 0, "verify on {out}:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("the files equal the source"), "{stdout}");
     let log = d.log_text();
     assert!(d.stop().await.success(), "log:\n{log}");
     for (k, v) in options {

@@ -19,3 +19,4 @@ pub mod ddl;
 pub mod decode;
 pub mod encode;
 pub mod reload;
+pub mod replay;

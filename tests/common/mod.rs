@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use cdc_egress::lsn::Lsn;
 use cdc_egress::pg::conninfo::ConnInfo;
-use cdc_egress::table::{quote_ident, TableName};
+use cdc_egress::table::quote_ident;
 use tokio_postgres::Client;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -850,24 +850,6 @@ pub fn run_cli(
 // ---------------------------------------------------------------------------------------------
 // Replay: what a consumer following the documented rules does.
 
-#[derive(serde::Deserialize, Debug)]
-struct SchemaCol {
-    name: String,
-    #[serde(rename = "type")]
-    type_name: String,
-    primary_key: Option<u16>,
-    #[serde(default)]
-    attnum: Option<i16>,
-}
-
-#[derive(serde::Deserialize, Debug)]
-struct SchemaYml {
-    schema: String,
-    table: String,
-    columns: Vec<SchemaCol>,
-    metadata_columns: Vec<serde_yaml::Value>,
-}
-
 /// Summary of a replay, for assertions.
 #[derive(Debug, Default)]
 pub struct ReplayReport {
@@ -877,10 +859,9 @@ pub struct ReplayReport {
 }
 
 /// Replays every streaming file of the registry, in registry order, into `target` (tables with the
-/// same names and columns must exist there). Files are loaded with PostgreSQL's own
-/// `COPY … FROM (FORMAT csv, HEADER, NULL '\N')` into a text staging table, then applied row by row:
-/// I → INSERT; U → UPDATE by the old key (`_before`, else the new key) of the columns not listed in
-/// `_unchanged`; D → DELETE by the old key; T → TRUNCATE. Checks each file's checksum.
+/// same names and columns must exist there), ignoring reloads: the consumer rule without its first
+/// step, through the reference loader (`cdc_egress::consume`), which checks each file's checksum
+/// and row count. Only meaningful when the tables were empty at the initial export.
 pub async fn replay(
     registry_url: &str,
     registry_schema: &str,
@@ -888,248 +869,97 @@ pub async fn replay(
     options: &HashMap<String, String>,
     target: &Client,
 ) -> ReplayReport {
-    use sha2::Digest;
     let reg = connect(registry_url).await;
-    let store =
-        cdc_egress::sink::store::Store::open(output_url, &options.clone().into_iter().collect())
-            .unwrap();
-    let rows = reg
+    let files = reg
         .query(
             &format!(
-                "SELECT batch_id, object_path, schema_path, checksum, row_count, kind FROM {}.files ORDER BY id",
+                "SELECT batch_id, row_count FROM {}.files WHERE kind = 'streaming' ORDER BY id",
                 quote_ident(registry_schema)
             ),
             &[],
         )
         .await
         .unwrap();
-    let mut report = ReplayReport::default();
-    for r in rows {
-        let kind: String = r.get(5);
-        if kind != "streaming" {
-            continue;
-        }
-        let batch_id: String = r.get(0);
-        let data = store
-            .get(&cdc_egress::sink::layout::stored_path(
-                &r.get::<_, String>(1),
-            ))
-            .await
-            .unwrap();
-        let checksum: String = r.get(3);
-        assert_eq!(
-            checksum,
-            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data))),
-            "checksum of {batch_id}"
-        );
-        let schema_text = store
-            .get(&cdc_egress::sink::layout::stored_path(
-                &r.get::<_, String>(2),
-            ))
-            .await
-            .unwrap();
-        let schema: SchemaYml = serde_yaml::from_slice(&schema_text).unwrap();
-        let mut csv = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut csv).unwrap();
-        let n = apply_file(target, &schema, &csv).await;
-        assert_eq!(n, r.get::<_, i64>(4) as u64, "row count of {batch_id}");
-        report.files += 1;
-        report.rows += n;
-        report.batch_ids.push(batch_id);
-    }
+    let report = ReplayReport {
+        files: files.len(),
+        rows: files.iter().map(|r| r.get::<_, i64>(1) as u64).sum(),
+        batch_ids: files.iter().map(|r| r.get(0)).collect(),
+    };
+    consume(
+        registry_url,
+        registry_schema,
+        None,
+        output_url,
+        options,
+        target,
+        Ignore::Reloads,
+    )
+    .await;
     report
 }
 
-async fn apply_file(target: &Client, schema: &SchemaYml, csv: &[u8]) -> u64 {
-    apply_file_from(target, schema, csv, None).await
+/// What the replay ignores of the registry.
+#[derive(PartialEq)]
+enum Ignore {
+    Nothing,
+    Reloads,
 }
 
-/// Applies a streaming file, skipping rows whose `_commit_lsn` is below `min_lsn` (a reload's cut).
-/// Returns the number of rows in the file.
-async fn apply_file_from(
+/// Runs the reference loader (`cdc_egress::consume::apply`, strict) over one source of the
+/// registry into the database of `target`; panics with the loader's error.
+async fn consume(
+    registry_url: &str,
+    registry_schema: &str,
+    source: Option<&str>,
+    output_url: &str,
+    options: &HashMap<String, String>,
     target: &Client,
-    schema: &SchemaYml,
-    csv: &[u8],
-    min_lsn: Option<&str>,
-) -> u64 {
-    use futures::SinkExt;
-    let table = TableName::new(schema.schema.clone(), schema.table.clone()).quoted();
-    let meta = [
-        "_op",
-        "_commit_lsn",
-        "_seq",
-        "_xid",
-        "_commit_ts",
-        "_before",
-        "_unchanged",
-    ];
-    assert_eq!(schema.metadata_columns.len(), meta.len());
-    let ncols = schema.columns.len();
-    let stage_cols: Vec<String> = meta
-        .iter()
-        .map(|m| m.to_string())
-        .chain((0..ncols).map(|i| format!("c{i}")))
-        .collect();
-    target
-        .batch_execute(&format!(
-            "DROP TABLE IF EXISTS pg_temp.stage; CREATE TEMP TABLE stage ({}, _n bigserial)",
-            stage_cols
-                .iter()
-                .map(|c| format!("{c} text"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-        .await
-        .unwrap();
-    let sink = target
-        .copy_in(&format!(
-            "COPY pg_temp.stage ({}) FROM STDIN (FORMAT csv, HEADER, NULL '\\N')",
-            stage_cols.join(", ")
-        ))
-        .await
-        .unwrap();
-    futures::pin_mut!(sink);
-    sink.send(bytes::Bytes::copy_from_slice(csv)).await.unwrap();
-    sink.finish().await.unwrap();
-    let total: i64 = target
-        .query_one("SELECT count(*) FROM pg_temp.stage", &[])
+    ignore: Ignore,
+) -> cdc_egress::consume::apply::ApplyReport {
+    use cdc_egress::consume::{apply, listing, target as tgt};
+    let target_db: String = target
+        .query_one("SELECT current_database()::text", &[])
         .await
         .unwrap()
         .get(0);
-    let filter = match min_lsn {
-        Some(l) => format!("WHERE _commit_lsn::pg_lsn >= '{l}'::pg_lsn"),
-        None => String::new(),
-    };
-    let staged = target
-        .query(
-            &format!(
-                "SELECT {} FROM pg_temp.stage {filter} ORDER BY _n",
-                stage_cols.join(", ")
-            ),
-            &[],
-        )
+    let target_url = with_db(&pg_base_url(), &target_db);
+    let reg = connect(registry_url).await;
+    let listing = listing::Listing::open(reg, registry_schema, source)
         .await
-        .unwrap();
-    let key_cols: Vec<usize> = {
-        let mut k: Vec<(u16, usize)> = schema
-            .columns
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| c.primary_key.map(|p| (p, i)))
-            .collect();
-        k.sort();
-        k.into_iter().map(|(_, i)| i).collect()
+        .unwrap_or_else(|e| panic!("open the registry: {e}"));
+    let store =
+        cdc_egress::sink::store::Store::open(output_url, &options.clone().into_iter().collect())
+            .unwrap();
+    let state_schema = if ignore == Ignore::Reloads {
+        "cdc_egress_apply_streaming"
+    } else {
+        "cdc_egress_apply"
     };
-    let cast = |i: usize, p: usize| format!("${p}::text::{}", schema.columns[i].type_name);
-    let col = |i: usize| quote_ident(&schema.columns[i].name);
-    for row in &staged {
-        let op: String = row.get(0);
-        let before: Option<String> = row.get(5);
-        let unchanged: Option<String> = row.get(6);
-        let vals: Vec<Option<String>> = (0..ncols).map(|i| row.get(7 + i)).collect();
-        let before: Option<serde_json::Map<String, serde_json::Value>> =
-            before.map(|b| serde_json::from_str(&b).unwrap());
-        let unchanged: Vec<String> = unchanged
-            .map(|u| serde_json::from_str(&u).unwrap())
-            .unwrap_or_default();
-        // The key: the old values from _before when present, else the row's own key columns.
-        let key_of = |i: usize| -> Option<String> {
-            match &before {
-                Some(b) => b
-                    .get(&schema.columns[i].name)
-                    .and_then(|v| v.as_str().map(str::to_string)),
-                None => vals[i].clone(),
-            }
-        };
-        let (key_idx, full): (Vec<usize>, bool) = if key_cols.is_empty() {
-            (
-                (0..ncols)
-                    .filter(|i| {
-                        before
-                            .as_ref()
-                            .is_some_and(|b| b.contains_key(&schema.columns[*i].name))
-                    })
-                    .collect(),
-                true,
-            )
-        } else {
-            (key_cols.clone(), false)
-        };
-        match op.as_str() {
-            "I" => {
-                let sql = format!(
-                    "INSERT INTO {table} ({}) VALUES ({})",
-                    (0..ncols).map(col).collect::<Vec<_>>().join(", "),
-                    (0..ncols)
-                        .map(|i| cast(i, i + 1))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vals
-                    .iter()
-                    .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
-                    .collect();
-                target
-                    .execute(&sql, &params)
-                    .await
-                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
-            }
-            "U" | "D" => {
-                let mut params: Vec<Option<String>> = Vec::new();
-                let mut sets = Vec::new();
-                if op == "U" {
-                    for (i, v) in vals.iter().enumerate() {
-                        if unchanged.contains(&schema.columns[i].name) {
-                            continue;
-                        }
-                        params.push(v.clone());
-                        sets.push(format!("{} = {}", col(i), cast(i, params.len())));
-                    }
-                }
-                let mut conds = Vec::new();
-                for &i in &key_idx {
-                    params.push(key_of(i));
-                    conds.push(format!(
-                        "{} IS NOT DISTINCT FROM {}",
-                        col(i),
-                        cast(i, params.len())
-                    ));
-                }
-                let cond = if conds.is_empty() {
-                    "true".to_string()
-                } else {
-                    conds.join(" AND ")
-                };
-                let target_rows = if full {
-                    format!("ctid = (SELECT ctid FROM {table} WHERE {cond} LIMIT 1)")
-                } else {
-                    cond
-                };
-                let sql = if op == "U" {
-                    format!("UPDATE {table} SET {} WHERE {target_rows}", sets.join(", "))
-                } else {
-                    format!("DELETE FROM {table} WHERE {target_rows}")
-                };
-                let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-                    .iter()
-                    .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
-                    .collect();
-                let n = target
-                    .execute(&sql, &p)
-                    .await
-                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
-                assert_eq!(n, 1, "{sql} with {params:?} matched {n} rows");
-            }
-            "T" => {
-                target
-                    .batch_execute(&format!("TRUNCATE {table}"))
-                    .await
-                    .unwrap();
-            }
-            other => panic!("unknown _op {other:?}"),
-        }
-    }
-    total as u64
+    let mut applier = apply::Applier::open(
+        listing,
+        listing::Objects::new(store),
+        cdc_egress::pg::conninfo::ConnInfo::parse(&target_url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+        tgt::Naming {
+            state_schema: state_schema.into(),
+            schema_prefix: String::new(),
+            unlogged: false,
+        },
+        apply::ApplyOptions {
+            strict: true,
+            ignore_reloads: ignore == Ignore::Reloads,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("open the loader: {e}"));
+    applier
+        .catch_up()
+        .await
+        .unwrap_or_else(|e| panic!("apply: {e}"))
 }
 
 /// The documented consumer rule with reloads: per table, the latest `done` reload (its parts loaded
@@ -1438,11 +1268,10 @@ pub struct SourceReplay {
     pub streaming_files: usize,
 }
 
-/// The documented consumer rule with reloads for the rows of one `source` of a registry shared by
-/// several (every source when `None`): per table of that source, its latest `done` reload,
-/// then its streaming files in registry order from the reload's cut on. Tables are keyed by
-/// `(schema, table)`, never by a dotted name (`"a.x".y` and `a."x.y"` are two tables). Checks each
-/// streaming file's checksum and every file's row count.
+/// The documented consumer rule with reloads for one `source` of a registry shared by several
+/// (the only one when `None`), through the reference loader (`cdc_egress::consume::apply`), which
+/// checks every file's checksum and row count. Tables are keyed by `(schema, table)`, never by a
+/// dotted name (`"a.x".y` and `a."x.y"` are two tables).
 pub async fn replay_source(
     registry_url: &str,
     registry_schema: &str,
@@ -1451,14 +1280,23 @@ pub async fn replay_source(
     options: &HashMap<String, String>,
     target: &Client,
 ) -> SourceReplay {
-    use sha2::Digest;
+    let applied = consume(
+        registry_url,
+        registry_schema,
+        source,
+        output_url,
+        options,
+        target,
+        Ignore::Nothing,
+    )
+    .await;
     let reg = connect(registry_url).await;
-    let store =
-        cdc_egress::sink::store::Store::open(output_url, &options.clone().into_iter().collect())
-            .unwrap();
     let s = quote_ident(registry_schema);
-    let mut report = SourceReplay::default();
-    let latest = reg
+    let mut report = SourceReplay {
+        streaming_files: applied.streaming_files as usize,
+        ..Default::default()
+    };
+    for r in reg
         .query(
             &format!(
                 "SELECT DISTINCT ON (table_schema, table_name) id, table_schema, table_name, cut_lsn::text \
@@ -1468,91 +1306,18 @@ pub async fn replay_source(
             &[&source],
         )
         .await
-        .unwrap();
-    for r in &latest {
-        let (id, schema, table, cut): (i64, String, String, String) =
-            (r.get(0), r.get(1), r.get(2), r.get(3));
-        let qualified = TableName::new(schema.clone(), table.clone()).quoted();
-        target
-            .batch_execute(&format!("TRUNCATE {qualified}"))
-            .await
-            .unwrap();
-        let parts = reg
-            .query(
-                &format!(
-                    "SELECT object_path, row_count FROM {s}.files \
-                     WHERE kind = 'reload' AND reload_id = $2 AND ($1::text IS NULL OR source = $1) ORDER BY part"
-                ),
-                &[&source, &id],
+        .unwrap()
+    {
+        let parts: i64 = reg
+            .query_one(
+                &format!("SELECT count(*) FROM {s}.files WHERE kind = 'reload' AND reload_id = $1"),
+                &[&r.get::<_, i64>(0)],
             )
             .await
-            .unwrap();
-        assert!(
-            !parts.is_empty(),
-            "done reload {id} of source {source:?} has no parts"
-        );
-        for p in parts {
-            let n = copy_part(
-                &store,
-                &p.get::<_, String>(0),
-                target,
-                &format!("COPY {qualified} FROM STDIN (FORMAT csv, HEADER, NULL '\\N')"),
-            )
-            .await;
-            assert_eq!(
-                n,
-                p.get::<_, i64>(1) as u64,
-                "row count of reload {id} part"
-            );
-            report.reload_parts += 1;
-        }
-        report.cuts.insert((schema, table), cut);
-    }
-    let files = reg
-        .query(
-            &format!(
-                "SELECT object_path, schema_path, table_schema, table_name, checksum, row_count \
-                 FROM {s}.files WHERE ($1::text IS NULL OR source = $1) AND kind = 'streaming' ORDER BY id"
-            ),
-            &[&source],
-        )
-        .await
-        .unwrap();
-    for f in files {
-        let object: String = f.get(0);
-        let key: (String, String) = (f.get(2), f.get(3));
-        let data = store
-            .get(&cdc_egress::sink::layout::stored_path(&object))
-            .await
-            .unwrap();
-        assert_eq!(
-            f.get::<_, String>(4),
-            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data))),
-            "checksum of {object}"
-        );
-        let schema_text = store
-            .get(&cdc_egress::sink::layout::stored_path(
-                &f.get::<_, String>(1),
-            ))
-            .await
-            .unwrap();
-        let schema: SchemaYml = serde_yaml::from_slice(&schema_text).unwrap();
-        assert_eq!(
-            (schema.schema.clone(), schema.table.clone()),
-            key,
-            "schema.yml of {object} names another table"
-        );
-        let mut csv = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut csv).unwrap();
-        let n = apply_file_from(
-            target,
-            &schema,
-            &csv,
-            report.cuts.get(&key).map(String::as_str),
-        )
-        .await;
-        assert_eq!(n, f.get::<_, i64>(5) as u64, "row count of {object}");
-        report.streaming_files += 1;
+            .unwrap()
+            .get(0);
+        report.reload_parts += parts as usize;
+        report.cuts.insert((r.get(1), r.get(2)), r.get(3));
     }
     report
 }
@@ -1560,22 +1325,7 @@ pub async fn replay_source(
 // ---------------------------------------------------------------------------------------------
 // Schema changes (tests/ddl.rs): the consumer rule that follows DDL records (README "Schema changes").
 
-/// A column as `schema.yml` or `ddl.yml` describes it.
-#[derive(serde::Deserialize, Debug, Clone)]
-pub struct DdlCol {
-    pub name: String,
-    #[serde(rename = "type")]
-    pub type_name: String,
-    #[serde(default)]
-    pub attnum: Option<i16>,
-}
-
-#[derive(serde::Deserialize, Debug)]
-struct DdlTableRef {
-    schema: String,
-    table: String,
-}
-
+/// A `ddl.yml` as the tests read it.
 #[derive(serde::Deserialize, Debug)]
 pub struct DdlYml {
     pub event: String,
@@ -1583,8 +1333,6 @@ pub struct DdlYml {
     pub table: String,
     pub commit_lsn: String,
     pub seq: u32,
-    pub table_before: Option<serde_yaml::Value>,
-    pub columns_after: Option<Vec<DdlCol>>,
     pub rewrites_rows: bool,
     pub reload_request: Option<String>,
     pub mode_after: Option<String>,
@@ -1598,356 +1346,46 @@ pub struct DdlReplay {
     pub reloads_loaded: usize,
 }
 
-/// Per target table: source attnum → the target column's name, learned from the files.
-type Attnums = HashMap<(String, String), HashMap<i16, String>>;
-
-/// The consumer rule with schema changes, as README "Schema changes" states it: the registry's
-/// `streaming` and `ddl` rows in id order; per table, a `done` reload (the latest) replaces the
-/// table just before the first of its rows or records at or after the reload's cut, and what lies
-/// below the cut is skipped. A DDL record renames, creates, drops or reshapes the table (columns
-/// matched by `attnum`, so a rename is a rename); a streaming file first reshapes the table to its
-/// `schema.yml`, then its rows are applied. Tables are created from the files alone: `target`
-/// starts empty.
+/// The consumer rule with schema changes (README "Schema changes") through the reference loader
+/// (`cdc_egress::consume::apply`): tables are created, reshaped, renamed and dropped from the files
+/// alone (`target` starts empty). Returns what it applied, with every DDL record of the registry.
 pub async fn replay_following_ddl(
     registry_url: &str,
     output_url: &str,
     target: &Client,
 ) -> DdlReplay {
+    let applied = consume(
+        registry_url,
+        "cdc_egress",
+        None,
+        output_url,
+        &HashMap::new(),
+        target,
+        Ignore::Nothing,
+    )
+    .await;
     let reg = connect(registry_url).await;
     let store = cdc_egress::sink::store::Store::open(output_url, &Default::default()).unwrap();
-    let get = async |path: &str| -> Vec<u8> {
-        store
-            .get(&cdc_egress::sink::layout::stored_path(path))
-            .await
-            .unwrap()
-            .to_vec()
-    };
-    let mut report = DdlReplay::default();
-    let mut attnums: Attnums = HashMap::new();
-    // Latest done reload per table: (id, cut).
-    let mut reloads: HashMap<(String, String), (i64, String)> = HashMap::new();
+    let mut ddl_records = Vec::new();
     for r in reg
         .query(
-            "SELECT DISTINCT ON (table_schema, table_name) id, table_schema, table_name, cut_lsn::text \
-             FROM cdc_egress.reloads WHERE status = 'done' ORDER BY table_schema, table_name, id DESC",
+            "SELECT object_path FROM cdc_egress.files WHERE kind = 'ddl' ORDER BY id",
             &[],
         )
         .await
         .unwrap()
     {
-        reloads.insert((r.get(1), r.get(2)), (r.get(0), r.get(3)));
-    }
-    let mut loaded: std::collections::HashSet<(String, String)> = Default::default();
-    let entries = reg
-        .query(
-            "SELECT kind, table_schema, table_name, object_path, schema_path, first_commit_lsn::text, \
-             last_commit_lsn::text FROM cdc_egress.files WHERE kind IN ('streaming', 'ddl') ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap();
-    let ge = async |a: &str, b: &str| -> bool {
-        target
-            .query_one("SELECT $1::text::pg_lsn >= $2::text::pg_lsn", &[&a, &b])
-            .await
-            .unwrap()
-            .get(0)
-    };
-    for e in entries {
-        let (kind, key): (String, (String, String)) = (e.get(0), (e.get(1), e.get(2)));
-        let object: String = e.get(3);
-        let last: String = e.get(6);
-        let cut = reloads.get(&key).cloned();
-        if let Some((reload_id, cut)) = &cut {
-            // Wholly below the cut: superseded by the reload. A file that reaches the cut (one
-            // registered before a retried export took a newer cut may start below it) has its
-            // rows below the cut skipped by `apply_file_from`.
-            if !ge(&last, cut).await {
-                continue;
-            }
-            if loaded.insert(key.clone()) {
-                load_reload(&reg, &store, target, &mut attnums, &key, *reload_id).await;
-                report.reloads_loaded += 1;
-            }
-        }
-        if kind == "ddl" {
-            let doc: DdlYml = serde_yaml::from_slice(&get(&object).await).unwrap();
-            apply_ddl(target, &mut attnums, &key, &doc).await;
-            report.ddl_records.push(doc);
-            continue;
-        }
-        let schema: SchemaYml = serde_yaml::from_slice(&get(&e.get::<_, String>(4)).await).unwrap();
-        let cols: Vec<DdlCol> = schema
-            .columns
-            .iter()
-            .map(|c| DdlCol {
-                name: c.name.clone(),
-                type_name: c.type_name.clone(),
-                attnum: c.attnum,
-            })
-            .collect();
-        reshape(target, &mut attnums, &key, &cols).await;
-        let mut csv = Vec::new();
-        std::io::Read::read_to_end(
-            &mut flate2::read::GzDecoder::new(&get(&object).await[..]),
-            &mut csv,
-        )
-        .unwrap();
-        apply_file_from(target, &schema, &csv, cut.as_ref().map(|(_, c)| c.as_str())).await;
-        report.streaming_files += 1;
-    }
-    // Reloads with nothing at or after their cut are loaded last.
-    for (key, (reload_id, _)) in &reloads {
-        if !loaded.contains(key) {
-            load_reload(&reg, &store, target, &mut attnums, key, *reload_id).await;
-            report.reloads_loaded += 1;
-        }
-    }
-    return report;
-
-    async fn load_reload(
-        reg: &Client,
-        store: &cdc_egress::sink::store::Store,
-        target: &Client,
-        attnums: &mut Attnums,
-        key: &(String, String),
-        reload_id: i64,
-    ) {
-        let parts = reg
-            .query(
-                "SELECT object_path, schema_path FROM cdc_egress.files \
-                 WHERE kind = 'reload' AND reload_id = $1 ORDER BY part",
-                &[&reload_id],
-            )
-            .await
-            .unwrap();
-        assert!(!parts.is_empty(), "reload {reload_id} has no parts");
-        let schema_text = store
+        let data = store
             .get(&cdc_egress::sink::layout::stored_path(
-                &parts[0].get::<_, String>(1),
+                &r.get::<_, String>(0),
             ))
             .await
             .unwrap();
-        let schema: SchemaYml = serde_yaml::from_slice(&schema_text).unwrap();
-        let cols: Vec<DdlCol> = schema
-            .columns
-            .iter()
-            .map(|c| DdlCol {
-                name: c.name.clone(),
-                type_name: c.type_name.clone(),
-                attnum: c.attnum,
-            })
-            .collect();
-        reshape(target, attnums, key, &cols).await;
-        let qualified = TableName::new(key.0.clone(), key.1.clone()).quoted();
-        target
-            .batch_execute(&format!("TRUNCATE {qualified}"))
-            .await
-            .unwrap();
-        let list = cols
-            .iter()
-            .map(|c| quote_ident(&c.name))
-            .collect::<Vec<_>>()
-            .join(", ");
-        for p in parts {
-            copy_part(
-                store,
-                &p.get::<_, String>(0),
-                target,
-                &format!("COPY {qualified} ({list}) FROM STDIN (FORMAT csv, HEADER, NULL '\\N')"),
-            )
-            .await;
-        }
+        ddl_records.push(serde_yaml::from_slice(&data).unwrap());
     }
-}
-
-/// A DDL record applied to the target: rename, drop, or reshape to the columns after it.
-async fn apply_ddl(target: &Client, attnums: &mut Attnums, key: &(String, String), doc: &DdlYml) {
-    let here = TableName::new(key.0.clone(), key.1.clone()).quoted();
-    match doc.event.as_str() {
-        "drop" => {
-            target
-                .batch_execute(&format!("DROP TABLE IF EXISTS {here}"))
-                .await
-                .unwrap();
-            attnums.remove(key);
-        }
-        "rename" => {
-            let before: DdlTableRef =
-                serde_yaml::from_value(doc.table_before.clone().unwrap()).unwrap();
-            let old = (before.schema, before.table);
-            let after = (doc.schema.clone(), doc.table.clone());
-            // Filed under both names: the first copy renames, the second finds it done.
-            let (old_q, new_name) = (
-                TableName::new(old.0.clone(), old.1.clone()).quoted(),
-                &after,
-            );
-            let exists = |k: &(String, String)| {
-                format!(
-                    "SELECT to_regclass({}) IS NOT NULL",
-                    cdc_egress::table::quote_literal(
-                        &TableName::new(k.0.clone(), k.1.clone()).quoted()
-                    )
-                )
-            };
-            let old_exists: bool = target.query_one(&exists(&old), &[]).await.unwrap().get(0);
-            let new_exists: bool = target
-                .query_one(&exists(new_name), &[])
-                .await
-                .unwrap()
-                .get(0);
-            if old != *new_name && old_exists && !new_exists {
-                if old.0 != new_name.0 {
-                    target
-                        .batch_execute(&format!(
-                            "ALTER TABLE {old_q} SET SCHEMA {}",
-                            quote_ident(&new_name.0)
-                        ))
-                        .await
-                        .unwrap();
-                }
-                let moved = TableName::new(new_name.0.clone(), old.1.clone()).quoted();
-                if old.1 != new_name.1 {
-                    target
-                        .batch_execute(&format!(
-                            "ALTER TABLE {moved} RENAME TO {}",
-                            quote_ident(&new_name.1)
-                        ))
-                        .await
-                        .unwrap();
-                }
-                if let Some(map) = attnums.remove(&old) {
-                    attnums.insert(new_name.clone(), map);
-                }
-            }
-            if let Some(cols) = &doc.columns_after {
-                if *key == *new_name {
-                    reshape(target, attnums, key, cols).await;
-                }
-            }
-        }
-        "unpublish" => {}
-        _ => {
-            if let Some(cols) = &doc.columns_after {
-                reshape(target, attnums, key, cols).await;
-            }
-        }
+    DdlReplay {
+        streaming_files: applied.streaming_files as usize,
+        ddl_records,
+        reloads_loaded: applied.reloads_loaded as usize,
     }
-}
-
-/// Creates the table or brings its columns to `cols`: renames (same attnum, new name), adds,
-/// retypes and drops, in that order.
-async fn reshape(target: &Client, attnums: &mut Attnums, key: &(String, String), cols: &[DdlCol]) {
-    let table = TableName::new(key.0.clone(), key.1.clone()).quoted();
-    target
-        .batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {}",
-            quote_ident(&key.0)
-        ))
-        .await
-        .unwrap();
-    let current: Vec<(String, String)> = target
-        .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
-             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-            &[&table],
-        )
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let exists: bool = target
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-        .await
-        .unwrap()
-        .get(0);
-    let map = attnums.entry(key.clone()).or_default();
-    if !exists {
-        let defs: Vec<String> = cols
-            .iter()
-            .map(|c| format!("{} {}", quote_ident(&c.name), c.type_name))
-            .collect();
-        target
-            .batch_execute(&format!("CREATE TABLE {table} ({})", defs.join(", ")))
-            .await
-            .unwrap();
-    } else {
-        let mut names: Vec<String> = current.iter().map(|c| c.0.clone()).collect();
-        for c in cols {
-            if let Some(old) = c.attnum.and_then(|a| map.get(&a)).cloned() {
-                if old != c.name && names.contains(&old) && !names.contains(&c.name) {
-                    target
-                        .batch_execute(&format!(
-                            "ALTER TABLE {table} RENAME COLUMN {} TO {}",
-                            quote_ident(&old),
-                            quote_ident(&c.name)
-                        ))
-                        .await
-                        .unwrap();
-                    names.retain(|n| *n != old);
-                    names.push(c.name.clone());
-                }
-            }
-        }
-        for c in cols {
-            let now = current.iter().find(|(n, _)| *n == c.name);
-            if !names.contains(&c.name) {
-                target
-                    .batch_execute(&format!(
-                        "ALTER TABLE {table} ADD COLUMN {} {}",
-                        quote_ident(&c.name),
-                        c.type_name
-                    ))
-                    .await
-                    .unwrap();
-                names.push(c.name.clone());
-            } else if now.is_some_and(|(_, t)| *t != c.type_name) {
-                let col = quote_ident(&c.name);
-                target
-                    .batch_execute(&format!(
-                        "ALTER TABLE {table} ALTER COLUMN {col} TYPE {ty} USING {col}::text::{ty}",
-                        ty = c.type_name
-                    ))
-                    .await
-                    .unwrap();
-            }
-        }
-        for n in names.iter().filter(|n| !cols.iter().any(|c| c.name == **n)) {
-            target
-                .batch_execute(&format!(
-                    "ALTER TABLE {table} DROP COLUMN {}",
-                    quote_ident(n)
-                ))
-                .await
-                .unwrap();
-        }
-    }
-    map.clear();
-    for c in cols {
-        if let Some(a) = c.attnum {
-            map.insert(a, c.name.clone());
-        }
-    }
-}
-
-/// Loads one gzipped CSV object (a reload part) into `target` with `copy` (`COPY … FROM STDIN`);
-/// returns the rows copied.
-async fn copy_part(
-    store: &cdc_egress::sink::store::Store,
-    object: &str,
-    target: &Client,
-    copy: &str,
-) -> u64 {
-    use futures::SinkExt;
-    let data = store
-        .get(&cdc_egress::sink::layout::stored_path(object))
-        .await
-        .unwrap();
-    let mut csv = Vec::new();
-    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut csv).unwrap();
-    let sink = target.copy_in(copy).await.unwrap();
-    futures::pin_mut!(sink);
-    sink.send(bytes::Bytes::from(csv)).await.unwrap();
-    sink.finish().await.unwrap()
 }

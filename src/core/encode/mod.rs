@@ -3,5 +3,6 @@
 //! functions over byte buffers; no IO.
 
 pub mod csv;
+pub mod csv_read;
 pub mod ddl_yml;
 pub mod schema_yml;
