@@ -91,7 +91,7 @@ enum Command {
     },
     /// Prove that the files equal the source: rebuild each table from its files at a consistent
     /// position of the source and compare row by row (README "Verifying").
-    /// Exit 0 equal, 1 different (or not caught up), 2 usage.
+    /// Exit 0 equal, 1 different, 2 usage, 3 could not verify (not caught up, a server down).
     Verify {
         /// Only these tables (schema.table; default: every published table).
         #[arg(value_name = "SCHEMA.TABLE")]
@@ -195,7 +195,14 @@ fn main() -> ExitCode {
                     keep_scratch,
                     progress: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 };
-                verify(&config, scratch.as_deref(), &opts, json, repair).await
+                // 0 equal, 1 different, 2 usage, 3 could not verify (README "Verifying").
+                match verify(&config, scratch.as_deref(), &opts, json, repair).await {
+                    Err(e) if !e.is_config() => {
+                        eprintln!("cdc-egress: {e}");
+                        Ok(ExitCode::from(3))
+                    }
+                    other => other,
+                }
             }
             other => done(one_shot(&config, other).await),
         }

@@ -17,13 +17,17 @@ const SETUP: &str = "
     CREATE TABLE public.t (id int PRIMARY KEY, v text, n numeric(10,2));
     CREATE TABLE public.k (a text, b int);
     ALTER TABLE public.k REPLICA IDENTITY FULL;
+    CREATE TABLE public.ri (id int PRIMARY KEY, email text NOT NULL, v text);
+    CREATE UNIQUE INDEX ri_email ON public.ri (email);
+    ALTER TABLE public.ri REPLICA IDENTITY USING INDEX ri_email;
+    CREATE TABLE public.r (id int PRIMARY KEY, v text);
 ";
 
 async fn setup(db: &TestDb) -> Client {
     let c = db.client().await;
     c.batch_execute(SETUP).await.unwrap();
     c.batch_execute(&format!(
-        "CREATE PUBLICATION {} FOR TABLE public.t, public.k",
+        "CREATE PUBLICATION {} FOR TABLE public.t, public.k, public.ri, public.r",
         db.publication
     ))
     .await
@@ -196,7 +200,7 @@ async fn verify_is_equal_on_a_healthy_run_names_the_keys_of_damaged_files_and_re
     // Not caught up: with the daemon stopped, the position is never confirmed.
     assert!(d.stop().await.success());
     let (code, out, err) = run_cli(&["verify", "--wait", "1s"], &env, db.dir.path());
-    assert_eq!(code, 1, "{out}\n{err}");
+    assert_eq!(code, 3, "{out}\n{err}");
     assert!(err.contains("not caught up"), "{err}");
     db.cleanup().await;
 }
@@ -217,6 +221,14 @@ async fn apply_resumes_after_kill_9_mid_file_with_nothing_twice_and_follows() {
     c.batch_execute("UPDATE t SET v = NULL WHERE id % 10 = 0; DELETE FROM k WHERE b = 3")
         .await
         .unwrap();
+    // A replica identity other than the primary key: changes are found by the identity's columns.
+    c.batch_execute(
+        "INSERT INTO ri SELECT g, 'e' || g, 'x' FROM generate_series(1, 20) g; \
+         UPDATE ri SET email = 'moved' || id WHERE id <= 5; UPDATE ri SET v = 'y' WHERE id > 15; \
+         DELETE FROM ri WHERE id IN (2, 18); INSERT INTO r VALUES (1, 'one'), (2, 'two')",
+    )
+    .await
+    .unwrap();
     db.wait_caught_up(CATCH_UP).await;
     let target_url = db.extra_db("target").await;
     let target = connect(&target_url).await;
@@ -226,7 +238,11 @@ async fn apply_resumes_after_kill_9_mid_file_with_nothing_twice_and_follows() {
         run_cli(&["apply", "--into", &target_url], &env, db.dir.path())
     };
     let same = async |what: &str| {
-        for q in ["SELECT id, v, n FROM t", "SELECT a, b FROM k"] {
+        for q in [
+            "SELECT id, v, n FROM t",
+            "SELECT a, b FROM k",
+            "SELECT id, email, v FROM ri",
+        ] {
             assert_eq!(
                 query_rows(&target, q).await,
                 query_rows(&c, q).await,
@@ -261,6 +277,41 @@ async fn apply_resumes_after_kill_9_mid_file_with_nothing_twice_and_follows() {
     );
     same("after a second apply").await;
 
+    // A target loading one table follows it through a rename, and keeps its table list.
+    let only_url = db.extra_db("only_r").await;
+    let only = connect(&only_url).await;
+    let apply_r = |tables: &[&str]| {
+        let mut args = vec!["apply", "--into", only_url.as_str()];
+        args.extend_from_slice(tables);
+        run_cli(&args, &env, db.dir.path())
+    };
+    assert_eq!(apply_r(&["public.r"]).0, 0);
+    c.batch_execute("ALTER TABLE r RENAME TO r2; INSERT INTO r2 VALUES (3, 'three')")
+        .await
+        .unwrap();
+    db.wait_caught_up(CATCH_UP).await;
+    let (code, out, err) = apply_r(&["public.r"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        query_rows(&only, "SELECT id, v FROM r2").await,
+        query_rows(&c, "SELECT id, v FROM r2").await
+    );
+    let tables: i64 = only
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 1, "only r (now r2) is loaded there");
+    let (code, _, err) = apply_r(&["public.t"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("this target loads public.r, public.r2"),
+        "{err}"
+    );
+
     // Schema changes and new rows, followed by a running loader.
     let follower = {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cdc-egress"));
@@ -287,7 +338,8 @@ async fn apply_resumes_after_kill_9_mid_file_with_nothing_twice_and_follows() {
     c.batch_execute(
         "ALTER TABLE t ADD COLUMN w int; ALTER TABLE t RENAME COLUMN v TO v2; \
          INSERT INTO t VALUES (5000, 'new', 1, 7); UPDATE t SET w = 1 WHERE id < 100; \
-         INSERT INTO k VALUES ('late', 1)",
+         INSERT INTO k VALUES ('late', 1); \
+         ALTER TABLE t DROP COLUMN n, ADD COLUMN n numeric(10,2); UPDATE t SET n = 2 WHERE id = 1",
     )
     .await
     .unwrap();
@@ -299,14 +351,19 @@ async fn apply_resumes_after_kill_9_mid_file_with_nothing_twice_and_follows() {
         CATCH_UP,
         || std::fs::read_to_string(db.dir.path().join("follow.log")).unwrap_or_default(),
         async || {
-            let q = "SELECT id, v2, n, w FROM t";
-            match target
-                .query(&format!("SELECT q::text FROM ({q}) q ORDER BY 1"), &[])
-                .await
-            {
-                Ok(_) => query_rows(target, q).await == query_rows(source, q).await,
-                Err(_) => false,
+            for q in ["SELECT id, v2, n, w FROM t", "SELECT a, b FROM k"] {
+                let ok = match target
+                    .query(&format!("SELECT q::text FROM ({q}) q ORDER BY 1"), &[])
+                    .await
+                {
+                    Ok(_) => query_rows(target, q).await == query_rows(source, q).await,
+                    Err(_) => false,
+                };
+                if !ok {
+                    return false;
+                }
             }
+            true
         },
     )
     .await;

@@ -82,8 +82,51 @@ impl Applier {
             registry: listing.incarnation().await?,
             source: listing.source().to_string(),
         };
+        let asked: BTreeSet<TableName> = options.tables.iter().cloned().collect();
+        let mut target = target;
+        // The table list is part of the progress: a target loaded for some tables never silently
+        // skips the history of others.
+        let tables = match target::recorded_tables(&target, &naming, &stream).await? {
+            None => {
+                let tx = target::begin_step(&mut target, &naming, &stream, 0).await?;
+                target::set_tables(&tx, &naming, &stream, &asked).await?;
+                tx.commit().await.map_err(|e| target::tgt("commit", e))?;
+                asked
+            }
+            Some(recorded) => {
+                let recorded: BTreeSet<TableName> = recorded.into_iter().collect();
+                let fits = if recorded.is_empty() {
+                    asked.is_empty()
+                } else {
+                    asked.is_subset(&recorded)
+                };
+                if !fits {
+                    let list = |t: &BTreeSet<TableName>| {
+                        if t.is_empty() {
+                            "every table".to_string()
+                        } else {
+                            t.iter()
+                                .map(TableName::dotted)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        }
+                    };
+                    return Err(Error::definite(
+                        Component::Config,
+                        format!(
+                            "this target loads {} of source {:?}, not {}: run apply with the same tables \
+                             (or none), or load other tables into another --state-schema and database",
+                            list(&recorded),
+                            stream.source,
+                            list(&asked)
+                        ),
+                    ));
+                }
+                recorded
+            }
+        };
         Ok(Applier {
-            tables: options.tables.iter().cloned().collect(),
+            tables,
             listing,
             objects,
             target,
@@ -148,9 +191,28 @@ impl Applier {
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<ApplyReport, Error> {
         let mut total = ApplyReport::default();
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         futures::pin_mut!(stop);
         loop {
-            let r = self.catch_up().await?;
+            // Each step is one transaction: stopping in the middle of one rolls it back.
+            let r = tokio::select! {
+                r = self.catch_up() => r,
+                _ = &mut stop => return Ok(total),
+            };
+            let r = match r {
+                Ok(r) => r,
+                Err(e) if e.is_transient() => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, "apply: retrying in {wait:?}");
+                    tokio::select! {
+                        _ = &mut stop => return Ok(total),
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            backoff.reset();
             total.add(&r);
             if r.streaming_files + r.ddl_records + r.reloads_loaded > 0 {
                 tracing::info!(
@@ -189,7 +251,7 @@ impl Applier {
                 continue;
             }
             let (stream, naming) = (self.stream.clone(), self.naming.clone());
-            let mut renamed = None;
+            let tables_after = self.tables_after(&step, rows).await?;
             let tx =
                 target::begin_step(&mut self.target, &naming, &stream, progress.last_id).await?;
             match &step {
@@ -246,13 +308,13 @@ impl Applier {
                     tolerate(r, self.options.strict, report)?;
                     match entry.kind {
                         EntryKind::Streaming => report.streaming_files += 1,
-                        EntryKind::Ddl => {
-                            report.ddl_records += 1;
-                            renamed = Some(row);
-                        }
+                        EntryKind::Ddl => report.ddl_records += 1,
                     }
                 }
                 Step::Skip { .. } => unreachable!("skips are not wanted"),
+            }
+            if let Some(t) = &tables_after {
+                target::set_tables(&tx, &naming, &stream, t).await?;
             }
             if let Some(id) = step.advances_to() {
                 target::set_progress(&tx, &naming, &stream, id).await?;
@@ -260,8 +322,8 @@ impl Applier {
                 skipped_to = None;
             }
             tx.commit().await.map_err(|e| target::tgt("commit", e))?;
-            if let Some(row) = renamed {
-                self.follow_rename(row).await?;
+            if let Some(t) = tables_after {
+                self.tables = t;
             }
         }
         if let Some(id) = skipped_to {
@@ -274,17 +336,73 @@ impl Applier {
         Ok(())
     }
 
-    /// A rename of a table in the set brings its new name into the set.
-    async fn follow_rename(&mut self, row: &EntryRow) -> Result<(), Error> {
-        if self.tables.is_empty() {
-            return Ok(());
+    /// Checks a step against renames and returns the table set after it, when it changes.
+    /// - A load whose table's already-applied history holds its rename: the reload finished after
+    ///   the loader followed the table to its new name, and loading it under the old one would
+    ///   leave the new one stale. That is refused (a definite error): rebuild the target.
+    /// - With a table list, a rename of a listed table brings the new name in (recorded with the
+    ///   step); a rename *into* the list of a table not loaded is refused: its rows before the
+    ///   rename were never applied here.
+    async fn tables_after(
+        &self,
+        step: &Step,
+        rows: &BTreeMap<i64, EntryRow>,
+    ) -> Result<Option<BTreeSet<TableName>>, Error> {
+        let renamed = async |row: &EntryRow| -> Result<Option<(TableName, TableName)>, Error> {
+            if row.entry.kind != EntryKind::Ddl {
+                return Ok(None);
+            }
+            let doc: DdlFile = self.objects.yaml(&row.object_path).await?;
+            Ok(
+                match (doc.event.as_str(), doc.table_before, doc.table_after) {
+                    ("rename", Some(b), Some(a)) => Some((
+                        TableName::new(b.schema, b.table),
+                        TableName::new(a.schema, a.table),
+                    )),
+                    _ => None,
+                },
+            )
+        };
+        match step {
+            Step::Load { table, reapply, .. } => {
+                for e in reapply {
+                    if let Some((before, after)) = renamed(&rows[&e.id]).await? {
+                        if before == *table && after != *table {
+                            return Err(Error::definite(
+                                Component::Config,
+                                format!(
+                                    "a reload of {} finished after this target had followed its rename to {}: \
+                                     load the source into an empty database (or another --state-schema) again",
+                                    table.dotted(),
+                                    after.dotted()
+                                ),
+                            ));
+                        }
+                    }
+                }
+                Ok(None)
+            }
+            Step::Apply { entry, .. } if !self.tables.is_empty() => {
+                let Some((before, after)) = renamed(&rows[&entry.id]).await? else {
+                    return Ok(None);
+                };
+                if self.tables.contains(&before) {
+                    let mut t = self.tables.clone();
+                    t.insert(after);
+                    return Ok(Some(t).filter(|t| *t != self.tables));
+                }
+                Err(Error::definite(
+                    Component::Config,
+                    format!(
+                        "{} was renamed from {}, which this target does not load: its earlier rows are not here; \
+                         load both names into an empty database",
+                        after.dotted(),
+                        before.dotted()
+                    ),
+                ))
+            }
+            _ => Ok(None),
         }
-        let doc: DdlFile = self.objects.yaml(&row.object_path).await?;
-        if doc.event == "rename" {
-            self.tables
-                .insert(TableName::new(doc.schema.clone(), doc.table.clone()));
-        }
-        Ok(())
     }
 }
 
@@ -314,7 +432,7 @@ fn tolerate(
             report.misses += a.misses;
             Ok(())
         }
-        Err(e) if !strict && e.component() == Component::ObjectStore => {
+        Err(e) if !strict && !e.is_transient() && e.component() == Component::ObjectStore => {
             report.unusable.push(e.to_string());
             Ok(())
         }
@@ -346,9 +464,10 @@ async fn load_reload(
         )
     })?;
     let schema: SchemaFile = objects.yaml(schema_path).await?;
-    target::reshape(tx, naming, stream, table, &schema.columns).await?;
     let dest = naming.table(table);
+    // Emptied first: reshaping rows about to go could fail (a type change they do not cast to).
     target::truncate(tx, &dest).await?;
+    target::reshape(tx, naming, stream, table, &schema.columns).await?;
     for p in parts {
         let text = objects.csv_text(&p.object_path, Some(&p.checksum)).await?;
         let n = target::copy_rows(tx, &dest, &schema.columns, text).await?;

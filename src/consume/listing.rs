@@ -231,6 +231,25 @@ impl Listing {
             .collect()
     }
 
+    /// The tables of this source with a reload `requested` or `running`.
+    pub async fn active_reloads(&self) -> Result<Vec<String>, Error> {
+        Ok(self
+            .client
+            .query(
+                &format!(
+                    "SELECT DISTINCT quote_ident(table_schema) || '.' || quote_ident(table_name) FROM {}.reloads \
+                     WHERE source = $1 AND status IN ('requested', 'running') ORDER BY 1",
+                    self.schema
+                ),
+                &[&self.source],
+            )
+            .await
+            .map_err(|e| reg("list the reloads", e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
     /// The parts of a reload, in order.
     pub async fn reload_parts(&self, reload_id: i64) -> Result<Vec<PartRow>, Error> {
         let rows = self
@@ -279,8 +298,12 @@ impl Objects {
         Objects { store }
     }
 
+    /// An object the registry names: its absence is a definite error (it was registered).
     pub async fn bytes(&self, object: &str) -> Result<bytes::Bytes, Error> {
-        self.store.get(&stored_path(object)).await
+        self.store
+            .get_opt(&stored_path(object))
+            .await?
+            .ok_or_else(|| damaged(object, "registered, but missing from the output"))
     }
 
     /// A YAML document (`schema.yml`, `ddl.yml`).
@@ -338,6 +361,9 @@ pub struct FileColumn {
     pub attnum: Option<i16>,
     #[serde(default)]
     pub primary_key: Option<u16>,
+    /// Part of the replica identity key (absent in `ddl.yml`).
+    #[serde(default)]
+    pub replica_key: bool,
 }
 
 /// A table named in a `ddl.yml`.
@@ -356,6 +382,8 @@ pub struct DdlFile {
     pub commit_lsn: String,
     pub seq: u32,
     pub table_before: Option<TableRef>,
+    #[serde(default)]
+    pub table_after: Option<TableRef>,
     pub columns_after: Option<Vec<FileColumn>>,
     pub rewrites_rows: bool,
     pub reload_request: Option<String>,

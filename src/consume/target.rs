@@ -90,7 +90,8 @@ pub async fn ensure_state(c: &Client, n: &Naming) -> Result<(), Error> {
         "CREATE SCHEMA IF NOT EXISTS {schema};
          {create} IF NOT EXISTS {progress} (
              registry text NOT NULL, source text NOT NULL, last_file_id bigint NOT NULL,
-             updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (registry, source));
+             tables jsonb, updated_at timestamptz NOT NULL DEFAULT now(),
+             PRIMARY KEY (registry, source));
          {create} IF NOT EXISTS {loaded} (
              registry text NOT NULL, source text NOT NULL, table_schema text NOT NULL,
              table_name text NOT NULL, reload_id bigint NOT NULL,
@@ -108,6 +109,88 @@ pub async fn ensure_state(c: &Client, n: &Naming) -> Result<(), Error> {
     c.batch_execute(&sql)
         .await
         .map_err(|e| tgt("create the state schema", e))
+}
+
+/// The tables this target loads, as recorded: `None` when it never ran, `Some(empty)` for every
+/// table. Refuses a target loaded from another registry (progress there counts other file ids).
+pub async fn recorded_tables(
+    c: &Client,
+    n: &Naming,
+    s: &Stream,
+) -> Result<Option<Vec<TableName>>, Error> {
+    let other = c
+        .query_opt(
+            &format!(
+                "SELECT registry FROM {} WHERE source = $1 AND registry <> $2 LIMIT 1",
+                n.state("progress")
+            ),
+            &[&s.source, &s.registry],
+        )
+        .await
+        .map_err(|e| tgt("read the progress", e))?;
+    if let Some(r) = other {
+        return Err(Error::definite(
+            Component::Config,
+            format!(
+                "target: source {:?} was loaded here from another registry (incarnation {}): its tables hold rows \
+                 this registry would apply again; load into an empty database or another --state-schema",
+                s.source,
+                r.get::<_, String>(0)
+            ),
+        ));
+    }
+    let row = c
+        .query_opt(
+            &format!(
+                "SELECT coalesce(tables, '[]'::jsonb)::text FROM {} WHERE registry = $1 AND source = $2",
+                n.state("progress")
+            ),
+            &[&s.registry, &s.source],
+        )
+        .await
+        .map_err(|e| tgt("read the progress", e))?;
+    match row {
+        None => Ok(None),
+        Some(r) => {
+            let pairs: Vec<(String, String)> = serde_json::from_str(&r.get::<_, String>(0))
+                .map_err(|e| {
+                    Error::definite(
+                        Component::Postgres,
+                        format!("target: the recorded table list: {e}"),
+                    )
+                })?;
+            Ok(Some(
+                pairs
+                    .into_iter()
+                    .map(|(a, b)| TableName::new(a, b))
+                    .collect(),
+            ))
+        }
+    }
+}
+
+/// Records the tables this target loads (empty: every table), in the step's transaction.
+pub async fn set_tables(
+    tx: &Transaction<'_>,
+    n: &Naming,
+    s: &Stream,
+    tables: &std::collections::BTreeSet<TableName>,
+) -> Result<(), Error> {
+    let pairs: Vec<(&str, &str)> = tables
+        .iter()
+        .map(|t| (t.schema.as_str(), t.name.as_str()))
+        .collect();
+    let json = serde_json::to_string(&pairs).expect("names serialize");
+    tx.execute(
+        &format!(
+            "UPDATE {} SET tables = $3::text::jsonb WHERE registry = $1 AND source = $2",
+            n.state("progress")
+        ),
+        &[&s.registry, &s.source, &json],
+    )
+    .await
+    .map_err(|e| tgt("record the table list", e))?;
+    Ok(())
 }
 
 /// Reads the progress of `stream` (zero and nothing loaded when it never ran).
@@ -294,8 +377,47 @@ async fn exists(tx: &Transaction<'_>, table: &TableName) -> Result<bool, Error> 
         .get(0))
 }
 
-/// Creates the target table of `source_table` or brings its columns to `cols`: renames (a known
-/// attnum under a new name), adds, retypes and drops, in that order.
+/// A type name from a file, checked before it goes into SQL: outside double quotes only letters,
+/// digits, `_`, spaces, `,`, `.`, parentheses and brackets (what `format_type` prints), and quotes
+/// balanced. A damaged or forged `schema.yml` can then name a wrong type, never run a statement.
+pub fn checked_type(type_name: &str) -> Result<&str, Error> {
+    let mut quoted = false;
+    let ok = type_name.chars().all(|ch| {
+        if ch == '"' {
+            quoted = !quoted;
+            true
+        } else {
+            quoted || ch.is_ascii_alphanumeric() || " _,.()[]".contains(ch)
+        }
+    });
+    if ok && !quoted && !type_name.trim().is_empty() {
+        Ok(type_name)
+    } else {
+        Err(Error::definite(
+            Component::ObjectStore,
+            format!("a file names the column type {type_name:?}, which is not a type name"),
+        ))
+    }
+}
+
+fn checked_schema(t: &TableName) -> Result<(), Error> {
+    if t.schema.len() > 63 || t.name.len() > 63 {
+        return Err(Error::definite(
+            Component::Config,
+            format!(
+                "the target table {} has a name longer than PostgreSQL's 63 bytes: use a shorter --schema-prefix",
+                t.dotted()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the target table of `source_table` or brings its columns to `cols`. Columns are matched
+/// by `attnum` where both sides know it (README "Schema changes"): a known attnum under a new name
+/// is renamed (through a temporary name, so swaps and chains work), a column whose attnum is gone
+/// is dropped even when a new column takes its name; then columns are added, retyped and, by name,
+/// dropped. A new table gets the files' primary key.
 pub async fn reshape(
     tx: &Transaction<'_>,
     n: &Naming,
@@ -304,6 +426,10 @@ pub async fn reshape(
     cols: &[FileColumn],
 ) -> Result<(), Error> {
     let target = n.table(source_table);
+    checked_schema(&target)?;
+    for c in cols {
+        checked_type(&c.type_name)?;
+    }
     let table = target.quoted();
     let exec = async |sql: String| -> Result<(), Error> {
         tx.batch_execute(&sql).await.map_err(|e| tgt(&sql, e))
@@ -314,10 +440,21 @@ pub async fn reshape(
             quote_ident(&target.schema)
         ))
         .await?;
-        let defs: Vec<String> = cols
+        let mut defs: Vec<String> = cols
             .iter()
             .map(|c| format!("{} {}", quote_ident(&c.name), c.type_name))
             .collect();
+        let mut pk: Vec<&FileColumn> = cols.iter().filter(|c| c.primary_key.is_some()).collect();
+        pk.sort_by_key(|c| c.primary_key);
+        if !pk.is_empty() {
+            defs.push(format!(
+                "PRIMARY KEY ({})",
+                pk.iter()
+                    .map(|c| quote_ident(&c.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         exec(format!(
             "{} {table} ({})",
             n.create_table(),
@@ -339,22 +476,58 @@ pub async fn reshape(
         .collect();
     let known = attnums(tx, n, s, source_table).await?;
     let mut names: Vec<String> = current.iter().map(|c| c.0.clone()).collect();
-    for c in cols {
-        if let Some(old) = c.attnum.and_then(|a| known.get(&a)) {
-            if *old != c.name && names.contains(old) && !names.contains(&c.name) {
+    let wanted: std::collections::BTreeSet<i16> = cols.iter().filter_map(|c| c.attnum).collect();
+    // Columns whose attnum is gone from the table: dropped, even if a new column reuses the name.
+    if !wanted.is_empty() {
+        for (attnum, name) in &known {
+            if !wanted.contains(attnum) && names.contains(name) {
                 exec(format!(
-                    "ALTER TABLE {table} RENAME COLUMN {} TO {}",
-                    quote_ident(old),
-                    quote_ident(&c.name)
+                    "ALTER TABLE {table} DROP COLUMN {}",
+                    quote_ident(name)
                 ))
                 .await?;
-                names.retain(|x| x != old);
-                names.push(c.name.clone());
+                names.retain(|x| x != name);
             }
         }
     }
+    // Renames, in two steps so that a swap or a chain never collides.
+    let renames: Vec<(&String, &FileColumn)> = cols
+        .iter()
+        .filter_map(|c| {
+            let old = known.get(&c.attnum?)?;
+            (*old != c.name && names.contains(old)).then_some((old, c))
+        })
+        .collect();
+    for (old, c) in &renames {
+        let tmp = format!("cdc_egress_renaming_{}", c.attnum.unwrap_or_default());
+        exec(format!(
+            "ALTER TABLE {table} RENAME COLUMN {} TO {}",
+            quote_ident(old),
+            quote_ident(&tmp)
+        ))
+        .await?;
+        names.retain(|x| x != *old);
+    }
+    for (_, c) in &renames {
+        let tmp = format!("cdc_egress_renaming_{}", c.attnum.unwrap_or_default());
+        if names.contains(&c.name) {
+            // Another column holds the name and is not in the files any more.
+            exec(format!(
+                "ALTER TABLE {table} DROP COLUMN {}",
+                quote_ident(&c.name)
+            ))
+            .await?;
+            names.retain(|x| *x != c.name);
+        }
+        exec(format!(
+            "ALTER TABLE {table} RENAME COLUMN {} TO {}",
+            quote_ident(&tmp),
+            quote_ident(&c.name)
+        ))
+        .await?;
+        names.push(c.name.clone());
+    }
     for c in cols {
-        let now = current.iter().find(|(x, _)| *x == c.name);
         if !names.contains(&c.name) {
             exec(format!(
                 "ALTER TABLE {table} ADD COLUMN {} {}",
@@ -363,13 +536,6 @@ pub async fn reshape(
             ))
             .await?;
             names.push(c.name.clone());
-        } else if now.is_some_and(|(_, ty)| *ty != c.type_name) {
-            let col = quote_ident(&c.name);
-            exec(format!(
-                "ALTER TABLE {table} ALTER COLUMN {col} TYPE {ty} USING {col}::text::{ty}",
-                ty = c.type_name
-            ))
-            .await?;
         }
     }
     for x in names.iter().filter(|x| !cols.iter().any(|c| c.name == **x)) {
@@ -378,6 +544,31 @@ pub async fn reshape(
             quote_ident(x)
         ))
         .await?;
+    }
+    // Types last (a renamed column may have changed its type too).
+    let after: Vec<(String, String)> = tx
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&table],
+        )
+        .await
+        .map_err(|e| tgt("read a table's columns", e))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for c in cols {
+        if after
+            .iter()
+            .any(|(x, ty)| *x == c.name && *ty != c.type_name)
+        {
+            let col = quote_ident(&c.name);
+            exec(format!(
+                "ALTER TABLE {table} ALTER COLUMN {col} TYPE {ty} USING {col}::text::{ty}",
+                ty = c.type_name
+            ))
+            .await?;
+        }
     }
     set_attnums(tx, n, s, source_table, cols).await
 }
@@ -436,6 +627,7 @@ pub async fn apply_ddl(
                         type_name: String::new(),
                         attnum: Some(a),
                         primary_key: None,
+                        replica_key: false,
                     })
                     .collect();
                 set_attnums(tx, n, s, &new, &cols).await?;
@@ -513,18 +705,53 @@ pub async fn apply_rows(
     let table = target.quoted();
     let col = |i: usize| quote_ident(&schema.columns[i].name);
     let cast = |i: usize, p: usize| format!("${p}::text::{}", schema.columns[i].type_name);
-    let mut keys: Vec<(u16, usize)> = schema
-        .columns
-        .iter()
-        .enumerate()
-        .filter_map(|(i, c)| c.primary_key.map(|p| (p, i)))
+    // The key a change is found by: the replica identity's (what `_before` holds), else (files
+    // written before schema.yml said) the primary key; none: the whole row (REPLICA IDENTITY FULL).
+    let mut keys: Vec<usize> = (0..ncols)
+        .filter(|&i| schema.columns[i].replica_key)
         .collect();
-    keys.sort_unstable();
-    let keys: Vec<usize> = keys.into_iter().map(|(_, i)| i).collect();
+    if keys.is_empty() {
+        let mut pk: Vec<(u16, usize)> = schema
+            .columns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.primary_key.map(|p| (p, i)))
+            .collect();
+        pk.sort_unstable();
+        keys = pk.into_iter().map(|(_, i)| i).collect();
+    }
     let mut statements: HashMap<String, Statement> = HashMap::new();
     let mut out = Applied::default();
     // (statement, params, expects one row, description)
     let mut pending: Vec<(Statement, Vec<Option<String>>, bool)> = Vec::new();
+    // Every record is checked before the first statement, so a bad file changes nothing.
+    for rec in records.iter().skip(1) {
+        if rec.len() != meta + ncols {
+            return Err(bad(format!(
+                "a record has {} fields, its schema.yml {}",
+                rec.len(),
+                meta + ncols
+            )));
+        }
+        if rec[1]
+            .as_deref()
+            .and_then(|v| v.parse::<Lsn>().ok())
+            .is_none()
+        {
+            return Err(bad("a record has no valid _commit_lsn".into()));
+        }
+        if !matches!(rec[0].as_deref(), Some("I" | "U" | "D" | "T")) {
+            return Err(bad(format!("unknown _op {:?}", rec[0])));
+        }
+        if let Some(b) = &rec[5] {
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(b)
+                .map_err(|e| bad(format!("_before is not a JSON object: {e}")))?;
+        }
+        if let Some(u) = &rec[6] {
+            serde_json::from_str::<Vec<String>>(u)
+                .map_err(|e| bad(format!("_unchanged is not a JSON list: {e}")))?;
+        }
+    }
     let half = records.len() / 2;
     for (n, rec) in records.iter().enumerate().skip(1) {
         out.rows += 1;
@@ -690,8 +917,11 @@ async fn flush(
     Ok(misses)
 }
 
-/// Truncates the target table (before a reload's parts).
+/// Empties the target table, if it exists (before a reload's parts).
 pub async fn truncate(tx: &Transaction<'_>, target: &TableName) -> Result<(), Error> {
+    if !exists(tx, target).await? {
+        return Ok(());
+    }
     tx.batch_execute(&format!("TRUNCATE {}", target.quoted()))
         .await
         .map_err(|e| tgt("truncate a table", e))

@@ -17,7 +17,6 @@
 //!    whatever the table's size; the servers sort.
 
 use std::cmp::Ordering;
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -111,8 +110,16 @@ fn src(what: impl std::fmt::Display, e: tokio_postgres::Error) -> Error {
 
 /// Verifies; see the module documentation.
 pub async fn verify(input: VerifyInputs<'_>, opts: &VerifyOptions) -> Result<VerifyReport, Error> {
+    // 0. No reload may be under way: a table's rows below a running reload's cut are in no file yet.
+    wait_reloads_idle(&input.listing, opts.wait).await?;
     // 1. The position and its snapshot.
-    let cut = crate::reload::export::take_cut(input.source, input.slot, "verify").await?;
+    let tag = format!("cdc_egress_verify_{}", std::process::id());
+    let cut = crate::reload::export::take_cut(
+        input.source,
+        input.slot,
+        &format!("verify_{}", std::process::id()),
+    )
+    .await?;
     let position = cut.lsn;
     let imported = async {
         let c = crate::pg::slot::connect_source(input.source).await?;
@@ -128,49 +135,69 @@ pub async fn verify(input: VerifyInputs<'_>, opts: &VerifyOptions) -> Result<Ver
     let imported = imported.await;
     cut.release().await;
     let source_tx = imported?;
-    // 2. Wait for the registry to cover the position.
+    // 2. What to compare, locked as of the snapshot: a DDL (a TRUNCATE, a rewrite) committed after
+    //    the position would make the old snapshot see the table empty or changed; the export's
+    //    guard takes ACCESS SHARE and compares the shape with the catalog now, and fails the
+    //    verification (a transient error: run it again) when they differ.
+    let tables =
+        tables_to_compare(&source_tx, input.publication, input.registry_schema, opts).await?;
+    let current = input.source.connect().await?;
+    for (t, oid) in &tables {
+        crate::reload::export::guard_against_ddl(&source_tx, &current, t, *oid)
+            .await
+            .map_err(|e| e.context(format!("verify: {} changed after the position", t.dotted())))?;
+    }
+    drop(current);
+    // 3. Wait for the registry to cover the position.
     wait_confirmed(input.source, input.slot, position, opts.wait).await?;
-    // 3. Rebuild from the files.
-    let tag = format!("cdc_egress_verify_{}", std::process::id());
+    // 4. Rebuild every table from the files (renames need the other names' history), compare the
+    //    asked ones. The state schema is the tag itself: a source schema always gets `<tag>_`.
     let naming = Naming {
-        state_schema: format!("{tag}_state"),
+        state_schema: tag.clone(),
         schema_prefix: format!("{tag}_"),
         unlogged: true,
     };
-    let scratch = input.scratch.connect().await?;
+    let cleanup = input.scratch.connect().await?;
     let source_name = input.listing.source().to_string();
-    let mut applier = Applier::open(
-        input.listing,
-        input.objects,
-        scratch,
-        naming.clone(),
-        ApplyOptions {
-            tables: opts.tables.clone(),
-            until: Some(position),
-            strict: false,
-            ignore_reloads: false,
-        },
-    )
-    .await?;
     let result = async {
-        let applied = applier.catch_up().await?;
-        let tables = compare_all(
-            &source_tx,
-            applier.target(),
-            input.publication,
-            input.registry_schema,
-            &naming,
-            opts,
+        let scratch = input.scratch.connect().await?;
+        let mut applier = Applier::open(
+            input.listing,
+            input.objects,
+            scratch,
+            naming.clone(),
+            ApplyOptions {
+                tables: Vec::new(),
+                until: Some(position),
+                strict: false,
+                ignore_reloads: false,
+            },
         )
         .await?;
-        Ok::<_, Error>((applied, tables))
+        let applied = applier.catch_up().await?;
+        let mut reports = Vec::new();
+        for (t, _) in &tables {
+            reports.push(
+                compare_table(
+                    &source_tx,
+                    applier.target(),
+                    input.publication,
+                    &naming,
+                    t,
+                    opts,
+                )
+                .await?,
+            );
+        }
+        Ok::<_, Error>((applied, reports))
     }
     .await;
     if !opts.keep_scratch {
-        drop_scratch(applier.target(), &naming).await;
+        drop_scratch(&cleanup, &naming).await;
     }
     let (applied, tables) = result?;
-    let equal = tables.iter().all(TableReport::equal);
+    let equal =
+        tables.iter().all(TableReport::equal) && applied.unusable.is_empty() && applied.misses == 0;
     Ok(VerifyReport {
         position: position.to_string(),
         source: source_name,
@@ -178,6 +205,28 @@ pub async fn verify(input: VerifyInputs<'_>, opts: &VerifyOptions) -> Result<Ver
         applied,
         equal,
     })
+}
+
+/// Waits until the source has no reload `requested` or `running`.
+async fn wait_reloads_idle(listing: &Listing, wait: Duration) -> Result<(), Error> {
+    let started = Instant::now();
+    loop {
+        let active = listing.active_reloads().await?;
+        if active.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() >= wait {
+            return Err(Error::transient(
+                Component::Reload,
+                format!(
+                    "verify: reloads are under way ({}): their tables cannot be compared until they are done",
+                    active.join(", ")
+                ),
+            )
+            .hint("wait for them (`cdc-egress status`), or longer with --wait"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Waits until `slot` has confirmed `position`.
@@ -255,52 +304,61 @@ async fn drop_scratch(c: &Client, naming: &Naming) {
     }
 }
 
-/// A table's columns as (name, is part of the primary key at position).
+/// A table's columns as (name, position in the primary key, attnum, attgenerated).
 async fn columns_of(
     c: &impl tokio_postgres::GenericClient,
     t: &TableName,
-) -> Result<Vec<(String, Option<i32>)>, Error> {
+) -> Result<Vec<(String, Option<i32>, i16, String)>, Error> {
     let rows = c
         .query(
-            "SELECT a.attname::text, array_position(i.indkey::int2[], a.attnum) \
+            "SELECT a.attname::text, array_position(i.indkey::int2[], a.attnum), a.attnum, a.attgenerated::text \
              FROM pg_attribute a LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
             &[&t.quoted()],
         )
         .await
         .map_err(|e| src(format!("read the columns of {}", t.dotted()), e))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect())
 }
 
-async fn compare_all(
+/// The published tables to compare (all, or those asked), with their OIDs, as the snapshot sees them.
+async fn tables_to_compare(
     source: &Client,
-    scratch: &Client,
     publication: &str,
     registry_schema: &str,
-    naming: &Naming,
     opts: &VerifyOptions,
-) -> Result<Vec<TableReport>, Error> {
+) -> Result<Vec<(TableName, u32)>, Error> {
     let mut published = crate::pg::slot::published_tables(source, publication).await?;
     published.retain(|t| t.schema != registry_schema);
-    let wanted: BTreeSet<TableName> = if opts.tables.is_empty() {
-        published.iter().cloned().collect()
-    } else {
-        for t in &opts.tables {
-            if !published.contains(t) {
-                return Err(Error::definite(
-                    Component::Config,
-                    format!(
-                        "verify: {} is not in the publication {publication:?}",
-                        t.dotted()
-                    ),
-                ));
-            }
+    for t in &opts.tables {
+        if !published.contains(t) {
+            return Err(Error::definite(
+                Component::Config,
+                format!(
+                    "verify: {} is not in the publication {publication:?}",
+                    t.dotted()
+                ),
+            ));
         }
-        opts.tables.iter().cloned().collect()
-    };
+    }
     let mut out = Vec::new();
-    for t in &wanted {
-        out.push(compare_table(source, scratch, publication, naming, t, opts).await?);
+    for t in published {
+        if !opts.tables.is_empty() && !opts.tables.contains(&t) {
+            continue;
+        }
+        let oid: u32 = source
+            .query_one(
+                "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&t.schema, &t.name],
+            )
+            .await
+            .map_err(|e| src(format!("look up {}", t.dotted()), e))?
+            .get(0);
+        out.push((t, oid));
     }
     Ok(out)
 }
@@ -326,27 +384,39 @@ async fn compare_table(
         .map_err(|e| src("look up a table", e))?
         .get(0);
     let subset = crate::pg::slot::published_subset(source, publication, relid).await?;
-    // The published columns: those the files have (a column list or generated columns leave some
-    // out); a column of the files the source lacks is a difference.
+    // The published columns (the publication's column list, generated columns as pgoutput sends
+    // them) must be exactly the files' columns; the rows are compared on those they share.
+    let in_source: Vec<String> = source_cols
+        .iter()
+        .filter(|(_, _, attnum, generated)| subset.publishes_column(*attnum, generated))
+        .map(|c| c.0.clone())
+        .collect();
     let published: Vec<String> = if copy_cols.is_empty() {
-        source_cols.iter().map(|c| c.0.clone()).collect()
+        in_source.clone()
     } else {
-        for (c, _) in &copy_cols {
-            if !source_cols.iter().any(|(s, _)| s == c) {
+        for (c, ..) in &copy_cols {
+            if !in_source.contains(c) {
                 report
                     .column_differences
-                    .push(format!("{c} is in the files, not in the source"));
+                    .push(format!("{c} is in the files, not published by the source"));
+            }
+        }
+        for c in &in_source {
+            if !copy_cols.iter().any(|(x, ..)| x == c) {
+                report
+                    .column_differences
+                    .push(format!("{c} is published by the source, not in the files"));
             }
         }
         copy_cols
             .iter()
             .map(|c| c.0.clone())
-            .filter(|c| source_cols.iter().any(|(s, _)| s == c))
+            .filter(|c| in_source.contains(c))
             .collect()
     };
     let mut key: Vec<(i32, String)> = source_cols
         .iter()
-        .filter_map(|(n, k)| k.map(|k| (k, n.clone())))
+        .filter_map(|(n, k, ..)| k.map(|k| (k, n.clone())))
         .filter(|(_, n)| published.contains(n))
         .collect();
     key.sort();
@@ -593,6 +663,17 @@ pub fn render_text(r: &VerifyReport) -> String {
             t.different,
             if t.equal() { "equal" } else { "DIFFERENT" }
         );
+    }
+    if !r.applied.unusable.is_empty() || r.applied.misses > 0 {
+        let _ = writeln!(
+            out,
+            "the files contradict themselves: {} updates or deletes found no row or several; {} objects unusable:",
+            r.applied.misses,
+            r.applied.unusable.len()
+        );
+        for u in &r.applied.unusable {
+            let _ = writeln!(out, "  {u}");
+        }
     }
     for t in r.tables.iter().filter(|t| !t.equal()) {
         let _ = writeln!(out, "{} (matched by {}):", t.table, t.matched_by);

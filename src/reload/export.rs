@@ -580,7 +580,7 @@ const GUARD_LOCK_TIMEOUT: &str = "500ms";
 /// with the shape now (`current`, outside the snapshot, after the lock): a difference fails the
 /// table's attempt as transient, and the retry takes a new cut after that DDL. Each lock is taken
 /// under a savepoint, so a lock that times out fails its table only.
-async fn guard_against_ddl(
+pub async fn guard_against_ddl(
     guard: &tokio_postgres::Client,
     current: &tokio_postgres::Client,
     table: &TableName,

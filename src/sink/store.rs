@@ -360,6 +360,16 @@ impl Store {
         r.bytes().await.map_err(|e| classify("get", path, e))
     }
 
+    /// [`Store::get`], with a missing object as `None` rather than an error (a reader that knows
+    /// the object must exist decides what its absence means).
+    pub async fn get_opt(&self, path: &Path) -> Result<Option<bytes::Bytes>, Error> {
+        match self.inner.get(path).await {
+            Ok(r) => Ok(Some(r.bytes().await.map_err(|e| classify("get", path, e))?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(classify("get", path, e)),
+        }
+    }
+
     pub async fn exists(&self, path: &Path) -> Result<bool, Error> {
         match self.inner.head(path).await {
             Ok(_) => Ok(true),
