@@ -64,6 +64,9 @@ fn config(url: String, auth: NatsAuth) -> NatsConfig {
         subject_prefix: common::unique("natsauth"),
         source: "main".into(),
         change_events: false,
+        txn_events: false,
+        schema_bucket: None,
+        control_subject: None,
         auth,
     }
 }

@@ -216,6 +216,9 @@ async fn jetstream() {
             subject_prefix: name,
             source: "main".into(),
             change_events: false,
+            txn_events: false,
+            schema_bucket: None,
+            control_subject: None,
             auth: Default::default(),
         };
         let notifier = Notifier::connect(&cfg)

@@ -450,6 +450,9 @@ pub(super) async fn prepare_batcher(
     );
     if config.nats.change_events && sinks.notifier.is_some() {
         batcher.enable_change_events();
+        if config.nats.txn_events {
+            batcher.enable_txn_events();
+        }
     }
     batcher.set_marker_prefix(crate::sink::registry::migrate::marker_prefix(
         &config.registry.schema,
