@@ -76,9 +76,9 @@ async fn ddl_records_notified(db: &TestDb, d: &Daemon, n: usize) {
     db.wait_until(&sql, CATCH_UP, d).await;
 }
 
-/// A table's entry is its newest schema after a batch, after an `ADD COLUMN` and after a kill -9
-/// and restart (not written again for the same schema), versions in position order, once each;
-/// a dropped table's entry is a tombstone.
+/// A table's entry is its newest schema after a batch, after an `ADD COLUMN` (also when the daemon
+/// crashed right after writing the entry) and after a kill -9 and restart (not written again for
+/// the same schema), versions in position order, once each; a dropped table's entry is a tombstone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_bucket_holds_the_latest_schema_across_ddl_and_restarts() {
     let db = TestDb::new("kvschema").await;
@@ -106,9 +106,21 @@ async fn schema_bucket_holds_the_latest_schema_across_ddl_and_restarts() {
     assert_eq!(h[0]["state"], "present");
     assert_eq!(h[0]["kind"], "streaming");
 
+    // A crash right after the DDL record's entry is written, before its row is marked notified:
+    // the next run completes the row and reads the record again from the slot, and writes nothing.
+    assert!(d.stop().await.success());
+    let d = Daemon::start(
+        &env,
+        db.dir.path(),
+        &[("CDC_EGRESS_TEST_FAILPOINT", "after_schema_entry")],
+        "crash.log",
+    );
     c.batch_execute("ALTER TABLE t ADD COLUMN b int")
         .await
         .unwrap();
+    let status = d.wait_exit(CATCH_UP).await;
+    assert!(!status.success(), "the failpoint aborted the daemon");
+    let d = Daemon::start(&env, db.dir.path(), &[], "after-crash.log");
     c.batch_execute("INSERT INTO t VALUES (3, 'three', 3)")
         .await
         .unwrap();
