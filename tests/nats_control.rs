@@ -170,6 +170,70 @@ async fn schema_bucket_holds_the_latest_schema_across_ddl_and_restarts() {
     db.cleanup().await;
 }
 
+/// Tables that changed before the bucket was configured get their entries at the next start, from
+/// their newest registry rows, without any new change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_bucket_is_filled_at_start_for_quiet_tables() {
+    let db = TestDb::new("kvfill").await;
+    let bucket = Bucket::of(&db);
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE public.t (id int PRIMARY KEY, a text); CREATE TABLE public.u (id int PRIMARY KEY); \
+         CREATE PUBLICATION {} FOR TABLE public.t, public.u",
+        db.publication
+    ))
+    .await
+    .unwrap();
+    let env = db.daemon_env(&db.out_url());
+    let d = Daemon::start(
+        &env,
+        db.dir.path(),
+        &[("CDC_EGRESS_NATS_SCHEMA_BUCKET", "")],
+        "without.log",
+    );
+    db.wait_for_slot(&d).await;
+    c.batch_execute("INSERT INTO t VALUES (1, 'one'); INSERT INTO u VALUES (1)")
+        .await
+        .unwrap();
+    db.wait_caught_up(CATCH_UP).await;
+    db.wait_until(ALL_NOTIFIED, CATCH_UP, &d).await;
+    assert!(d.stop().await.success());
+    let js = jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    assert!(
+        js.get_key_value(&bucket.0).await.is_err(),
+        "no bucket while it is disabled"
+    );
+
+    let d = Daemon::start(&env, db.dir.path(), &[], "with.log");
+    let keys = [
+        format!("{}.public.t", db.slot),
+        format!("{}.public.u", db.slot),
+    ];
+    wait_until(
+        "both tables' entries",
+        CATCH_UP,
+        || d.log_tail(),
+        async || {
+            let Ok(kv) = js.get_key_value(&bucket.0).await else {
+                return false;
+            };
+            let mut found = 0;
+            for k in &keys {
+                found += kv.entry(k).await.ok().flatten().is_some() as usize;
+            }
+            found == keys.len()
+        },
+    )
+    .await;
+    assert_eq!(
+        column_names(&bucket.history(&keys[0]).await[0]),
+        ["id", "a"]
+    );
+    assert_eq!(bucket.history(&keys[1]).await.len(), 1);
+    assert!(d.stop().await.success());
+    db.cleanup().await;
+}
+
 async fn request(subject: &str, payload: &str) -> Value {
     let c = async_nats::connect(nats_url()).await.unwrap();
     let reply = tokio::time::timeout(

@@ -135,7 +135,7 @@ pub async fn finish_registered<R: FileLog, N: Publish>(
                 .metrics
                 .observe("publish", started.elapsed().as_secs_f64());
             crate::failpoint::hit("after_publish");
-            announce_schema(sinks, n, &reg.record, reg.record.first).await?;
+            announce_schema(sinks, n, &reg.record).await?;
             seq
         }
         // 0 records "no notice: NATS disabled" so start-up recovery does not revisit the row.
@@ -274,15 +274,19 @@ pub async fn deliver_batches<R: FileLog, N: Publish>(
 }
 
 /// Writes the schema-bucket entry of the row `rec` (a streaming batch, a DDL record or a reload's
-/// first part), holding from `valid_from`, when it supersedes the stored one (see
-/// `sink::notify::schemas`). The document is read back from the object store, so start-up
-/// recovery writes the same entry as the first attempt did.
+/// part) when it supersedes the stored one (see `sink::notify::schemas`). It holds from the row's
+/// first position; a reload's from its cut with seq 0 (before every change committed there). The
+/// document is read back from the object store, so start-up recovery writes the same entry as the
+/// first attempt did.
 async fn announce_schema<R: FileLog, N: Publish>(
     sinks: &Sinks<R, N>,
     n: &N,
     rec: &FileRecord,
-    valid_from: Option<Position>,
 ) -> Result<(), Error> {
+    let valid_from = match rec.kind {
+        FileKind::Reload => rec.first.map(|p| Position::new(p.commit_lsn, 0)),
+        FileKind::Streaming | FileKind::Ddl => rec.first,
+    };
     let Some(valid_from) = valid_from.filter(|_| n.keeps_schemas()) else {
         return Ok(());
     };
@@ -342,6 +346,40 @@ async fn announce_schema<R: FileLog, N: Publish>(
     Ok(())
 }
 
+/// Gives every table of this source an entry in the schema bucket from its newest registry row
+/// (start-up, after recovery), so tables that have not changed since the bucket was configured are
+/// there too. Rows older than the stored entry change nothing ([`announce_schema`]); a table whose
+/// documents cannot be read is skipped with a warning, since its next row writes its entry anyway.
+pub async fn backfill_schemas(sinks: &Sinks) -> Result<(), Error> {
+    let Some(n) = sinks.notifier.as_ref().filter(|n| n.keeps_schemas()) else {
+        return Ok(());
+    };
+    let newest = retry("read newest rows per table", sinks, || {
+        sinks.registry.newest_per_table()
+    })
+    .await?;
+    for reg in &newest {
+        // Old objects may be gone (a retention policy): never wait for them.
+        let document = crate::sink::layout::stored_path(&reg.record.schema_path);
+        if !retry("look for schema document", sinks, || {
+            sinks.store.exists(&document)
+        })
+        .await?
+        {
+            tracing::warn!(table = %reg.record.table, path = %document, "no schema entry for this table until its next batch: its newest schema document is gone");
+            continue;
+        }
+        if let Err(e) = announce_schema(sinks, n, &reg.record).await {
+            if !e.is_transient() {
+                tracing::warn!(table = %reg.record.table, error = %e, "no schema entry for this table until its next batch");
+                continue;
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 fn tokio_stream_from<T: Send + 'static>(
     mut rx: mpsc::Receiver<T>,
 ) -> impl futures::Stream<Item = T> {
@@ -373,12 +411,7 @@ pub async fn finish_reload<R: FileLog, N: Publish>(
                 n.publish_once(&subject, &notice.batch_id, body.clone())
             })
             .await?;
-            // A reload's schema holds from its cut (seq 0: before every change committed there).
-            let cut = parts[0]
-                .record
-                .first
-                .map(|p| Position::new(p.commit_lsn, 0));
-            announce_schema(sinks, n, &parts[0].record, cut).await?;
+            announce_schema(sinks, n, &parts[0].record).await?;
             seq
         }
         None => 0,
