@@ -285,6 +285,22 @@ async fn reloads_are_requested_over_nats() {
     )
     .await;
 
+    // The reload's schema entry holds from its cut (seq 0).
+    let bucket = Bucket::of(&db);
+    let key = format!("{}.public.t", db.slot);
+    wait_until(
+        "the reload's schema entry",
+        CATCH_UP,
+        || d.log_tail(),
+        async || bucket.kv().await.entry(&key).await.ok().flatten().is_some(),
+    )
+    .await;
+    let h = bucket.history(&key).await;
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert_eq!(h[0]["kind"], "reload");
+    assert_eq!(h[0]["valid_from"]["seq"], 0);
+    assert_eq!(column_names(&h[0]), ["id", "a"]);
+
     for (payload, why) in [
         (r#"{"tables": ["public.nope"]}"#, "does not exist"),
         (r#"{"tables": ["public.hidden"]}"#, "is not in publication"),
