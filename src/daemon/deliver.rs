@@ -15,7 +15,7 @@
 //! a repeat with the original row or message.
 //!
 //! With a schema bucket (`nats.schema_bucket`), the entry of a row's table is written after its
-//! notice and before its notice sequence is recorded ([`announce_schema`]): a crash in between
+//! notice and before its notice sequence is recorded (`announce_schema`): a crash in between
 //! leaves the row unnotified, and start-up completes both again (the entry write is a no-op when it
 //! landed, see `sink::notify::schemas`). So a row reported persisted, and every position the ack
 //! passes, has its table's entry in the bucket.
@@ -305,7 +305,7 @@ async fn announce_schema<R: FileLog, N: Publish>(
     let yaml = retry("read schema document", sinks, || sinks.store.get(&path)).await?;
     let doc = schemas::yaml_to_json(&yaml).map_err(|e| {
         Error::definite(
-            Component::Nats,
+            Component::ObjectStore,
             format!("{} is not a YAML document: {e}", rec.schema_path),
         )
     })?;
@@ -348,7 +348,7 @@ async fn announce_schema<R: FileLog, N: Publish>(
 
 /// Gives every table of this source an entry in the schema bucket from its newest registry row
 /// (start-up, after recovery), so tables that have not changed since the bucket was configured are
-/// there too. Rows older than the stored entry change nothing ([`announce_schema`]); a table whose
+/// there too. Rows older than the stored entry change nothing (`announce_schema`); a table whose
 /// documents cannot be read is skipped with a warning, since its next row writes its entry anyway.
 pub async fn backfill_schemas(sinks: &Sinks) -> Result<(), Error> {
     let Some(n) = sinks.notifier.as_ref().filter(|n| n.keeps_schemas()) else {
