@@ -49,6 +49,10 @@ pub const KEYS: &[&str] = &[
     "nats.stream",
     "nats.subject_prefix",
     "nats.change_events",
+    "nats.txn_events",
+    "nats.schema_bucket",
+    "nats.control",
+    "nats.control_subject",
     "nats.creds_file",
     "nats.token_file",
     "nats.nkey_file",
@@ -510,6 +514,69 @@ impl Layers {
             .map(PathBuf::from)
     }
 
+    /// `nats.change_events`, `nats.txn_events`, `nats.schema_bucket`, `nats.control` and
+    /// `nats.control_subject`, checked together: transaction events bracket change events, and the
+    /// control subject must lie outside the stream's `<prefix>.>` (a request captured by the stream
+    /// would be answered by JetStream's PubAck as well as by the daemon).
+    fn nats_extras(&self, stream: &str, prefix: &str, source: &str) -> Result<NatsExtras, Error> {
+        let flag = |key: &str| self.parsed(key, false, "true or false", parse_bool);
+        let change_events = flag("nats.change_events")?;
+        let txn_events = flag("nats.txn_events")?;
+        if txn_events && !change_events {
+            return Err(usage(
+                "`nats.txn_events: true` needs `nats.change_events: true`: transaction events bracket the change events",
+            ));
+        }
+        let derived: String = stream
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let bucket = self.string("nats.schema_bucket", &format!("{derived}_SCHEMAS"));
+        let bucket = bucket.trim();
+        if !bucket
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(usage(format!(
+                "invalid value {bucket:?} for `nats.schema_bucket`: a bucket name is letters, digits, '_' and '-' (empty disables)"
+            )));
+        }
+        let control_subject = self.string(
+            "nats.control_subject",
+            &format!("{prefix}-control.{source}.reload"),
+        );
+        if control_subject.is_empty()
+            || control_subject
+                .chars()
+                .any(|c| c.is_whitespace() || c == '*' || c == '>')
+            || control_subject.starts_with('.')
+            || control_subject.ends_with('.')
+            || control_subject.contains("..")
+        {
+            return Err(usage(format!(
+                "invalid value {control_subject:?} for `nats.control_subject`: expected a NATS subject without spaces or wildcards"
+            )));
+        }
+        if control_subject.starts_with(&format!("{prefix}.")) {
+            return Err(usage(format!(
+                "`nats.control_subject` {control_subject:?} is inside `{prefix}.>`, which the stream {stream} captures: \
+                 JetStream would store every request and answer it too; choose a subject outside it (default {prefix}-control.{source}.reload)"
+            )));
+        }
+        Ok(NatsExtras {
+            change_events,
+            txn_events,
+            schema_bucket: (!bucket.is_empty()).then(|| bucket.to_string()),
+            control_subject: flag("nats.control")?.then_some(control_subject),
+        })
+    }
+
     fn identifier(&self, key: &str, default: &str) -> Result<String, Error> {
         let v = self.string(key, default);
         if v.is_empty() || v.len() > 63 || v.contains('\0') {
@@ -615,6 +682,7 @@ impl Layers {
                 "invalid value {stream:?} for `nats.stream`: stream names may not contain spaces, '.', '*', '>', '/' or '\\'"
             )));
         }
+        let nats_extras = self.nats_extras(&stream, &subject_prefix, &source_name)?;
         let http_listen = match self.get("http.listen") {
             Some((v, _)) if v.trim().is_empty() => None,
             _ => Some(self.parsed(
@@ -708,12 +776,10 @@ impl Layers {
                 stream,
                 subject_prefix,
                 source: source_name.clone(),
-                change_events: self.parsed(
-                    "nats.change_events",
-                    false,
-                    "true or false",
-                    parse_bool,
-                )?,
+                change_events: nats_extras.change_events,
+                txn_events: nats_extras.txn_events,
+                schema_bucket: nats_extras.schema_bucket,
+                control_subject: nats_extras.control_subject,
                 auth: NatsAuth {
                     creds_file: self.path("nats.creds_file"),
                     token_file: self.path("nats.token_file"),
@@ -816,6 +882,14 @@ pub fn parse_size(s: &str) -> Option<u64> {
     n.checked_mul(mult).filter(|v| *v > 0)
 }
 
+/// The NATS settings beyond the connection and the stream (`Layers::nats_extras`).
+struct NatsExtras {
+    change_events: bool,
+    txn_events: bool,
+    schema_bucket: Option<String>,
+    control_subject: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -883,6 +957,55 @@ mod tests {
         assert_eq!(c.nats.subject_prefix, "cdc");
         assert!(!c.nats.change_events);
         assert_eq!(c.http.listen.unwrap().to_string(), "127.0.0.1:9187");
+    }
+
+    #[test]
+    fn nats_bucket_control_and_txn_settings() {
+        let c = Config::from_yaml(BASE, &[]).unwrap();
+        assert!(!c.nats.txn_events);
+        assert_eq!(c.nats.schema_bucket.as_deref(), Some("CDC_EGRESS_SCHEMAS"));
+        assert!(
+            c.nats.control_subject.is_none(),
+            "control is off by default"
+        );
+        let set = |flags: &[&str]| {
+            Config::from_yaml(
+                BASE,
+                &flags.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        let c = set(&[
+            "nats.control=true",
+            "source.name=eu",
+            "nats.stream=S-1",
+            "nats.schema_bucket=",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.nats.control_subject.as_deref(),
+            Some("cdc-control.eu.reload")
+        );
+        assert!(c.nats.schema_bucket.is_none());
+        let c = set(&["nats.change_events=true", "nats.txn_events=true"]).unwrap();
+        assert!(c.nats.txn_events);
+        for (flags, needle) in [
+            (
+                &["nats.txn_events=true"][..],
+                "needs `nats.change_events: true`",
+            ),
+            (
+                &[
+                    "nats.control=true",
+                    "nats.control_subject=cdc.control.reload",
+                ][..],
+                "inside `cdc.>`",
+            ),
+            (&["nats.control_subject=a b"][..], "nats.control_subject"),
+            (&["nats.schema_bucket=a.b"][..], "nats.schema_bucket"),
+        ] {
+            let e = set(flags).err().unwrap().to_string();
+            assert!(e.contains(needle), "{flags:?}: {e}");
+        }
     }
 
     #[test]

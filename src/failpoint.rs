@@ -11,6 +11,7 @@
 //! | `after_ddl_register` | a DDL record's rows committed, no manifest yet            |
 //! | `after_manifest` | manifest written, notice not yet published                    |
 //! | `after_publish`  | notice acknowledged by JetStream, sequence not yet recorded   |
+//! | `after_schema_entry` | schema-bucket entry written (or found current), sequence not yet recorded |
 //! | `before_status`  | batch persisted, the new confirmed LSN not yet sent           |
 //! | `apply_mid_file` | `cdc-egress apply`: half a file's rows applied, not committed |
 //!

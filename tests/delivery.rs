@@ -432,3 +432,32 @@ async fn recovery_completes_unnotified_rows_exactly_once() {
     assert_eq!(deliver::finish_unnotified(&w.sinks).await.unwrap(), 0);
     assert_eq!(w.notifier.published().len(), 4);
 }
+
+/// With a schema bucket, each table's entry is written by its first batch (the `schema.yml` read
+/// back, holding from that batch's first position), later batches of the same columns write
+/// nothing, and delivering the same batches again (a replay) writes nothing either.
+#[tokio::test]
+async fn schema_entries_are_written_once_per_version() {
+    let mut w = world();
+    w.notifier = w.notifier.clone().with_schemas();
+    w.deliver_five_in_order().await;
+    let again = w.five_batches();
+    let (result, _) = w.deliver(again).await;
+    result.unwrap();
+    for (key, first) in [
+        ("main.public.orders", pos(0x100, 1)),
+        ("main.sales.accounts", pos(0x110, 1)),
+    ] {
+        let history = w.notifier.schema_history(key);
+        assert_eq!(history.len(), 1, "{key}: one version");
+        let entry: serde_json::Value = serde_json::from_slice(&history[0]).unwrap();
+        assert_eq!(entry["state"], "present");
+        assert_eq!(entry["kind"], "streaming");
+        assert_eq!(
+            entry["valid_from"]["commit_lsn"],
+            first.commit_lsn.to_string()
+        );
+        assert_eq!(entry["valid_from"]["seq"], first.seq);
+        assert_eq!(entry["schema_yml"]["columns"][0]["name"], "id", "{entry}");
+    }
+}

@@ -1,6 +1,7 @@
 //! NATS credentials and TLS from files, against real nats-server processes of our own (a free
 //! loopback port each, stopped on drop): a token, a user's password, and TLS with our own CA. A
 //! rejected credential is a configuration error (exit 2 from the CLI), never retried as an outage.
+//! And the subject permissions README "Reloads over NATS" gives for reload requests.
 
 mod common;
 
@@ -64,6 +65,9 @@ fn config(url: String, auth: NatsAuth) -> NatsConfig {
         subject_prefix: common::unique("natsauth"),
         source: "main".into(),
         change_events: false,
+        txn_events: false,
+        schema_bucket: None,
+        control_subject: None,
         auth,
     }
 }
@@ -176,4 +180,101 @@ async fn tls_with_our_own_ca_from_a_file() {
         connect(&config(url, NatsAuth::default())).await.is_err(),
         "a server certificate of an unknown CA is not trusted"
     );
+}
+
+/// The permissions of README "Reloads over NATS", on a server of our own: the daemon runs under
+/// its user (notices, stream, schema bucket, answering requests), a user allowed to publish on the
+/// control subject gets its reload, and one that is not allowed cannot place a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_requests_follow_the_readme_permissions() {
+    let db = common::TestDb::new("natsperm").await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE public.t (id int PRIMARY KEY); CREATE TABLE public.u (id int PRIMARY KEY); \
+         CREATE PUBLICATION {} FOR TABLE public.t, public.u",
+        db.publication
+    ))
+    .await
+    .unwrap();
+    let (prefix, source, bucket) = (&db.prefix, &db.slot, format!("{}_SCHEMAS", db.stream));
+    let control = format!("{prefix}-control.{source}.reload");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("server.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"authorization {{
+  users = [
+    {{ user: cdc-egress, password: daemon-pw, permissions: {{
+        publish:   {{ allow: ["{prefix}.>", "$JS.API.>", "$KV.{bucket}.>", "_INBOX.>"] }}
+        subscribe: {{ allow: ["{control}", "_INBOX.>"] }}
+        allow_responses: true }} }}
+    {{ user: ops, password: ops-pw, permissions: {{
+        publish:   {{ allow: ["{prefix}-control.*.reload"] }}
+        subscribe: {{ allow: ["_INBOX.>"] }} }} }}
+    {{ user: app, password: app-pw, permissions: {{
+        publish:   {{ allow: ["$JS.API.CONSUMER.>", "$JS.API.STREAM.INFO.>", "$JS.API.DIRECT.GET.>", "$JS.ACK.>"] }}
+        subscribe: {{ allow: ["_INBOX.>", "{prefix}.>"] }} }} }}
+  ]
+}}
+"#
+        ),
+    )
+    .unwrap();
+    let s = Server::start(&["-c", conf.to_str().unwrap()]);
+    let mut env = db.daemon_env(&db.out_url());
+    env.retain(|(k, _)| k != "CDC_EGRESS_NATS_URL");
+    env.push((
+        "CDC_EGRESS_NATS_URL".into(),
+        format!("nats://cdc-egress@127.0.0.1:{}", s.port),
+    ));
+    env.push((
+        "CDC_EGRESS_NATS_PASSWORD_FILE".into(),
+        secret_file(dir.path(), "pw", "daemon-pw")
+            .display()
+            .to_string(),
+    ));
+    env.push(("CDC_EGRESS_NATS_CONTROL".into(), "true".into()));
+    let mut d = common::Daemon::start(&env, db.dir.path(), &[], "daemon.log");
+    d.wait_for_log(
+        "answering reload requests over NATS",
+        Duration::from_secs(120),
+    )
+    .await;
+    let as_user = |user: &str, pw: &str| {
+        let url = format!("nats://127.0.0.1:{}", s.port);
+        let (user, pw) = (user.to_string(), pw.to_string());
+        async move {
+            async_nats::ConnectOptions::with_user_and_password(user, pw)
+                .connect(url)
+                .await
+                .unwrap()
+        }
+    };
+    // Not allowed: the server drops the request. After the flush the server has handled it, so
+    // had it been let through it would reach the daemon before the allowed request below.
+    let app = as_user("app", "app-pw").await;
+    app.publish_with_reply(
+        control.clone(),
+        "_INBOX.app",
+        r#"{"tables": ["public.u"]}"#.into(),
+    )
+    .await
+    .unwrap();
+    app.flush().await.unwrap();
+    let ops = as_user("ops", "ops-pw").await;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(120),
+        ops.request(control.clone(), r#"{"tables": ["public.t"]}"#.into()),
+    )
+    .await
+    .expect("a reply")
+    .unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    let requested =
+        common::query_rows(&c, "SELECT table_name FROM cdc_egress.reload_requests").await;
+    assert_eq!(requested, ["(t)"], "only the allowed request was placed");
+    assert!(d.stop().await.success());
+    db.cleanup().await;
 }

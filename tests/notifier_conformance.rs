@@ -7,8 +7,11 @@ mod common;
 
 use bytes::Bytes;
 use cdc_egress::config::{NatsConfig, SecretUrl};
+use cdc_egress::core::batch::Position;
 use cdc_egress::error::Kind;
+use cdc_egress::lsn::Lsn;
 use cdc_egress::sink::notify::memory::MemoryNotifier;
+use cdc_egress::sink::notify::schemas::{EntryPosition, SchemaEntry, SchemaHead};
 use cdc_egress::sink::notify::{Notifier, Publish};
 use cdc_egress::table::TableName;
 
@@ -183,6 +186,64 @@ async fn notice_subjects_are_built_from_the_prefix<B: Backend>(b: &B) {
     );
 }
 
+/// A schema entry of `public.orders` holding from `(lsn, 1)` with columns `fingerprint`.
+fn schema_entry(lsn: u64, fingerprint: &str) -> (SchemaHead, Bytes) {
+    let head = SchemaHead {
+        valid_from: Position::new(Lsn(lsn), 1),
+        state: "present".into(),
+        fingerprint: Some(fingerprint.into()),
+    };
+    let entry = SchemaEntry {
+        source: "main".into(),
+        table: "public.orders".into(),
+        schema: "public".into(),
+        table_name: "orders".into(),
+        state: head.state.clone(),
+        kind: "streaming".into(),
+        valid_from: EntryPosition {
+            commit_lsn: Lsn(lsn).to_string(),
+            seq: 1,
+        },
+        schema_version: 1,
+        schema_fingerprint: head.fingerprint.clone(),
+        batch_id: format!("main/public/orders/{lsn}"),
+        schema_yml: None,
+        ddl_yml: None,
+    };
+    (head, entry.to_json())
+}
+
+/// A schema entry is written once; a repeat (a replay) or an older head writes nothing and is
+/// reported current; a later head with other columns replaces it.
+async fn schema_entries_only_move_forward<B: Backend>(b: &B) {
+    let p = b.publisher();
+    assert!(p.keeps_schemas());
+    let key = "main.public.orders";
+    let (v1, body1) = schema_entry(0x100, "a");
+    assert!(!p.schema_current(key, &v1).await.unwrap(), "no entry yet");
+    assert!(p.put_schema(key, &v1, body1.clone()).await.unwrap());
+    assert!(p.schema_current(key, &v1).await.unwrap());
+    assert!(!p.put_schema(key, &v1, body1).await.unwrap(), "a replay");
+    let (old, body_old) = schema_entry(0x90, "b");
+    assert!(p.schema_current(key, &old).await.unwrap());
+    assert!(!p.put_schema(key, &old, body_old).await.unwrap(), "older");
+    let (same, body_same) = schema_entry(0x180, "a");
+    assert!(
+        !p.put_schema(key, &same, body_same).await.unwrap(),
+        "same columns"
+    );
+    let (v2, body2) = schema_entry(0x200, "b");
+    assert!(!p.schema_current(key, &v2).await.unwrap());
+    assert!(p.put_schema(key, &v2, body2).await.unwrap());
+    assert!(p.schema_current(key, &v2).await.unwrap());
+    assert!(
+        !p.put_schema(key, &v1, schema_entry(0x100, "a").1)
+            .await
+            .unwrap(),
+        "never back"
+    );
+}
+
 /// Runs every check against a fresh backend from `fresh`.
 async fn conformance<B: Backend, F: AsyncFnMut() -> B>(mut fresh: F) {
     macro_rules! check {
@@ -196,6 +257,7 @@ async fn conformance<B: Backend, F: AsyncFnMut() -> B>(mut fresh: F) {
     check!(a_repeat_behind_later_messages_returns_the_original_inside_the_window);
     check!(the_same_id_with_other_content_is_a_definite_collision);
     check!(notice_subjects_are_built_from_the_prefix);
+    check!(schema_entries_only_move_forward);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -203,7 +265,7 @@ async fn conformance<B: Backend, F: AsyncFnMut() -> B>(mut fresh: F) {
 
 #[tokio::test]
 async fn in_memory() {
-    conformance(async || MemoryNotifier::new("cdct_memory")).await;
+    conformance(async || MemoryNotifier::new("cdct_memory").with_schemas()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,9 +275,13 @@ async fn jetstream() {
         let cfg = NatsConfig {
             url: Some(SecretUrl::new(common::nats_url())),
             stream: name.to_uppercase(),
+            // The bucket `common::delete_stream` deletes with the stream.
+            schema_bucket: Some(format!("{}_SCHEMAS", name.to_uppercase())),
             subject_prefix: name,
             source: "main".into(),
             change_events: false,
+            txn_events: false,
+            control_subject: None,
             auth: Default::default(),
         };
         let notifier = Notifier::connect(&cfg)

@@ -34,6 +34,9 @@ impl World {
             subject_prefix: self.prefix.clone(),
             source: "main".into(),
             change_events: false,
+            txn_events: false,
+            schema_bucket: None,
+            control_subject: None,
             auth: Default::default(),
         }
     }
@@ -385,6 +388,9 @@ async fn nats_down_is_transient_and_names_the_url() {
             subject_prefix: "unused".into(),
             source: "main".into(),
             change_events: false,
+            txn_events: false,
+            schema_bucket: None,
+            control_subject: None,
             auth: Default::default(),
         };
         // A guard against a hang, not a measurement: the connection is refused at once.
@@ -409,6 +415,9 @@ async fn no_url_means_no_notices() {
         subject_prefix: "unused".into(),
         source: "main".into(),
         change_events: false,
+        txn_events: false,
+        schema_bucket: None,
+        control_subject: None,
         auth: Default::default(),
     };
     assert!(Notifier::connect(&cfg).await.unwrap().is_none());

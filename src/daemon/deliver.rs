@@ -13,6 +13,12 @@
 //! safe because of those contracts: a transient error may follow an effect that happened (a lost
 //! reply), and both `commit_file` (on the batch id) and `publish_once` (on the message id) answer
 //! a repeat with the original row or message.
+//!
+//! With a schema bucket (`nats.schema_bucket`), the entry of a row's table is written after its
+//! notice and before its notice sequence is recorded (`announce_schema`): a crash in between
+//! leaves the row unnotified, and start-up completes both again (the entry write is a no-op when it
+//! landed, see `sink::notify::schemas`). So a row reported persisted, and every position the ack
+//! passes, has its table's entry in the bucket.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,13 +27,14 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
 use crate::core::ack::BatchId;
-use crate::core::batch::Sealed;
+use crate::core::batch::{Position, Sealed};
 use crate::error::{Component, Error};
 use crate::observe::Metrics;
 use crate::reload::notice::ReloadNotice;
 use crate::sink::layout::Namespace;
+use crate::sink::notify::schemas::{self, EntryPosition, SchemaEntry, SchemaHead};
 use crate::sink::notify::{Notifier, Publish};
-use crate::sink::registry::{FileKind, FileLog, Registered, Registry};
+use crate::sink::registry::{FileKind, FileLog, FileRecord, Registered, Registry};
 use crate::sink::spool::SpooledFile;
 use crate::sink::store::Store;
 use crate::sink::upload::{self, SchemaVersions};
@@ -128,6 +135,7 @@ pub async fn finish_registered<R: FileLog, N: Publish>(
                 .metrics
                 .observe("publish", started.elapsed().as_secs_f64());
             crate::failpoint::hit("after_publish");
+            announce_schema(sinks, n, &reg.record).await?;
             seq
         }
         // 0 records "no notice: NATS disabled" so start-up recovery does not revisit the row.
@@ -265,6 +273,113 @@ pub async fn deliver_batches<R: FileLog, N: Publish>(
     Ok(())
 }
 
+/// Writes the schema-bucket entry of the row `rec` (a streaming batch, a DDL record or a reload's
+/// part) when it supersedes the stored one (see `sink::notify::schemas`). It holds from the row's
+/// first position; a reload's from its cut with seq 0 (before every change committed there). The
+/// document is read back from the object store, so start-up recovery writes the same entry as the
+/// first attempt did.
+async fn announce_schema<R: FileLog, N: Publish>(
+    sinks: &Sinks<R, N>,
+    n: &N,
+    rec: &FileRecord,
+) -> Result<(), Error> {
+    let valid_from = match rec.kind {
+        FileKind::Reload => rec.first.map(|p| Position::new(p.commit_lsn, 0)),
+        FileKind::Streaming | FileKind::Ddl => rec.first,
+    };
+    let Some(valid_from) = valid_from.filter(|_| n.keeps_schemas()) else {
+        return Ok(());
+    };
+    let key = schemas::schema_key(sinks.layout.source(), &rec.table);
+    let mut head = SchemaHead {
+        valid_from,
+        state: "present".into(),
+        fingerprint: Some(rec.schema_fingerprint.clone()),
+    };
+    if rec.kind == FileKind::Ddl {
+        head.fingerprint = None;
+    } else if retry("read schema entry", sinks, || n.schema_current(&key, &head)).await? {
+        return Ok(());
+    }
+    let path = crate::sink::layout::stored_path(&rec.schema_path);
+    let yaml = retry("read schema document", sinks, || sinks.store.get(&path)).await?;
+    let doc = schemas::yaml_to_json(&yaml).map_err(|e| {
+        Error::definite(
+            Component::ObjectStore,
+            format!("{} is not a YAML document: {e}", rec.schema_path),
+        )
+    })?;
+    let (schema_yml, ddl_yml) = match rec.kind {
+        FileKind::Ddl => {
+            let mode = doc.get("mode_after").and_then(|m| m.as_str());
+            head.state = schemas::state_after(mode).to_string();
+            (None, Some(doc))
+        }
+        FileKind::Streaming | FileKind::Reload => (Some(doc), None),
+    };
+    let entry = SchemaEntry {
+        source: sinks.layout.source().to_string(),
+        table: rec.table.dotted(),
+        schema: rec.table.schema.clone(),
+        table_name: rec.table.name.clone(),
+        state: head.state.clone(),
+        kind: rec.kind.as_str().to_string(),
+        valid_from: EntryPosition {
+            commit_lsn: valid_from.commit_lsn.to_string(),
+            seq: valid_from.seq,
+        },
+        schema_version: rec.schema_version,
+        schema_fingerprint: head.fingerprint.clone(),
+        batch_id: rec.batch_id.clone(),
+        schema_yml,
+        ddl_yml,
+    };
+    let value = entry.to_json();
+    let written = retry("write schema entry", sinks, || {
+        n.put_schema(&key, &head, value.clone())
+    })
+    .await?;
+    if written {
+        tracing::info!(key = %key, state = %head.state, valid_from = %valid_from.commit_lsn, "schema entry written");
+    }
+    crate::failpoint::hit("after_schema_entry");
+    Ok(())
+}
+
+/// Gives every table of this source an entry in the schema bucket from its newest registry row
+/// (start-up, after recovery), so tables that have not changed since the bucket was configured are
+/// there too. Rows older than the stored entry change nothing (`announce_schema`); a table whose
+/// documents cannot be read is skipped with a warning, since its next row writes its entry anyway.
+pub async fn backfill_schemas(sinks: &Sinks) -> Result<(), Error> {
+    let Some(n) = sinks.notifier.as_ref().filter(|n| n.keeps_schemas()) else {
+        return Ok(());
+    };
+    let newest = retry("read newest rows per table", sinks, || {
+        sinks.registry.newest_per_table()
+    })
+    .await?;
+    for reg in &newest {
+        // Old objects may be gone (a retention policy): never wait for them.
+        let document = crate::sink::layout::stored_path(&reg.record.schema_path);
+        if !retry("look for schema document", sinks, || {
+            sinks.store.exists(&document)
+        })
+        .await?
+        {
+            tracing::warn!(table = %reg.record.table, path = %document, "no schema entry for this table until its next batch: its newest schema document is gone");
+            continue;
+        }
+        if let Err(e) = announce_schema(sinks, n, &reg.record).await {
+            if !e.is_transient() {
+                tracing::warn!(table = %reg.record.table, error = %e, "no schema entry for this table until its next batch");
+                continue;
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 fn tokio_stream_from<T: Send + 'static>(
     mut rx: mpsc::Receiver<T>,
 ) -> impl futures::Stream<Item = T> {
@@ -292,10 +407,12 @@ pub async fn finish_reload<R: FileLog, N: Publish>(
     let seq = match &sinks.notifier {
         Some(n) => {
             let subject = n.reload_subject(&parts[0].record.table);
-            retry("publish reload notice", sinks, || {
+            let seq = retry("publish reload notice", sinks, || {
                 n.publish_once(&subject, &notice.batch_id, body.clone())
             })
-            .await?
+            .await?;
+            announce_schema(sinks, n, &parts[0].record).await?;
+            seq
         }
         None => 0,
     };

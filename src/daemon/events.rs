@@ -9,6 +9,15 @@
 //! The payload is written directly (same bytes as the `serde_json::json!` object it replaced: keys
 //! in alphabetical order), with the subject, the table's JSON string and the commit timestamp's text
 //! computed once per table / transaction rather than per change.
+//!
+//! With `nats.txn_events`, each transaction's change events are bracketed by a begin and a commit
+//! event on `<prefix>.<source>.txn.begin|commit` (`{"changes","commit_lsn","commit_ts","xid"}`),
+//! which the batcher emits in the transaction's unit ([`TxnBoundary`]). They go through the same
+//! ordered, pipelined path with a position-derived message id (`<subject>:<commit_lsn>`, the subject
+//! telling begin from commit and naming the source), so they are deduplicated on replay like the
+//! change events, and the unit's Close marker, behind the commit, still waits for every PubAck before
+//! the ack may pass the transaction. What the batcher emits for a transaction does not depend on
+//! timing (holds included), so a replay publishes the same messages with the same ids.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{Future, IntoFuture};
@@ -20,7 +29,7 @@ use async_nats::Subject;
 use tokio::sync::mpsc;
 
 use crate::core::ack::BatchId;
-use crate::core::batch::{ChangeEvent, EventOut, Op};
+use crate::core::batch::{ChangeEvent, EventOut, Op, TxnBoundary};
 use crate::error::{Component, Error};
 use crate::lsn::Lsn;
 use crate::sink::notify::Notifier;
@@ -87,27 +96,70 @@ pub(super) async fn publish_events(
                         queue.push_back(Pending::Close(unit));
                     }
                 }
-                EventOut::Change(c) => {
-                    // A full window: wait for the oldest ack.
-                    while inflight >= WINDOW {
-                        let Some(Pending::Ack(head, subject)) = queue.pop_front() else {
-                            unreachable!("the head of a queue with events in flight is an event")
-                        };
-                        head.await.map_err(|e| not_acked(&subject, e))?;
-                        inflight -= 1;
-                        report_closed(&mut queue, &persisted);
-                    }
-                    let (subject, msg_id, payload) =
-                        enc.encode(|t, op| notifier.change_subject(t, op), &c);
-                    let fut = notifier
-                        .publish_pipelined(subject.clone(), &msg_id, payload.into())
-                        .await?;
-                    queue.push_back(Pending::Ack(fut.into_future(), subject));
-                    inflight += 1;
+                EventOut::Change(_) | EventOut::Txn(_) => {
+                    let (subject, msg_id, payload) = match &ev {
+                        EventOut::Change(c) => {
+                            enc.encode(|t, op| notifier.change_subject(t, op), c)
+                        }
+                        EventOut::Txn(t) => encode_txn(&notifier, t),
+                        EventOut::Close(_) => unreachable!("matched above"),
+                    };
+                    publish_in_window(
+                        &notifier,
+                        &mut queue,
+                        &mut inflight,
+                        &persisted,
+                        subject,
+                        &msg_id,
+                        payload,
+                    )
+                    .await?;
                 }
             }
         }
     }
+}
+
+/// Publishes one event behind the ones in flight, first waiting for the oldest ack while the
+/// window is full.
+async fn publish_in_window(
+    notifier: &Notifier,
+    queue: &mut VecDeque<Pending>,
+    inflight: &mut usize,
+    persisted: &mpsc::UnboundedSender<BatchId>,
+    subject: Subject,
+    msg_id: &str,
+    payload: Vec<u8>,
+) -> Result<(), Error> {
+    while *inflight >= WINDOW {
+        let Some(Pending::Ack(head, subject)) = queue.pop_front() else {
+            unreachable!("the head of a queue with events in flight is an event")
+        };
+        head.await.map_err(|e| not_acked(&subject, e))?;
+        *inflight -= 1;
+        report_closed(queue, persisted);
+    }
+    let fut = notifier
+        .publish_pipelined(subject.clone(), msg_id, payload.into())
+        .await?;
+    queue.push_back(Pending::Ack(fut.into_future(), subject));
+    *inflight += 1;
+    Ok(())
+}
+
+/// A transaction boundary's subject, message id (without the incarnation prefix) and payload:
+/// `{"changes","commit_lsn","commit_ts","xid"}` (sorted keys, like the change events).
+fn encode_txn(notifier: &Notifier, t: &TxnBoundary) -> (Subject, String, Vec<u8>) {
+    let subject = notifier.txn_subject(if t.commit { "commit" } else { "begin" });
+    let msg_id = format!("{subject}:{}", t.commit_lsn);
+    let payload = serde_json::to_vec(&serde_json::json!({
+        "changes": t.changes,
+        "commit_lsn": t.commit_lsn.to_string(),
+        "commit_ts": crate::core::batch::format_commit_ts(t.commit_ts),
+        "xid": t.xid,
+    }))
+    .expect("JSON serializes");
+    (Subject::from(subject.as_str()), msg_id, payload)
 }
 
 /// Reports the Close markers at the head of the queue (every event before them is acknowledged).

@@ -24,9 +24,11 @@
 //! # Modules
 //! `session` is one session as a page of phases; `startup` is everything before streaming
 //! (connect, slot lock, recovery, slot plan, batcher preparation); the running tasks are
-//! `reader`, `batcher_thread`, [`deliver`], [`reloads`], `events`, `status_updates` and `report`.
+//! `reader`, `batcher_thread`, [`deliver`], [`reloads`], `events`, `control` (reload requests
+//! over NATS), `status_updates` and `report`.
 
 mod batcher_thread;
+mod control;
 pub mod deliver;
 mod events;
 mod reader;

@@ -3,7 +3,8 @@
 //! [`session`] reads as its phases. Before streaming (`startup`): connect, take the slot's lock,
 //! claim the registry and the output prefix for the slot, finish what the last run committed, remove
 //! what it left half-done, plan the slot, prepare the batcher. Then `START_REPLICATION`, and the tasks of a running session ([`Running`]): the reader,
-//! the batcher thread, the delivery, the reload coordinator, change events, the ticker, the
+//! the batcher thread, the delivery, the reload coordinator, change events, the NATS control
+//! responder (`nats.control`), the ticker, the
 //! heartbeat, the report, and the status updates. The session ends at the first task that fails
 //! (or stops unexpectedly) or at a requested shutdown; teardown then stops everything, so nothing of
 //! this session outlives it.
@@ -25,6 +26,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::batcher_thread::{now_unix_us, run_batcher, BatcherState, Input, INPUT_CAPACITY};
+use super::control::serve_reload_requests;
 use super::deliver;
 use super::events::publish_events;
 use super::reader::read_stream;
@@ -198,6 +200,13 @@ impl Running {
         if events_enabled {
             let notifier = sinks.notifier.clone().expect("events need NATS");
             tasks.spawn(publish_events(notifier, events_rx, persisted_tx));
+        }
+        if let (Some(subject), Some(n)) = (&config.nats.control_subject, &sinks.notifier) {
+            tasks.spawn(serve_reload_requests(
+                n.client(),
+                subject.clone(),
+                Arc::new(config.clone()),
+            ));
         }
         tasks.spawn(ticker(input_tx.clone(), config.batch.interval));
         tasks.spawn(heartbeat(

@@ -101,13 +101,15 @@ fn spool_subdir(config: &Config, slot_name: &str) -> String {
 }
 
 /// Finishes what a previous run committed (manifests and notices of registered batches), then
-/// clears what it left half-done (objects of batches that never committed).
+/// clears what it left half-done (objects of batches that never committed), then gives every table
+/// its schema-bucket entry if it has none yet.
 pub(super) async fn recover(sinks: &Sinks) -> Result<(), Error> {
     let finished = deliver::finish_unnotified(sinks).await?;
     if finished > 0 {
         tracing::info!(files = finished, "completed notices of committed batches");
     }
     remove_orphans(sinks).await?;
+    deliver::backfill_schemas(sinks).await?;
     Ok(())
 }
 
@@ -450,6 +452,9 @@ pub(super) async fn prepare_batcher(
     );
     if config.nats.change_events && sinks.notifier.is_some() {
         batcher.enable_change_events();
+        if config.nats.txn_events {
+            batcher.enable_txn_events();
+        }
     }
     batcher.set_marker_prefix(crate::sink::registry::migrate::marker_prefix(
         &config.registry.schema,

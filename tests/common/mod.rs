@@ -655,10 +655,13 @@ async fn drop_everything(
     }
 }
 
-/// Deletes a test's JetStream stream, if NATS is reachable (clean-up: errors are ignored).
+/// Deletes a test's JetStream stream and its schema bucket (`nats.schema_bucket`'s default,
+/// `<stream>_SCHEMAS`), if NATS is reachable (clean-up: errors are ignored).
 pub async fn delete_stream(stream: &str) {
     if let Ok(c) = async_nats::connect(nats_url()).await {
-        let _ = async_nats::jetstream::new(c).delete_stream(stream).await;
+        let js = async_nats::jetstream::new(c);
+        let _ = js.delete_stream(stream).await;
+        let _ = js.delete_stream(format!("KV_{stream}_SCHEMAS")).await;
     }
 }
 

@@ -186,7 +186,24 @@ pub struct SealedBatch<S> {
 #[derive(Debug, Clone)]
 pub enum EventOut {
     Change(ChangeEvent),
+    /// With transaction events: the begin before a transaction's first change event, the commit
+    /// after its last (in the same unit, so the ack waits for both).
+    Txn(TxnBoundary),
     Close(BatchId),
+}
+
+/// A transaction boundary event. Transactions without change events (only unpublished tables, or
+/// only DDL) get none. `changes` is the number of change events between begin and commit (0 on the
+/// begin): every change of the transaction, also of a table held for a reload's cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnBoundary {
+    /// false: begin; true: commit.
+    pub commit: bool,
+    pub xid: u32,
+    pub commit_lsn: Lsn,
+    /// Commit timestamp, PostgreSQL epoch µs.
+    pub commit_ts: i64,
+    pub changes: u32,
 }
 
 impl<S> SealedBatch<S> {
@@ -290,6 +307,21 @@ struct Txn {
     ts_text: String,
     /// The change-event unit of this transaction, once it has an event.
     event_unit: Option<BatchId>,
+    /// Change events of this transaction so far.
+    events: u32,
+}
+
+impl Txn {
+    /// The begin (`commit` false, no changes yet) or commit event of this transaction.
+    fn boundary(&self, commit: bool) -> TxnBoundary {
+        TxnBoundary {
+            commit,
+            xid: self.xid,
+            commit_lsn: self.commit_lsn,
+            commit_ts: self.commit_ts,
+            changes: self.events,
+        }
+    }
 }
 
 /// The batch state machine. See the module documentation for its invariants.
@@ -306,6 +338,8 @@ pub struct Batcher<F: SpoolFactory> {
     now_us: i64,
     scratch: Vec<u8>,
     change_events: Option<Vec<EventOut>>,
+    /// Bracket each transaction's change events with [`TxnBoundary`] events.
+    txn_events: bool,
     holds: FastMap<TableName, Hold<F::Hold>>,
     /// DDL records of held tables, in position order: they leave with the parked rows, in position
     /// order among them, when the hold is released (so the registry keeps a table's order).
@@ -360,6 +394,7 @@ impl<F: SpoolFactory> Batcher<F> {
             now_us: 0,
             scratch: Vec::with_capacity(4096),
             change_events: None,
+            txn_events: false,
             holds: FastMap::default(),
             deferred_ddl: FastMap::default(),
             ddl_attnums: FastMap::default(),
@@ -382,6 +417,12 @@ impl<F: SpoolFactory> Batcher<F> {
     /// Also collect a [`ChangeEvent`] per written change (drained with [`Batcher::drain_change_events`]).
     pub fn enable_change_events(&mut self) {
         self.change_events = Some(Vec::new());
+    }
+
+    /// Also bracket each transaction's change events with begin and commit events (needs
+    /// [`Batcher::enable_change_events`]).
+    pub fn enable_txn_events(&mut self) {
+        self.txn_events = true;
     }
 
     /// Moves the pending event outputs into `out` (no-op when events are disabled).
@@ -449,6 +490,7 @@ impl<F: SpoolFactory> Batcher<F> {
                     xid_text: b.xid.to_string(),
                     ts_text: format_commit_ts(b.commit_ts),
                     event_unit: None,
+                    events: 0,
                 });
             }
             Message::Commit(c) => {
@@ -462,6 +504,9 @@ impl<F: SpoolFactory> Batcher<F> {
                     )));
                 }
                 if let (Some(unit), Some(events)) = (txn.event_unit, self.change_events.as_mut()) {
+                    if self.txn_events {
+                        events.push(EventOut::Txn(txn.boundary(true)));
+                    }
                     events.push(EventOut::Close(unit));
                 }
                 self.acks.boundary(c.end_lsn);
@@ -704,7 +749,7 @@ impl<F: SpoolFactory> Batcher<F> {
         for rec in hold.into_records().map_err(|e| {
             Error::transient(Component::Spool, format!("cannot read hold file: {e}"))
         })? {
-            let (schema, pos, commit_ts, xid, op, row) = rec.map_err(|e| {
+            let (schema, pos, commit_ts, _xid, op, row) = rec.map_err(|e| {
                 Error::transient(Component::Spool, format!("cannot read hold file: {e}"))
             })?;
             if self
@@ -730,17 +775,6 @@ impl<F: SpoolFactory> Batcher<F> {
             self.scratch.clear();
             self.scratch.extend_from_slice(&row);
             self.append_row(&schema, pos, commit_ts, op, Some(floor))?;
-            if let Some(events) = self.change_events.as_mut() {
-                events.push(EventOut::Change(ChangeEvent {
-                    unit: id,
-                    table: table.clone(),
-                    op,
-                    position: pos,
-                    xid,
-                    commit_ts,
-                    csv_row: bytes::Bytes::copy_from_slice(&row),
-                }));
-            }
             released += 1;
         }
         for ddl in deferred {
@@ -748,11 +782,9 @@ impl<F: SpoolFactory> Batcher<F> {
             self.seal_table(&ddl.table.clone(), sealed)?;
             sealed.push(Sealed::Ddl(ddl));
         }
-        match self.change_events.as_mut() {
-            // The hold's ack entry now covers the released events; they close it when acknowledged.
-            Some(events) => events.push(EventOut::Close(id)),
-            None => self.acks.persisted(id),
-        }
+        // The released rows are in open batches now (each an ack entry from `floor`); their change
+        // events left when they were parked, in their transactions' units.
+        self.acks.persisted(id);
         Ok(released)
     }
 
@@ -1044,20 +1076,22 @@ impl<F: SpoolFactory> Batcher<F> {
         row.push(b'\n');
 
         // Held tables (a reload cut is being taken) park their rows; others stream into the batch.
-        // A row already registered only gets its change event again (see above).
+        // A row already registered only gets its change event again (see above). A parked row's
+        // change event leaves now, in its transaction (not at the release), so events stay in
+        // commit order and the same on every replay, whenever a hold is taken or released.
         if !already_registered {
             if let Some(hold) = self.holds.get_mut(&schema.table) {
                 hold.park(&schema, pos, txn.commit_ts, txn.xid, op, &self.scratch)
                     .map_err(|e| {
                         Error::transient(Component::Spool, format!("cannot write hold file: {e}"))
                     })?;
-                return Ok(());
+            } else {
+                let commit_ts = txn.commit_ts;
+                if !self.cuts.is_empty() {
+                    self.split_at_cut(&schema.table, pos, sealed)?;
+                }
+                self.append_row(&schema, pos, commit_ts, op, None)?;
             }
-            let commit_ts = txn.commit_ts;
-            if !self.cuts.is_empty() {
-                self.split_at_cut(&schema.table, pos, sealed)?;
-            }
-            self.append_row(&schema, pos, commit_ts, op, None)?;
         }
         if let Some(events) = self.change_events.as_mut() {
             let txn = self.txn.as_mut().expect("checked above");
@@ -1069,9 +1103,13 @@ impl<F: SpoolFactory> Batcher<F> {
                     let floor = self.acks.current_boundary();
                     self.acks.open(u, floor);
                     txn.event_unit = Some(u);
+                    if self.txn_events {
+                        events.push(EventOut::Txn(txn.boundary(false)));
+                    }
                     u
                 }
             };
+            txn.events += 1;
             events.push(EventOut::Change(ChangeEvent {
                 unit,
                 table: schema.table.clone(),

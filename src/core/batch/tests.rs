@@ -587,40 +587,101 @@ fn one_table_batcher() -> Batcher<VecSpools> {
     b
 }
 
+/// The commit of the transaction at `lsn` (its end 5 bytes later).
+fn commit_txn(b: &mut Batcher<VecSpools>, lsn: u64, sealed: &mut Vec<Sealed<Vec<u8>>>) {
+    b.message(
+        Message::Commit(Commit {
+            flags: 0,
+            commit_lsn: Lsn(lsn),
+            end_lsn: Lsn(lsn + 5),
+            commit_ts: 0,
+        }),
+        sealed,
+    )
+    .unwrap();
+}
+
+/// One transaction committing at `lsn` that inserts the row `id` into table 0.
+fn insert_txn(b: &mut Batcher<VecSpools>, lsn: u64, id: &str, sealed: &mut Vec<Sealed<Vec<u8>>>) {
+    b.message(
+        Message::Begin(Begin {
+            final_lsn: Lsn(lsn),
+            commit_ts: 0,
+            xid: lsn as u32,
+        }),
+        sealed,
+    )
+    .unwrap();
+    b.message(
+        Message::Insert(Insert {
+            relation_oid: 1000,
+            new: Tuple(vec![text(id), text("v")]),
+        }),
+        sealed,
+    )
+    .unwrap();
+    commit_txn(b, lsn, sealed);
+}
+
+/// With transaction events, each transaction's change events sit between its begin and its commit
+/// (with the count), also for a table held for a reload's cut: its events leave when the row is
+/// parked, in its transaction, and the release adds none. The ack waits for the units.
+#[test]
+fn txn_events_bracket_changes_also_of_held_tables() {
+    let mut b = one_table_batcher();
+    b.enable_change_events();
+    b.enable_txn_events();
+    let mut sealed = Vec::new();
+    insert_txn(&mut b, 10, "1", &mut sealed);
+    b.begin_hold(&schema(0).table, &mut sealed).unwrap();
+    insert_txn(&mut b, 20, "2", &mut sealed);
+    b.release_hold(&schema(0).table, Lsn(22), &mut sealed)
+        .unwrap();
+    b.seal_all(&mut sealed).unwrap();
+    let mut events = Vec::new();
+    b.drain_change_events(&mut events);
+    let mut shape = Vec::new();
+    let mut units = Vec::new();
+    for e in &events {
+        shape.push(match e {
+            EventOut::Txn(t) if !t.commit => format!("begin {}", t.commit_lsn.0),
+            EventOut::Txn(t) => format!("commit {} changes {}", t.commit_lsn.0, t.changes),
+            EventOut::Change(c) => format!("change {}.{}", c.position.commit_lsn.0, c.position.seq),
+            EventOut::Close(u) => {
+                units.push(*u);
+                "close".to_string()
+            }
+        });
+    }
+    assert_eq!(
+        shape,
+        [
+            "begin 10",
+            "change 10.1",
+            "commit 10 changes 1",
+            "close",
+            "begin 20",
+            "change 20.1",
+            "commit 20 changes 1",
+            "close",
+        ],
+        "{events:?}"
+    );
+    for s in &sealed {
+        b.persisted(s.id());
+    }
+    assert!(b.confirmed() <= Lsn(10), "both units are open");
+    b.persisted(units[1]);
+    assert!(b.confirmed() <= Lsn(10), "the first unit is open");
+    b.persisted(units[0]);
+    assert_eq!(b.confirmed(), Lsn(25), "everything persisted");
+}
+
 #[test]
 fn release_splits_at_the_cut_and_drops_nothing() {
     let mut b = one_table_batcher();
     let mut sealed = Vec::new();
-    let txn =
-        |b: &mut Batcher<VecSpools>, lsn: u64, id: &str, sealed: &mut Vec<Sealed<Vec<u8>>>| {
-            b.message(
-                Message::Begin(Begin {
-                    final_lsn: Lsn(lsn),
-                    commit_ts: 0,
-                    xid: 1,
-                }),
-                sealed,
-            )
-            .unwrap();
-            b.message(
-                Message::Insert(Insert {
-                    relation_oid: 1000,
-                    new: Tuple(vec![text(id), text("v")]),
-                }),
-                sealed,
-            )
-            .unwrap();
-            b.message(
-                Message::Commit(Commit {
-                    flags: 0,
-                    commit_lsn: Lsn(lsn),
-                    end_lsn: Lsn(lsn + 5),
-                    commit_ts: 0,
-                }),
-                sealed,
-            )
-            .unwrap();
-        };
+    let txn = insert_txn;
     txn(&mut b, 10, "1", &mut sealed);
     b.begin_hold(&schema(0).table, &mut sealed).unwrap();
     assert_eq!(
@@ -810,16 +871,7 @@ fn txn_with_ddl(
     for i in 0..after {
         insert(b, format!("a{i}"), sealed);
     }
-    b.message(
-        Message::Commit(Commit {
-            flags: 0,
-            commit_lsn: Lsn(lsn),
-            end_lsn: Lsn(lsn + 5),
-            commit_ts: 0,
-        }),
-        sealed,
-    )
-    .unwrap();
+    commit_txn(b, lsn, sealed);
 }
 
 #[test]

@@ -14,12 +14,15 @@
 //! # Beyond the contract
 //! Failures can be injected ([`MemoryNotifier::fail_next`], see [`crate::sink::fault`]), calls are
 //! counted ([`MemoryNotifier::calls`]), and what was stored can be read back
-//! ([`MemoryNotifier::published`]).
+//! ([`MemoryNotifier::published`]). With [`MemoryNotifier::with_schemas`] it also keeps a schema
+//! bucket in memory: per key every stored value in order (a history without limit), written by the
+//! same rule as the JetStream bucket ([`super::schemas::supersedes`] under the same lock).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
+use super::schemas::{supersedes, SchemaEntry, SchemaHead};
 use super::Publish;
 use crate::error::{Component, Error};
 use crate::sink::fault::{Fault, Faults};
@@ -43,6 +46,8 @@ struct State {
     /// Message `i` has sequence `i + 1`.
     messages: Vec<Published>,
     faults: Faults<PublishOnce>,
+    /// The schema bucket: every value stored per key, oldest first; `None`: not kept.
+    schemas: Option<std::collections::BTreeMap<String, Vec<Bytes>>>,
 }
 
 /// A stream in memory; clones share it (like clones of a [`super::Notifier`] share a stream).
@@ -78,6 +83,25 @@ impl MemoryNotifier {
     /// Every stored message, in sequence order.
     pub fn published(&self) -> Vec<Published> {
         self.lock().messages.clone()
+    }
+
+    /// The same notifier, keeping a schema bucket (empty at first).
+    pub fn with_schemas(self) -> Self {
+        self.lock().schemas = Some(Default::default());
+        self
+    }
+
+    /// Every value stored under `key` in the schema bucket, oldest first.
+    pub fn schema_history(&self, key: &str) -> Vec<Bytes> {
+        let state = self.lock();
+        let kept = state.schemas.as_ref().and_then(|s| s.get(key));
+        kept.cloned().unwrap_or_default()
+    }
+
+    /// The head of the newest value under `key` (`None`: none, or not an entry).
+    fn stored_head(state: &State, key: &str) -> Option<SchemaHead> {
+        let kept = state.schemas.as_ref()?.get(key)?.last()?;
+        SchemaEntry::head_of(kept)
     }
 }
 
@@ -125,5 +149,29 @@ impl Publish for MemoryNotifier {
             }
             Some(f) => Err(f.error(Component::Nats, &what())),
         }
+    }
+
+    fn keeps_schemas(&self) -> bool {
+        self.lock().schemas.is_some()
+    }
+
+    async fn schema_current(&self, key: &str, head: &SchemaHead) -> Result<bool, Error> {
+        let state = self.lock();
+        Ok(!supersedes(head, Self::stored_head(&state, key).as_ref()))
+    }
+
+    async fn put_schema(&self, key: &str, head: &SchemaHead, value: Bytes) -> Result<bool, Error> {
+        let mut state = self.lock();
+        if !supersedes(head, Self::stored_head(&state, key).as_ref()) {
+            return Ok(false);
+        }
+        let Some(bucket) = state.schemas.as_mut() else {
+            return Err(Error::definite(
+                Component::Nats,
+                "internal: this notifier keeps no schema bucket",
+            ));
+        };
+        bucket.entry(key.to_string()).or_default().push(value);
+        Ok(true)
     }
 }

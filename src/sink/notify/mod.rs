@@ -21,24 +21,31 @@
 //! - Subjects: `<prefix>.batch.<schema>.<table>`, `<prefix>.reload.…`, `<prefix>.ddl.…`,
 //!   `<prefix>.change.<schema>.<table>.<op>`. Schema and table names are one subject token each:
 //!   characters that NATS reserves (`.`, `*`, `>`, whitespace, `%`) are percent-encoded.
+//!   With `nats.txn_events`, `<prefix>.txn.begin|commit` (published by `daemon::events`).
+//! - With `nats.schema_bucket`, the key-value bucket of every table's current schema exists (created
+//!   if missing) and is written only by [`Publish::put_schema`]'s compare-and-set rule ([`schemas`]).
 //!
 //! What delivery needs of a notifier is the [`Publish`] trait; [`Notifier`] implements it on
 //! JetStream, [`memory::MemoryNotifier`] in memory (a test double with the same contract, checked by
 //! the same suite in `tests/notifier_conformance.rs`).
 
 pub mod memory;
+pub mod schemas;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use async_nats::jetstream::{self, context::PublishErrorKind, kv, stream};
 use bytes::Bytes;
 
 use crate::error::{Component, Error, Kind};
 use crate::secret::SecretUrl;
 use crate::sink::owner::Owner;
 use crate::table::TableName;
+use schemas::{supersedes, SchemaEntry, SchemaHead};
 
 /// Publishing notices: what delivery (`daemon::deliver`) needs of JetStream.
 ///
@@ -83,6 +90,29 @@ pub trait Publish: Clone + Send + Sync + 'static {
     fn ddl_subject(&self, table: &TableName) -> String {
         notice_subject(self.subject_prefix(), "ddl", table)
     }
+
+    /// Whether this publisher keeps the schema bucket ([`schemas`]).
+    fn keeps_schemas(&self) -> bool;
+
+    /// Whether the entry stored under `key` makes `head` unnecessary (it does not
+    /// [`supersede`](schemas::supersedes) it). May answer from what this handle last read or wrote
+    /// (this daemon is the only writer of its source's keys); [`put_schema`](Publish::put_schema)
+    /// decides on the server's current entry.
+    fn schema_current(
+        &self,
+        key: &str,
+        head: &SchemaHead,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
+
+    /// Stores `value` (whose head is `head`) under `key` if it supersedes the stored entry, as a
+    /// compare-and-set on the entry read; `Ok(false)` when it does not (a replay). A transient
+    /// error means *maybe written*; calling again is safe (the stored entry then has this head).
+    fn put_schema(
+        &self,
+        key: &str,
+        head: &SchemaHead,
+        value: Bytes,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
 }
 
 /// Notices on JetStream: [`Notifier::publish_once`] (see the module contract).
@@ -98,6 +128,19 @@ impl Publish for Notifier {
         payload: Bytes,
     ) -> impl Future<Output = Result<u64, Error>> + Send {
         Notifier::publish_once(self, subject, id, payload)
+    }
+
+    fn keeps_schemas(&self) -> bool {
+        self.schemas.is_some()
+    }
+
+    async fn schema_current(&self, key: &str, head: &SchemaHead) -> Result<bool, Error> {
+        let (stored, _) = self.stored_schema(key, false).await?;
+        Ok(!supersedes(head, stored.as_ref()))
+    }
+
+    async fn put_schema(&self, key: &str, head: &SchemaHead, value: Bytes) -> Result<bool, Error> {
+        Notifier::put_schema(self, key, head, value).await
     }
 }
 
@@ -120,7 +163,20 @@ pub struct Notifier {
     prefix: String,
     /// `<registry incarnation>:` (see [`Notifier::with_incarnation`]).
     id_prefix: String,
+    /// The schema bucket, when `nats.schema_bucket` is set and the daemon connected ([`schemas`]).
+    schemas: Option<SchemaBucket>,
 }
+
+/// The schema bucket and what this process knows of its keys: per key the head of the stored
+/// entry (`None`: absent or not ours) and its revision (0: no entry).
+#[derive(Clone)]
+struct SchemaBucket {
+    kv: kv::Store,
+    known: Arc<Mutex<HashMap<String, Stored>>>,
+}
+
+/// The head of a stored schema entry (`None`: absent, or not ours) and its revision (0: none).
+type Stored = (Option<SchemaHead>, u64);
 
 #[derive(Clone, Debug)]
 pub struct NatsConfig {
@@ -131,6 +187,13 @@ pub struct NatsConfig {
     /// `source.name`: the subject token after the prefix (see [`Publish`]).
     pub source: String,
     pub change_events: bool,
+    /// `nats.txn_events`: `<prefix>.<source>.txn.begin|commit` around each transaction's change
+    /// events (needs `change_events`).
+    pub txn_events: bool,
+    /// `nats.schema_bucket`: the key-value bucket of every table's current schema; `None` disables.
+    pub schema_bucket: Option<String>,
+    /// `nats.control_subject` when `nats.control` is on: where the daemon answers reload requests.
+    pub control_subject: Option<String>,
     pub auth: NatsAuth,
 }
 
@@ -257,6 +320,10 @@ impl Notifier {
             return Ok(None);
         };
         n.ensure_stream().await?;
+        let mut n = n;
+        if let Some(bucket) = &cfg.schema_bucket {
+            n.ensure_schema_bucket(bucket).await?;
+        }
         Ok(Some(n))
     }
 
@@ -328,7 +395,125 @@ impl Notifier {
             stream_prefix: cfg.subject_prefix.clone(),
             prefix: format!("{}.{}", cfg.subject_prefix, cfg.source),
             id_prefix: String::new(),
+            schemas: None,
         }))
+    }
+
+    /// The connection under this notifier (the daemon's control responder shares it).
+    pub fn client(&self) -> async_nats::Client {
+        self.js.client()
+    }
+
+    /// Opens the schema bucket `bucket`, creating it (file storage, [`schemas::BUCKET_HISTORY`]
+    /// versions per key) if missing; an existing bucket keeps its settings. The bucket's stream is
+    /// created as a KV client would (`KV_<bucket>` on `$KV.<bucket>.>`, rollups allowed, deletes
+    /// denied, direct gets, discard new) but without asking for the account's limits first, which
+    /// async-nats cannot parse from nats-server 2.9.
+    async fn ensure_schema_bucket(&mut self, bucket: &str) -> Result<(), Error> {
+        let config = stream::Config {
+            name: format!("KV_{bucket}"),
+            description: Some("cdc-egress: the current schema of every published table".into()),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: schemas::BUCKET_HISTORY,
+            storage: stream::StorageType::File,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        };
+        self.js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| transient(&format!("create or open key-value bucket {bucket}"), e))?;
+        let kv = self
+            .js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| transient(&format!("open key-value bucket {bucket}"), e))?;
+        self.schemas = Some(SchemaBucket {
+            kv,
+            known: Arc::default(),
+        });
+        Ok(())
+    }
+
+    /// The head and revision of the entry stored under `key`, from what this handle knows unless
+    /// `fresh`.
+    async fn stored_schema(&self, key: &str, fresh: bool) -> Result<Stored, Error> {
+        let b = self.schema_bucket()?;
+        if !fresh {
+            if let Some(k) = b.known.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+                return Ok(k.clone());
+            }
+        }
+        let stored = match b.kv.entry(key).await {
+            Ok(None) => (None, 0),
+            Ok(Some(e)) => {
+                let ours = (e.operation == kv::Operation::Put)
+                    .then(|| SchemaEntry::head_of(&e.value))
+                    .flatten();
+                (ours, e.revision)
+            }
+            Err(e) => return Err(transient(&format!("read schema entry {key}"), e)),
+        };
+        b.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), stored.clone());
+        Ok(stored)
+    }
+
+    fn schema_bucket(&self) -> Result<&SchemaBucket, Error> {
+        self.schemas.as_ref().ok_or_else(|| {
+            Error::definite(
+                Component::Nats,
+                "internal: the schema bucket is not open (nats.schema_bucket)",
+            )
+        })
+    }
+
+    /// [`Publish::put_schema`] on the bucket: read the entry, decide, update on its revision.
+    pub async fn put_schema(
+        &self,
+        key: &str,
+        head: &SchemaHead,
+        value: Bytes,
+    ) -> Result<bool, Error> {
+        let b = self.schema_bucket()?;
+        let forget = || {
+            b.known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(key);
+        };
+        for _ in 0..5 {
+            let (stored, revision) = self.stored_schema(key, true).await?;
+            if !supersedes(head, stored.as_ref()) {
+                return Ok(false);
+            }
+            match b.kv.update(key, value.clone(), revision).await {
+                Ok(rev) => {
+                    b.known
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key.to_string(), (Some(head.clone()), rev));
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => {
+                    forget();
+                    return Err(transient(&format!("write schema entry {key}"), e));
+                }
+            }
+        }
+        forget();
+        Err(Error::definite(
+            Component::Nats,
+            format!(
+                "another writer keeps changing the schema entry {key}: cdc-egress must be the only writer of its source's keys"
+            ),
+        ))
     }
 
     /// Message ids of this notifier are `<incarnation>:<id>`: `incarnation` is the registry's own
@@ -413,6 +598,10 @@ impl Notifier {
     }
     pub fn change_subject(&self, table: &TableName, op: &str) -> String {
         format!("{}.{op}", self.subject("change", table))
+    }
+    /// `<prefix>.<source>.txn.<begin|commit>`: transaction boundaries (`nats.txn_events`).
+    pub fn txn_subject(&self, boundary: &str) -> String {
+        format!("{}.txn.{boundary}", self.prefix)
     }
 
     /// Publishes `payload` on `subject` with the message id of `id` exactly once (see the module

@@ -463,6 +463,15 @@ impl Registry {
         self.files_where("notified_stream_seq IS NULL", &[]).await
     }
 
+    /// The newest row of each of this source's tables (the schema bucket's backfill at start-up).
+    pub async fn newest_per_table(&self) -> Result<Vec<Registered>, Error> {
+        let cond = format!(
+            "id IN (SELECT max(id) FROM {} WHERE source = $1 GROUP BY table_schema, table_name)",
+            self.t("files")
+        );
+        self.files_where(&cond, &[]).await
+    }
+
     async fn files_where(
         &self,
         cond: &str,
