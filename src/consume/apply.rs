@@ -469,8 +469,10 @@ async fn load_reload(
     target::truncate(tx, &dest).await?;
     target::reshape(tx, naming, stream, table, &schema.columns).await?;
     for p in parts {
-        let text = objects.csv_text(&p.object_path, Some(&p.checksum)).await?;
-        let n = target::copy_rows(tx, &dest, &schema.columns, text).await?;
+        let csv = objects
+            .csv_reader(&p.object_path, Some(&p.checksum))
+            .await?;
+        let n = target::copy_rows(tx, &dest, &schema.columns, csv, &p.object_path).await?;
         if n != p.row_count as u64 {
             return Err(mismatch(
                 &p.object_path,

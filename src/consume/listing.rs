@@ -312,8 +312,13 @@ impl Objects {
         serde_yaml::from_slice(&data).map_err(|e| damaged(object, format!("not readable: {e}")))
     }
 
-    /// A gzipped CSV file's text. With `checksum`, the compressed bytes must match it.
-    pub async fn csv_text(&self, object: &str, checksum: Option<&str>) -> Result<Vec<u8>, Error> {
+    /// A gzipped CSV file, checked against `checksum` (of the compressed bytes), as a reader of
+    /// its text: a large reload part is decompressed as it is copied, not all at once.
+    pub async fn csv_reader(
+        &self,
+        object: &str,
+        checksum: Option<&str>,
+    ) -> Result<flate2::read::GzDecoder<bytes::buf::Reader<bytes::Bytes>>, Error> {
         let data = self.bytes(object).await?;
         if let Some(want) = checksum {
             let got = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
@@ -324,8 +329,13 @@ impl Objects {
                 ));
             }
         }
+        Ok(flate2::read::GzDecoder::new(bytes::Buf::reader(data)))
+    }
+
+    /// A gzipped CSV file's whole text, checked like [`Objects::csv_reader`].
+    pub async fn csv_text(&self, object: &str, checksum: Option<&str>) -> Result<Vec<u8>, Error> {
         let mut text = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut text)
+        std::io::Read::read_to_end(&mut self.csv_reader(object, checksum).await?, &mut text)
             .map_err(|e| damaged(object, format!("not gzip: {e}")))?;
         Ok(text)
     }

@@ -646,13 +646,14 @@ pub async fn apply_ddl(
     }
 }
 
-/// Loads a reload part's CSV text (header first) into the target table with `COPY`; returns the
-/// rows copied.
+/// Loads a reload part's CSV text (header first, read from `csv` a megabyte at a time) into the
+/// target table with `COPY`; returns the rows copied.
 pub async fn copy_rows(
     tx: &Transaction<'_>,
     target: &TableName,
     cols: &[FileColumn],
-    csv: Vec<u8>,
+    mut csv: impl std::io::Read,
+    object: &str,
 ) -> Result<u64, Error> {
     let list: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
     let sink = tx
@@ -664,9 +665,19 @@ pub async fn copy_rows(
         .await
         .map_err(|e| tgt("start a COPY", e))?;
     futures::pin_mut!(sink);
-    sink.send(bytes::Bytes::from(csv))
-        .await
-        .map_err(|e| tgt(format!("COPY into {}", target.dotted()), e))?;
+    loop {
+        let mut chunk = vec![0u8; 1 << 20];
+        let n = csv.read(&mut chunk).map_err(|e| {
+            Error::definite(Component::ObjectStore, format!("{object}: not gzip: {e}"))
+        })?;
+        if n == 0 {
+            break;
+        }
+        chunk.truncate(n);
+        sink.send(bytes::Bytes::from(chunk))
+            .await
+            .map_err(|e| tgt(format!("COPY into {}", target.dotted()), e))?;
+    }
     sink.finish()
         .await
         .map_err(|e| tgt(format!("COPY into {}", target.dotted()), e))
