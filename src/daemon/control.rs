@@ -25,8 +25,10 @@ use serde::Deserialize;
 use crate::config::Config;
 use crate::error::{Component, Error};
 
-/// The queue group of the control subscription.
-const QUEUE_GROUP: &str = "cdc-egress";
+/// How long one request may take (two connections and a `COMMENT ON SCHEMA`); a request that
+/// waited for the one before it longer than this is answered "busy" without being carried out,
+/// since its requester has given up.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,8 +46,11 @@ pub(super) async fn serve_reload_requests(
     subject: String,
     config: Arc<Config>,
 ) -> Result<(), Error> {
+    // One queue group per source: daemons of other sources sharing a custom subject never answer
+    // for this one, and a standby of this source never answers twice.
+    let group = format!("cdc-egress.{}", config.source.name);
     let mut requests = client
-        .queue_subscribe(subject.clone(), QUEUE_GROUP.into())
+        .queue_subscribe(subject.clone(), group)
         .await
         .map_err(|e| {
             Error::caused_by(
@@ -61,7 +66,23 @@ pub(super) async fn serve_reload_requests(
             tracing::warn!(subject = %subject, "a reload request without a reply subject was ignored (use request/reply)");
             continue;
         };
-        let answer = answer(&config, &msg.payload).await;
+        let received = std::time::Instant::now();
+        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, answer(&config, &msg.payload))
+            .await
+        {
+            Ok(a) => a,
+            Err(_) => {
+                tracing::warn!(
+                    "a reload request over NATS took longer than {REQUEST_TIMEOUT:?}: abandoned"
+                );
+                busy("the request took too long (is the source database reachable?)")
+            }
+        };
+        if received.elapsed() > REQUEST_TIMEOUT {
+            tracing::warn!(
+                "the reply to a reload request came after its requester's likely timeout"
+            );
+        }
         if let Err(e) = client.publish(reply, answer.into()).await {
             tracing::warn!(error = %e, "cannot send the reply to a reload request");
         }
@@ -92,11 +113,25 @@ async fn answer(config: &Config, payload: &[u8]) -> Vec<u8> {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "reload request over NATS refused");
-                serde_json::json!({"ok": false, "error": e.to_string(), "retry": e.is_transient()})
+                // Validation errors (a table not published, a reload already running) are for the
+                // requester; anything else (connections, servers) stays in the daemon's log.
+                let error = if !e.is_transient()
+                    && matches!(e.component(), Component::Config | Component::Reload)
+                {
+                    e.to_string()
+                } else {
+                    "the daemon could not place the request; its log says why".to_string()
+                };
+                serde_json::json!({"ok": false, "error": error, "retry": e.is_transient()})
             }
         },
     };
     serde_json::to_vec(&reply).expect("JSON serializes")
+}
+
+fn busy(why: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"ok": false, "error": why, "retry": true}))
+        .expect("JSON serializes")
 }
 
 /// The tables a request names, or why it is malformed.

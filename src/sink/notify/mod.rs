@@ -322,7 +322,16 @@ impl Notifier {
         n.ensure_stream().await?;
         let mut n = n;
         if let Some(bucket) = &cfg.schema_bucket {
-            n.ensure_schema_bucket(bucket).await?;
+            // The bucket serves consumers; it must never hold up delivery (e.g. a user without
+            // the permission to create it after an upgrade). A later session tries again and
+            // its start-up backfill fills in what this one missed.
+            if let Err(e) = n.ensure_schema_bucket(bucket).await {
+                tracing::warn!(
+                    error = %e,
+                    "the schema bucket {bucket} cannot be opened: this session delivers without it \
+                     (grant the daemon's NATS user $JS.API.> and $KV.{bucket}.>, or set nats.schema_bucket: \"\")"
+                );
+            }
         }
         Ok(Some(n))
     }

@@ -463,10 +463,12 @@ impl Registry {
         self.files_where("notified_stream_seq IS NULL", &[]).await
     }
 
-    /// The newest row of each of this source's tables (the schema bucket's backfill at start-up).
+    /// The newest row of each of this source's tables by position, not by id: a reload's parts
+    /// are registered after streaming rows at later positions (the schema bucket's backfill).
     pub async fn newest_per_table(&self) -> Result<Vec<Registered>, Error> {
         let cond = format!(
-            "id IN (SELECT max(id) FROM {} WHERE source = $1 GROUP BY table_schema, table_name)",
+            "id IN (SELECT DISTINCT ON (table_schema, table_name) id FROM {} WHERE source = $1 \
+             ORDER BY table_schema, table_name, last_commit_lsn DESC, last_seq DESC, id DESC)",
             self.t("files")
         );
         self.files_where(&cond, &[]).await
