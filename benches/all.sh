@@ -2,8 +2,8 @@
 # Every row of issue 10 in one table: runs the other benchmarks one after the other, keeps each one's
 # JSON, and prints the medians.
 #
-#   BENCH_PG_PORT=54329 bash benches/all.sh                 (from the repository root; full: ~25 minutes)
-#   BENCH_QUICK=1 BENCH_PG_PORT=54329 bash benches/all.sh   (quick: ~6 minutes, smaller workloads, 1 run)
+#   BENCH_PG_PORT=54329 bash benches/all.sh                 (from the repository root; full: ~12 minutes)
+#   BENCH_QUICK=1 BENCH_PG_PORT=54329 bash benches/all.sh   (quick: ~3 minutes, smaller workloads, 1 run)
 #
 # Rows (details of each benchmark in benches/README.md):
 #   tcp        throughput.sh over TCP, files + notices            BENCH_RUNS runs (3; quick 1)
@@ -13,7 +13,8 @@
 #   latency    event_latency.sh, p50 / p99 commit -> JetStream ack at BENCH_LAT_TPS x BENCH_LAT_ROWS
 #   tables     many_tables.sh with 5,000 tables (BENCH_MANY_TABLES), peak RSS with all batches open
 #   reload     reload_export.sh against `COPY | gzip -1` and `COPY > /dev/null`
-# BENCH_ROWS selects rows (e.g. "tcp unix"). Ratios are pg_recvlogical's time / cdc-egress's time,
+# BENCH_ROWS selects rows (e.g. "tcp unix"); rows not selected keep the results of their last run in
+# benches/results/all/ and still show in the table. Ratios are pg_recvlogical's time / cdc-egress's time,
 # within one run; the table shows the median over the runs and, in brackets, the range. The build is
 # done once (BENCH_SKIP_BUILD=1 / BENCH_BIN as in throughput.sh). Each benchmark cleans up after itself.
 # The table goes to stdout and benches/results/all.txt, the raw JSON to benches/results/all/.
@@ -41,9 +42,9 @@ else
 fi
 export BENCH_ROWS_PER_TABLE BENCH_PGBENCH_TXNS BENCH_LAT_SECONDS
 OUT=$ROOT/benches/results/all
-rm -rf "$OUT"
 mkdir -p "$OUT"
 
+GIVEN_BIN=${BENCH_BIN:-}
 build_release
 export BENCH_BIN=$BIN
 SOCKET=${BENCH_PG_SOCKET:-$(admin "SELECT split_part(current_setting('unix_socket_directories'), ',', 1)")}
@@ -51,6 +52,12 @@ START=$(date -u '+%Y-%m-%d %H:%M UTC')
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 want() { [[ " $ROWS_SEL " == *" $1 "* ]]; }
+
+# The results of the selected rows are replaced; the others keep those of their last run (so a row
+# can be run again alone and the table still shows all of them).
+for row in tcp unix events latency tables reload; do
+    if want "$row"; then rm -f "$OUT/$row"[.-]*; fi
+done
 
 # throughput.sh runs, alternating the paths so that the machine's mood of the hour hits all of them.
 for run in $(seq 1 "$RUNS"); do
@@ -73,7 +80,9 @@ if want latency; then
 fi
 if want tables; then
     log "all: $BENCH_MANY_TABLES tables"
-    env BENCH_TABLES="$BENCH_MANY_TABLES" BENCH_SEAL=0 bash "$ROOT/benches/many_tables.sh" >"$OUT/tables.txt" 2>"$OUT/tables.log" ||
+    # An hour's batch.interval: a seal deadline inside the drain would seal batches before all are
+    # open (many_tables.sh then waits for its timeout), and with 300 s that happens one run in ten.
+    env BENCH_TABLES="$BENCH_MANY_TABLES" BENCH_SEAL=0 BENCH_INTERVAL_S=3600 BENCH_TIMEOUT_S=600 bash "$ROOT/benches/many_tables.sh" >"$OUT/tables.txt" 2>"$OUT/tables.log" ||
         log "all: many tables failed (see $OUT/tables.log)"
     [[ -f $ROOT/benches/results/many_tables.json ]] && mv "$ROOT/benches/results/many_tables.json" "$OUT/tables.json"
 fi
@@ -85,6 +94,7 @@ if want reload; then
 fi
 
 GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+[[ -z $GIVEN_BIN ]] || GIT_REV="binary $GIVEN_BIN (tree at $GIT_REV)"
 MACHINE="$(nproc) cores ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM"
 python3 - "$OUT" "$START" "$MACHINE" "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)" "$GIT_REV" "$QUICK" \
     "$(admin "SHOW server_version")" <<'PY' | tee "$ROOT/benches/results/all.txt"
@@ -141,8 +151,10 @@ if lat:
 tab = load(os.path.join(out, "tables.json"))
 if tab:
     for t in tab["runs"]:
+        sealed = ("sealed: peak %.1f MiB, %s" % (t["sealed_peak_rss_kib"] / 1024, t["check"])
+                  if t["check"] != "skipped" else "peak with all open; not sealed")
         print(fmt % ("%s tables, open batches" % format(t["tables"], ","), "-", "-", "-", "-",
-                     "%.1f" % (t["open_peak_rss_kib"] / 1024), t["check"]))
+                     "%.1f" % (t["open_peak_rss_kib"] / 1024), sealed))
 rl = load(os.path.join(out, "reload.json"))
 if rl:
     print(fmt % ("reload, parallelism %d" % rl["parallelism"], "%s rows" % format(rl["rows"], ","),

@@ -85,6 +85,6 @@ printf 'COPY > /dev/null %6.2f s  (no compression)\n' "$plain"
 printf 'ratio            %.2fx  (COPY | gzip -1 time / cdc-egress time)\n' "$(echo "$ref / $egress" | bc -l)"
 printf 'ratio to COPY    %.2fx  (COPY > /dev/null time / cdc-egress time)\n' "$(echo "$plain / $egress" | bc -l)"
 mkdir -p benches/results
-printf '{"rows": %s, "parallelism": %s, "copy_gzip_s": %s, "copy_null_s": %s, "egress_s": %s, "ratio_gzip": %.3f, "ratio_null": %.3f}\n' \
+printf '{"rows": %s, "parallelism": %s, "copy_gzip_s": %.3f, "copy_null_s": %.3f, "egress_s": %.3f, "ratio_gzip": %.3f, "ratio_null": %.3f}\n' \
   "$rows" "$par" "$ref" "$plain" "$egress" "$(echo "$ref / $egress" | bc -l)" "$(echo "$plain / $egress" | bc -l)" \
   >benches/results/reload_export.json
