@@ -64,10 +64,13 @@ drop_created() {
 }
 
 # cargo build --release (unless BENCH_SKIP_BUILD=1); sets BIN, the binary in the build directory cargo
-# uses (CARGO_TARGET_DIR when set, like the demo).
+# uses (CARGO_TARGET_DIR when set, like the demo). BENCH_BIN=<path> runs that binary instead and builds
+# nothing (to compare two builds, e.g. copies of before and after, on the same server and hour).
 build_release() {
     BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/cdc-egress
-    if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
+    if [[ -n ${BENCH_BIN:-} ]]; then
+        BIN=$BENCH_BIN
+    elif [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
         log "cargo build --release (5+ minutes from cold on 2 cores; log in target/bench-build.log)"
         mkdir -p "$ROOT/target"
         timeout "${BENCH_BUILD_TIMEOUT_S:-3600}" cargo build --release >"$ROOT/target/bench-build.log" 2>&1 ||

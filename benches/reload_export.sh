@@ -6,15 +6,22 @@
 #
 #   bash benches/reload_export.sh              # defaults: 3,000,000 rows, parallelism 2
 #   ROWS=5000000 PARALLELISM=2 bash benches/reload_export.sh
-# Needs the local services (deploy/local/services.sh) and a release build (built if missing).
+#   BENCH_PG_PORT=54329 bash benches/reload_export.sh   # the private server of deploy/local/services.sh
+# Also times the same pipelines without compression (`COPY … TO STDOUT` into /dev/null): the ceiling of
+# any export without gzip. Needs the local services (deploy/local/services.sh) and a release build (built
+# if missing; BENCH_BIN=<path> runs that binary). The last lines are also written as JSON to
+# benches/results/reload_export.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rows="${ROWS:-3000000}"
 par="${PARALLELISM:-2}"
 db="cdc_export_bench_$$"
 work=$(mktemp -d)
-bin=${CARGO_TARGET_DIR:-target}/release/cdc-egress
-psql_() { psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
+bin=${BENCH_BIN:-${CARGO_TARGET_DIR:-target}/release/cdc-egress}
+host=${BENCH_PG_HOST:-127.0.0.1}
+port=${BENCH_PG_PORT:-5432}
+case "$host" in 127.*|localhost|::1) ;; *) echo "BENCH_PG_HOST=$host is not a loopback address" >&2; exit 1 ;; esac
+psql_() { psql -h "$host" -p "$port" -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
 cleanup() {
   [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
   psql_ -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE '${db}%'" >/dev/null 2>&1 || true
@@ -32,20 +39,32 @@ pages=$(psql_ -d "$db" -c "SELECT pg_relation_size('big') / current_setting('blo
 size=$(psql_ -d "$db" -c "SELECT pg_size_pretty(pg_relation_size('big'))")
 echo "table: $rows rows, $pages pages ($size), parallelism $par"
 
-# Reference: $par parallel COPY | gzip -1 pipelines over equal ctid ranges.
+# Reference: $par parallel COPY | gzip -1 pipelines over equal ctid ranges; then the same COPYs into
+# /dev/null (no compression: the ceiling).
 step=$(( (pages + par - 1) / par ))
+copy_all() { # $1: gzip or null
+  local k lo hi cond
+  for k in $(seq 0 $((par - 1))); do
+    lo=$((k * step)); hi=$(((k + 1) * step))
+    cond="ctid >= '($lo,0)'::tid"; [ "$k" -lt $((par - 1)) ] && cond="$cond AND ctid < '($hi,0)'::tid"
+    if [ "$1" = gzip ]; then
+      ( psql -h "$host" -p "$port" -U postgres -d "$db" -qAt -c "COPY (SELECT * FROM big WHERE $cond) TO STDOUT (FORMAT csv)" | gzip -1 > "$work/ref-$k.csv.gz" ) &
+    else
+      psql -h "$host" -p "$port" -U postgres -d "$db" -qAt -c "COPY (SELECT * FROM big WHERE $cond) TO STDOUT (FORMAT csv)" >/dev/null &
+    fi
+  done
+  wait
+}
 start=$(date +%s.%N)
-for k in $(seq 0 $((par - 1))); do
-  lo=$((k * step)); hi=$(((k + 1) * step))
-  cond="ctid >= '($lo,0)'::tid"; [ "$k" -lt $((par - 1)) ] && cond="$cond AND ctid < '($hi,0)'::tid"
-  ( psql -h 127.0.0.1 -U postgres -d "$db" -qAt -c "COPY (SELECT * FROM big WHERE $cond) TO STDOUT (FORMAT csv)" | gzip -1 > "$work/ref-$k.csv.gz" ) &
-done
-wait
+copy_all gzip
 ref=$(echo "$(date +%s.%N) - $start" | bc)
 ref_bytes=$(cat "$work"/ref-*.csv.gz | wc -c)
+start=$(date +%s.%N)
+copy_all null
+plain=$(echo "$(date +%s.%N) - $start" | bc)
 
 # cdc-egress: the daemon exports on request, through its marker, with reload.parallelism = $par.
-export CDC_EGRESS_SOURCE_URL="postgres://postgres@127.0.0.1:5432/$db"
+export CDC_EGRESS_SOURCE_URL="postgres://postgres@$host:$port/$db"
 export CDC_EGRESS_SOURCE_SLOT="${db}_slot" CDC_EGRESS_OUTPUT_URL="file://$work/out" CDC_EGRESS_RELOAD_INITIAL=false
 export CDC_EGRESS_RELOAD_PARALLELISM="$par" CDC_EGRESS_NATS_STREAM="EXPORT_BENCH_$$" CDC_EGRESS_NATS_SUBJECT_PREFIX="exportbench$$"
 export CDC_EGRESS_HTTP_LISTEN="" CDC_EGRESS_OUTPUT_SPOOL_DIR="$work/spool"
@@ -62,4 +81,10 @@ read -r exported eg_bytes parts <<<"$(psql_ -d "$db" -F ' ' -c "SELECT rows, byt
 [ "$exported" = "$rows" ] || { echo "cdc-egress exported $exported rows, expected $rows"; exit 1; }
 printf 'COPY | gzip -1   %6.2f s  (%s bytes gz)\n' "$ref" "$ref_bytes"
 printf 'cdc-egress       %6.2f s  (%s bytes gz, %s parts, request to done)\n' "$egress" "$eg_bytes" "$parts"
-printf 'ratio            %.2fx  (reference time / cdc-egress time)\n' "$(echo "$ref / $egress" | bc -l)"
+printf 'COPY > /dev/null %6.2f s  (no compression)\n' "$plain"
+printf 'ratio            %.2fx  (COPY | gzip -1 time / cdc-egress time)\n' "$(echo "$ref / $egress" | bc -l)"
+printf 'ratio to COPY    %.2fx  (COPY > /dev/null time / cdc-egress time)\n' "$(echo "$plain / $egress" | bc -l)"
+mkdir -p benches/results
+printf '{"rows": %s, "parallelism": %s, "copy_gzip_s": %.3f, "copy_null_s": %.3f, "egress_s": %.3f, "ratio_gzip": %.3f, "ratio_null": %.3f}\n' \
+  "$rows" "$par" "$ref" "$plain" "$egress" "$(echo "$ref / $egress" | bc -l)" "$(echo "$plain / $egress" | bc -l)" \
+  >benches/results/reload_export.json

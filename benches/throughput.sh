@@ -65,6 +65,20 @@ is_loopback "$NATS_URL" || die "BENCH_NATS_URL=$NATS_URL is not a loopback addre
     die "pg_recvlogical/psql/pgbench not found in '$PGBIN' (set BENCH_PGBIN)"
 
 PSQL=("$PGBIN/psql" -X -v ON_ERROR_STOP=1 -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER")
+# The replication connections of both consumers (and cdc-egress's catalog and registry connections)
+# go over TCP to PG_HOST, or with BENCH_PG_SOCKET=<directory> over the server's unix socket in that
+# directory (same port number); the bench's own psql session stays on TCP.
+PG_SOCKET=${BENCH_PG_SOCKET:-}
+if [[ -n $PG_SOCKET ]]; then
+    [[ -S $PG_SOCKET/.s.PGSQL.$PG_PORT ]] || die "BENCH_PG_SOCKET: no socket $PG_SOCKET/.s.PGSQL.$PG_PORT"
+    REPL_HOST=$PG_SOCKET
+    TRANSPORT="unix socket $PG_SOCKET/.s.PGSQL.$PG_PORT"
+    EGRESS_URL_HOST="$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$PG_SOCKET")"
+else
+    REPL_HOST=$PG_HOST
+    TRANSPORT="tcp $PG_HOST:$PG_PORT"
+    EGRESS_URL_HOST=$PG_HOST
+fi
 
 # ------------------------------------------------------------------------------------------------
 # Clean-up: runs on every exit. Only touches what this run created (names carry our pid).
@@ -231,7 +245,7 @@ WALSENDER_SSL=
 perf_start recvlogical
 tick; T0_US=$NOW_US
 launch recvlogical "$WORK/recvlogical.log" \
-    "$PGBIN/pg_recvlogical" -d "host=$PG_HOST port=$PG_PORT user=$PG_USER dbname=$DB" \
+    "$PGBIN/pg_recvlogical" -d "host=$REPL_HOST port=$PG_PORT user=$PG_USER dbname=$DB" \
     --slot="$SLOT_REF" --start -f /dev/null -o proto_version=1 -o "publication_names=$PUB" \
     -F 1 -s 1 -E "$TARGET" --no-loop
 RECV_PID=$PID
@@ -264,7 +278,7 @@ log "pg_recvlogical: ${REF_S}s"
 
 HTTP_PORT=$(free_port)
 EGRESS_ENV=(
-    CDC_EGRESS_SOURCE_URL="postgres://$PG_USER@$PG_HOST:$PG_PORT/$DB"
+    CDC_EGRESS_SOURCE_URL="postgres://$PG_USER@$EGRESS_URL_HOST:$PG_PORT/$DB"
     CDC_EGRESS_SOURCE_SLOT="$SLOT_CDC"
     CDC_EGRESS_SOURCE_PUBLICATION="$PUB"
     CDC_EGRESS_BATCH_INTERVAL="${INTERVAL_S}s"
@@ -279,6 +293,9 @@ EGRESS_ENV=(
 CHANGE_EVENTS=false
 [[ ${BENCH_CHANGE_EVENTS:-0} == 1 ]] && CHANGE_EVENTS=true
 EGRESS_ENV+=(CDC_EGRESS_NATS_CHANGE_EVENTS=$CHANGE_EVENTS)
+# BENCH_EGRESS_ENV: extra VAR=value words for the daemon's environment (experiments).
+read -r -a EXTRA_ENV <<<"${BENCH_EGRESS_ENV:-}"
+EGRESS_ENV+=("${EXTRA_ENV[@]}")
 egress_unset
 egress() { (cd "$WORK" && env "${UNSET[@]}" "${EGRESS_ENV[@]}" "$BIN" "$@"); }
 mkdir -p "$WORK/out"
@@ -410,7 +427,8 @@ EG_WS_CPU=$(cpu_s eg_ws)
         "cpu" "$REF_WS_CPU" "$REF_CPU" "$EG_WS_CPU" "$EG_CPU" "$EG_CPU_AT_RECV"
     printf '%-18s walsender %s + pg_recvlogical %s | walsender %s + cdc-egress %s\n' "ctx switches" \
         "$(commas "${SLICES[ref_ws]:-0}")" "$(commas "${SLICES[ref]:-0}")" "$(commas "${SLICES[eg_ws]:-0}")" "$(commas "${SLICES[eg]:-0}")"
-    printf '%-18s pg_recvlogical %s, cdc-egress %s\n' "TLS (pg_stat_ssl)" "$REF_SSL" "$EG_SSL"
+    printf '%-18s %s; pg_recvlogical %s, cdc-egress %s\n' "transport (TLS)" \
+        "$TRANSPORT" "$REF_SSL" "$EG_SSL"
     printf '%-18s %s (%s files, %s rows registered, %s notices, %s change events, %s MiB gz / %s MiB csv; %s warnings in log)\n' \
         "check" "$CHECK" "$FILES" "$(commas "$REG_ROWS")" "$NOTICES" "$(commas "$EVENTS")" "$(calc '%.1f' "$REG_GZ / 1048576")" \
         "$(calc '%.1f' "$REG_CSV / 1048576")" "$WARNINGS"
@@ -427,6 +445,7 @@ cat >"$ROOT/benches/results/last.json" <<JSON
 {
   "finished_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
   "git_rev": "$GIT_REV",
+  "transport": "$TRANSPORT",
   "machine": { "cores": $(nproc), "load_before": "$LOAD_START", "load_after": "$LOAD_END", "postgres": "$PG_VERSION" },
   "workload": {
     "tables": $NTABLES, "rows_per_table_bulk": $ROWS, "pgbench_transactions": $PGB_DONE,

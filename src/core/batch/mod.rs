@@ -646,53 +646,47 @@ impl<F: SpoolFactory> Batcher<F> {
         op: Op,
         floor: Option<Lsn>,
     ) -> Result<(), Error> {
-        if !self.open.contains_key(&schema.table) {
-            let id = BatchId(self.next_id);
-            self.next_id += 1;
-            let floor = floor.unwrap_or(self.acks.current_boundary());
-            self.acks.open(id, floor);
-            let mut spool = self.factory.create(&schema.table).map_err(|e| {
-                Error::transient(Component::Spool, format!("cannot create spool file: {e}"))
-            })?;
-            let mut header = Vec::with_capacity(256);
-            push_header(
-                &mut header,
-                METADATA_COLUMNS
-                    .iter()
-                    .copied()
-                    .chain(schema.columns.iter().map(|c| c.name.as_str())),
-            );
-            spool.write_all(&header).map_err(|e| {
-                Error::transient(Component::Spool, format!("cannot write spool file: {e}"))
-            })?;
-            let deadline_us = self.deadline_after(self.now_us);
-            self.open.insert(
-                schema.table.clone(),
-                OpenBatch {
-                    id,
-                    schema: schema.clone(),
-                    first: pos,
-                    last: pos,
-                    first_commit_ts: commit_ts,
-                    last_commit_ts: commit_ts,
-                    rows: 0,
-                    csv_bytes: 0,
-                    ops: OpCounts::default(),
-                    deadline_us,
-                    spool,
-                },
-            );
+        // One hash lookup per row in the common case (the table's batch is open).
+        if let Some(batch) = self.open.get_mut(&schema.table) {
+            return append_to(batch, &self.scratch, pos, commit_ts, op);
         }
-        let batch = self.open.get_mut(&schema.table).expect("inserted above");
-        batch.spool.write_all(&self.scratch).map_err(|e| {
+        let id = BatchId(self.next_id);
+        self.next_id += 1;
+        let floor = floor.unwrap_or(self.acks.current_boundary());
+        self.acks.open(id, floor);
+        let mut spool = self.factory.create(&schema.table).map_err(|e| {
+            Error::transient(Component::Spool, format!("cannot create spool file: {e}"))
+        })?;
+        let mut header = Vec::with_capacity(256);
+        push_header(
+            &mut header,
+            METADATA_COLUMNS
+                .iter()
+                .copied()
+                .chain(schema.columns.iter().map(|c| c.name.as_str())),
+        );
+        spool.write_all(&header).map_err(|e| {
             Error::transient(Component::Spool, format!("cannot write spool file: {e}"))
         })?;
-        batch.last = pos;
-        batch.last_commit_ts = commit_ts;
-        batch.rows += 1;
-        batch.csv_bytes += self.scratch.len() as u64;
-        batch.ops.add(op);
-        Ok(())
+        let deadline_us = self.deadline_after(self.now_us);
+        self.open.insert(
+            schema.table.clone(),
+            OpenBatch {
+                id,
+                schema: schema.clone(),
+                first: pos,
+                last: pos,
+                first_commit_ts: commit_ts,
+                last_commit_ts: commit_ts,
+                rows: 0,
+                csv_bytes: 0,
+                ops: OpCounts::default(),
+                deadline_us,
+                spool,
+            },
+        );
+        let batch = self.open.get_mut(&schema.table).expect("inserted above");
+        append_to(batch, &self.scratch, pos, commit_ts, op)
     }
 
     /// Starts parking the rows of `table` (a reload of it was requested at this point of the stream):
@@ -1042,7 +1036,7 @@ impl<F: SpoolFactory> Batcher<F> {
         push_value(row, Some(txn.lsn_text.as_bytes()));
         row.push(b',');
         // Digits need no escaping: quote them directly, without an allocation per row.
-        let _ = write!(row, "\"{}\"", pos.seq);
+        push_quoted_u32(row, pos.seq);
         row.push(b',');
         push_value(row, Some(txn.xid_text.as_bytes()));
         row.push(b',');
@@ -1122,6 +1116,45 @@ impl<F: SpoolFactory> Batcher<F> {
         }
         Ok(())
     }
+}
+
+/// Appends one encoded row to an open batch and counts it.
+#[inline]
+fn append_to<S: Write>(
+    batch: &mut OpenBatch<S>,
+    row: &[u8],
+    pos: Position,
+    commit_ts: i64,
+    op: Op,
+) -> Result<(), Error> {
+    batch
+        .spool
+        .write_all(row)
+        .map_err(|e| Error::transient(Component::Spool, format!("cannot write spool file: {e}")))?;
+    batch.last = pos;
+    batch.last_commit_ts = commit_ts;
+    batch.rows += 1;
+    batch.csv_bytes += row.len() as u64;
+    batch.ops.add(op);
+    Ok(())
+}
+
+/// Appends `"<n>"` (decimal digits need no escaping) without the formatting machinery.
+#[inline]
+fn push_quoted_u32(out: &mut Vec<u8>, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push(b'"');
+    out.extend_from_slice(&digits[at..]);
+    out.push(b'"');
 }
 
 /// `schema` with the attnums of `cols` (a DDL record's columns, exact at its position), matched by

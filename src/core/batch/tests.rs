@@ -1179,3 +1179,12 @@ fn a_ddl_record_gives_the_known_schema_its_attnums() {
     );
     assert_eq!(batch.schema.fingerprint(), schema(0).fingerprint());
 }
+
+#[test]
+fn quoted_u32_is_the_decimal_text_in_quotes() {
+    for n in [0u32, 1, 9, 10, 99, 100, 12345, 4_294_967_295] {
+        let mut out = b"x".to_vec();
+        super::push_quoted_u32(&mut out, n);
+        assert_eq!(out, format!("x\"{n}\"").into_bytes());
+    }
+}

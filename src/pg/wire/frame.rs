@@ -20,8 +20,9 @@ use crate::pg::tls;
 
 use super::COMPONENT;
 
-/// Read buffer growth step; one `read` can fill this much.
-pub(super) const READ_CHUNK: usize = 128 * 1024;
+/// Read buffer growth step; one `read` can fill this much (a coalesced read of the replication
+/// stream can find a few hundred KiB waiting).
+pub(super) const READ_CHUNK: usize = 256 * 1024;
 /// Below this much free space the read buffer is grown before reading.
 const MIN_FREE: usize = 16 * 1024;
 /// Largest frame accepted (PostgreSQL's own limit for a message is 1 GiB).
