@@ -356,6 +356,9 @@ impl Objects {
 pub struct SchemaFile {
     pub schema: String,
     pub table: String,
+    /// `default`, `index`, `full` or `nothing`.
+    #[serde(default)]
+    pub replica_identity: Option<String>,
     pub columns: Vec<FileColumn>,
     #[serde(default)]
     pub metadata_columns: Vec<serde_yaml::Value>,

@@ -718,10 +718,14 @@ pub async fn apply_rows(
     let cast = |i: usize, p: usize| format!("${p}::text::{}", schema.columns[i].type_name);
     // The key a change is found by: the replica identity's (what `_before` holds), else (files
     // written before schema.yml said) the primary key; none: the whole row (REPLICA IDENTITY FULL).
+    // Under REPLICA IDENTITY FULL every column is "the key" and rows may repeat: one row is matched.
+    let full = schema.replica_identity.as_deref() == Some("full");
     let mut keys: Vec<usize> = (0..ncols)
         .filter(|&i| schema.columns[i].replica_key)
         .collect();
-    if keys.is_empty() {
+    if full {
+        keys.clear();
+    } else if keys.is_empty() {
         let mut pk: Vec<(u16, usize)> = schema
             .columns
             .iter()

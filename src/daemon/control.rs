@@ -67,17 +67,16 @@ pub(super) async fn serve_reload_requests(
             continue;
         };
         let received = std::time::Instant::now();
-        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, answer(&config, &msg.payload))
-            .await
-        {
-            Ok(a) => a,
-            Err(_) => {
-                tracing::warn!(
+        let answer =
+            match tokio::time::timeout(REQUEST_TIMEOUT, answer(&config, &msg.payload)).await {
+                Ok(a) => a,
+                Err(_) => {
+                    tracing::warn!(
                     "a reload request over NATS took longer than {REQUEST_TIMEOUT:?}: abandoned"
                 );
-                busy("the request took too long (is the source database reachable?)")
-            }
-        };
+                    busy("the request took too long (is the source database reachable?)")
+                }
+            };
         if received.elapsed() > REQUEST_TIMEOUT {
             tracing::warn!(
                 "the reply to a reload request came after its requester's likely timeout"
