@@ -302,7 +302,15 @@ async fn announce_schema<R: FileLog, N: Publish>(
         return Ok(());
     }
     let path = crate::sink::layout::stored_path(&rec.schema_path);
-    let yaml = retry("read schema document", sinks, || sinks.store.get(&path)).await?;
+    // A document gone from the output (a retention rule) must not hold up delivery for ever.
+    let Some(yaml) = retry("read schema document", sinks, || sinks.store.get_opt(&path)).await?
+    else {
+        tracing::warn!(
+            object = %rec.schema_path,
+            "the schema bucket's entry is skipped: its document is missing from the output"
+        );
+        return Ok(());
+    };
     let doc = schemas::yaml_to_json(&yaml).map_err(|e| {
         Error::definite(
             Component::ObjectStore,
