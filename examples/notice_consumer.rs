@@ -10,9 +10,10 @@
 //! - the notice is the batch's `manifest.json`: `data_url` names the gzipped CSV, `checksum` its
 //!   sha256, `rows` its data rows;
 //! - a notice is acknowledged only after its file is landed, so a crash redelivers it;
-//! - landing is idempotent: each batch becomes `<dir>/<schema>.<table>/<first>-<last>.csv`, written to
-//!   a temporary name and renamed, so a redelivered notice rewrites the same file with the same bytes
-//!   and a reader never sees half a file. Batches of a table sort by name in commit order.
+//! - landing is idempotent: each batch becomes `<dir>/<batch id>.csv` (`<source>/<schema>/<table>/
+//!   streaming/<date>/<first>-<last>.csv`, names encoded as in the output), written to a temporary
+//!   name and renamed, so a redelivered notice rewrites the same file with the same bytes and a
+//!   reader never sees half a file. Batches of a table sort by date and name in commit order.
 //!
 //! Object store options (credentials, endpoints) come from `OBJECT_STORE_<KEY>` environment
 //! variables, e.g. `OBJECT_STORE_AWS_ENDPOINT=http://127.0.0.1:5000`.
@@ -41,9 +42,8 @@ pub struct Options {
 /// The part of a notice this consumer needs.
 #[derive(Debug, serde::Deserialize)]
 pub struct Notice {
+    /// The batch's folder below the output root: `<source>/<schema>/<table>/…`, names encoded.
     pub batch_id: String,
-    pub schema: String,
-    pub table_name: String,
     pub data_url: String,
     pub checksum: String,
     pub rows: u64,
@@ -136,13 +136,19 @@ pub async fn land(notice: &Notice, landing: &Path) -> Result<u64, BoxError> {
         )
         .into());
     }
-    // The batch directory's last segment is `<first>-<last>`: a name that sorts in commit order.
-    let name = notice
-        .batch_id
-        .rsplit('/')
-        .next()
-        .ok_or("a batch id without a directory")?;
-    let dir = landing.join(format!("{}.{}", notice.schema, notice.table_name));
+    // The batch id is the batch's directory below the output root, each segment encoded (README
+    // "What it writes": `/`, `.`, `..` and the like are percent-encoded), so it is a safe relative
+    // path with a folder of its own per table; its last segment, `<first>-<last>`, sorts in commit
+    // order.
+    let segments: Vec<&str> = notice.batch_id.split('/').collect();
+    if segments
+        .iter()
+        .any(|s| s.is_empty() || *s == "." || *s == ".." || s.contains('\\'))
+    {
+        return Err(format!("unexpected batch id {:?}", notice.batch_id).into());
+    }
+    let (name, parents) = segments.split_last().ok_or("an empty batch id")?;
+    let dir = parents.iter().fold(landing.to_path_buf(), |d, s| d.join(s));
     tokio::fs::create_dir_all(&dir).await?;
     let tmp = dir.join(format!(".{name}.tmp"));
     tokio::fs::write(&tmp, &csv).await?;

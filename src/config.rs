@@ -569,6 +569,12 @@ impl Layers {
                  JetStream would store every request and answer it too; choose a subject outside it (default {prefix}-control.{source}.reload)"
             )));
         }
+        if !control_subject.split('.').any(|t| t == source) {
+            return Err(usage(format!(
+                "`nats.control_subject` {control_subject:?} must have the source name {source:?} as one of its tokens \
+                 (default {prefix}-control.{source}.reload): daemons of several sources must never share it, or each would place the reload on its own source"
+            )));
+        }
         Ok(NatsExtras {
             change_events,
             txn_events,
@@ -1001,6 +1007,10 @@ mod tests {
                 "inside `cdc.>`",
             ),
             (&["nats.control_subject=a b"][..], "nats.control_subject"),
+            (
+                &["nats.control_subject=ops.reload"][..],
+                "must have the source name",
+            ),
             (&["nats.schema_bucket=a.b"][..], "nats.schema_bucket"),
         ] {
             let e = set(flags).err().unwrap().to_string();

@@ -14,17 +14,21 @@ use common::*;
 
 const CATCH_UP: Duration = Duration::from_secs(120);
 
-/// Every landed file: name under the landing directory → its bytes.
+/// Every landed file: path under the landing directory → its bytes.
 fn landed(dir: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    for table in std::fs::read_dir(dir).unwrap() {
-        let table = table.unwrap().path();
-        for f in std::fs::read_dir(&table).unwrap() {
-            let f = f.unwrap().path();
-            let name = f.strip_prefix(dir).unwrap().display().to_string();
-            out.insert(name, std::fs::read(&f).unwrap());
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let name = p.strip_prefix(root).unwrap().display().to_string();
+                out.insert(name, std::fs::read(&p).unwrap());
+            }
         }
     }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
     out
 }
 
@@ -88,14 +92,14 @@ async fn the_example_lands_every_announced_batch_once() {
     let out = db.dir.path().join("out");
     for r in c
         .query(
-            "SELECT table_schema || '.' || table_name, batch_id, object_path FROM cdc_egress.files WHERE kind = 'streaming'",
+            "SELECT batch_id, object_path FROM cdc_egress.files WHERE kind = 'streaming'",
             &[],
         )
         .await
         .unwrap()
     {
-        let (table, batch, object): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-        let name = format!("{table}/{}.csv", batch.rsplit('/').next().unwrap());
+        let (batch, object): (String, String) = (r.get(0), r.get(1));
+        let name = format!("{batch}.csv");
         let mut csv = Vec::new();
         std::io::Read::read_to_end(
             &mut flate2::read::GzDecoder::new(std::fs::File::open(out.join(&object)).unwrap()),

@@ -260,7 +260,7 @@ impl Applier {
                     reload,
                     reapply,
                 } => {
-                    load_reload(
+                    let loaded = load_reload(
                         &tx,
                         &self.listing,
                         &self.objects,
@@ -269,7 +269,12 @@ impl Applier {
                         table,
                         reload,
                     )
-                    .await?;
+                    .await;
+                    tolerate(
+                        loaded.map(|()| Default::default()),
+                        self.options.strict,
+                        report,
+                    )?;
                     for e in reapply {
                         let r = apply_entry(
                             &tx,

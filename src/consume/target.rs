@@ -405,7 +405,7 @@ fn checked_schema(t: &TableName) -> Result<(), Error> {
         return Err(Error::definite(
             Component::Config,
             format!(
-                "the target table {} has a name longer than PostgreSQL's 63 bytes: use a shorter --schema-prefix",
+                "the target table {} has a name longer than PostgreSQL's 63 bytes (with the prefix added to its schema)",
                 t.dotted()
             ),
         ));
@@ -440,27 +440,33 @@ pub async fn reshape(
             quote_ident(&target.schema)
         ))
         .await?;
-        let mut defs: Vec<String> = cols
+        let defs: Vec<String> = cols
             .iter()
             .map(|c| format!("{} {}", quote_ident(&c.name), c.type_name))
             .collect();
-        let mut pk: Vec<&FileColumn> = cols.iter().filter(|c| c.primary_key.is_some()).collect();
-        pk.sort_by_key(|c| c.primary_key);
-        if !pk.is_empty() {
-            defs.push(format!(
-                "PRIMARY KEY ({})",
-                pk.iter()
-                    .map(|c| quote_ident(&c.name))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
         exec(format!(
             "{} {table} ({})",
             n.create_table(),
             defs.join(", ")
         ))
         .await?;
+        // An index (not a constraint: keys change, and files may disagree, which `verify` must
+        // see as rows rather than as a failure) on the key changes are found by.
+        let mut key: Vec<&FileColumn> = cols.iter().filter(|c| c.replica_key).collect();
+        if key.is_empty() {
+            key = cols.iter().filter(|c| c.primary_key.is_some()).collect();
+            key.sort_by_key(|c| c.primary_key);
+        }
+        if !key.is_empty() {
+            exec(format!(
+                "CREATE INDEX ON {table} ({})",
+                key.iter()
+                    .map(|c| quote_ident(&c.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .await?;
+        }
         return set_attnums(tx, n, s, source_table, cols).await;
     }
     let current: Vec<(String, String)> = tx
@@ -475,6 +481,19 @@ pub async fn reshape(
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let known = attnums(tx, n, s, source_table).await?;
+    // A column the file names without an attnum (the daemon could not tell it) is the known
+    // column of that name: it keeps that attnum.
+    let cols: Vec<FileColumn> = cols
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            if c.attnum.is_none() {
+                c.attnum = known.iter().find(|(_, x)| **x == c.name).map(|(a, _)| *a);
+            }
+            c
+        })
+        .collect();
+    let cols = &cols[..];
     let mut names: Vec<String> = current.iter().map(|c| c.0.clone()).collect();
     let wanted: std::collections::BTreeSet<i16> = cols.iter().filter_map(|c| c.attnum).collect();
     // Columns whose attnum is gone from the table: dropped, even if a new column reuses the name.
@@ -851,11 +870,17 @@ pub async fn apply_rows(
                 let mut conds = Vec::new();
                 for &i in &key_idx {
                     params.push(key_of(i));
-                    conds.push(format!(
-                        "{} IS NOT DISTINCT FROM {}",
-                        col(i),
-                        cast(i, params.len())
-                    ));
+                    // Key columns are NOT NULL: `=` uses the index. A whole row is matched on
+                    // its text (NULLs included; no equality operator needed, e.g. json).
+                    conds.push(if whole_row {
+                        format!(
+                            "{}::text IS NOT DISTINCT FROM ${}::text",
+                            col(i),
+                            params.len()
+                        )
+                    } else {
+                        format!("{} = {}", col(i), cast(i, params.len()))
+                    });
                 }
                 let cond = if conds.is_empty() {
                     "true".to_string()

@@ -113,7 +113,12 @@ pub async fn verify(input: VerifyInputs<'_>, opts: &VerifyOptions) -> Result<Ver
     // 0. No reload may be under way: a table's rows below a running reload's cut are in no file yet.
     wait_reloads_idle(&input.listing, opts.wait).await?;
     // 1. The position and its snapshot.
-    let tag = format!("cdc_egress_verify_{}", std::process::id());
+    // Unique per run (a PID repeats across containers and hosts): a run never meets another's
+    // scratch state.
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
+    let tag = format!("cdc_egress_verify_{}_{nonce:x}", std::process::id());
     let cut = crate::reload::export::take_cut(
         input.source,
         input.slot,
@@ -135,21 +140,22 @@ pub async fn verify(input: VerifyInputs<'_>, opts: &VerifyOptions) -> Result<Ver
     let imported = imported.await;
     cut.release().await;
     let source_tx = imported?;
-    // 2. What to compare, locked as of the snapshot: a DDL (a TRUNCATE, a rewrite) committed after
-    //    the position would make the old snapshot see the table empty or changed; the export's
-    //    guard takes ACCESS SHARE and compares the shape with the catalog now, and fails the
-    //    verification (a transient error: run it again) when they differ.
     let tables =
         tables_to_compare(&source_tx, input.publication, input.registry_schema, opts).await?;
-    let current = input.source.connect().await?;
-    for (t, oid) in &tables {
-        crate::reload::export::guard_against_ddl(&source_tx, &current, t, *oid)
-            .await
-            .map_err(|e| e.context(format!("verify: {} changed after the position", t.dotted())))?;
-    }
-    drop(current);
     // 3. Wait for the registry to cover the position.
     wait_confirmed(input.source, input.slot, position, opts.wait).await?;
+    // A reload the daemon started meanwhile (for a DDL or publication change below the position
+    // that it had not read yet) would leave its table's rows below the position in no file.
+    let active = input.listing.active_reloads().await?;
+    if !active.is_empty() {
+        return Err(Error::transient(
+            Component::Reload,
+            format!(
+                "verify: reloads started while verify waited ({}): run it again when they are done",
+                active.join(", ")
+            ),
+        ));
+    }
     // 4. Rebuild every table from the files (renames need the other names' history), compare the
     //    asked ones. The state schema is the tag itself: a source schema always gets `<tag>_`.
     let naming = Naming {
@@ -175,6 +181,20 @@ pub async fn verify(input: VerifyInputs<'_>, opts: &VerifyOptions) -> Result<Ver
         )
         .await?;
         let applied = applier.catch_up().await?;
+        // The compared tables are locked as of the snapshot only now, just before they are read:
+        // a DDL (a TRUNCATE, a rewrite) committed after the position would make the old snapshot
+        // see a table empty or changed. The export's guard takes ACCESS SHARE (until verify ends)
+        // and compares the shape the snapshot sees with the catalog now; a difference fails the
+        // run (exit 3: run it again).
+        let current = input.source.connect().await?;
+        for (t, oid) in &tables {
+            crate::reload::export::guard_against_ddl(&source_tx, &current, t, *oid)
+                .await
+                .map_err(|e| {
+                    e.context(format!("verify: {} changed after the position", t.dotted()))
+                })?;
+        }
+        drop(current);
         let mut reports = Vec::new();
         for (t, _) in &tables {
             reports.push(

@@ -25,9 +25,8 @@ use serde::Deserialize;
 use crate::config::Config;
 use crate::error::{Component, Error};
 
-/// How long one request may take (two connections and a `COMMENT ON SCHEMA`); a request that
-/// waited for the one before it longer than this is answered "busy" without being carried out,
-/// since its requester has given up.
+/// How long one request may take (two connections and a `COMMENT ON SCHEMA`) before it is
+/// abandoned and answered "unknown" (it may have been placed just before).
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 #[derive(Deserialize)]
@@ -46,8 +45,8 @@ pub(super) async fn serve_reload_requests(
     subject: String,
     config: Arc<Config>,
 ) -> Result<(), Error> {
-    // One queue group per source: daemons of other sources sharing a custom subject never answer
-    // for this one, and a standby of this source never answers twice.
+    // The subject names the source (checked by the configuration), so only this source's daemons
+    // listen on it; their queue group makes one of them answer each request once.
     let group = format!("cdc-egress.{}", config.source.name);
     let mut requests = client
         .queue_subscribe(subject.clone(), group)
@@ -74,7 +73,11 @@ pub(super) async fn serve_reload_requests(
                     tracing::warn!(
                     "a reload request over NATS took longer than {REQUEST_TIMEOUT:?}: abandoned"
                 );
-                    busy("the request took too long (is the source database reachable?)")
+                    // It may have been placed just before: the requester must look, not retry.
+                    unknown(
+                        "the request took too long; it may or may not have been placed: \
+                         check `cdc-egress status` before asking again",
+                    )
                 }
             };
         if received.elapsed() > REQUEST_TIMEOUT {
@@ -128,8 +131,8 @@ async fn answer(config: &Config, payload: &[u8]) -> Vec<u8> {
     serde_json::to_vec(&reply).expect("JSON serializes")
 }
 
-fn busy(why: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({"ok": false, "error": why, "retry": true}))
+fn unknown(why: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"ok": false, "error": why, "retry": false}))
         .expect("JSON serializes")
 }
 
