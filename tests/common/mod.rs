@@ -920,12 +920,17 @@ async fn consume(
     ignore: Ignore,
 ) -> cdc_egress::consume::apply::ApplyReport {
     use cdc_egress::consume::{apply, listing, target as tgt};
-    let target_db: String = target
-        .query_one("SELECT current_database()::text", &[])
+    // The loader opens its own connection to the database of `target`, which may be on a private
+    // server (tests/slot_lifecycle.rs): take its port and user from that session.
+    let r = target
+        .query_one(
+            "SELECT current_database()::text, current_user::text, current_setting('port')",
+            &[],
+        )
         .await
-        .unwrap()
-        .get(0);
-    let target_url = with_db(&pg_base_url(), &target_db);
+        .unwrap();
+    let (db, user, port): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+    let target_url = format!("postgres://{user}@127.0.0.1:{port}/{db}");
     let reg = connect(registry_url).await;
     let listing = listing::Listing::open(reg, registry_schema, source)
         .await
