@@ -88,6 +88,9 @@ pub struct VerifyReport {
     pub tables: Vec<TableReport>,
     pub applied: ApplyReport,
     pub equal: bool,
+    /// With `--keep-scratch`: the prefix of the scratch schemas left for inspection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scratch_schemas: Option<String>,
 }
 
 /// The inputs of [`verify`].
@@ -119,12 +122,9 @@ pub async fn verify(input: VerifyInputs<'_>, opts: &VerifyOptions) -> Result<Ver
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
     let tag = format!("cdc_egress_verify_{}_{nonce:x}", std::process::id());
-    let cut = crate::reload::export::take_cut(
-        input.source,
-        input.slot,
-        &format!("verify_{}", std::process::id()),
-    )
-    .await?;
+    let cut =
+        crate::reload::export::take_cut(input.source, input.slot, &format!("verify_{nonce:x}"))
+            .await?;
     let position = cut.lsn;
     let imported = async {
         let c = crate::pg::slot::connect_source(input.source).await?;
@@ -140,6 +140,7 @@ pub async fn verify(input: VerifyInputs<'_>, opts: &VerifyOptions) -> Result<Ver
     let imported = imported.await;
     cut.release().await;
     let source_tx = imported?;
+    // 2. What to compare, as the snapshot sees the publication.
     let tables =
         tables_to_compare(&source_tx, input.publication, input.registry_schema, opts).await?;
     // 3. Wait for the registry to cover the position.
@@ -156,8 +157,8 @@ pub async fn verify(input: VerifyInputs<'_>, opts: &VerifyOptions) -> Result<Ver
             ),
         ));
     }
-    // 4. Rebuild every table from the files (renames need the other names' history), compare the
-    //    asked ones. The state schema is the tag itself: a source schema always gets `<tag>_`.
+    // 4. Rebuild every table from the files (renames need the other names' history); 5. lock and
+    //    compare the asked ones. The state schema is the tag itself: a source schema always gets `<tag>_`.
     let naming = Naming {
         state_schema: tag.clone(),
         schema_prefix: format!("{tag}_"),
@@ -224,6 +225,7 @@ pub async fn verify(input: VerifyInputs<'_>, opts: &VerifyOptions) -> Result<Ver
         tables,
         applied,
         equal,
+        scratch_schemas: opts.keep_scratch.then(|| format!("{tag}*")),
     })
 }
 
@@ -703,6 +705,9 @@ pub fn render_text(r: &VerifyReport) -> String {
         for s in &t.samples {
             let _ = writeln!(out, "  {s}");
         }
+    }
+    if let Some(s) = &r.scratch_schemas {
+        let _ = writeln!(out, "scratch schemas kept: {s}");
     }
     let _ = writeln!(
         out,
