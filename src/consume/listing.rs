@@ -130,10 +130,6 @@ impl Listing {
         &self.source
     }
 
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
     /// The registry's incarnation: progress recorded against one registry never applies to another.
     pub async fn incarnation(&self) -> Result<String, Error> {
         let row = self

@@ -758,42 +758,11 @@ pub async fn apply_rows(
     let mut out = Applied::default();
     // (statement, params, expects one row, description)
     let mut pending: Vec<(Statement, Vec<Option<String>>, bool)> = Vec::new();
-    // Every record is checked before the first statement, so a bad file changes nothing.
+    // Every record is checked (and its metadata parsed) before the first statement, so a bad file
+    // changes nothing.
+    type Before = serde_json::Map<String, serde_json::Value>;
+    let mut parsed: Vec<(Lsn, Option<Before>, Vec<String>)> = Vec::with_capacity(records.len());
     for rec in records.iter().skip(1) {
-        if rec.len() != meta + ncols {
-            return Err(bad(format!(
-                "a record has {} fields, its schema.yml {}",
-                rec.len(),
-                meta + ncols
-            )));
-        }
-        if rec[1]
-            .as_deref()
-            .and_then(|v| v.parse::<Lsn>().ok())
-            .is_none()
-        {
-            return Err(bad("a record has no valid _commit_lsn".into()));
-        }
-        if !matches!(rec[0].as_deref(), Some("I" | "U" | "D" | "T")) {
-            return Err(bad(format!("unknown _op {:?}", rec[0])));
-        }
-        if let Some(b) = &rec[5] {
-            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(b)
-                .map_err(|e| bad(format!("_before is not a JSON object: {e}")))?;
-        }
-        if let Some(u) = &rec[6] {
-            serde_json::from_str::<Vec<String>>(u)
-                .map_err(|e| bad(format!("_unchanged is not a JSON list: {e}")))?;
-        }
-    }
-    let half = records.len() / 2;
-    for (n, rec) in records.iter().enumerate().skip(1) {
-        out.rows += 1;
-        if n == half {
-            // The crash test's window: some of the file's rows applied, not committed.
-            out.misses += flush(tx, &mut pending, target, strict).await?;
-            crate::failpoint::hit("apply_mid_file");
-        }
         if rec.len() != meta + ncols {
             return Err(bad(format!(
                 "a record has {} fields, its schema.yml {}",
@@ -804,25 +773,44 @@ pub async fn apply_rows(
         let at: Lsn = rec[1]
             .as_deref()
             .and_then(|v| v.parse().ok())
-            .ok_or_else(|| bad("a record has no _commit_lsn".into()))?;
+            .ok_or_else(|| bad("a record has no valid _commit_lsn".into()))?;
+        if !matches!(rec[0].as_deref(), Some("I" | "U" | "D" | "T")) {
+            return Err(bad(format!("unknown _op {:?}", rec[0])));
+        }
+        let before: Option<Before> = match &rec[5] {
+            Some(b) => Some(
+                serde_json::from_str(b)
+                    .map_err(|e| bad(format!("_before is not a JSON object: {e}")))?,
+            ),
+            None => None,
+        };
+        let unchanged: Vec<String> = match &rec[6] {
+            Some(u) => serde_json::from_str(u)
+                .map_err(|e| bad(format!("_unchanged is not a JSON list: {e}")))?,
+            None => Vec::new(),
+        };
+        parsed.push((at, before, unchanged));
+    }
+    let half = records.len() / 2;
+    for (n, (rec, (at, before, unchanged))) in records
+        .iter()
+        .skip(1)
+        .zip(parsed)
+        .enumerate()
+        .map(|(i, r)| (i + 1, r))
+    {
+        out.rows += 1;
+        if n == half {
+            // The crash test's window: some of the file's rows applied, not committed.
+            out.misses += flush(tx, &mut pending, target, strict).await?;
+            crate::failpoint::hit("apply_mid_file");
+        }
         if min.is_some_and(|m| at < m) || until.is_some_and(|u| at >= u) {
             continue;
         }
         out.applied += 1;
         let op = rec[0].as_deref().unwrap_or("");
         let vals = &rec[meta..];
-        let before: Option<serde_json::Map<String, serde_json::Value>> = match &rec[5] {
-            Some(b) => Some(
-                serde_json::from_str(b).map_err(|e| bad(format!("_before is not JSON: {e}")))?,
-            ),
-            None => None,
-        };
-        let unchanged: Vec<String> = match &rec[6] {
-            Some(u) => {
-                serde_json::from_str(u).map_err(|e| bad(format!("_unchanged is not JSON: {e}")))?
-            }
-            None => Vec::new(),
-        };
         let key_of = |i: usize| -> Option<String> {
             match &before {
                 Some(b) => b

@@ -895,17 +895,10 @@ pub async fn replay(
         output_url,
         options,
         target,
-        Ignore::Reloads,
+        true,
     )
     .await;
     report
-}
-
-/// What the replay ignores of the registry.
-#[derive(PartialEq)]
-enum Ignore {
-    Nothing,
-    Reloads,
 }
 
 /// Runs the reference loader (`cdc_egress::consume::apply`, strict) over one source of the
@@ -917,7 +910,7 @@ async fn consume(
     output_url: &str,
     options: &HashMap<String, String>,
     target: &Client,
-    ignore: Ignore,
+    ignore_reloads: bool,
 ) -> cdc_egress::consume::apply::ApplyReport {
     use cdc_egress::consume::{apply, listing, target as tgt};
     // The loader opens its own connection to the database of `target`, which may be on a private
@@ -938,7 +931,7 @@ async fn consume(
     let store =
         cdc_egress::sink::store::Store::open(output_url, &options.clone().into_iter().collect())
             .unwrap();
-    let state_schema = if ignore == Ignore::Reloads {
+    let state_schema = if ignore_reloads {
         "cdc_egress_apply_streaming"
     } else {
         "cdc_egress_apply"
@@ -958,7 +951,7 @@ async fn consume(
         },
         apply::ApplyOptions {
             strict: true,
-            ignore_reloads: ignore == Ignore::Reloads,
+            ignore_reloads,
             ..Default::default()
         },
     )
@@ -1295,7 +1288,7 @@ pub async fn replay_source(
         output_url,
         options,
         target,
-        Ignore::Nothing,
+        false,
     )
     .await;
     let reg = connect(registry_url).await;
@@ -1369,7 +1362,7 @@ pub async fn replay_following_ddl(
         output_url,
         &HashMap::new(),
         target,
-        Ignore::Nothing,
+        false,
     )
     .await;
     let reg = connect(registry_url).await;
