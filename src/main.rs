@@ -133,7 +133,24 @@ fn exit_for(e: &Error) -> ExitCode {
     ExitCode::from(e.exit_code() as u8)
 }
 
+/// Fixes glibc malloc's mmap threshold at 64 KiB (ARCHITECTURE.md, "Memory").
+///
+/// glibc raises the threshold to the size of every mmap-backed block it frees (up to 32 MiB): after
+/// the first whole spool file read for an upload or the first large read buffer is freed, every
+/// later block of that size comes from the heaps of the malloc arenas, which keep what is freed in
+/// their middle. Measured with `benches/throughput.sh` (1.49M changes, TCP): peak RSS 36 → 25 MiB
+/// with the threshold fixed, the same throughput. A fixed threshold also keeps the trim threshold at
+/// its default, so freed memory at the top of a heap goes back to the system.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a malloc parameter; it is called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     cdc_egress::pg::install_default_provider();
     let config = match Config::load(cli.config.as_deref(), &cli.set) {

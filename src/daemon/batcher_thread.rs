@@ -39,9 +39,11 @@ pub(super) enum Frame {
     Keepalive(Lsn),
 }
 
-/// Chunks in flight between the reader and the batcher; with the limits below, at most ~16 MiB of
-/// frames are buffered whatever the message sizes.
-pub(super) const INPUT_CAPACITY: usize = 16;
+/// Chunks in flight between the reader and the batcher; with the limits below, at most ~4 MiB of
+/// frames (and the read buffers they are slices of) wait there, whatever the message sizes. Four
+/// chunks of up to 1,024 frames are enough to keep the batcher busy while the reader waits for the
+/// socket; more only buffers what the socket would hold anyway.
+pub(super) const INPUT_CAPACITY: usize = 4;
 pub(super) const CHUNK_FRAMES: usize = 1024;
 pub(super) const CHUNK_BYTES: usize = 1 << 20;
 
