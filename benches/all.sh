@@ -10,6 +10,7 @@
 #   unix       throughput.sh over the unix socket (BENCH_PG_SOCKET, default: the server's
 #              unix_socket_directories), files + notices          BENCH_RUNS runs
 #   events     throughput.sh over TCP with nats.change_events      BENCH_RUNS runs
+#   grouped    throughput.sh over TCP with nats.change_events: grouped   BENCH_RUNS runs
 #   latency    event_latency.sh, p50 / p99 commit -> JetStream ack at BENCH_LAT_TPS x BENCH_LAT_ROWS
 #   tables     many_tables.sh with 5,000 tables (BENCH_MANY_TABLES), peak RSS with all batches open
 #   reload     reload_export.sh against `COPY | gzip -1` and `COPY > /dev/null`
@@ -30,7 +31,7 @@ server_knobs
 PSQL=("$PGBIN/psql" -X -v ON_ERROR_STOP=1 -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER")
 
 QUICK=${BENCH_QUICK:-0}
-ROWS_SEL=${BENCH_ROWS:-tcp unix events latency tables reload}
+ROWS_SEL=${BENCH_ROWS:-tcp unix events grouped latency tables reload}
 if [[ $QUICK == 1 ]]; then
     RUNS=${BENCH_RUNS:-1}
     : "${BENCH_ROWS_PER_TABLE:=40000}" "${BENCH_PGBENCH_TXNS:=4000}" "${BENCH_INTERVAL_S:=2}"
@@ -55,18 +56,19 @@ want() { [[ " $ROWS_SEL " == *" $1 "* ]]; }
 
 # The results of the selected rows are replaced; the others keep those of their last run (so a row
 # can be run again alone and the table still shows all of them).
-for row in tcp unix events latency tables reload; do
+for row in tcp unix events grouped latency tables reload; do
     if want "$row"; then rm -f "$OUT/$row"[.-]*; fi
 done
 
 # throughput.sh runs, alternating the paths so that the machine's mood of the hour hits all of them.
 for run in $(seq 1 "$RUNS"); do
-    for path in tcp unix events; do
+    for path in tcp unix events grouped; do
         want "$path" || continue
         log "all: $path, run $run of $RUNS"
         env_args=(BENCH_INTERVAL_S="$BENCH_INTERVAL_S")
         [[ $path == unix ]] && env_args+=(BENCH_PG_SOCKET="$SOCKET")
         [[ $path == events ]] && env_args+=(BENCH_CHANGE_EVENTS=1)
+        [[ $path == grouped ]] && env_args+=(BENCH_CHANGE_EVENTS=grouped)
         env "${env_args[@]}" bash "$ROOT/benches/throughput.sh" >"$OUT/$path-$run.txt" 2>"$OUT/$path-$run.log" ||
             log "all: $path run $run failed (see $OUT/$path-$run.log)"
         [[ -f $ROOT/benches/results/last.json ]] && mv "$ROOT/benches/results/last.json" "$OUT/$path-$run.json"
@@ -118,7 +120,7 @@ def med(xs, fmt="%.2f"):
 
 rows = []
 for path, label in (("tcp", "TCP, files + notices"), ("unix", "unix socket, files + notices"),
-                    ("events", "TCP, change events")):
+                    ("events", "TCP, change events"), ("grouped", "TCP, grouped change events")):
     runs = [load(p) for p in sorted(glob.glob(os.path.join(out, path + "-*.json")))]
     runs = [r for r in runs if r]
     if not runs:

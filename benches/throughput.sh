@@ -26,7 +26,9 @@
 # BENCH_SKIP_BUILD, BENCH_KEEP, BENCH_PERF=1 (system-wide `perf record` during each drain, saved in
 # benches/results/, with a per-thread CPU summary), BENCH_CHANGE_EVENTS=1 (nats.change_events: one
 # JetStream message per change, acks awaited before the LSN moves; the check then also requires one
-# message per change on <prefix>.*.change.>). All addresses must be loopback.
+# message per change on <prefix>.*.change.>; BENCH_CHANGE_EVENTS=grouped: nats.change_events: grouped,
+# one message per run of a transaction's changes of one table on <prefix>.*.changes.>, checked to be
+# between 1 and one per change). All addresses must be loopback.
 
 set -Eeuo pipefail
 shopt -s inherit_errexit
@@ -291,7 +293,12 @@ EGRESS_ENV=(
     CDC_EGRESS_LOG_LEVEL=info
 )
 CHANGE_EVENTS=false
-[[ ${BENCH_CHANGE_EVENTS:-0} == 1 ]] && CHANGE_EVENTS=true
+case ${BENCH_CHANGE_EVENTS:-0} in
+0) ;;
+1) CHANGE_EVENTS=true ;;
+grouped) CHANGE_EVENTS=grouped ;;
+*) die "BENCH_CHANGE_EVENTS must be 0, 1 or grouped, not ${BENCH_CHANGE_EVENTS}" ;;
+esac
 EGRESS_ENV+=(CDC_EGRESS_NATS_CHANGE_EVENTS=$CHANGE_EVENTS)
 # BENCH_EGRESS_ENV: extra VAR=value words for the daemon's environment (experiments).
 read -r -a EXTRA_ENV <<<"${BENCH_EGRESS_ENV:-}"
@@ -383,6 +390,15 @@ if [[ $CHANGE_EVENTS == true ]]; then
     EVENTS=$(python3 "$ROOT/benches/jetstream.py" "$NATS_URL" count "$STREAM" "$PREFIX.*.change.>")
     [[ $EVENTS == "$CHANGES" ]] || PROBLEMS+=("change events $EVENTS != workload changes $CHANGES")
     [[ $NOTICES =~ ^[0-9]+$ && $EVENTS =~ ^[0-9]+$ ]] && NOTICES=$((NOTICES - EVENTS))
+elif [[ $CHANGE_EVENTS == grouped ]]; then
+    # Grouped change events: at least one message, at most one per change (every change exactly
+    # once is what tests/failures.rs checks, row by row); none on the per-change subjects.
+    EVENTS=$(python3 "$ROOT/benches/jetstream.py" "$NATS_URL" count "$STREAM" "$PREFIX.*.changes.>")
+    SINGLE=$(python3 "$ROOT/benches/jetstream.py" "$NATS_URL" count "$STREAM" "$PREFIX.*.change.>")
+    [[ $EVENTS =~ ^[0-9]+$ ]] && ((EVENTS >= 1 && EVENTS <= CHANGES)) ||
+        PROBLEMS+=("grouped change events $EVENTS not between 1 and the workload's $CHANGES changes")
+    [[ $SINGLE == 0 ]] || PROBLEMS+=("$SINGLE per-change events in grouped mode")
+    [[ $NOTICES =~ ^[0-9]+$ && $EVENTS =~ ^[0-9]+$ ]] && NOTICES=$((NOTICES - EVENTS))
 fi
 [[ $REG_ROWS == "$CHANGES" ]] || PROBLEMS+=("registered rows $REG_ROWS != workload changes $CHANGES")
 [[ "$REG_I $REG_U $REG_D" == "$INS $UPD $DEL" ]] ||
@@ -456,7 +472,7 @@ cat >"$ROOT/benches/results/last.json" <<JSON
   "pg_recvlogical": { "seconds": $REF_S, "changes_per_s": $REF_RATE, "cpu_s": $REF_CPU, "walsender_cpu_s": $REF_WS_CPU,
                       "context_switches": ${SLICES[ref]:-0}, "walsender_context_switches": ${SLICES[ref_ws]:-0}, "ssl": "$REF_SSL" },
   "cdc_egress": {
-    "batch_interval_s": $INTERVAL_S, "change_events": $CHANGE_EVENTS,
+    "batch_interval_s": $INTERVAL_S, "change_events": $([[ $CHANGE_EVENTS == grouped ]] && echo '"grouped"' || echo "$CHANGE_EVENTS"),
     "first_message_s": $FIRST_S,
     "received": { "seconds": $RECV_S, "changes_per_s": $RECV_RATE, "ratio": $(ratio "$RECV_S") },
     "acked": { "seconds": $ACK_S, "changes_per_s": $ACK_RATE, "ratio": $(ratio "$ACK_S"),

@@ -150,7 +150,7 @@ pub use crate::core::ddl::RewritePolicy;
 pub use crate::observe::LogFormat;
 pub use crate::pg::slot::SlotLostPolicy;
 pub use crate::secret::{redact_url, Secret, SecretUrl};
-pub use crate::sink::notify::{NatsAuth, NatsConfig};
+pub use crate::sink::notify::{ChangeEvents, NatsAuth, NatsConfig};
 
 #[derive(Clone, Debug)]
 pub struct ReloadConfig {
@@ -520,11 +520,16 @@ impl Layers {
     /// would be answered by JetStream's PubAck as well as by the daemon).
     fn nats_extras(&self, stream: &str, prefix: &str, source: &str) -> Result<NatsExtras, Error> {
         let flag = |key: &str| self.parsed(key, false, "true or false", parse_bool);
-        let change_events = flag("nats.change_events")?;
+        let change_events = self.parsed(
+            "nats.change_events",
+            ChangeEvents::Off,
+            "one of `false`, `true` (one message per change) or `grouped` (one message per run of a transaction's changes of one table)",
+            parse_change_events,
+        )?;
         let txn_events = flag("nats.txn_events")?;
-        if txn_events && !change_events {
+        if txn_events && !change_events.enabled() {
             return Err(usage(
-                "`nats.txn_events: true` needs `nats.change_events: true`: transaction events bracket the change events",
+                "`nats.txn_events: true` needs `nats.change_events: true` or `grouped`: transaction events bracket the change events",
             ));
         }
         let derived: String = stream
@@ -861,6 +866,20 @@ fn env_to_key(rest: &str) -> Option<String> {
         .then(|| format!("{section}.{key}"))
 }
 
+/// `nats.change_events`: a boolean (`true`: one message per change) or `grouped`.
+fn parse_change_events(s: &str) -> Option<ChangeEvents> {
+    if s.eq_ignore_ascii_case("grouped") {
+        return Some(ChangeEvents::Grouped);
+    }
+    parse_bool(s).map(|on| {
+        if on {
+            ChangeEvents::PerChange
+        } else {
+            ChangeEvents::Off
+        }
+    })
+}
+
 fn parse_bool(s: &str) -> Option<bool> {
     match s.to_ascii_lowercase().as_str() {
         "true" | "yes" | "on" | "1" => Some(true),
@@ -890,7 +909,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 
 /// The NATS settings beyond the connection and the stream (`Layers::nats_extras`).
 struct NatsExtras {
-    change_events: bool,
+    change_events: ChangeEvents,
     txn_events: bool,
     schema_bucket: Option<String>,
     control_subject: Option<String>,
@@ -961,7 +980,7 @@ mod tests {
         );
         assert_eq!(c.nats.stream, "CDC_EGRESS");
         assert_eq!(c.nats.subject_prefix, "cdc");
-        assert!(!c.nats.change_events);
+        assert_eq!(c.nats.change_events, ChangeEvents::Off);
         assert_eq!(c.http.listen.unwrap().to_string(), "127.0.0.1:9187");
     }
 
@@ -994,10 +1013,56 @@ mod tests {
         assert!(c.nats.schema_bucket.is_none());
         let c = set(&["nats.change_events=true", "nats.txn_events=true"]).unwrap();
         assert!(c.nats.txn_events);
+        assert_eq!(c.nats.change_events, ChangeEvents::PerChange);
+        let c = set(&["nats.change_events=grouped", "nats.txn_events=true"]).unwrap();
+        assert!(c.nats.txn_events);
+        assert_eq!(c.nats.change_events, ChangeEvents::Grouped);
+        for (value, want) in [
+            ("false", ChangeEvents::Off),
+            ("off", ChangeEvents::Off),
+            ("true", ChangeEvents::PerChange),
+            ("yes", ChangeEvents::PerChange),
+            ("Grouped", ChangeEvents::Grouped),
+        ] {
+            let c = set(&[format!("nats.change_events={value}").as_str()]).unwrap();
+            assert_eq!(c.nats.change_events, want, "{value}");
+        }
+        // The file (a YAML boolean or a word) and the environment take the same values.
+        for (yaml, want) in [
+            ("true", ChangeEvents::PerChange),
+            ("false", ChangeEvents::Off),
+            ("grouped", ChangeEvents::Grouped),
+        ] {
+            let c = Config::from_yaml(&format!("{BASE}nats:\n  change_events: {yaml}\n"), &[]);
+            assert_eq!(c.unwrap().nats.change_events, want, "{yaml}");
+        }
+        let c = Config::load_from(
+            None,
+            &env(&[
+                ("CDC_EGRESS_SOURCE_URL", "postgres://u@h/db"),
+                ("CDC_EGRESS_NATS_CHANGE_EVENTS", "grouped"),
+                ("CDC_EGRESS_NATS_TXN_EVENTS", "true"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.nats.change_events, ChangeEvents::Grouped);
+        assert!(c.nats.txn_events);
+        let e = set(&["nats.change_events=batched"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("`nats.change_events`")
+                && e.contains("`false`")
+                && e.contains("`true`")
+                && e.contains("`grouped`"),
+            "lists the accepted values: {e}"
+        );
         for (flags, needle) in [
             (
                 &["nats.txn_events=true"][..],
-                "needs `nats.change_events: true`",
+                "needs `nats.change_events: true` or `grouped`",
             ),
             (
                 &[

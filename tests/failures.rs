@@ -1,5 +1,5 @@
 //! Failure handling end to end: a dropped replication connection, a NATS outage, a standby waiting for
-//! the slot, and per-change events.
+//! the slot, and change events (per change and grouped, also across a crash).
 
 mod common;
 mod workload;
@@ -268,6 +268,17 @@ async fn standby_waits_for_the_slot_and_takes_over() {
     db.cleanup().await;
 }
 
+/// The rows of every registered streaming file.
+async fn streaming_rows(c: &tokio_postgres::Client) -> i64 {
+    c.query_one(
+        "SELECT sum(row_count)::bigint FROM cdc_egress.files WHERE kind = 'streaming'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// With `nats.change_events`, every change is also published once on its change subject, and the
 /// slot still catches up (the event acks gate the ack).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,14 +294,7 @@ async fn change_events_are_published_for_every_change() {
     workload::phase2(&c).await;
     db.wait_caught_up(CATCH_UP).await;
     assert!(d.stop().await.success());
-    let rows: i64 = c
-        .query_one(
-            "SELECT sum(row_count)::bigint FROM cdc_egress.files WHERE kind = 'streaming'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let rows = streaming_rows(&c).await;
     let events = stream_count(&db.stream, &format!("{}.*.change.>", db.prefix)).await;
     assert_eq!(events, rows as u64, "one change event per change");
     let inserts = stream_count(
@@ -452,5 +456,272 @@ async fn another_slot_under_the_same_source_name_is_refused_everywhere() {
     let (code, out, err) = run_cli(&["release-owner", "--yes"], &env, db.dir.path());
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(out.matches("not claimed").count(), 3, "{out}");
+    db.cleanup().await;
+}
+
+/// One grouped change event as stored: its subject, headers and the rows of its body (each row's
+/// fields, parsed as CSV), in stream order.
+struct Group {
+    subject: String,
+    msg_id: String,
+    headers: std::collections::BTreeMap<String, String>,
+    body_len: usize,
+    /// Each row's CSV line length, `\n` included (the test data has no line breaks in values).
+    row_lens: Vec<usize>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Group {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} on {}", self.subject))
+    }
+
+    /// `(_commit_lsn, _seq)` of a row: the metadata columns after `_op`.
+    fn position(row: &[String]) -> (cdc_egress::lsn::Lsn, u32) {
+        (row[1].parse().unwrap(), row[2].parse().unwrap())
+    }
+}
+
+/// Every grouped change event of `db`'s stream, in stream order.
+async fn grouped_events(db: &TestDb) -> Vec<Group> {
+    let c = async_nats::connect(nats_url()).await.unwrap();
+    let mut s = async_nats::jetstream::new(c)
+        .get_stream(&db.stream)
+        .await
+        .unwrap();
+    let state = s.info().await.unwrap().state.clone();
+    let prefix = format!("{}.{}.changes.", db.prefix, db.slot);
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        let Ok(m) = s.get_raw_message(seq).await else {
+            continue;
+        };
+        if !m.subject.starts_with(&prefix) {
+            continue;
+        }
+        let headers = m
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v[0].as_str().to_string()))
+            .collect::<std::collections::BTreeMap<_, _>>();
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_reader(&m.payload[..]);
+        let rows = reader
+            .records()
+            .map(|r| r.unwrap().iter().map(str::to_string).collect())
+            .collect();
+        out.push(Group {
+            subject: m.subject.to_string(),
+            msg_id: headers.get("Nats-Msg-Id").cloned().unwrap_or_default(),
+            headers,
+            body_len: m.payload.len(),
+            row_lens: m
+                .payload
+                .split_inclusive(|b| *b == b'\n')
+                .map(<[u8]>::len)
+                .collect(),
+            rows,
+        });
+    }
+    out
+}
+
+/// Checks the grouped events of `db` (README "Grouped change events") and returns them: every
+/// change of the registry's files appears exactly once, in stream order; each group is one table
+/// of one transaction within the limits (1,024 rows, 256 KiB unless a single row), maximal, and
+/// its headers, subject and id agree with its rows; no per-change event is published.
+async fn check_grouped_events(db: &TestDb) -> Vec<Group> {
+    let groups = grouped_events(db).await;
+    let mut last: Option<(cdc_egress::lsn::Lsn, u32)> = None;
+    let mut total = 0usize;
+    for (i, g) in groups.iter().enumerate() {
+        assert!(!g.rows.is_empty(), "an empty group on {}", g.subject);
+        let table = g.header("Cdc-Table");
+        let (schema, name) = table.split_once('.').unwrap();
+        assert_eq!(
+            g.subject,
+            format!("{}.{}.changes.{schema}.{name}", db.prefix, db.slot)
+        );
+        let (lsn, first_seq) = Group::position(&g.rows[0]);
+        let (_, last_seq) = Group::position(g.rows.last().unwrap());
+        assert_eq!(g.header("Cdc-Commit-Lsn"), lsn.to_string());
+        assert_eq!(g.header("Cdc-First-Seq"), first_seq.to_string());
+        assert_eq!(g.header("Cdc-Last-Seq"), last_seq.to_string());
+        assert_eq!(g.header("Cdc-Rows"), g.rows.len().to_string());
+        assert_eq!(g.row_lens.len(), g.rows.len());
+        assert!(
+            g.msg_id
+                .ends_with(&format!(":{}:{lsn}:{first_seq}", g.subject)),
+            "{}",
+            g.msg_id
+        );
+        for row in &g.rows {
+            let pos = Group::position(row);
+            assert_eq!(pos.0, lsn, "one transaction per group");
+            assert_eq!(row[3], g.header("Cdc-Xid"));
+            assert_eq!(row[4], g.header("Cdc-Commit-Ts"));
+            assert!(
+                last.is_none_or(|l| l < pos),
+                "every change once, in order: {pos:?} after {last:?}"
+            );
+            last = Some(pos);
+        }
+        assert!(g.rows.len() <= 1024, "{} rows", g.rows.len());
+        assert!(
+            g.body_len <= 256 * 1024 || g.rows.len() == 1,
+            "{} bytes in {} rows",
+            g.body_len,
+            g.rows.len()
+        );
+        // Maximal: the next group of the same table and transaction could not have been joined.
+        if let Some(next) = groups.get(i + 1) {
+            if next.subject == g.subject && Group::position(&next.rows[0]).0 == lsn {
+                assert!(
+                    g.rows.len() == 1024 || g.body_len + next.row_lens[0] > 256 * 1024,
+                    "group {i} was cut early: {} rows, {} bytes",
+                    g.rows.len(),
+                    g.body_len
+                );
+            }
+        }
+        total += g.rows.len();
+    }
+    let rows = streaming_rows(&db.client().await).await;
+    assert_eq!(total, rows as usize, "every change in exactly one group");
+    assert_eq!(
+        stream_count(&db.stream, &format!("{}.*.change.>", db.prefix)).await,
+        0,
+        "no per-change events in grouped mode"
+    );
+    groups
+}
+
+/// Tables and publication of the grouped-event tests (`t` with a text column, `u` a key only), a
+/// client, and the daemon's environment with `nats.change_events: grouped`.
+async fn grouped_setup(db: &TestDb) -> (tokio_postgres::Client, Vec<(String, String)>) {
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE public.t (id int PRIMARY KEY, a text); \
+         CREATE TABLE public.u (id int PRIMARY KEY); \
+         CREATE PUBLICATION {} FOR TABLE public.t, public.u",
+        db.publication
+    ))
+    .await
+    .unwrap();
+    let mut env = db.daemon_env(&db.out_url());
+    env.push(("CDC_EGRESS_NATS_CHANGE_EVENTS".into(), "grouped".into()));
+    (c, env)
+}
+
+/// (table, rows) of each group, for comparing shapes.
+fn group_shape(groups: &[Group]) -> Vec<(String, usize)> {
+    groups
+        .iter()
+        .map(|g| (g.header("Cdc-Table").to_string(), g.rows.len()))
+        .collect()
+}
+
+/// With `nats.change_events: grouped`, a transaction's changes are published as runs of one table
+/// (cut at a change of table, 1,024 rows or 256 KiB), every change exactly once and in order, and
+/// the slot still catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_change_events_carry_every_change_once() {
+    let db = TestDb::new("grouped").await;
+    let (c, env) = grouped_setup(&db).await;
+    let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
+    db.wait_for_slot(&d).await;
+    for sql in [
+        // Tables interleaved in one transaction: t[3], u[2], t[1], u[1].
+        "BEGIN; INSERT INTO t SELECT g, 'x' FROM generate_series(1, 3) g; \
+         INSERT INTO u VALUES (1), (2); UPDATE t SET a = 'y' WHERE id = 1; \
+         DELETE FROM u WHERE id = 2; COMMIT",
+        // 2,491 narrow rows: cut at 1,024 rows.
+        "INSERT INTO u SELECT g FROM generate_series(10, 2500) g",
+        // 691 wide rows: cut at 256 KiB.
+        "INSERT INTO t SELECT g, repeat('w', 1000) FROM generate_series(10, 700) g",
+        // One row larger than a group's body: a group of its own.
+        "INSERT INTO t VALUES (5000, repeat('y', 300000))",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    db.wait_caught_up(CATCH_UP).await;
+    assert!(d.stop().await.success());
+    let groups = check_grouped_events(&db).await;
+    let shape = group_shape(&groups);
+    let (t, u) = ("public.t".to_string(), "public.u".to_string());
+    assert_eq!(
+        shape[..7],
+        [
+            (t.clone(), 3),
+            (u.clone(), 2),
+            (t.clone(), 1),
+            (u.clone(), 1),
+            (u.clone(), 1024),
+            (u.clone(), 1024),
+            (u.clone(), 443),
+        ]
+    );
+    let wide: Vec<usize> = shape[7..shape.len() - 1].iter().map(|(_, n)| *n).collect();
+    assert!(
+        wide.len() >= 3 && wide.iter().sum::<usize>() == 691,
+        "691 wide rows cut by size: {wide:?}"
+    );
+    assert_eq!(shape.last().unwrap(), &(t, 1), "the large row alone");
+    assert!(groups.last().unwrap().body_len > 256 * 1024);
+    db.cleanup().await;
+}
+
+/// Grouped change events (with transaction events) across a crash after delivery: the replayed
+/// transactions produce the same groups with the same ids, which JetStream drops, so every change
+/// is published exactly once and each transaction is bracketed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_change_events_are_not_duplicated_by_a_crash() {
+    let db = TestDb::new("groupcrash").await;
+    let (c, mut env) = grouped_setup(&db).await;
+    env.push(("CDC_EGRESS_NATS_TXN_EVENTS".into(), "true".into()));
+    let transactions = [
+        "BEGIN; INSERT INTO t SELECT g, 'x' FROM generate_series(1, 3) g; \
+         INSERT INTO u SELECT g FROM generate_series(1, 1500) g; UPDATE t SET a = 'y'; COMMIT",
+        "INSERT INTO u SELECT g FROM generate_series(2000, 2100) g",
+        "BEGIN; DELETE FROM u WHERE id < 100; INSERT INTO t VALUES (10, 'z'); COMMIT",
+        "INSERT INTO u SELECT g FROM generate_series(3000, 4100) g",
+    ];
+    // The first batch's notice aborts the daemon: the next run replays these transactions.
+    db.crash_at_first_notice(&env, &transactions[..2], CATCH_UP)
+        .await;
+    let published_before = grouped_events(&db).await.len();
+    let d = Daemon::start(&env, db.dir.path(), &[], "second.log");
+    for sql in &transactions[2..] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    db.wait_caught_up(CATCH_UP).await;
+    assert!(d.stop().await.success());
+
+    let groups = check_grouped_events(&db).await;
+    assert!(
+        published_before > 0,
+        "groups were published before the crash (the replay had something to deduplicate)"
+    );
+    let (t, u) = ("public.t".to_string(), "public.u".to_string());
+    assert_eq!(
+        group_shape(&groups),
+        [
+            (t.clone(), 3),
+            (u.clone(), 1024),
+            (u.clone(), 476),
+            (t.clone(), 3),
+            (u.clone(), 101),
+            (u.clone(), 99),
+            (t.clone(), 1),
+            (u.clone(), 1024),
+            (u.clone(), 77),
+        ]
+    );
+    let begins = stream_count(&db.stream, &format!("{}.*.txn.begin", db.prefix)).await;
+    let commits = stream_count(&db.stream, &format!("{}.*.txn.commit", db.prefix)).await;
+    assert_eq!((begins, commits), (4, 4), "each transaction bracketed once");
     db.cleanup().await;
 }

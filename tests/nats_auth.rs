@@ -64,7 +64,7 @@ fn config(url: String, auth: NatsAuth) -> NatsConfig {
         stream: common::unique("natsauth").to_uppercase(),
         subject_prefix: common::unique("natsauth"),
         source: "main".into(),
-        change_events: false,
+        change_events: cdc_egress::config::ChangeEvents::Off,
         txn_events: false,
         schema_bucket: None,
         control_subject: None,

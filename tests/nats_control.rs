@@ -367,20 +367,9 @@ async fn txn_events_bracket_each_transaction_once() {
         "INSERT INTO quiet VALUES (1)",
         "INSERT INTO u SELECT g FROM generate_series(2, 6) g",
     ];
-    let d = Daemon::start(
-        &env,
-        db.dir.path(),
-        &[("CDC_EGRESS_TEST_FAILPOINT", "after_publish")],
-        "first.log",
-    );
-    db.wait_for_slot(&d).await;
-    for sql in &transactions[..2] {
-        c.batch_execute(sql).await.unwrap();
-    }
-    // The first batch's notice aborts the daemon: its row is not marked notified and nothing of
-    // these transactions is acknowledged, so the next run replays them, events and all.
-    let status = d.wait_exit(CATCH_UP).await;
-    assert!(!status.success(), "the failpoint aborted the daemon");
+    // The first batch's notice aborts the daemon: the next run replays these transactions.
+    db.crash_at_first_notice(&env, &transactions[..2], CATCH_UP)
+        .await;
     let d = Daemon::start(&env, db.dir.path(), &[], "second.log");
     for sql in &transactions[2..] {
         c.batch_execute(sql).await.unwrap();

@@ -279,7 +279,7 @@ async fn jetstream() {
             schema_bucket: Some(format!("{}_SCHEMAS", name.to_uppercase())),
             subject_prefix: name,
             source: "main".into(),
-            change_events: false,
+            change_events: cdc_egress::config::ChangeEvents::Off,
             txn_events: false,
             control_subject: None,
             auth: Default::default(),

@@ -1,23 +1,34 @@
-//! Per-change events (`nats.change_events`): published to JetStream in stream order, each with a
+//! Change events (`nats.change_events`): published to JetStream in stream order, each with a
 //! message id derived from its table and position, so a replay after a crash is deduplicated by the
-//! server. Acks are pipelined (up to a window); a transaction's unit is reported persisted only once
-//! every event before its close marker is acknowledged, so the ack waits for the events as well.
+//! server. Acks are pipelined (up to a window of messages); a transaction's unit is reported
+//! persisted only once every message before its close marker is acknowledged, so the ack waits for
+//! the events as well.
+//!
+//! Two modes. `true`: one message per change on `<prefix>.<source>.change.<schema>.<table>.<op>`.
+//! `grouped`: the changes are cut into groups by [`EventGrouper`] (a maximal run of one table's
+//! changes in one transaction, at most 1,024 changes and 256 KiB of CSV; the cuts depend only on the
+//! event sequence) and each group is one message on `<prefix>.<source>.changes.<schema>.<table>`:
+//! the rows' CSV lines as written to the batch, concatenated, with `Cdc-*` headers (commit LSN and
+//! timestamp, xid, first and last seq, row count, table) and the id
+//! `<subject>:<commit_lsn>:<first seq>`. A group is published once complete, so every group of a
+//! unit is published (and acknowledged) before its Close is reported, like single events.
 //!
 //! Events arrive in chunks (one per batcher step), so a busy stream costs one hand-off per chunk, not
 //! per change. While events keep coming, the publisher only waits for an ack when the window is full;
 //! when the input is idle it waits for whichever comes first, the next chunk or the oldest ack.
-//! The payload is written directly (same bytes as the `serde_json::json!` object it replaced: keys
-//! in alphabetical order), with the subject, the table's JSON string and the commit timestamp's text
-//! computed once per table / transaction rather than per change.
+//! The per-change payload is written directly (same bytes as the `serde_json::json!` object it
+//! replaced: keys in alphabetical order), with the subject, the table's JSON string and the commit
+//! timestamp's text computed once per table / transaction rather than per change.
 //!
-//! With `nats.txn_events`, each transaction's change events are bracketed by a begin and a commit
-//! event on `<prefix>.<source>.txn.begin|commit` (`{"changes","commit_lsn","commit_ts","xid"}`),
-//! which the batcher emits in the transaction's unit ([`TxnBoundary`]). They go through the same
+//! With `nats.txn_events` (either mode), each transaction's change events are bracketed by a begin
+//! and a commit event on `<prefix>.<source>.txn.begin|commit` (`{"changes","commit_lsn","commit_ts","xid"}`),
+//! which the batcher emits in the transaction's unit ([`TxnBoundary`]); they also close a group.
+//! They go through the same
 //! ordered, pipelined path with a position-derived message id (`<subject>:<commit_lsn>`, the subject
 //! telling begin from commit and naming the source), so they are deduplicated on replay like the
 //! change events, and the unit's Close marker, behind the commit, still waits for every PubAck before
 //! the ack may pass the transaction. What the batcher emits for a transaction does not depend on
-//! timing (holds included), so a replay publishes the same messages with the same ids.
+//! timing (holds included), so a replay publishes the same messages (and groups) with the same ids.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{Future, IntoFuture};
@@ -25,17 +36,19 @@ use std::pin::Pin;
 
 use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::publish::PublishAck;
-use async_nats::Subject;
+use async_nats::{HeaderMap, Subject};
 use tokio::sync::mpsc;
 
+use crate::config::ChangeEvents;
 use crate::core::ack::BatchId;
+use crate::core::batch::event_groups::{ChangeGroup, EventGrouper, GroupLimits, GroupOut};
 use crate::core::batch::{ChangeEvent, EventOut, Op, TxnBoundary};
 use crate::error::{Component, Error};
 use crate::lsn::Lsn;
 use crate::sink::notify::Notifier;
 use crate::table::TableName;
 
-/// Unacknowledged events at most.
+/// Unacknowledged messages at most (change events, groups and transaction events alike).
 const WINDOW: usize = 1024;
 
 type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
@@ -46,18 +59,27 @@ enum Pending {
 }
 
 /// Publishes change events with pipelined acks, in order; reports a transaction's unit persisted once
-/// every event before its Close marker is acknowledged.
+/// every message before its Close marker is acknowledged. `mode` says whether each change is a
+/// message or each group of changes ([`EventGrouper`]).
 pub(super) async fn publish_events(
     notifier: Notifier,
+    mode: ChangeEvents,
     mut rx: mpsc::Receiver<Vec<EventOut>>,
     persisted: mpsc::UnboundedSender<BatchId>,
 ) -> Result<(), Error> {
-    let mut queue: VecDeque<Pending> = VecDeque::new();
-    let mut inflight = 0usize;
+    let mut window = Window {
+        notifier: &notifier,
+        queue: VecDeque::new(),
+        inflight: 0,
+        persisted: &persisted,
+    };
     let mut enc = Encoder::default();
+    let mut grouper =
+        (mode == ChangeEvents::Grouped).then(|| EventGrouper::new(GroupLimits::default()));
+    let mut grouped: Vec<GroupOut> = Vec::new();
     loop {
-        report_closed(&mut queue, &persisted);
-        let chunk = if inflight == 0 {
+        window.report_closed();
+        let chunk = if window.inflight == 0 {
             match rx.recv().await {
                 Some(chunk) => chunk,
                 None => return Ok(()),
@@ -65,7 +87,7 @@ pub(super) async fn publish_events(
         } else {
             // Idle input: the next chunk or the oldest ack, whichever comes first.
             let next = {
-                let Some(Pending::Ack(head, _)) = queue.front_mut() else {
+                let Some(Pending::Ack(head, _)) = window.queue.front_mut() else {
                     unreachable!("the head of a queue with events in flight is an event")
                 };
                 tokio::select! {
@@ -78,73 +100,119 @@ pub(super) async fn publish_events(
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => return Ok(()),
                 Err(acked) => {
-                    let Some(Pending::Ack(_, subject)) = queue.pop_front() else {
+                    let Some(Pending::Ack(_, subject)) = window.queue.pop_front() else {
                         unreachable!("the head was an event")
                     };
                     acked.map_err(|e| not_acked(&subject, e))?;
-                    inflight -= 1;
+                    window.inflight -= 1;
                     continue;
                 }
             }
         };
         for ev in chunk {
-            match ev {
-                EventOut::Close(unit) => {
-                    if queue.is_empty() {
-                        let _ = persisted.send(unit);
-                    } else {
-                        queue.push_back(Pending::Close(unit));
+            let Some(grouper) = grouper.as_mut() else {
+                match ev {
+                    EventOut::Close(unit) => window.close(unit),
+                    EventOut::Change(c) => {
+                        let (subject, msg_id, payload) =
+                            enc.encode(|t, op| notifier.change_subject(t, op), &c);
+                        window.publish(subject, &msg_id, None, payload).await?;
+                    }
+                    EventOut::Txn(t) => {
+                        let (subject, msg_id, payload) = encode_txn(&notifier, &t);
+                        window.publish(subject, &msg_id, None, payload).await?;
                     }
                 }
-                EventOut::Change(_) | EventOut::Txn(_) => {
-                    let (subject, msg_id, payload) = match &ev {
-                        EventOut::Change(c) => {
-                            enc.encode(|t, op| notifier.change_subject(t, op), c)
-                        }
-                        EventOut::Txn(t) => encode_txn(&notifier, t),
-                        EventOut::Close(_) => unreachable!("matched above"),
-                    };
-                    publish_in_window(
-                        &notifier,
-                        &mut queue,
-                        &mut inflight,
-                        &persisted,
-                        subject,
-                        &msg_id,
-                        payload,
-                    )
-                    .await?;
+                continue;
+            };
+            grouper.push(ev, &mut grouped);
+            for out in grouped.drain(..) {
+                match out {
+                    GroupOut::Close(unit) => window.close(unit),
+                    GroupOut::Group(g) => {
+                        let (subject, msg_id, headers, body) =
+                            enc.encode_group(|t| notifier.changes_subject(t), &g);
+                        window
+                            .publish(subject, &msg_id, Some(headers), body)
+                            .await?;
+                    }
+                    GroupOut::Txn(t) => {
+                        let (subject, msg_id, payload) = encode_txn(&notifier, &t);
+                        window.publish(subject, &msg_id, None, payload).await?;
+                    }
                 }
             }
         }
     }
 }
 
-/// Publishes one event behind the ones in flight, first waiting for the oldest ack while the
-/// window is full.
-async fn publish_in_window(
-    notifier: &Notifier,
-    queue: &mut VecDeque<Pending>,
-    inflight: &mut usize,
-    persisted: &mpsc::UnboundedSender<BatchId>,
-    subject: Subject,
-    msg_id: &str,
-    payload: Vec<u8>,
-) -> Result<(), Error> {
-    while *inflight >= WINDOW {
-        let Some(Pending::Ack(head, subject)) = queue.pop_front() else {
-            unreachable!("the head of a queue with events in flight is an event")
-        };
-        head.await.map_err(|e| not_acked(&subject, e))?;
-        *inflight -= 1;
-        report_closed(queue, persisted);
+/// The messages in flight, in stream order, with the Close markers between them.
+struct Window<'a> {
+    notifier: &'a Notifier,
+    queue: VecDeque<Pending>,
+    /// Unacknowledged messages (counted, not bytes: the server's cost is per message).
+    inflight: usize,
+    persisted: &'a mpsc::UnboundedSender<BatchId>,
+}
+
+impl Window<'_> {
+    /// A unit's Close marker: reported now if nothing is in flight before it, else queued.
+    fn close(&mut self, unit: BatchId) {
+        if self.queue.is_empty() {
+            let _ = self.persisted.send(unit);
+        } else {
+            self.queue.push_back(Pending::Close(unit));
+        }
     }
-    let fut = notifier
-        .publish_pipelined(subject.clone(), msg_id, payload.into())
-        .await?;
-    queue.push_back(Pending::Ack(fut.into_future(), subject));
-    *inflight += 1;
-    Ok(())
+
+    /// Publishes one message behind the ones in flight, first waiting for the oldest ack while
+    /// the window is full.
+    async fn publish(
+        &mut self,
+        subject: Subject,
+        msg_id: &str,
+        headers: Option<HeaderMap>,
+        payload: Vec<u8>,
+    ) -> Result<(), Error> {
+        while self.inflight >= WINDOW {
+            let Some(Pending::Ack(head, subject)) = self.queue.pop_front() else {
+                unreachable!("the head of a queue with events in flight is an event")
+            };
+            head.await.map_err(|e| not_acked(&subject, e))?;
+            self.inflight -= 1;
+            self.report_closed();
+        }
+        let fut = match headers {
+            None => {
+                self.notifier
+                    .publish_pipelined(subject.clone(), msg_id, payload.into())
+                    .await?
+            }
+            Some(headers) => {
+                self.notifier
+                    .publish_pipelined_with_headers(
+                        subject.clone(),
+                        msg_id,
+                        headers,
+                        payload.into(),
+                    )
+                    .await?
+            }
+        };
+        self.queue
+            .push_back(Pending::Ack(fut.into_future(), subject));
+        self.inflight += 1;
+        Ok(())
+    }
+
+    /// Reports the Close markers at the head of the queue (every message before them is
+    /// acknowledged).
+    fn report_closed(&mut self) {
+        while let Some(Pending::Close(unit)) = self.queue.front() {
+            let _ = self.persisted.send(*unit);
+            self.queue.pop_front();
+        }
+    }
 }
 
 /// A transaction boundary's subject, message id (without the incarnation prefix) and payload:
@@ -160,14 +228,6 @@ fn encode_txn(notifier: &Notifier, t: &TxnBoundary) -> (Subject, String, Vec<u8>
     }))
     .expect("JSON serializes");
     (Subject::from(subject.as_str()), msg_id, payload)
-}
-
-/// Reports the Close markers at the head of the queue (every event before them is acknowledged).
-fn report_closed(queue: &mut VecDeque<Pending>, persisted: &mpsc::UnboundedSender<BatchId>) {
-    while let Some(Pending::Close(unit)) = queue.front() {
-        let _ = persisted.send(*unit);
-        queue.pop_front();
-    }
 }
 
 fn not_acked(subject: &Subject, e: PublishError) -> Error {
@@ -192,6 +252,8 @@ struct Encoder {
     ts: Option<(i64, String)>,
     /// The last commit LSN and its text.
     lsn: Option<(Lsn, String)>,
+    /// Per table, the subject of its groups and its `Cdc-Table` header value.
+    groups: HashMap<TableName, (Subject, String)>,
 }
 
 fn op_index(op: Op) -> usize {
@@ -275,6 +337,42 @@ impl Encoder {
     }
 }
 
+impl Encoder {
+    /// A group's subject, message id (without the notifier's incarnation prefix), headers and body
+    /// (README "Grouped change events"). The id names the source, the table and the group's first
+    /// position, which the grouping fixes whatever the timing: a replayed group has the same id.
+    fn encode_group(
+        &mut self,
+        changes_subject: impl Fn(&TableName) -> String,
+        g: &ChangeGroup,
+    ) -> (Subject, String, HeaderMap, Vec<u8>) {
+        let (first, last) = (g.first(), g.last());
+        let (subject, table) = self.groups.entry(first.table.clone()).or_insert_with(|| {
+            let subject = Subject::from(changes_subject(&first.table).as_str());
+            (subject, header_text(&first.table.dotted()))
+        });
+        let lsn = first.position.commit_lsn.to_string();
+        let msg_id = format!("{subject}:{lsn}:{}", first.position.seq);
+        let mut h = HeaderMap::new();
+        h.insert("Cdc-Commit-Lsn", lsn);
+        h.insert(
+            "Cdc-Commit-Ts",
+            crate::core::batch::format_commit_ts(first.commit_ts),
+        );
+        h.insert("Cdc-Xid", first.xid.to_string());
+        h.insert("Cdc-First-Seq", first.position.seq.to_string());
+        h.insert("Cdc-Last-Seq", last.position.seq.to_string());
+        h.insert("Cdc-Rows", g.changes.len().to_string());
+        h.insert("Cdc-Table", table.as_str());
+        (subject.clone(), msg_id, h, g.body())
+    }
+}
+
+/// A header value: the text with CR and LF (which a NATS header cannot hold) as `%0D` / `%0A`.
+fn header_text(s: &str) -> String {
+    s.replace('\r', "%0D").replace('\n', "%0A")
+}
+
 /// `fmt::Write` into a byte vector.
 struct ByteWriter<'a>(&'a mut Vec<u8>);
 
@@ -343,5 +441,53 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A group's message: subject, id from its first position, headers that agree with its rows,
+    /// and the rows' CSV bytes as the body; a table name with a line break stays one header line.
+    #[test]
+    fn a_group_is_one_message_with_its_rows() {
+        use crate::core::batch::event_groups::{EventGrouper, GroupLimits, GroupOut};
+        let changes_subject =
+            |t: &TableName| crate::sink::notify::notice_subject("cdc.src", "changes", t);
+        let table = TableName::new("my.schema", "t\r\n1");
+        let mut grouper = EventGrouper::new(GroupLimits::default());
+        let mut out = Vec::new();
+        for seq in [3u32, 4, 6] {
+            grouper.push(
+                EventOut::Change(ChangeEvent {
+                    unit: BatchId(9),
+                    table: table.clone(),
+                    op: Op::Insert,
+                    position: Position::new(Lsn(0x1_0000_00AB), seq),
+                    xid: 77,
+                    commit_ts: 789_000_000_123_456,
+                    csv_row: bytes::Bytes::from(format!("\"I\",\"0/1000000AB\",\"{seq}\"\n")),
+                }),
+                &mut out,
+            );
+        }
+        grouper.push(EventOut::Close(BatchId(9)), &mut out);
+        let GroupOut::Group(g) = &out[0] else {
+            panic!("{out:?}")
+        };
+        let (subject, msg_id, headers, body) = Encoder::default().encode_group(changes_subject, g);
+        assert_eq!(subject.as_str(), "cdc.src.changes.my%2Eschema.t%0D%0A1");
+        assert_eq!(msg_id, format!("{subject}:1/AB:3"));
+        let h = |k: &str| headers.get(k).unwrap().as_str().to_string();
+        assert_eq!(h("Cdc-Commit-Lsn"), "1/AB");
+        assert_eq!(
+            h("Cdc-Commit-Ts"),
+            crate::core::batch::format_commit_ts(789_000_000_123_456)
+        );
+        assert_eq!(h("Cdc-Xid"), "77");
+        assert_eq!(h("Cdc-First-Seq"), "3");
+        assert_eq!(h("Cdc-Last-Seq"), "6");
+        assert_eq!(h("Cdc-Rows"), "3");
+        assert_eq!(h("Cdc-Table"), "my.schema.t%0D%0A1");
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            "\"I\",\"0/1000000AB\",\"3\"\n\"I\",\"0/1000000AB\",\"4\"\n\"I\",\"0/1000000AB\",\"6\"\n"
+        );
     }
 }

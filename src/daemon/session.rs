@@ -156,7 +156,7 @@ impl Running {
         let mut tasks = JoinSet::new();
 
         // Batcher thread: decode → CSV → spool, seal decisions, ack.
-        let events_enabled = config.nats.change_events && sinks.notifier.is_some();
+        let events_enabled = config.nats.change_events.enabled() && sinks.notifier.is_some();
         let stop_batcher = Arc::new(AtomicBool::new(false));
         let batcher = {
             let (stop, metrics) = (stop_batcher.clone(), metrics.clone());
@@ -199,7 +199,12 @@ impl Running {
         );
         if events_enabled {
             let notifier = sinks.notifier.clone().expect("events need NATS");
-            tasks.spawn(publish_events(notifier, events_rx, persisted_tx));
+            tasks.spawn(publish_events(
+                notifier,
+                config.nats.change_events,
+                events_rx,
+                persisted_tx,
+            ));
         }
         if let (Some(subject), Some(n)) = (&config.nats.control_subject, &sinks.notifier) {
             tasks.spawn(serve_reload_requests(

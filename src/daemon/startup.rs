@@ -450,7 +450,7 @@ pub(super) async fn prepare_batcher(
         skip,
         excluded,
     );
-    if config.nats.change_events && sinks.notifier.is_some() {
+    if config.nats.change_events.enabled() && sinks.notifier.is_some() {
         batcher.enable_change_events();
         if config.nats.txn_events {
             batcher.enable_txn_events();

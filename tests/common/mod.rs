@@ -535,6 +535,30 @@ impl TestDb {
         .await;
     }
 
+    /// Runs `transactions` under a daemon started with the `after_publish` failpoint and waits for
+    /// it to abort at its first batch notice: that batch is not marked notified and nothing of these
+    /// transactions is acknowledged, so the next run replays them (events and all).
+    pub async fn crash_at_first_notice(
+        &self,
+        env: &[(String, String)],
+        transactions: &[&str],
+        timeout: Duration,
+    ) {
+        let d = Daemon::start(
+            env,
+            self.dir.path(),
+            &[("CDC_EGRESS_TEST_FAILPOINT", "after_publish")],
+            "crash.log",
+        );
+        self.wait_for_slot(&d).await;
+        let c = self.client().await;
+        for sql in transactions {
+            c.batch_execute(sql).await.unwrap();
+        }
+        let status = d.wait_exit(timeout).await;
+        assert!(!status.success(), "the failpoint aborted the daemon");
+    }
+
     /// Waits until `sql` (one row, one boolean column, on the test database) returns true. A failing
     /// query counts as false: the registry's tables may not exist yet. `d`'s log tail goes into the
     /// panic.

@@ -139,6 +139,7 @@ struct Marker {
     source: Option<String>,
 }
 
+pub mod event_groups;
 mod hold;
 use hold::Hold;
 

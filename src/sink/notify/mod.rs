@@ -21,7 +21,9 @@
 //! - Subjects: `<prefix>.batch.<schema>.<table>`, `<prefix>.reload.…`, `<prefix>.ddl.…`,
 //!   `<prefix>.change.<schema>.<table>.<op>`. Schema and table names are one subject token each:
 //!   characters that NATS reserves (`.`, `*`, `>`, whitespace, `%`) are percent-encoded.
-//!   With `nats.txn_events`, `<prefix>.txn.begin|commit` (published by `daemon::events`).
+//!   With `nats.change_events: grouped`, `<prefix>.changes.<schema>.<table>` instead of the
+//!   `change` subjects. With `nats.txn_events`, `<prefix>.txn.begin|commit` (published by
+//!   `daemon::events`).
 //! - With `nats.schema_bucket`, the key-value bucket of every table's current schema exists (created
 //!   if missing) and is written only by [`Publish::put_schema`]'s compare-and-set rule ([`schemas`]).
 //!
@@ -186,15 +188,35 @@ pub struct NatsConfig {
     pub subject_prefix: String,
     /// `source.name`: the subject token after the prefix (see [`Publish`]).
     pub source: String,
-    pub change_events: bool,
+    /// `nats.change_events`: none, one message per change, or one per group of changes.
+    pub change_events: ChangeEvents,
     /// `nats.txn_events`: `<prefix>.<source>.txn.begin|commit` around each transaction's change
-    /// events (needs `change_events`).
+    /// events (needs `change_events`, in either mode).
     pub txn_events: bool,
     /// `nats.schema_bucket`: the key-value bucket of every table's current schema; `None` disables.
     pub schema_bucket: Option<String>,
     /// `nats.control_subject` when `nats.control` is on: where the daemon answers reload requests.
     pub control_subject: Option<String>,
     pub auth: NatsAuth,
+}
+
+/// `nats.change_events`: `false`, `true` (one message per change on
+/// `<prefix>.<source>.change.<schema>.<table>.<op>`) or `grouped` (one message per run of a
+/// transaction's changes of one table on `<prefix>.<source>.changes.<schema>.<table>`; see
+/// `core::batch::event_groups`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChangeEvents {
+    #[default]
+    Off,
+    PerChange,
+    Grouped,
+}
+
+impl ChangeEvents {
+    /// Whether change events are published at all.
+    pub fn enabled(self) -> bool {
+        self != ChangeEvents::Off
+    }
 }
 
 /// NATS credentials and TLS, each from a file (never inline in the configuration).
@@ -608,6 +630,11 @@ impl Notifier {
     pub fn change_subject(&self, table: &TableName, op: &str) -> String {
         format!("{}.{op}", self.subject("change", table))
     }
+    /// `<prefix>.<source>.changes.<schema>.<table>`: grouped change events
+    /// (`nats.change_events: grouped`).
+    pub fn changes_subject(&self, table: &TableName) -> String {
+        self.subject("changes", table)
+    }
     /// `<prefix>.<source>.txn.<begin|commit>`: transaction boundaries (`nats.txn_events`).
     pub fn txn_subject(&self, boundary: &str) -> String {
         format!("{}.txn.{boundary}", self.prefix)
@@ -824,9 +851,34 @@ impl Notifier {
         id: &str,
         payload: Bytes,
     ) -> Result<jetstream::context::PublishAckFuture, Error> {
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(payload)
-            .message_id(self.msg_id(id));
+        self.send_pipelined(subject, id, None, payload).await
+    }
+
+    /// [`Notifier::publish_pipelined`] with headers (grouped change events); the message id header
+    /// is set here, over any in `headers`.
+    pub async fn publish_pipelined_with_headers(
+        &self,
+        subject: async_nats::Subject,
+        id: &str,
+        headers: async_nats::HeaderMap,
+        payload: Bytes,
+    ) -> Result<jetstream::context::PublishAckFuture, Error> {
+        self.send_pipelined(subject, id, Some(headers), payload)
+            .await
+    }
+
+    async fn send_pipelined(
+        &self,
+        subject: async_nats::Subject,
+        id: &str,
+        headers: Option<async_nats::HeaderMap>,
+        payload: Bytes,
+    ) -> Result<jetstream::context::PublishAckFuture, Error> {
+        let mut publish = jetstream::message::PublishMessage::build().payload(payload);
+        if let Some(headers) = headers {
+            publish = publish.headers(headers);
+        }
+        let publish = publish.message_id(self.msg_id(id));
         self.js
             .send_publish(subject.clone(), publish)
             .await
