@@ -39,7 +39,7 @@ use crate::sink::spool::SpooledFile;
 use crate::sink::store::Store;
 use crate::sink::upload::{self, SchemaVersions};
 
-/// Uploads in flight; each holds at most one 5 MiB part (or a whole small file) in memory.
+/// Uploads in flight; together they hold at most `store::UPLOAD_BUDGET` (6 MiB) of file data.
 pub const UPLOAD_CONCURRENCY: usize = 2;
 
 /// Everything delivery needs, shared by the daemon and start-up recovery. `R` is the registry and

@@ -50,11 +50,15 @@ use crate::table::TableName;
 
 /// Unacknowledged messages at most (change events, groups and transaction events alike).
 const WINDOW: usize = 1024;
+/// Payload bytes of unacknowledged messages at most (beyond the one being published): groups are up
+/// to 256 KiB each, so the message count alone would let ~256 MiB wait for acks.
+const WINDOW_BYTES: usize = 8 << 20;
 
 type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
 
 enum Pending {
-    Ack(AckFuture, Subject),
+    /// A message's ack, its subject, and its payload size.
+    Ack(AckFuture, Subject, usize),
     Close(BatchId),
 }
 
@@ -71,6 +75,7 @@ pub(super) async fn publish_events(
         notifier: &notifier,
         queue: VecDeque::new(),
         inflight: 0,
+        inflight_bytes: 0,
         persisted: &persisted,
     };
     let mut enc = Encoder::default();
@@ -87,7 +92,7 @@ pub(super) async fn publish_events(
         } else {
             // Idle input: the next chunk or the oldest ack, whichever comes first.
             let next = {
-                let Some(Pending::Ack(head, _)) = window.queue.front_mut() else {
+                let Some(Pending::Ack(head, _, _)) = window.queue.front_mut() else {
                     unreachable!("the head of a queue with events in flight is an event")
                 };
                 tokio::select! {
@@ -100,11 +105,11 @@ pub(super) async fn publish_events(
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => return Ok(()),
                 Err(acked) => {
-                    let Some(Pending::Ack(_, subject)) = window.queue.pop_front() else {
+                    let Some(Pending::Ack(_, subject, bytes)) = window.queue.pop_front() else {
                         unreachable!("the head was an event")
                     };
                     acked.map_err(|e| not_acked(&subject, e))?;
-                    window.inflight -= 1;
+                    window.acked(bytes);
                     continue;
                 }
             }
@@ -150,8 +155,10 @@ pub(super) async fn publish_events(
 struct Window<'a> {
     notifier: &'a Notifier,
     queue: VecDeque<Pending>,
-    /// Unacknowledged messages (counted, not bytes: the server's cost is per message).
+    /// Unacknowledged messages (at most [`WINDOW`]: the server's cost is per message) ...
     inflight: usize,
+    /// ... and their payload bytes (at most [`WINDOW_BYTES`] before a new one: memory).
+    inflight_bytes: usize,
     persisted: &'a mpsc::UnboundedSender<BatchId>,
 }
 
@@ -174,14 +181,17 @@ impl Window<'_> {
         headers: Option<HeaderMap>,
         payload: Vec<u8>,
     ) -> Result<(), Error> {
-        while self.inflight >= WINDOW {
-            let Some(Pending::Ack(head, subject)) = self.queue.pop_front() else {
+        while self.inflight >= WINDOW
+            || (self.inflight > 0 && self.inflight_bytes + payload.len() > WINDOW_BYTES)
+        {
+            let Some(Pending::Ack(head, subject, bytes)) = self.queue.pop_front() else {
                 unreachable!("the head of a queue with events in flight is an event")
             };
             head.await.map_err(|e| not_acked(&subject, e))?;
-            self.inflight -= 1;
+            self.acked(bytes);
             self.report_closed();
         }
+        let bytes = payload.len();
         let fut = match headers {
             None => {
                 self.notifier
@@ -200,9 +210,16 @@ impl Window<'_> {
             }
         };
         self.queue
-            .push_back(Pending::Ack(fut.into_future(), subject));
+            .push_back(Pending::Ack(fut.into_future(), subject, bytes));
         self.inflight += 1;
+        self.inflight_bytes += bytes;
         Ok(())
+    }
+
+    /// The oldest message in flight was acknowledged.
+    fn acked(&mut self, bytes: usize) {
+        self.inflight -= 1;
+        self.inflight_bytes -= bytes;
     }
 
     /// Reports the Close markers at the head of the queue (every message before them is
@@ -368,9 +385,12 @@ impl Encoder {
     }
 }
 
-/// A header value: the text with CR and LF (which a NATS header cannot hold) as `%0D` / `%0A`.
+/// A header value: the text with CR and LF (which a NATS header cannot hold) as `%0D` / `%0A`,
+/// and `%` as `%25`, so the value decodes back to the one name.
 fn header_text(s: &str) -> String {
-    s.replace('\r', "%0D").replace('\n', "%0A")
+    s.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
 }
 
 /// `fmt::Write` into a byte vector.

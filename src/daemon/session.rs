@@ -49,8 +49,9 @@ use crate::sink::spool::SpooledFile;
 use crate::table::{quote_ident, quote_literal};
 
 /// Chunks of change events (one per batcher step, at most about `CHUNK_FRAMES` events each) in flight
-/// between the batcher thread and the publisher.
-const EVENTS_CAPACITY: usize = 8;
+/// between the batcher thread and the publisher (two: the publisher's window of acks is the buffer
+/// that matters; more chunks only hold memory, up to ~0.5 MiB each).
+const EVENTS_CAPACITY: usize = 2;
 const SEALED_CAPACITY: usize = 16;
 /// How long a graceful stop waits for the batcher thread and for in-flight deliveries.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);

@@ -4,7 +4,8 @@
 //! - `put_bytes` and `put_file` are atomic: a reader sees the whole object or nothing (object_store
 //!   guarantees this for single puts and completed multipart uploads; the local backend writes a
 //!   temporary file and renames it).
-//! - `put_file` streams from disk in parts of [`PART_SIZE`]; memory does not grow with the file.
+//! - `put_file` streams from disk in parts of [`PART_SIZE`], one part in memory at a time; memory does
+//!   not grow with the file.
 //! - Writing the same object twice with the same bytes is harmless (names are deterministic).
 //! - Errors are classified: authentication/permission/invalid-path problems are definite; everything
 //!   else (network, throttling, 5xx) is transient and retried by the caller.
@@ -25,6 +26,17 @@ use crate::error::{Component, Error, Kind};
 
 /// Multipart part size (S3's minimum is 5 MiB).
 pub const PART_SIZE: usize = 5 * 1024 * 1024;
+/// How much of a spool file `put_file` reads at a time (a divisor of [`PART_SIZE`]).
+const READ_CHUNK: usize = 1024 * 1024;
+/// The file data all `put_file` calls of one store hold in memory at once, at most: one part and one
+/// read. Small files (the usual streaming batch) are uploaded side by side within it; a file or part
+/// of `PART_SIZE` waits until the others are stored. Without it, two 5 MiB files uploaded at once
+/// added 10 MiB to the daemon's peak RSS (`benches/throughput.sh`, change events).
+pub const UPLOAD_BUDGET: usize = PART_SIZE + READ_CHUNK;
+
+fn upload_budget() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(UPLOAD_BUDGET / 1024))
+}
 
 const SCHEMES: &[&str] = &[
     "file", "s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl",
@@ -119,6 +131,9 @@ fn options_from_files(
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
+    /// File data that `put_file` calls of this store (and its clones) may hold in memory at once,
+    /// in KiB: [`UPLOAD_BUDGET`].
+    budget: Arc<tokio::sync::Semaphore>,
     root: Path,
     /// The directory of a `file://` store (object names are stored as escaped file names in it).
     local_dir: Option<std::path::PathBuf>,
@@ -184,6 +199,7 @@ impl Store {
             }
             return Ok(Store {
                 inner: Arc::new(fs),
+                budget: upload_budget(),
                 root: Path::default(),
                 base_url: format!("file://{}", dir.display()),
                 local_dir: Some(dir),
@@ -206,6 +222,7 @@ impl Store {
         );
         Ok(Store {
             inner: Arc::from(store),
+            budget: upload_budget(),
             root,
             base_url,
             local_dir: None,
@@ -308,7 +325,8 @@ impl Store {
     }
 
     /// Uploads a local file, in one request when small, else as a multipart upload of
-    /// [`PART_SIZE`] parts with at most two in flight.
+    /// [`PART_SIZE`] parts, one at a time: the next part is gathered only once the previous one is
+    /// stored, so an upload holds at most one part in memory (ARCHITECTURE.md, invariant 4).
     pub async fn put_file(
         &self,
         path: &Path,
@@ -321,7 +339,16 @@ impl Store {
                 format!("cannot read spool file {}: {e}", file.display()),
             )
         };
+        // Each piece of the file in memory holds its share of the budget until it is stored; a
+        // piece takes its whole share at once, so two uploads never wait on each other's halves.
+        let budget = |bytes: usize| {
+            let kib = bytes.div_ceil(1024).clamp(1, UPLOAD_BUDGET / 1024) as u32;
+            self.budget.clone().acquire_many_owned(kib)
+        };
         if len <= PART_SIZE as u64 {
+            let _held = budget(len as usize)
+                .await
+                .expect("the budget is never closed");
             let bytes = tokio::fs::read(file).await.map_err(read_err)?;
             return self.put_bytes(path, bytes).await;
         }
@@ -332,23 +359,39 @@ impl Store {
             .map_err(|e| classify("put_multipart", path, e))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
         let mut f = tokio::fs::File::open(file).await.map_err(read_err)?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).await.map_err(read_err)?;
-            if n == 0 {
-                break;
+        let mut left = len;
+        let mut held = None;
+        while left > 0 {
+            if held.is_some() {
+                // The previous part is stored before the next one is gathered.
+                if let Err(e) = writer.wait_for_capacity(1).await {
+                    let _ = writer.abort().await;
+                    return Err(classify("upload part", path, e));
+                }
+                drop(held.take());
             }
-            if let Err(e) = writer.wait_for_capacity(2).await {
-                let _ = writer.abort().await;
-                return Err(classify("upload part", path, e));
+            // One part: its share of the budget, then its chunks read whole and handed over
+            // without a copy (a full part's last chunk starts its upload).
+            let part = left.min(PART_SIZE as u64) as usize;
+            held = Some(budget(part).await.expect("the budget is never closed"));
+            let mut gathered = 0;
+            while gathered < part {
+                let mut chunk = bytes::BytesMut::zeroed(READ_CHUNK.min(part - gathered));
+                f.read_exact(&mut chunk).await.map_err(read_err)?;
+                gathered += chunk.len();
+                writer.put(chunk.freeze());
             }
-            writer.write(&buf[..n]);
+            left -= part as u64;
         }
-        writer
+        // `finish` uploads the last part (when shorter than PART_SIZE) and completes the upload;
+        // the last share of the budget is held until then.
+        let done = writer
             .finish()
             .await
             .map(|_| ())
-            .map_err(|e| classify("complete multipart", path, e))
+            .map_err(|e| classify("complete multipart", path, e));
+        drop(held);
+        done
     }
 
     pub async fn get(&self, path: &Path) -> Result<bytes::Bytes, Error> {
