@@ -133,7 +133,7 @@ fn exit_for(e: &Error) -> ExitCode {
     ExitCode::from(e.exit_code() as u8)
 }
 
-/// Fixes glibc malloc's mmap threshold at 64 KiB (ARCHITECTURE.md, "Memory").
+/// Fixes glibc malloc's mmap threshold at 64 KiB (ARCHITECTURE.md, invariant 4).
 ///
 /// glibc raises the threshold to the size of every mmap-backed block it frees (up to 32 MiB): after
 /// the first whole spool file read for an upload or the first large read buffer is freed, every

@@ -229,6 +229,36 @@ async fn concurrent_uploads_share_the_budget(store: &Store, ctx: &Ctx) {
     }
 }
 
+/// A spool file whose size is not the one recorded (it grew, or it is short) is an error, and no
+/// object appears: the sizes and checksums in the registry always describe the object's bytes.
+async fn put_file_refuses_a_file_of_another_size(store: &Store, ctx: &Ctx) {
+    let mut sizes = vec![1000usize];
+    if ctx.multipart() {
+        sizes.push(PART_SIZE + 1000);
+    }
+    for len in sizes {
+        let data = noise(len, 7 + len as u64);
+        let f = scratch_file(ctx, &format!("sized-{len}.bin"), &data);
+        for (claimed, what) in [(len - 1, "longer"), (len + 1, "shorter")] {
+            let p = at(store, &format!("sized/{len}-{what}.bin"));
+            let e = store
+                .put_file(&p, &f, claimed as u64)
+                .await
+                .expect_err(&format!(
+                    "a {len}-byte file {what} than {claimed} was uploaded"
+                ));
+            assert!(
+                e.to_string().contains(&f.display().to_string()),
+                "the error names the spool file: {e}"
+            );
+            assert!(
+                !store.exists(&p).await.unwrap(),
+                "{p} exists after a failed upload"
+            );
+        }
+    }
+}
+
 async fn overwrite_with_same_bytes_is_harmless(store: &Store, ctx: &Ctx) {
     let data = noise(2048, 11);
     let p = at(store, "over/x.bin");
@@ -571,6 +601,7 @@ async fn conformance(store: &Store, ctx: &Ctx) {
         eprintln!("conformance check: put_file_large_round_trip SKIPPED (the test server has no multipart upload)");
     }
     check!(concurrent_uploads_share_the_budget);
+    check!(put_file_refuses_a_file_of_another_size);
     check!(overwrite_with_same_bytes_is_harmless);
     check!(exists_true_and_false);
     check!(list_under_a_prefix);

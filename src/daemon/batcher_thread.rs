@@ -40,7 +40,8 @@ pub(super) enum Frame {
 }
 
 /// Chunks in flight between the reader and the batcher; with the limits below, at most ~4 MiB of
-/// frames (and the read buffers they are slices of) wait there, whatever the message sizes. Four
+/// frames (and the read buffers they are slices of) wait there, unless single messages are larger
+/// than `CHUNK_BYTES` (such a message is a chunk of its own). Four
 /// chunks of up to 1,024 frames are enough to keep the batcher busy while the reader waits for the
 /// socket; more only buffers what the socket would hold anyway.
 pub(super) const INPUT_CAPACITY: usize = 4;

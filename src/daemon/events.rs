@@ -366,7 +366,7 @@ impl Encoder {
         let (first, last) = (g.first(), g.last());
         let (subject, table) = self.groups.entry(first.table.clone()).or_insert_with(|| {
             let subject = Subject::from(changes_subject(&first.table).as_str());
-            (subject, header_text(&first.table.dotted()))
+            (subject, header_table(&first.table))
         });
         let lsn = first.position.commit_lsn.to_string();
         let msg_id = format!("{subject}:{lsn}:{}", first.position.seq);
@@ -385,12 +385,13 @@ impl Encoder {
     }
 }
 
-/// A header value: the text with CR and LF (which a NATS header cannot hold) as `%0D` / `%0A`,
-/// and `%` as `%25`, so the value decodes back to the one name.
-fn header_text(s: &str) -> String {
-    s.replace('%', "%25")
-        .replace('\r', "%0D")
-        .replace('\n', "%0A")
+/// The `Cdc-Table` value: the schema's and the table's subject tokens (`.`, `*`, `>`, `%`,
+/// whitespace and control characters percent-encoded), joined by `.`, as in the subject. So it
+/// splits at its one unencoded `.`, decodes back to the two names, and holds no CR or LF (which a
+/// NATS header cannot) and no leading or trailing space (which NATS clients trim).
+fn header_table(t: &TableName) -> String {
+    use crate::sink::notify::subject_token;
+    format!("{}.{}", subject_token(&t.schema), subject_token(&t.name))
 }
 
 /// `fmt::Write` into a byte vector.
@@ -504,7 +505,10 @@ mod tests {
         assert_eq!(h("Cdc-First-Seq"), "3");
         assert_eq!(h("Cdc-Last-Seq"), "6");
         assert_eq!(h("Cdc-Rows"), "3");
-        assert_eq!(h("Cdc-Table"), "my.schema.t%0D%0A1");
+        assert_eq!(h("Cdc-Table"), "my%2Eschema.t%0D%0A1");
+        assert!(subject
+            .as_str()
+            .ends_with(&format!(".changes.{}", h("Cdc-Table"))));
         assert_eq!(
             String::from_utf8(body).unwrap(),
             "\"I\",\"0/1000000AB\",\"3\"\n\"I\",\"0/1000000AB\",\"4\"\n\"I\",\"0/1000000AB\",\"6\"\n"

@@ -50,7 +50,8 @@ use crate::table::{quote_ident, quote_literal};
 
 /// Chunks of change events (one per batcher step, at most about `CHUNK_FRAMES` events each) in flight
 /// between the batcher thread and the publisher (two: the publisher's window of acks is the buffer
-/// that matters; more chunks only hold memory, up to ~0.5 MiB each).
+/// that matters; more chunks only hold memory, a CSV copy of every row of an input chunk, about
+/// 1 MiB each).
 const EVENTS_CAPACITY: usize = 2;
 const SEALED_CAPACITY: usize = 16;
 /// How long a graceful stop waits for the batcher thread and for in-flight deliveries.
@@ -361,7 +362,10 @@ fn spawn_reloads(
             slot_name: config.source.slot.clone(),
             publication: config.source.publication.clone(),
             source: ep.source.clone(),
-            store: sinks.store.clone(),
+            // A budget of one part per worker, apart from the streaming delivery's.
+            store: sinks.store.with_own_budget(
+                config.reload.parallelism.max(1) * crate::sink::store::UPLOAD_BUDGET,
+            ),
             spool_dir,
             parallelism: config.reload.parallelism,
         }),

@@ -28,14 +28,20 @@ use crate::error::{Component, Error, Kind};
 pub const PART_SIZE: usize = 5 * 1024 * 1024;
 /// How much of a spool file `put_file` reads at a time (a divisor of [`PART_SIZE`]).
 const READ_CHUNK: usize = 1024 * 1024;
-/// The file data all `put_file` calls of one store hold in memory at once, at most: one part and one
-/// read. Small files (the usual streaming batch) are uploaded side by side within it; a file or part
-/// of `PART_SIZE` waits until the others are stored. Without it, two 5 MiB files uploaded at once
-/// added 10 MiB to the daemon's peak RSS (`benches/throughput.sh`, change events).
+/// The file data the `put_file` calls sharing one budget hold in memory at once, at most (the
+/// streaming delivery's budget; [`Store::with_own_budget`] gives the reload exporter its own): a
+/// whole part, or small files side by side (the usual streaming batch) within one part's size plus
+/// one read. A file or part of `PART_SIZE` waits until the others are stored. Without it, two 5 MiB
+/// files uploaded at once added 10 MiB to the daemon's peak RSS (`benches/throughput.sh`, change
+/// events).
 pub const UPLOAD_BUDGET: usize = PART_SIZE + READ_CHUNK;
 
 fn upload_budget() -> Arc<tokio::sync::Semaphore> {
-    Arc::new(tokio::sync::Semaphore::new(UPLOAD_BUDGET / 1024))
+    budget_of(UPLOAD_BUDGET)
+}
+
+fn budget_of(bytes: usize) -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(bytes.max(UPLOAD_BUDGET) / 1024))
 }
 
 const SCHEMES: &[&str] = &[
@@ -229,6 +235,16 @@ impl Store {
         })
     }
 
+    /// The same store with a budget of its own of `bytes` (at least [`UPLOAD_BUDGET`]) for its
+    /// `put_file` calls and those of its clones: the reload exporter's parallel workers upload
+    /// their parts side by side, and never queue streaming batches behind them.
+    pub fn with_own_budget(&self, bytes: usize) -> Store {
+        Store {
+            budget: budget_of(bytes),
+            ..self.clone()
+        }
+    }
+
     /// The configured prefix inside the bucket (empty for the local filesystem).
     pub fn root(&self) -> &Path {
         &self.root
@@ -345,46 +361,80 @@ impl Store {
             let kib = bytes.div_ceil(1024).clamp(1, UPLOAD_BUDGET / 1024) as u32;
             self.budget.clone().acquire_many_owned(kib)
         };
+        let wrong_size = |got: u64| {
+            Error::transient(
+                Component::Spool,
+                format!(
+                    "spool file {} has {got} bytes or more, {len} were written",
+                    file.display()
+                ),
+            )
+        };
         if len <= PART_SIZE as u64 {
             let _held = budget(len as usize)
                 .await
                 .expect("the budget is never closed");
-            let bytes = tokio::fs::read(file).await.map_err(read_err)?;
+            let mut bytes = Vec::with_capacity(len as usize);
+            let f = tokio::fs::File::open(file).await.map_err(read_err)?;
+            // One byte more than expected shows a file that grew.
+            f.take(len + 1)
+                .read_to_end(&mut bytes)
+                .await
+                .map_err(read_err)?;
+            if bytes.len() as u64 != len {
+                return Err(wrong_size(bytes.len() as u64));
+            }
             return self.put_bytes(path, bytes).await;
         }
+        let mut f = tokio::fs::File::open(file).await.map_err(read_err)?;
         let upload = self
             .inner
             .put_multipart(path)
             .await
             .map_err(|e| classify("put_multipart", path, e))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-        let mut f = tokio::fs::File::open(file).await.map_err(read_err)?;
-        let mut left = len;
-        let mut held = None;
-        while left > 0 {
-            if held.is_some() {
-                // The previous part is stored before the next one is gathered.
-                if let Err(e) = writer.wait_for_capacity(1).await {
-                    let _ = writer.abort().await;
-                    return Err(classify("upload part", path, e));
+        // Every failure after this point aborts the upload, so no incomplete multipart upload
+        // is left behind (they are billed until a lifecycle rule removes them).
+        let gathered: Result<_, Error> = async {
+            let mut left = len;
+            let mut held = None;
+            while left > 0 {
+                if held.is_some() {
+                    // The previous part is stored before the next one is gathered.
+                    writer
+                        .wait_for_capacity(1)
+                        .await
+                        .map_err(|e| classify("upload part", path, e))?;
+                    drop(held.take());
                 }
-                drop(held.take());
+                // One part: its share of the budget, then its chunks read whole and handed over
+                // without a copy (a full part's last chunk starts its upload).
+                let part = left.min(PART_SIZE as u64) as usize;
+                held = Some(budget(part).await.expect("the budget is never closed"));
+                let mut gathered = 0;
+                while gathered < part {
+                    let mut chunk = bytes::BytesMut::zeroed(READ_CHUNK.min(part - gathered));
+                    f.read_exact(&mut chunk).await.map_err(read_err)?;
+                    gathered += chunk.len();
+                    writer.put(chunk.freeze());
+                }
+                left -= part as u64;
             }
-            // One part: its share of the budget, then its chunks read whole and handed over
-            // without a copy (a full part's last chunk starts its upload).
-            let part = left.min(PART_SIZE as u64) as usize;
-            held = Some(budget(part).await.expect("the budget is never closed"));
-            let mut gathered = 0;
-            while gathered < part {
-                let mut chunk = bytes::BytesMut::zeroed(READ_CHUNK.min(part - gathered));
-                f.read_exact(&mut chunk).await.map_err(read_err)?;
-                gathered += chunk.len();
-                writer.put(chunk.freeze());
+            if f.read(&mut [0u8; 1]).await.map_err(read_err)? != 0 {
+                return Err(wrong_size(len + 1));
             }
-            left -= part as u64;
+            Ok(held)
         }
-        // `finish` uploads the last part (when shorter than PART_SIZE) and completes the upload;
-        // the last share of the budget is held until then.
+        .await;
+        let held = match gathered {
+            Ok(held) => held,
+            Err(e) => {
+                let _ = writer.abort().await;
+                return Err(e);
+            }
+        };
+        // `finish` uploads the last part (when shorter than PART_SIZE) and completes the upload
+        // (aborting it on failure); the last share of the budget is held until then.
         let done = writer
             .finish()
             .await
