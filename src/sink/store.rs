@@ -365,8 +365,9 @@ impl Store {
             Error::transient(
                 Component::Spool,
                 format!(
-                    "spool file {} has {got} bytes or more, {len} were written",
-                    file.display()
+                    "spool file {} does not hold the {len} bytes written to it (found {got}{})",
+                    file.display(),
+                    if got > len { " or more" } else { "" }
                 ),
             )
         };
