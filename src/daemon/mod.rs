@@ -1,16 +1,17 @@
 //! `cdc-egress run`: the thin IO driver around the pure [`Batcher`](crate::core::batch::Batcher).
 //!
 //! ```text
-//!  replication socket ──► reader task ──(Input)──► batcher thread ──(SealedBatch)──► delivery task
-//!        ▲                   │ Relation → catalog        │ decode, CSV, gzip spool      │ upload, register,
-//!        │                   │ lookup                    │ seal decisions               │ manifest, notice
-//!        │                   ▼                           ▼                              │
-//!   status task ◄──(confirmed LSN, watch)── Batcher::confirmed() ◄──(persisted ids)─────┘
+//!  replication socket ◄──► stream thread ──(SealedBatch)──► delivery task
+//!  (blocking reads;         │ Relation → catalog lookup     │ upload, register,
+//!   status updates)         │ decode, CSV, gzip spool       │ manifest, notice
+//!                           │ seal decisions, StatusPolicy  │
+//!                           ▲                               │
+//!                           └───────(persisted ids)─────────┘
 //! ```
 //!
 //! # Invariants this driver keeps
-//! - Frames reach the batcher in stream order through one channel; persisted reports reach it through
-//!   another (unbounded, so delivery can never deadlock against a full input channel).
+//! - Frames reach the batcher in stream order: the stream thread reads and applies them itself.
+//!   Persisted reports reach it through an unbounded channel, so delivery can never block on it.
 //! - The only LSN ever sent as the flush position is [`Batcher::confirmed`](crate::core::batch::Batcher::confirmed) (see `ack`). On every
 //!   failure the session is torn down and rebuilt from the slot and the registry, exactly as after a
 //!   crash; there is no in-process repair path that could differ from crash recovery.
@@ -23,20 +24,18 @@
 //!
 //! # Modules
 //! `session` is one session as a page of phases; `startup` is everything before streaming
-//! (connect, slot lock, recovery, slot plan, batcher preparation); the running tasks are
-//! `reader`, `batcher_thread`, [`deliver`], [`reloads`], `events`, `control` (reload requests
-//! over NATS), `status_updates` and `report`.
+//! (connect, slot lock, recovery, slot plan, batcher preparation); what runs while streaming is
+//! `stream_thread` (reading, batching, status updates), [`deliver`], [`reloads`], `events`,
+//! `control` (reload requests over NATS) and `report`.
 
-mod batcher_thread;
 mod control;
 pub mod deliver;
 mod events;
-mod reader;
 pub mod reloads;
 mod report;
 mod session;
 mod startup;
-mod status_updates;
+mod stream_thread;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

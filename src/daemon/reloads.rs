@@ -53,7 +53,7 @@ use crate::sink::registry::migrate::marker_prefix;
 use crate::sink::registry::{FileKind, FileRecord};
 use crate::table::{quote_literal, TableName, TableSchema};
 
-/// Messages from the coordinator to the batcher thread.
+/// Messages from the coordinator to the stream thread.
 #[derive(Debug)]
 pub struct Release {
     pub table: TableName,

@@ -2,10 +2,10 @@
 //!
 //! [`session`] reads as its phases. Before streaming (`startup`): connect, take the slot's lock,
 //! claim the registry and the output prefix for the slot, finish what the last run committed, remove
-//! what it left half-done, plan the slot, prepare the batcher. Then `START_REPLICATION`, and the tasks of a running session ([`Running`]): the reader,
-//! the batcher thread, the delivery, the reload coordinator, change events, the NATS control
-//! responder (`nats.control`), the ticker, the
-//! heartbeat, the report, and the status updates. The session ends at the first task that fails
+//! what it left half-done, plan the slot, prepare the batcher. Then `START_REPLICATION`, and the
+//! threads and tasks of a running session ([`Running`]): the stream thread (reading, batching and
+//! the status updates), the delivery, the reload coordinator, change events, the NATS control
+//! responder (`nats.control`), the heartbeat and the report. The session ends at the first task that fails
 //! (or stops unexpectedly) or at a requested shutdown; teardown then stops everything, so nothing of
 //! this session outlives it.
 //!
@@ -15,46 +15,44 @@
 //! are let finish on a graceful stop (bounded wait) and aborted otherwise; an abort can cut a delivery
 //! only before its registry commit (then the objects are orphans, removed at the next start) or after
 //! it (then the row is completed by `finish_unnotified` at the next start). The last status update
-//! is sent after the batcher has applied every persisted report, so it carries the highest LSN that
-//! is safe, and never a higher one.
+//! is sent ([`StreamState::settle`]) after the delivery has ended and the batcher has applied every
+//! persisted report, so it carries the highest LSN that is safe, and never a higher one.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::batcher_thread::{now_unix_us, run_batcher, BatcherState, Input, INPUT_CAPACITY};
 use super::control::serve_reload_requests;
 use super::deliver;
 use super::events::publish_events;
-use super::reader::read_stream;
 use super::reloads::{Coordinator, Release};
 use super::report::report_task;
 use super::startup::{
     claim_ownership, connect, prepare_batcher, prepare_slot, recover, take_slot_lock, Endpoints,
     Prepared, STANDBY,
 };
-use super::status_updates::send_status;
+use super::stream_thread::{Inputs, Outputs, StreamState, StreamThread, READ_TIMEOUT};
 use crate::config::Config;
 use crate::core::ack::BatchId;
 use crate::core::batch::{Control, EventOut, Sealed};
 use crate::error::{Component, Error};
 use crate::lsn::Lsn;
 use crate::observe::Metrics;
-use crate::pg::wire::{CopyReader, CopyWriter, ReplicationConnection};
+use crate::pg::wire::{CopyStream, ReplicationConnection};
 use crate::reload::export::Exporter;
 use crate::sink::spool::SpooledFile;
 use crate::table::{quote_ident, quote_literal};
 
 /// Chunks of change events (one per batcher step, at most about `CHUNK_FRAMES` events each) in flight
-/// between the batcher thread and the publisher (two: the publisher's window of acks is the buffer
+/// between the stream thread and the publisher (two: the publisher's window of acks is the buffer
 /// that matters; more chunks only hold memory, a CSV copy of every row of an input chunk, about
 /// 1 MiB each).
 const EVENTS_CAPACITY: usize = 2;
 const SEALED_CAPACITY: usize = 16;
-/// How long a graceful stop waits for the batcher thread and for in-flight deliveries.
+/// How long a graceful stop waits for the stream thread and for in-flight deliveries.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// One session; returns Ok only on a requested shutdown.
@@ -72,12 +70,12 @@ pub async fn session(
     let mut repl = ReplicationConnection::connect(&ep.source).await?;
     let start = prepare_slot(config, &ep, &mut repl).await?;
     let prepared = prepare_batcher(config, &ep.sinks, start).await?;
-    let (reader, writer) = start_replication(repl, config).await?;
+    let stream = start_replication(repl, config).await?;
     tracing::info!(slot = slot_name, start = %start, "streaming");
     metrics.ready.store(true, Relaxed);
     metrics.clear_error();
 
-    let mut running = Running::spawn(config, &ep, prepared, start, reader, writer);
+    let mut running = Running::spawn(config, &ep, prepared, start, stream);
     let outcome = running.until_stopped(shutdown).await;
     metrics.ready.store(false, Relaxed);
     let confirmed = running.tear_down(outcome.is_ok()).await;
@@ -95,17 +93,18 @@ pub async fn session(
 }
 
 /// `START_REPLICATION` on the slot; a slot held by another process makes this instance a standby.
+/// The stream comes back ready for the stream thread (blocking, reads of at most [`READ_TIMEOUT`]).
 async fn start_replication(
     repl: ReplicationConnection,
     config: &Config,
-) -> Result<(CopyReader, CopyWriter), Error> {
+) -> Result<CopyStream, Error> {
     let slot_name = config.source.slot.as_str();
     let command = format!(
         "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {}, messages 'true')",
         quote_ident(slot_name),
         quote_literal(&quote_ident(&config.source.publication))
     );
-    repl.start_copy_both(&command).await.map_err(|e| {
+    let (reader, writer) = repl.start_copy_both(&command).await.map_err(|e| {
         if e.sqlstate() == Some("55006") {
             Error::transient(
                 STANDBY,
@@ -116,24 +115,21 @@ async fn start_replication(
         } else {
             e.context(format!("start replication on slot {slot_name}"))
         }
-    })
+    })?;
+    CopyStream::from_halves(reader, writer, READ_TIMEOUT)
 }
 
-/// The tasks of a streaming session and the handles teardown needs.
+/// The threads and tasks of a streaming session and the handles teardown needs.
 struct Running {
-    /// Tasks whose end (of any kind) ends the session: reader, reload coordinator and the forwarder
-    /// of its releases, events, ticker, heartbeat, report. Aborted at teardown.
+    /// Tasks whose end (of any kind) ends the session: reload coordinator, events, NATS control,
+    /// heartbeat, report. Aborted at teardown.
     tasks: JoinSet<Result<(), Error>>,
-    batcher: JoinHandle<Result<BatcherState, Error>>,
-    stop_batcher: Arc<AtomicBool>,
-    input: mpsc::Sender<Input>,
+    stream: JoinHandle<(StreamState, Result<(), Error>)>,
+    stop_stream: Arc<AtomicBool>,
     delivery: JoinHandle<Result<(), Error>>,
-    /// Outside `tasks`: at teardown it still sends the last confirmed LSN.
-    status: JoinHandle<Result<(), Error>>,
-    stop_status: watch::Sender<bool>,
     confirmed: watch::Receiver<Lsn>,
-    /// Set when the batcher or the delivery is what ended the session (its handle is spent).
-    batcher_result: Option<Result<BatcherState, Error>>,
+    /// Set when the stream thread is what ended the session (its handle is spent).
+    stream_ended: Option<Option<StreamState>>,
     delivery_ended: bool,
 }
 
@@ -143,47 +139,44 @@ impl Running {
         ep: &Endpoints,
         prepared: Prepared,
         start: Lsn,
-        reader: CopyReader,
-        writer: CopyWriter,
+        stream: CopyStream,
     ) -> Running {
         let sinks = &ep.sinks;
         let metrics = &sinks.metrics;
-        let (input_tx, input_rx) = mpsc::channel::<Input>(INPUT_CAPACITY);
         let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed<SpooledFile>>(SEALED_CAPACITY);
         let (persisted_tx, persisted_rx) = mpsc::unbounded_channel::<BatchId>();
         let (events_tx, events_rx) = mpsc::channel::<Vec<EventOut>>(EVENTS_CAPACITY);
         let (confirmed_tx, confirmed_rx) = watch::channel(start);
         let (controls_tx, controls_rx) = mpsc::unbounded_channel::<Control>();
-        let reply_now = Arc::new(Notify::new());
+        let (release_tx, release_rx) = mpsc::channel::<Release>(64);
         let mut tasks = JoinSet::new();
 
-        // Batcher thread: decode → CSV → spool, seal decisions, ack.
+        // The stream thread: read, decode → CSV → spool, seal decisions, ack, status updates.
         let events_enabled = config.nats.change_events.enabled() && sinks.notifier.is_some();
-        let stop_batcher = Arc::new(AtomicBool::new(false));
-        let batcher = {
-            let (stop, metrics) = (stop_batcher.clone(), metrics.clone());
-            let events_tx = events_enabled.then_some(events_tx);
-            tokio::task::spawn_blocking(move || {
-                run_batcher(
-                    prepared.batcher,
-                    stop,
-                    input_rx,
-                    persisted_rx,
-                    sealed_tx,
-                    events_tx,
-                    controls_tx,
-                    confirmed_tx,
-                    metrics,
-                )
-            })
+        let stop_stream = Arc::new(AtomicBool::new(false));
+        let thread = StreamThread {
+            state: StreamState::new(
+                prepared.batcher,
+                stream,
+                config.source.status_interval,
+                persisted_rx,
+                confirmed_tx,
+                metrics.clone(),
+            ),
+            inputs: Inputs {
+                releases: release_rx,
+                stop: stop_stream.clone(),
+            },
+            outputs: Outputs {
+                sealed: sealed_tx,
+                events: events_enabled.then_some(events_tx),
+                controls: controls_tx,
+            },
+            catalog: ep.catalog.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            tick_every: tick_period(config.batch.interval),
         };
-        tasks.spawn(read_stream(
-            reader,
-            input_tx.clone(),
-            ep.catalog.clone(),
-            metrics.clone(),
-            reply_now.clone(),
-        ));
+        let stream = tokio::task::spawn_blocking(move || thread.run());
         let delivery = tokio::spawn(deliver::deliver_batches(
             sinks.clone(),
             sealed_rx,
@@ -197,7 +190,7 @@ impl Running {
             prepared.spool_dir,
             prepared.resume,
             controls_rx,
-            &input_tx,
+            release_tx,
         );
         if events_enabled {
             let notifier = sinks.notifier.clone().expect("events need NATS");
@@ -215,7 +208,6 @@ impl Running {
                 Arc::new(config.clone()),
             ));
         }
-        tasks.spawn(ticker(input_tx.clone(), config.batch.interval));
         tasks.spawn(heartbeat(
             ep.catalog.clone(),
             config.source.heartbeat_interval,
@@ -227,25 +219,13 @@ impl Running {
             config.source.slot.clone(),
             confirmed_rx.clone(),
         ));
-        let (stop_status, stop_status_rx) = watch::channel(false);
-        let status = tokio::spawn(send_status(
-            writer,
-            confirmed_rx.clone(),
-            metrics.clone(),
-            reply_now,
-            config.source.status_interval,
-            stop_status_rx,
-        ));
         Running {
             tasks,
-            batcher,
-            stop_batcher,
-            input: input_tx,
+            stream,
+            stop_stream,
             delivery,
-            status,
-            stop_status,
             confirmed: confirmed_rx,
-            batcher_result: None,
+            stream_ended: None,
             delivery_ended: false,
         }
     }
@@ -253,14 +233,12 @@ impl Running {
     /// Waits for the first task to end or for shutdown: Ok only for a requested shutdown.
     async fn until_stopped(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
         tokio::select! {
-            r = &mut self.batcher => {
-                let r = batcher_outcome(r);
-                let e = match &r {
-                    Err(e) => e.clone(),
-                    Ok(_) => Error::transient(Component::Daemon, "the batcher stopped unexpectedly"),
-                };
-                self.batcher_result = Some(r);
-                Err(e)
+            r = &mut self.stream => {
+                let (state, r) = stream_outcome(r);
+                self.stream_ended = Some(state);
+                Err(r.err().unwrap_or_else(|| {
+                    Error::transient(Component::Daemon, "the stream thread stopped unexpectedly")
+                }))
             }
             r = &mut self.delivery => {
                 self.delivery_ended = true;
@@ -279,31 +257,33 @@ impl Running {
         }
     }
 
-    /// Stops reading, stops the batcher (open batches are abandoned), lets in-flight deliveries
-    /// finish when `graceful`, sends the final status; returns the last confirmed LSN.
+    /// Stops the stream thread (open batches are abandoned), lets in-flight deliveries finish when
+    /// `graceful`, then sends the final status; returns the last confirmed LSN.
     async fn tear_down(mut self, graceful: bool) -> Lsn {
         self.tasks.abort_all();
-        self.stop_batcher.store(true, Relaxed);
-        let _ = self.input.try_send(Input::Stop);
-        drop(self.input);
+        self.stop_stream.store(true, Relaxed);
         if !graceful && !self.delivery_ended {
             // Nothing in flight is worth waiting for: it is re-sent from the slot.
             self.delivery.abort();
         }
-        let batcher_result = match self.batcher_result.take() {
-            Some(r) => r,
-            None => match tokio::time::timeout(DRAIN_LIMIT, &mut self.batcher).await {
-                Ok(r) => batcher_outcome(r),
-                Err(_) => {
-                    // Blocked handing a batch to a stuck delivery: stop the delivery, then it returns.
-                    self.delivery.abort();
-                    batcher_outcome(self.batcher.await)
+        let state = match self.stream_ended.take() {
+            Some(state) => state,
+            None => {
+                let (state, r) = match tokio::time::timeout(DRAIN_LIMIT, &mut self.stream).await {
+                    Ok(r) => stream_outcome(r),
+                    Err(_) => {
+                        // Blocked handing a batch to a stuck delivery: stop the delivery, then it
+                        // returns.
+                        self.delivery.abort();
+                        stream_outcome(self.stream.await)
+                    }
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "stream thread ended with an error");
                 }
-            },
+                state
+            }
         };
-        if let Err(e) = &batcher_result {
-            tracing::debug!(error = %e, "batcher thread ended with an error");
-        }
         if !self.delivery_ended {
             match tokio::time::timeout(DRAIN_LIMIT, &mut self.delivery).await {
                 Ok(Ok(Err(e))) => tracing::warn!(error = %e, "delivery stopped with an error"),
@@ -318,25 +298,36 @@ impl Running {
                 }
             }
         }
-        if let Ok(state) = batcher_result {
-            state.settle();
+        if let Some(state) = state {
+            // The final status update and CopyDone are blocking writes (bounded by a timeout).
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::task::spawn_blocking(move || state.settle()),
+            )
+            .await;
         }
-        let _ = self.stop_status.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.status).await;
         let confirmed = *self.confirmed.borrow();
         confirmed
     }
 }
 
-fn batcher_outcome(
-    joined: Result<Result<BatcherState, Error>, tokio::task::JoinError>,
-) -> Result<BatcherState, Error> {
-    joined
-        .map_err(|e| Error::transient(Component::Daemon, format!("batcher thread: {e}")))
-        .and_then(|r| r)
+/// The stream thread's state and result; no state if it panicked.
+fn stream_outcome(
+    joined: Result<(StreamState, Result<(), Error>), tokio::task::JoinError>,
+) -> (Option<StreamState>, Result<(), Error>) {
+    match joined {
+        Ok((state, r)) => (Some(state), r),
+        Err(e) => (
+            None,
+            Err(Error::transient(
+                Component::Daemon,
+                format!("stream thread: {e}"),
+            )),
+        ),
+    }
 }
 
-/// The reload coordinator, and the path of its releases into the batcher thread.
+/// The reload coordinator; its releases go straight to the stream thread.
 fn spawn_reloads(
     tasks: &mut JoinSet<Result<(), Error>>,
     config: &Config,
@@ -344,18 +335,8 @@ fn spawn_reloads(
     spool_dir: std::path::PathBuf,
     resume: Vec<(crate::table::TableName, i64, String)>,
     controls: mpsc::UnboundedReceiver<Control>,
-    input: &mpsc::Sender<Input>,
+    release_tx: mpsc::Sender<Release>,
 ) {
-    let (release_tx, mut release_rx) = mpsc::channel::<Release>(64);
-    let input = input.clone();
-    tasks.spawn(async move {
-        while let Some(r) = release_rx.recv().await {
-            if input.send(Input::Release(r.table, r.cut)).await.is_err() {
-                break;
-            }
-        }
-        Ok(())
-    });
     let sinks = ep.sinks.clone();
     let coordinator = Coordinator {
         exporter: Arc::new(Exporter {
@@ -377,17 +358,10 @@ fn spawn_reloads(
     tasks.spawn(coordinator.run(controls, resume));
 }
 
-/// Clock ticks for the batcher's time-based seals, a few per batch interval.
-async fn ticker(input: mpsc::Sender<Input>, batch_interval: Duration) -> Result<(), Error> {
-    let period = (batch_interval / 5).clamp(Duration::from_millis(100), Duration::from_secs(1));
-    let mut iv = tokio::time::interval(period);
-    loop {
-        iv.tick().await;
-        if input.is_closed() {
-            return Ok(());
-        }
-        let _ = input.try_send(Input::Tick(now_unix_us()));
-    }
+/// How often the stream thread ticks the batcher's clock for time-based seals: a few times per
+/// batch interval.
+fn tick_period(batch_interval: Duration) -> Duration {
+    (batch_interval / 5).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
 /// A non-transactional logical message every `every`, so an idle slot keeps advancing.

@@ -20,7 +20,7 @@
 //!   now, for the whole daemon with a one-row batch open in each of 5,000 tables).
 //!   The price is on disk and at seal: a batch beyond the 16 live ones keeps its CSV uncompressed on
 //!   disk (up to `batch.max_bytes`, ~5 times its gzip size), and its compression happens at its seal,
-//!   in one go, on the batcher thread.
+//!   in one go, on the stream thread.
 //! - [`GzipSpool::finish`] returns the compressed size and SHA-256 computed while writing the gzip
 //!   file, so that file is read once more only to upload it. The gzip file is one gzip member at the
 //!   factory's level, the same whether the batch was promoted or compressed at the end.

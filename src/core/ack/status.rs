@@ -1,6 +1,6 @@
 //! When to tell PostgreSQL how far we are, and what to tell it: the standby status update policy.
 //!
-//! A pure state machine: the driver (`daemon::status_updates::send_status`) wakes it with a [`Wake`], the
+//! A pure state machine: the driver (the daemon's stream thread) wakes it with a [`Wake`], the
 //! current time, the confirmed LSN ([`super::AckTracker::confirmed`], through the batcher) and the
 //! highest LSN received, and sends exactly the [`StatusUpdate`] it returns, if any.
 //!

@@ -13,7 +13,7 @@ use postgres_protocol::message::frontend;
 use crate::error::Error;
 
 use super::backend::{error_from_response, log_notice};
-use super::frame::{protocol_error, Reader, Writer};
+use super::frame::{protocol_error, Frame, Reader, Writer};
 use super::COMPONENT;
 
 /// Reading half of a CopyBoth stream.
@@ -34,26 +34,48 @@ impl CopyReader {
         }
         loop {
             let frame = self.reader.frame().await?;
-            match frame.tag {
-                COPY_DATA_TAG => return Ok(Some(frame.into_body())),
-                NOTICE_RESPONSE_TAG => log_notice(&self.reader.peer, frame),
-                PARAMETER_STATUS_TAG => {}
-                COPY_DONE_TAG | COMMAND_COMPLETE_TAG => {
+            match copy_item(frame, &self.reader.peer) {
+                Ok(Some(CopyItem::Data(payload))) => return Ok(Some(payload)),
+                Ok(Some(CopyItem::End)) => {
                     self.done = true;
                     return Ok(None);
                 }
-                ERROR_RESPONSE_TAG => {
+                Ok(None) => {}
+                Err(e) => {
                     self.done = true;
-                    return Err(error_from_response(&self.reader.peer, frame));
-                }
-                other => {
-                    return Err(protocol_error(
-                        &self.reader.peer,
-                        format_args!("unexpected message {:?} in COPY BOTH mode", other as char),
-                    ))
+                    return Err(e);
                 }
             }
         }
+    }
+}
+
+/// What one frame of a CopyBoth stream means to a reader.
+pub enum CopyItem {
+    /// A CopyData payload (a zero-copy slice of the read buffer).
+    Data(Bytes),
+    /// The server ended the stream (CopyDone or CommandComplete).
+    End,
+}
+
+/// Interprets one frame of a CopyBoth stream: `None` for frames a reader skips (NoticeResponse, which
+/// is logged, and ParameterStatus); an ErrorResponse becomes the classified error; anything else is a
+/// protocol error. Shared by [`CopyReader`] and `super::blocking::CopyStream`.
+#[inline]
+pub(super) fn copy_item(frame: Frame, peer: &str) -> Result<Option<CopyItem>, Error> {
+    match frame.tag {
+        COPY_DATA_TAG => Ok(Some(CopyItem::Data(frame.into_body()))),
+        NOTICE_RESPONSE_TAG => {
+            log_notice(peer, frame);
+            Ok(None)
+        }
+        PARAMETER_STATUS_TAG => Ok(None),
+        COPY_DONE_TAG | COMMAND_COMPLETE_TAG => Ok(Some(CopyItem::End)),
+        ERROR_RESPONSE_TAG => Err(error_from_response(peer, frame)),
+        other => Err(protocol_error(
+            peer,
+            format_args!("unexpected message {:?} in COPY BOTH mode", other as char),
+        )),
     }
 }
 

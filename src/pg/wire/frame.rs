@@ -130,6 +130,55 @@ pub(super) fn not_a(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("not a {what}"))
 }
 
+/// Splits the next complete frame off the front of `buf`, if one is there; otherwise sets `want` to
+/// the total size the buffer must reach (the header, or the whole frame once its length is known).
+/// Shared by the async [`Reader`] and the blocking `super::blocking::CopyStream`.
+#[inline]
+pub(super) fn take_frame(
+    buf: &mut BytesMut,
+    want: &mut usize,
+    peer: &str,
+) -> Result<Option<Frame>, Error> {
+    let Some(header) = buf.get(..5) else {
+        *want = 5;
+        return Ok(None);
+    };
+    let tag = header[0];
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if !(4..=MAX_FRAME).contains(&len) {
+        return Err(protocol_error(
+            peer,
+            format_args!("invalid length {len} for message {:?}", tag as char),
+        ));
+    }
+    if buf.len() <= len {
+        *want = len + 1;
+        return Ok(None);
+    }
+    Ok(Some(Frame {
+        tag,
+        raw: buf.split_to(len + 1),
+    }))
+}
+
+/// Makes room for one read: at least what the frame being assembled still needs and [`MIN_FREE`],
+/// grown in steps of [`READ_CHUNK`].
+#[inline]
+pub(super) fn reserve_for_read(buf: &mut BytesMut, want: usize) {
+    let need = want.saturating_sub(buf.len()).max(MIN_FREE);
+    if buf.capacity() - buf.len() < need {
+        buf.reserve(need.max(READ_CHUNK));
+    }
+}
+
+/// The server closed the connection (EOF): transient, the server went away.
+pub(super) fn closed_by(peer: &str) -> Error {
+    Error::transient(
+        COMPONENT,
+        format!("server {peer} closed the connection unexpectedly"),
+    )
+}
+
 /// The read half: a growing buffer of unparsed bytes.
 pub(super) struct Reader {
     pub(super) io: ReadHalf<Stream>,
@@ -143,44 +192,19 @@ impl Reader {
     /// The next complete frame already in the buffer.
     #[inline]
     pub(super) fn try_frame(&mut self) -> Result<Option<Frame>, Error> {
-        let Some(header) = self.buf.get(..5) else {
-            self.want = 5;
-            return Ok(None);
-        };
-        let tag = header[0];
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        if !(4..=MAX_FRAME).contains(&len) {
-            return Err(protocol_error(
-                &self.peer,
-                format_args!("invalid length {len} for message {:?}", tag as char),
-            ));
-        }
-        if self.buf.len() <= len {
-            self.want = len + 1;
-            return Ok(None);
-        }
-        Ok(Some(Frame {
-            tag,
-            raw: self.buf.split_to(len + 1),
-        }))
+        take_frame(&mut self.buf, &mut self.want, &self.peer)
     }
 
     /// Reads more bytes; EOF is a transient error (the server went away).
     pub(super) async fn fill(&mut self) -> Result<(), Error> {
-        let need = self.want.saturating_sub(self.buf.len()).max(MIN_FREE);
-        if self.buf.capacity() - self.buf.len() < need {
-            self.buf.reserve(need.max(READ_CHUNK));
-        }
+        reserve_for_read(&mut self.buf, self.want);
         let n = self
             .io
             .read_buf(&mut self.buf)
             .await
             .map_err(|e| io_error(&self.peer, "reading from", e))?;
         if n == 0 {
-            return Err(Error::transient(
-                COMPONENT,
-                format!("server {} closed the connection unexpectedly", self.peer),
-            ));
+            return Err(closed_by(&self.peer));
         }
         Ok(())
     }

@@ -35,20 +35,23 @@
 //! payload therefore keeps its 128 KiB read chunk alive until dropped).
 //!
 //! Submodules: `frame` (byte stream → frames, the read and write buffers), `backend` (bodies of
-//! server messages), `auth` (the authentication exchange), `copy` (the CopyBoth halves); the
+//! server messages), `auth` (the authentication exchange), `copy` (the CopyBoth halves), `blocking`
+//! (the two halves joined again as one stream with blocking calls, for the daemon's stream thread); the
 //! connection itself (startup, TLS negotiation, simple queries, entering CopyBoth) is here.
 //!
 //! [`SESSION_SETTINGS`]: crate::pg::conninfo::SESSION_SETTINGS
 
 mod auth;
 mod backend;
+mod blocking;
 mod copy;
 mod frame;
 #[cfg(test)]
 mod tests;
 
 use backend::{data_row, error_from_response, log_notice};
-pub use copy::{CopyReader, CopyWriter};
+pub use blocking::CopyStream;
+pub use copy::{CopyItem, CopyReader, CopyWriter};
 use frame::{io_error, not_a, protocol_error, Frame, Reader, Stream, Writer, READ_CHUNK};
 
 use std::collections::HashMap;

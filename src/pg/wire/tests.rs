@@ -1031,9 +1031,10 @@ async fn copy_client(info: &ConnInfo) -> (CopyReader, CopyWriter) {
         .unwrap()
 }
 
-#[tokio::test]
-async fn copy_frames_survive_any_read_boundaries() {
-    let mut payloads: Vec<Vec<u8>> = (0..200u32)
+/// `n` CopyData payloads (one larger than a read chunk, one empty) and the server's byte stream
+/// carrying them, with a NoticeResponse and a ParameterStatus among them, ended by CopyDone.
+fn copy_stream_of(n: u32) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let mut payloads: Vec<Vec<u8>> = (0..n)
         .map(|i| format!("w-payload-{i}").into_bytes())
         .collect();
     payloads.insert(50, vec![b'w'; 300 * 1024]); // larger than one read chunk
@@ -1050,6 +1051,12 @@ async fn copy_frames_survive_any_read_boundaries() {
         }
     }
     stream.extend(frame(b'c', &[]));
+    (payloads, stream)
+}
+
+#[tokio::test]
+async fn copy_frames_survive_any_read_boundaries() {
+    let (payloads, stream) = copy_stream_of(200);
     for chunk in [1, 7, 4096, 1 << 20] {
         let (info, _server) = mock({
             let stream = stream.clone();
@@ -1076,8 +1083,9 @@ async fn copy_frames_survive_any_read_boundaries() {
     }
 }
 
-#[tokio::test]
-async fn hostile_frames_are_errors_not_panics() {
+/// Streams a server may send after CopyBothResponse, whether the error they cause is transient, and
+/// a text it contains.
+fn hostile_cases() -> Vec<(Vec<u8>, bool, &'static str)> {
     let oversized = [&[b'd'][..], &(MAX_FRAME as u32 + 1).to_be_bytes()].concat();
     let undersized = [&[b'd'][..], &3u32.to_be_bytes()].concat();
     let unknown = frame(b'?', b"");
@@ -1091,23 +1099,20 @@ async fn hostile_frames_are_errors_not_panics() {
             (b'M', "terminating connection"),
         ]),
     );
-    let cases: Vec<(Vec<u8>, bool, &str)> = vec![
+    vec![
         (oversized, false, "invalid length"),
         (undersized, false, "invalid length"),
         (unknown, false, "unexpected message"),
         (bad_error, false, "malformed ErrorResponse"),
         (truncated, true, "closed the connection"),
         (server_error, true, "57P01"),
-    ];
-    for (stream, transient, text) in cases {
-        let (info, server) = mock(move |mut s| async move {
-            s.write_all(&welcome()).await.unwrap();
-            let _ = read_msg(&mut s).await;
-            s.write_all(&frame(b'W', &[0, 0, 0])).await.unwrap();
-            s.write_all(&stream).await.unwrap();
-            // Then hang up.
-        })
-        .await;
+    ]
+}
+
+#[tokio::test]
+async fn hostile_frames_are_errors_not_panics() {
+    for (stream, transient, text) in hostile_cases() {
+        let (info, server) = hostile_server(stream).await;
         let (mut reader, _writer) = copy_client(&info).await;
         server.await.unwrap();
         let err = loop {
@@ -1117,6 +1122,140 @@ async fn hostile_frames_are_errors_not_panics() {
                 Err(e) => break e,
             }
         };
+        assert_eq!(err.is_transient(), transient, "{err}");
+        assert!(err.message().contains(text), "{err}");
+    }
+}
+
+/// A server that says hello, answers the query with CopyBothResponse and sends `stream`, then hangs up.
+async fn hostile_server(stream: Vec<u8>) -> (ConnInfo, tokio::task::JoinHandle<()>) {
+    mock(move |mut s| async move {
+        s.write_all(&welcome()).await.unwrap();
+        let _ = read_msg(&mut s).await;
+        s.write_all(&frame(b'W', &[0, 0, 0])).await.unwrap();
+        s.write_all(&stream).await.unwrap();
+    })
+    .await
+}
+
+/// Reads a blocking stream to its end: the payloads, how it ended, and how many reads timed out.
+fn drain_blocking(stream: &mut CopyStream) -> (Vec<bytes::Bytes>, Result<(), Error>, usize) {
+    let mut got = Vec::new();
+    let mut idle = 0;
+    let end = loop {
+        match stream.next_buffered() {
+            Ok(Some(CopyItem::Data(p))) => got.push(p),
+            Ok(Some(CopyItem::End)) => break Ok(()),
+            Ok(None) => match stream.fill() {
+                Ok(0) => idle += 1,
+                Ok(_) => {}
+                Err(e) => break Err(e),
+            },
+            Err(e) => break Err(e),
+        }
+    };
+    (got, end, idle)
+}
+
+#[tokio::test]
+async fn blocking_stream_reads_what_the_async_reader_reads() {
+    let (payloads, stream) = copy_stream_of(300);
+    for chunk in [1, 7, 4096, 1 << 20] {
+        let (info, _server) = mock({
+            let stream = stream.clone();
+            move |s| copy_server(s, stream, chunk)
+        })
+        .await;
+        let (mut reader, writer) = copy_client(&info).await;
+        // The async reader takes a few first: the bytes it has buffered beyond them carry over.
+        for expected in &payloads[..3] {
+            assert_eq!(&reader.next().await.unwrap().unwrap()[..], &expected[..]);
+        }
+        let mut blocking =
+            CopyStream::from_halves(reader, writer, Duration::from_millis(50)).unwrap();
+        let (got, end) = tokio::task::spawn_blocking(move || {
+            let (got, end, _) = drain_blocking(&mut blocking);
+            blocking.send(&status_update(Lsn(1))).unwrap();
+            blocking.finish().unwrap();
+            (got, end)
+        })
+        .await
+        .unwrap();
+        end.unwrap_or_else(|e| panic!("{chunk}-byte pieces: {e}"));
+        assert_eq!(got.len(), payloads.len() - 3, "{chunk}-byte pieces");
+        for (i, (got, expected)) in got.iter().zip(&payloads[3..]).enumerate() {
+            assert_eq!(
+                &got[..],
+                &expected[..],
+                "payload {} with {chunk}-byte pieces",
+                i + 3
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn blocking_stream_times_out_and_reports_what_the_server_sends() {
+    // A pause longer than the read timeout: reads come back empty, then the rest arrives; the
+    // server reads our status update.
+    let (info, server) = mock(|mut s| async move {
+        s.write_all(&welcome()).await.unwrap();
+        let _ = read_msg(&mut s).await;
+        s.write_all(&frame(b'W', &[0, 0, 0])).await.unwrap();
+        s.write_all(&frame(b'd', b"first")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(&frame(b'd', b"second")).await.unwrap();
+        let (tag, body) = read_msg(&mut s).await;
+        assert_eq!(tag, b'd');
+        assert_eq!(body, status_update(Lsn(7)));
+        s.write_all(&frame(b'c', &[])).await.unwrap();
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
+    })
+    .await;
+    let (reader, writer) = copy_client(&info).await;
+    let mut blocking = CopyStream::from_halves(reader, writer, Duration::from_millis(50)).unwrap();
+    let (got, idle) = tokio::task::spawn_blocking(move || {
+        let mut got = Vec::new();
+        let mut idle = 0;
+        while got.len() < 2 {
+            match blocking.next_buffered().unwrap() {
+                Some(CopyItem::Data(p)) => got.push(p),
+                Some(CopyItem::End) => panic!("ended early"),
+                None => idle += usize::from(blocking.fill().unwrap() == 0),
+            }
+        }
+        blocking.send(&status_update(Lsn(7))).unwrap();
+        let (rest, end, _) = drain_blocking(&mut blocking);
+        assert!(rest.is_empty());
+        end.unwrap();
+        // After the end: the end again, and no read.
+        assert!(matches!(blocking.next_buffered(), Ok(Some(CopyItem::End))));
+        (got, idle)
+    })
+    .await
+    .unwrap();
+    assert_eq!(&got[0][..], b"first");
+    assert_eq!(&got[1][..], b"second");
+    assert!(
+        idle >= 2,
+        "a 300 ms pause with a 50 ms read timeout: {idle} empty reads"
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn blocking_stream_turns_hostile_frames_into_errors() {
+    for (stream, transient, text) in hostile_cases() {
+        let (info, server) = hostile_server(stream).await;
+        let (reader, writer) = copy_client(&info).await;
+        server.await.unwrap();
+        let mut blocking =
+            CopyStream::from_halves(reader, writer, Duration::from_millis(50)).unwrap();
+        let (_, end, _) = tokio::task::spawn_blocking(move || drain_blocking(&mut blocking))
+            .await
+            .unwrap();
+        let err = end.expect_err(text);
         assert_eq!(err.is_transient(), transient, "{err}");
         assert!(err.message().contains(text), "{err}");
     }
