@@ -18,11 +18,11 @@
 //! is sent ([`StreamState::settle`]) after the delivery has ended and the batcher has applied every
 //! persisted report, so it carries the highest LSN that is safe, and never a higher one.
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::control::serve_reload_requests;
@@ -34,7 +34,9 @@ use super::startup::{
     claim_ownership, connect, prepare_batcher, prepare_slot, recover, take_slot_lock, Endpoints,
     Prepared, STANDBY,
 };
-use super::stream_thread::{Inputs, Outputs, StreamState, StreamThread, READ_TIMEOUT};
+use super::stream_thread::{
+    Inputs, Outputs, Phase, PhaseFlag, StreamState, StreamThread, READ_TIMEOUT,
+};
 use crate::config::Config;
 use crate::core::ack::BatchId;
 use crate::core::batch::{Control, EventOut, Sealed};
@@ -46,10 +48,10 @@ use crate::reload::export::Exporter;
 use crate::sink::spool::SpooledFile;
 use crate::table::{quote_ident, quote_literal};
 
-/// Chunks of change events (one per batcher step, at most about `CHUNK_FRAMES` events each) in flight
-/// between the stream thread and the publisher (two: the publisher's window of acks is the buffer
-/// that matters; more chunks only hold memory, a CSV copy of every row of an input chunk, about
-/// 1 MiB each).
+/// Chunks of change events (one per step of the stream thread, the events of at most about 1,024
+/// frames) in flight between the stream thread and the publisher (two: the publisher's window of
+/// acks is the buffer that matters; more chunks only hold memory, a CSV copy of every row of a step,
+/// about 1 MiB each).
 const EVENTS_CAPACITY: usize = 2;
 const SEALED_CAPACITY: usize = 16;
 /// How long a graceful stop waits for the stream thread and for in-flight deliveries.
@@ -124,12 +126,13 @@ struct Running {
     /// Tasks whose end (of any kind) ends the session: reload coordinator, events, NATS control,
     /// heartbeat, report. Aborted at teardown.
     tasks: JoinSet<Result<(), Error>>,
-    stream: JoinHandle<(StreamState, Result<(), Error>)>,
-    stop_stream: Arc<AtomicBool>,
+    /// The stream thread; it returns after the finish phase.
+    stream: JoinHandle<()>,
+    /// How the thread's streaming ended (it then lingers, answering the server, until finish).
+    stream_ended: oneshot::Receiver<Result<(), Error>>,
+    phase: Arc<PhaseFlag>,
     delivery: JoinHandle<Result<(), Error>>,
     confirmed: watch::Receiver<Lsn>,
-    /// Set when the stream thread is what ended the session (its handle is spent).
-    stream_ended: Option<Option<StreamState>>,
     delivery_ended: bool,
 }
 
@@ -153,7 +156,7 @@ impl Running {
 
         // The stream thread: read, decode → CSV → spool, seal decisions, ack, status updates.
         let events_enabled = config.nats.change_events.enabled() && sinks.notifier.is_some();
-        let stop_stream = Arc::new(AtomicBool::new(false));
+        let phase = Arc::new(PhaseFlag::default());
         let thread = StreamThread {
             state: StreamState::new(
                 prepared.batcher,
@@ -165,7 +168,7 @@ impl Running {
             ),
             inputs: Inputs {
                 releases: release_rx,
-                stop: stop_stream.clone(),
+                phase: phase.clone(),
             },
             outputs: Outputs {
                 sealed: sealed_tx,
@@ -176,7 +179,8 @@ impl Running {
             runtime: tokio::runtime::Handle::current(),
             tick_every: tick_period(config.batch.interval),
         };
-        let stream = tokio::task::spawn_blocking(move || thread.run());
+        let (ended_tx, stream_ended) = oneshot::channel();
+        let stream = tokio::task::spawn_blocking(move || thread.run(ended_tx));
         let delivery = tokio::spawn(deliver::deliver_batches(
             sinks.clone(),
             sealed_rx,
@@ -222,10 +226,10 @@ impl Running {
         Running {
             tasks,
             stream,
-            stop_stream,
+            stream_ended,
+            phase,
             delivery,
             confirmed: confirmed_rx,
-            stream_ended: None,
             delivery_ended: false,
         }
     }
@@ -233,13 +237,11 @@ impl Running {
     /// Waits for the first task to end or for shutdown: Ok only for a requested shutdown.
     async fn until_stopped(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
         tokio::select! {
-            r = &mut self.stream => {
-                let (state, r) = stream_outcome(r);
-                self.stream_ended = Some(state);
-                Err(r.err().unwrap_or_else(|| {
-                    Error::transient(Component::Daemon, "the stream thread stopped unexpectedly")
-                }))
-            }
+            r = &mut self.stream_ended => Err(match r {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => Error::transient(Component::Daemon, "the stream thread stopped unexpectedly"),
+                Err(_) => Error::transient(Component::Daemon, "the stream thread panicked"),
+            }),
             r = &mut self.delivery => {
                 self.delivery_ended = true;
                 match r {
@@ -257,34 +259,18 @@ impl Running {
         }
     }
 
-    /// Stops the stream thread (open batches are abandoned), lets in-flight deliveries finish when
-    /// `graceful`, then sends the final status; returns the last confirmed LSN.
+    /// Stops the stream thread's reading (open batches are abandoned; it keeps answering the
+    /// server), lets in-flight deliveries finish when `graceful`, then has the thread send the final
+    /// status and CopyDone; returns the last confirmed LSN.
     async fn tear_down(mut self, graceful: bool) -> Lsn {
         self.tasks.abort_all();
-        self.stop_stream.store(true, Relaxed);
+        self.phase.set(Phase::Drain);
         if !graceful && !self.delivery_ended {
             // Nothing in flight is worth waiting for: it is re-sent from the slot.
             self.delivery.abort();
         }
-        let state = match self.stream_ended.take() {
-            Some(state) => state,
-            None => {
-                let (state, r) = match tokio::time::timeout(DRAIN_LIMIT, &mut self.stream).await {
-                    Ok(r) => stream_outcome(r),
-                    Err(_) => {
-                        // Blocked handing a batch to a stuck delivery: stop the delivery, then it
-                        // returns.
-                        self.delivery.abort();
-                        stream_outcome(self.stream.await)
-                    }
-                };
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "stream thread ended with an error");
-                }
-                state
-            }
-        };
         if !self.delivery_ended {
+            // It ends once the thread has dropped its sender, after the batches handed over.
             match tokio::time::timeout(DRAIN_LIMIT, &mut self.delivery).await {
                 Ok(Ok(Err(e))) => tracing::warn!(error = %e, "delivery stopped with an error"),
                 Ok(_) => {}
@@ -298,32 +284,19 @@ impl Running {
                 }
             }
         }
-        if let Some(state) = state {
-            // The final status update and CopyDone are blocking writes (bounded by a timeout).
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                tokio::task::spawn_blocking(move || state.settle()),
-            )
-            .await;
+        self.phase.set(Phase::Finish);
+        match tokio::time::timeout(DRAIN_LIMIT, &mut self.stream).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "the stream thread panicked"),
+            Err(_) => tracing::warn!(
+                "the stream thread did not finish within 30 s; the next session starts without it"
+            ),
+        }
+        if let Ok(Err(e)) = self.stream_ended.try_recv() {
+            tracing::debug!(error = %e, "stream thread ended with an error");
         }
         let confirmed = *self.confirmed.borrow();
         confirmed
-    }
-}
-
-/// The stream thread's state and result; no state if it panicked.
-fn stream_outcome(
-    joined: Result<(StreamState, Result<(), Error>), tokio::task::JoinError>,
-) -> (Option<StreamState>, Result<(), Error>) {
-    match joined {
-        Ok((state, r)) => (Some(state), r),
-        Err(e) => (
-            None,
-            Err(Error::transient(
-                Component::Daemon,
-                format!("stream thread: {e}"),
-            )),
-        ),
     }
 }
 

@@ -32,27 +32,36 @@
 //! # Invariants
 //! - **Stream order**: frames are applied in the order they were read, by this thread alone.
 //! - **The ack**: the flush position of every status update is `Batcher::confirmed()` after the
-//!   persisted reports received so far (`core::ack`, invariant 1 of ARCHITECTURE.md), so it never
-//!   passes an unpersisted change; `core::ack::status` keeps it monotonic.
-//! - **The server is answered while we wait**: the thread blocks only in a read (at most
-//!   [`READ_TIMEOUT`]), a spool write, a catalog query, or while an output channel is full; it
-//!   waits for room in slices of [`READ_TIMEOUT`] and applies persisted reports and sends due
-//!   status updates in between. A stalled sink therefore backpressures the walsender through TCP,
-//!   and the walsender, still answered, does not drop us at `wal_sender_timeout`.
-//! - **Stop**: the flag is seen within [`READ_TIMEOUT`] (or when a wait for room ends). Open batches
-//!   are abandoned: they are above the confirmed LSN and come again from the slot. The thread hands
-//!   its state back; [`StreamState::settle`] applies the last persisted reports once the delivery has
-//!   finished and sends the final status update and CopyDone, also after an error (if the socket
-//!   still works).
+//!   persisted reports received so far, or the last such value published (`core::ack`, invariant 1
+//!   of ARCHITECTURE.md), so it never passes an unpersisted change; `core::ack::status` keeps it
+//!   monotonic.
+//! - **The server is answered while we work or wait**: besides a read (at most [`READ_TIMEOUT`])
+//!   the thread spends time in a spool write, in compressing a raw batch at its seal (one at a
+//!   time), in replaying a reload's hold, in a catalog query, and in waiting for room in a full
+//!   output channel. The waits (catalog query, room) are made in slices of [`READ_TIMEOUT`], the
+//!   hold replay calls back every [`REPLAY_SLICE_ROWS`] rows, and each seal is followed by the same
+//!   check: due status updates are sent in between ([`Link::answer`]), so neither a stalled sink
+//!   nor a long replay makes the walsender drop us at `wal_sender_timeout`. A status update itself
+//!   may block up to the socket's 30 s write timeout.
+//! - **Stop, in two phases** ([`Phase`]): at *drain* the thread stops reading and applying (open
+//!   batches are abandoned: they are above the confirmed LSN and come again from the slot), drops
+//!   its senders so the delivery and the publisher finish what they hold, and keeps answering the
+//!   server while they do. At *finish* (the session has seen the delivery end) it applies the last
+//!   persisted reports, publishes the confirmed LSN they allow, sends the final status update and
+//!   CopyDone, and returns. A thread that ended by an error lingers the same way, so the error is
+//!   reported at once ([`StreamThread::run`]'s `ended` channel) and the final acknowledgement still
+//!   goes out if the socket works. A catalog query in progress is abandoned at drain; every other
+//!   step ends within about [`READ_TIMEOUT`] plus one spool write or seal.
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::future::Future;
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::reloads::Release;
 use crate::core::ack::status::{StatusPolicy, Wake};
@@ -78,6 +87,37 @@ const COALESCE_BELOW: usize = 32 * 1024;
 const COALESCE_WAIT: Duration = Duration::from_micros(200);
 /// How often the status policy is woken for its time-based update.
 const STATUS_TICK: Duration = Duration::from_millis(250);
+/// Rows of a reload's hold replayed between two checks for due status updates.
+pub(super) const REPLAY_SLICE_ROWS: u64 = 4096;
+
+/// Where a session's stop has got to; the thread reads it, the session sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum Phase {
+    Stream = 0,
+    /// Stop reading and applying; drop the senders; keep answering the server.
+    Drain = 1,
+    /// The delivery has ended: final status update, CopyDone, return.
+    Finish = 2,
+}
+
+/// The session's side of [`Phase`].
+#[derive(Debug, Default)]
+pub(super) struct PhaseFlag(AtomicU8);
+
+impl PhaseFlag {
+    pub(super) fn set(&self, phase: Phase) {
+        self.0.fetch_max(phase as u8, Relaxed);
+    }
+
+    fn get(&self) -> Phase {
+        match self.0.load(Relaxed) {
+            0 => Phase::Stream,
+            1 => Phase::Drain,
+            _ => Phase::Finish,
+        }
+    }
+}
 
 /// The coalescing wait for this stream: [`COALESCE_WAIT`] (or the knob's value) over a unix socket,
 /// none over TCP.
@@ -109,17 +149,22 @@ pub(super) struct Outputs {
 pub(super) struct Inputs {
     /// A reload's cut is known: release the table's hold.
     pub releases: mpsc::Receiver<Release>,
-    pub stop: Arc<AtomicBool>,
+    pub phase: Arc<PhaseFlag>,
 }
 
-/// The stream, the Batcher and the status policy: what the thread owns and hands back when it ends.
+/// The Batcher and the link to the server: what the thread owns.
 pub(super) struct StreamState {
     batcher: Batcher<GzipSpools>,
-    stream: CopyStream,
-    policy: StatusPolicy,
     /// Persisted reports from the delivery and the change-event publisher (unbounded, so neither can
     /// ever block on this thread).
     persisted: mpsc::UnboundedReceiver<BatchId>,
+    link: Link,
+}
+
+/// The replication stream and what the thread tells the server: positions and status updates.
+struct Link {
+    stream: CopyStream,
+    policy: StatusPolicy,
     confirmed_tx: watch::Sender<Lsn>,
     metrics: Arc<Metrics>,
     /// Highest WAL position received (XLogData start, keepalive end): the status update's write.
@@ -140,45 +185,82 @@ impl StreamState {
     ) -> StreamState {
         StreamState {
             batcher,
-            stream,
-            policy: StatusPolicy::new(status_every),
             persisted,
-            confirmed_tx,
-            metrics,
-            received: Lsn::ZERO,
-            reply_due: false,
-            next_status_tick: Instant::now(),
+            link: Link {
+                stream,
+                policy: StatusPolicy::new(status_every),
+                confirmed_tx,
+                metrics,
+                received: Lsn::ZERO,
+                reply_due: false,
+                next_status_tick: Instant::now(),
+            },
         }
     }
 
     /// Applies the persisted reports that have arrived, publishes the confirmed LSN and sends the
     /// status updates that are due.
-    fn keep_up(&mut self, now: Instant) -> Result<(), Error> {
+    fn keep_up(&mut self) -> Result<(), Error> {
+        while let Ok(id) = self.persisted.try_recv() {
+            self.batcher.persisted(id);
+        }
+        let now = Instant::now();
+        self.link.confirmed(self.batcher.confirmed(), now)?;
+        self.link.answer(now)
+    }
+
+    /// The end of the session: the last persisted reports, the confirmed LSN they allow, and (unless
+    /// the link is broken) the final status update and CopyDone. Failures are only logged: the
+    /// session is over either way.
+    fn settle(&mut self, link_works: bool) {
         while let Ok(id) = self.persisted.try_recv() {
             self.batcher.persisted(id);
         }
         let c = self.batcher.confirmed();
+        self.link.confirmed_tx.send_replace(c);
+        if !link_works {
+            return;
+        }
+        let ended = self
+            .link
+            .status(Wake::Stopping, Instant::now(), c)
+            .and_then(|()| self.link.stream.finish());
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "could not send the final status update");
+        }
+    }
+}
+
+impl Link {
+    /// Publishes `confirmed` (the watch and, if it moved, a status update).
+    fn confirmed(&mut self, confirmed: Lsn, now: Instant) -> Result<(), Error> {
         let moved = self.confirmed_tx.send_if_modified(|v| {
-            let changed = *v != c;
-            *v = c;
+            let changed = *v != confirmed;
+            *v = confirmed;
             changed
         });
         if moved {
-            self.status(Wake::Confirmed, now)?;
+            self.status(Wake::Confirmed, now, confirmed)?;
         }
+        Ok(())
+    }
+
+    /// Sends the updates that are due by time or because the server asked, with the confirmed LSN
+    /// last published (needs no Batcher, so it can run in the middle of a Batcher call).
+    fn answer(&mut self, now: Instant) -> Result<(), Error> {
+        let confirmed = *self.confirmed_tx.borrow();
         if std::mem::take(&mut self.reply_due) {
-            self.status(Wake::ReplyRequested, now)?;
+            self.status(Wake::ReplyRequested, now, confirmed)?;
         }
         if now >= self.next_status_tick {
             self.next_status_tick = now + STATUS_TICK;
-            self.status(Wake::Tick, now)?;
+            self.status(Wake::Tick, now, confirmed)?;
         }
         Ok(())
     }
 
     /// Wakes the status policy and sends the update it asks for (flush = apply = confirmed).
-    fn status(&mut self, wake: Wake, now: Instant) -> Result<(), Error> {
-        let confirmed = self.batcher.confirmed();
+    fn status(&mut self, wake: Wake, now: Instant, confirmed: Lsn) -> Result<(), Error> {
         if self.policy.flush_would_move(confirmed) && confirmed != Lsn::ZERO {
             crate::failpoint::hit("before_status");
         }
@@ -189,23 +271,6 @@ impl StreamState {
             self.metrics.confirmed_lsn.set(u.flush.0);
         }
         Ok(())
-    }
-
-    /// After the thread stopped and the delivery finished: applies the persisted reports that came
-    /// in meanwhile, publishes the confirmed LSN they allow, and ends the stream with the final
-    /// status update and CopyDone (failures are only logged: the session is over either way).
-    pub(super) fn settle(mut self) {
-        while let Ok(id) = self.persisted.try_recv() {
-            self.batcher.persisted(id);
-        }
-        let c = self.batcher.confirmed();
-        let _ = self.confirmed_tx.send(c);
-        let ended = self
-            .status(Wake::Stopping, Instant::now())
-            .and_then(|()| self.stream.finish());
-        if let Err(e) = ended {
-            tracing::debug!(error = %e, "could not send the final status update");
-        }
     }
 }
 
@@ -222,20 +287,40 @@ pub(super) struct StreamThread {
 }
 
 impl StreamThread {
-    /// Runs until stopped or the first error; hands back its state either way.
-    pub(super) fn run(mut self) -> (StreamState, Result<(), Error>) {
+    /// Streams until the drain phase or the first error, reports how streaming ended on `ended` at
+    /// once, then lingers (answering the server) until the finish phase, and settles.
+    pub(super) fn run(mut self, ended: oneshot::Sender<Result<(), Error>>) {
         let result = self.stream();
-        (self.state, result)
+        let _ = ended.send(result);
+        let StreamThread {
+            mut state,
+            inputs,
+            outputs,
+            ..
+        } = self;
+        // The delivery and the publisher finish what they hold once these are gone.
+        drop(outputs);
+        let mut link_works = state.link.stream.writable();
+        while inputs.phase.get() != Phase::Finish {
+            if link_works {
+                if let Err(e) = state.keep_up() {
+                    tracing::debug!(error = %e, "status updates stopped while the session stops");
+                    link_works = false;
+                }
+            }
+            std::thread::sleep(READ_TIMEOUT);
+        }
+        state.settle(link_works);
     }
 
     fn stream(&mut self) -> Result<(), Error> {
-        let wait = coalesce_wait(&self.state.stream);
+        let wait = coalesce_wait(&self.state.link.stream);
         let mut step = Step::default();
         let mut next_tick = Instant::now();
         let mut last_read = 0;
         loop {
             let mut applied = 0;
-            while let Some(item) = self.state.stream.next_buffered()? {
+            while let Some(item) = self.state.link.stream.next_buffered()? {
                 let CopyItem::Data(payload) = item else {
                     return Err(Error::transient(
                         Component::Source,
@@ -247,19 +332,19 @@ impl StreamThread {
                 if applied == STEP_FRAMES {
                     applied = 0;
                     self.step(&mut step, &mut next_tick)?;
-                    if self.inputs.stop.load(Relaxed) {
+                    if self.inputs.phase.get() != Phase::Stream {
                         return Ok(());
                     }
                 }
             }
             self.step(&mut step, &mut next_tick)?;
-            if self.inputs.stop.load(Relaxed) {
+            if self.inputs.phase.get() != Phase::Stream {
                 return Ok(());
             }
             if last_read > 0 && last_read < COALESCE_BELOW && !wait.is_zero() {
                 std::thread::sleep(wait);
             }
-            last_read = self.state.stream.fill()?;
+            last_read = self.state.link.stream.fill()?;
         }
     }
 
@@ -277,7 +362,7 @@ impl StreamThread {
                 wal_start, data, ..
             } => {
                 step.messages += 1;
-                state.received = state.received.max(wal_start);
+                state.link.received = state.link.received.max(wal_start);
                 if data.first() == Some(&b'R') {
                     return self.relation(data, step);
                 }
@@ -294,15 +379,16 @@ impl StreamThread {
                 reply_requested,
                 ..
             } => {
-                state.received = state.received.max(wal_end);
-                state.reply_due |= reply_requested;
+                state.link.received = state.link.received.max(wal_end);
+                state.link.reply_due |= reply_requested;
                 state.batcher.keepalive(wal_end);
                 Ok(())
             }
         }
     }
 
-    /// A Relation message, with the catalog facts the pgoutput message does not carry.
+    /// A Relation message, with the catalog facts the pgoutput message does not carry. The query is
+    /// abandoned if the session stops meanwhile.
     fn relation(&mut self, data: Bytes, step: &mut Step) -> Result<(), Error> {
         let Message::Relation(rel) = decode::decode(data).map_err(|e| {
             Error::definite(
@@ -313,38 +399,48 @@ impl StreamThread {
         else {
             unreachable!("tag R decodes to a Relation")
         };
-        let schema = self
-            .runtime
-            .block_on(slot::describe_relation(&self.catalog, &rel))?;
+        let query = slot::describe_relation(&self.catalog, &rel);
+        let schema = block_answering(
+            &self.runtime,
+            &mut self.state,
+            Some(&self.inputs.phase),
+            query,
+        )??;
         self.state.batcher.relation(schema, &mut step.sealed)
     }
 
     /// Inputs in, results out, the confirmed LSN and the status updates (step 2 of the loop).
     fn step(&mut self, step: &mut Step, next_tick: &mut Instant) -> Result<(), Error> {
-        let metrics = &self.state.metrics;
+        let state = &mut self.state;
+        let metrics = &state.link.metrics;
         metrics
             .messages_received
             .inc_by(std::mem::take(&mut step.messages));
         metrics
             .received_lsn
             .inner()
-            .fetch_max(self.state.received.0, Relaxed);
-        let now = Instant::now();
-        while let Ok(id) = self.state.persisted.try_recv() {
-            self.state.batcher.persisted(id);
+            .fetch_max(state.link.received.0, Relaxed);
+        while let Ok(id) = state.persisted.try_recv() {
+            state.batcher.persisted(id);
         }
         while let Ok(r) = self.inputs.releases.try_recv() {
-            let n = self
-                .state
-                .batcher
-                .release_hold(&r.table, r.cut, &mut step.sealed)?;
+            // A long replay answers the server between slices of rows.
+            let link = &mut state.link;
+            let n = state.batcher.release_hold_answering(
+                &r.table,
+                r.cut,
+                &mut step.sealed,
+                REPLAY_SLICE_ROWS,
+                &mut || link.answer(Instant::now()),
+            )?;
             tracing::debug!(table = %r.table, cut = %r.cut, released = n, "hold released");
         }
+        let now = Instant::now();
         if now >= *next_tick {
             *next_tick = now + self.tick_every;
-            self.state.batcher.tick(now_unix_us(), &mut step.sealed)?;
+            state.batcher.tick(now_unix_us(), &mut step.sealed)?;
         }
-        self.state.batcher.drain_controls(&mut step.controls);
+        state.batcher.drain_controls(&mut step.controls);
         for c in step.controls.drain(..) {
             match c {
                 Control::MalformedMarker { commit_lsn, error } => {
@@ -356,36 +452,26 @@ impl StreamThread {
             }
         }
         for b in step.sealed.drain(..) {
+            // A raw batch is compressed here, which can take a while: answer after each.
             let b = b.map_spool(|spool| {
                 spool.finish().map_err(|e| {
                     Error::transient(Component::Spool, format!("cannot finish spool file: {e}"))
                 })
             })?;
-            send_answering(
-                &self.runtime,
-                &self.outputs.sealed,
-                b,
-                &mut self.state,
-                "delivery",
-            )?;
+            state.link.answer(Instant::now())?;
+            send_answering(&self.runtime, &self.outputs.sealed, b, state, "delivery")?;
         }
         if let Some(tx) = &self.outputs.events {
             // One hand-off (and at most one wake-up of the publisher) per step, not per change.
-            self.state.batcher.drain_change_events(&mut step.events);
+            state.batcher.drain_change_events(&mut step.events);
             if !step.events.is_empty() {
                 let events = std::mem::take(&mut step.events);
-                send_answering(
-                    &self.runtime,
-                    tx,
-                    events,
-                    &mut self.state,
-                    "change-event publisher",
-                )?;
+                send_answering(&self.runtime, tx, events, state, "change-event publisher")?;
             }
         }
-        self.state.keep_up(now)?;
-        let open = self.state.batcher.open_batches() as i64;
-        self.state.metrics.pending_batches.set(open);
+        state.keep_up()?;
+        let open = state.batcher.open_batches() as i64;
+        state.link.metrics.pending_batches.set(open);
         Ok(())
     }
 }
@@ -400,8 +486,31 @@ struct Step {
     messages: u64,
 }
 
+/// Runs `fut` on the runtime in slices of [`READ_TIMEOUT`], keeping up with the server in between
+/// ([`StreamState::keep_up`]); gives up with an error once `phase` leaves streaming, if given.
+fn block_answering<F: Future>(
+    runtime: &Handle,
+    state: &mut StreamState,
+    phase: Option<&PhaseFlag>,
+    fut: F,
+) -> Result<F::Output, Error> {
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let Ok(out) = runtime.block_on(tokio::time::timeout(READ_TIMEOUT, fut.as_mut())) {
+            return Ok(out);
+        }
+        state.keep_up()?;
+        if phase.is_some_and(|p| p.get() != Phase::Stream) {
+            return Err(Error::transient(
+                Component::Daemon,
+                "the session stopped while a catalog query was running",
+            ));
+        }
+    }
+}
+
 /// Sends `item`, waiting for room in slices of [`READ_TIMEOUT`] during which the server is still
-/// answered ([`StreamState::keep_up`]); an error if the receiving task is gone.
+/// answered; an error if the receiving task is gone.
 fn send_answering<T>(
     runtime: &Handle,
     tx: &mpsc::Sender<T>,
@@ -410,20 +519,14 @@ fn send_answering<T>(
     receiver: &str,
 ) -> Result<(), Error> {
     let gone = || Error::transient(Component::Daemon, format!("the {receiver} stopped"));
-    let mut item = item;
-    loop {
-        match tx.try_send(item) {
-            Ok(()) => return Ok(()),
-            Err(TrySendError::Closed(_)) => return Err(gone()),
-            Err(TrySendError::Full(back)) => item = back,
-        }
-        match runtime.block_on(tokio::time::timeout(READ_TIMEOUT, tx.reserve())) {
-            Ok(Ok(permit)) => {
-                permit.send(item);
-                return Ok(());
-            }
-            Ok(Err(_)) => return Err(gone()),
-            Err(_) => state.keep_up(Instant::now())?,
+    match tx.try_send(item) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Closed(_)) => Err(gone()),
+        Err(TrySendError::Full(item)) => {
+            let permit =
+                block_answering(runtime, state, None, tx.reserve())?.map_err(|_| gone())?;
+            permit.send(item);
+            Ok(())
         }
     }
 }

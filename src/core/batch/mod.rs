@@ -726,6 +726,19 @@ impl<F: SpoolFactory> Batcher<F> {
         cut: Lsn,
         sealed: &mut Vec<Sealed<F::Spool>>,
     ) -> Result<u64, Error> {
+        self.release_hold_answering(table, cut, sealed, u64::MAX, &mut || Ok(()))
+    }
+
+    /// [`Self::release_hold`], calling `between` after every `slice_rows` rows replayed: a hold can
+    /// be large, and the driver must keep answering the server meanwhile (its error ends the replay).
+    pub fn release_hold_answering(
+        &mut self,
+        table: &TableName,
+        cut: Lsn,
+        sealed: &mut Vec<Sealed<F::Spool>>,
+        slice_rows: u64,
+        between: &mut dyn FnMut() -> Result<(), Error>,
+    ) -> Result<u64, Error> {
         if cut > Lsn::ZERO {
             self.cuts.insert(table.clone(), cut);
         }
@@ -771,6 +784,9 @@ impl<F: SpoolFactory> Batcher<F> {
             self.scratch.extend_from_slice(&row);
             self.append_row(&schema, pos, commit_ts, op, Some(floor))?;
             released += 1;
+            if released % slice_rows == 0 {
+                between()?;
+            }
         }
         for ddl in deferred {
             self.seal_table(table, sealed)?;

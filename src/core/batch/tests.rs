@@ -1188,3 +1188,33 @@ fn quoted_u32_is_the_decimal_text_in_quotes() {
         assert_eq!(out, format!("x\"{n}\"").into_bytes());
     }
 }
+
+/// A long hold replay calls the driver back every `slice_rows` rows (so it can answer the server),
+/// and an error from that call ends the replay with that error.
+#[test]
+fn a_hold_replay_calls_back_between_slices_and_stops_on_its_error() {
+    let replay = |fail_at: Option<u32>| {
+        let mut b = one_table_batcher();
+        let mut sealed = Vec::new();
+        b.begin_hold(&schema(0).table, &mut sealed).unwrap();
+        for i in 0..10u64 {
+            insert_txn(&mut b, 10 + 10 * i, &i.to_string(), &mut sealed);
+        }
+        let mut calls = 0u32;
+        let result =
+            b.release_hold_answering(&schema(0).table, Lsn::ZERO, &mut sealed, 3, &mut || {
+                calls += 1;
+                if Some(calls) == fail_at {
+                    return Err(Error::transient(Component::Source, "link down"));
+                }
+                Ok(())
+            });
+        (result, calls)
+    };
+    let (released, calls) = replay(None);
+    assert_eq!(released.unwrap(), 10);
+    assert_eq!(calls, 3, "after rows 3, 6 and 9");
+    let (failed, calls) = replay(Some(2));
+    assert!(failed.unwrap_err().message().contains("link down"));
+    assert_eq!(calls, 2, "the replay stops at the failing call");
+}

@@ -10,8 +10,11 @@
 //!
 //! # Contract
 //! - [`CopyStream::next_buffered`] returns the next item already in the read buffer, never making a
-//!   system call; [`CopyStream::fill`] makes exactly one read, which blocks at most the read timeout
-//!   and returns 0 if nothing arrived in that time. So the caller decides when it may block.
+//!   system call; [`CopyStream::fill`] makes one read, which blocks at most the read timeout and
+//!   returns 0 if nothing arrived in that time. So the caller decides when it may block. Over TLS,
+//!   one `fill` may read the socket more than once (rustls reads until a record decrypts, and first
+//!   writes what it has pending): each of those reads waits at most the read timeout, so a record
+//!   trickling in slowly can stretch one `fill` by as many timeouts.
 //! - Framing and the meaning of each frame are the async reader's own ([`super::frame::take_frame`],
 //!   [`super::copy::copy_item`]): a length below 4 or above 1 GiB and an unexpected message are
 //!   definite protocol errors, an ErrorResponse is the classified server error, EOF and I/O errors
@@ -102,6 +105,12 @@ impl CopyStream {
     ) -> Result<CopyStream, Error> {
         let CopyReader { reader, done } = reader;
         let peer = reader.peer.clone();
+        if writer.writer.torn {
+            return Err(Error::definite(
+                COMPONENT,
+                format!("connection to {peer} is unusable: an earlier write was interrupted"),
+            ));
+        }
         let stream = reader.io.unsplit(writer.writer.io);
         let setup = |e: io::Error| {
             Error::transient(
@@ -143,6 +152,11 @@ impl CopyStream {
         })
     }
 
+    /// Whether a message can still be sent: no earlier send failed part-way.
+    pub fn writable(&self) -> bool {
+        !self.torn
+    }
+
     /// Whether the stream is a unix-domain socket (no TCP acknowledgements pace the sender).
     pub fn is_unix_socket(&self) -> bool {
         matches!(self.io, SyncIo::Unix(_))
@@ -155,7 +169,15 @@ impl CopyStream {
         if self.done {
             return Ok(Some(CopyItem::End));
         }
-        while let Some(frame) = take_frame(&mut self.buf, &mut self.want, &self.peer)? {
+        loop {
+            let frame = match take_frame(&mut self.buf, &mut self.want, &self.peer) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    self.done = true;
+                    return Err(e);
+                }
+            };
             match copy_item(frame, &self.peer) {
                 Ok(None) => continue,
                 Ok(Some(CopyItem::End)) => {
@@ -169,7 +191,6 @@ impl CopyStream {
                 }
             }
         }
-        Ok(None)
     }
 
     /// One read, blocking at most the read timeout; returns the bytes read, 0 if nothing arrived in

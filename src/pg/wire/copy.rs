@@ -1,7 +1,9 @@
 //! CopyBoth mode: the two halves of a replication stream, which may live on different tasks.
 //!
-//! [`CopyReader::next`] is the product's hottest path: each CopyData payload is returned as a
-//! zero-copy slice of the read buffer, and the call is cancel-safe (it can sit in a `select!`).
+//! Each CopyData payload is returned as a zero-copy slice of the read buffer, and
+//! [`CopyReader::next`] is cancel-safe (it can sit in a `select!`). The daemon joins the halves
+//! again into a blocking `super::blocking::CopyStream`; the meaning of each frame ([`copy_item`]) is
+//! shared by both.
 
 use bytes::Bytes;
 use postgres_protocol::message::backend::{

@@ -23,16 +23,18 @@
 //!   nothing here panics on what the server sends.
 //! - Errors are classified where they arise: a server `ErrorResponse` becomes an [`Error`] carrying
 //!   the SQLSTATE ([`Error::sqlstate`]) and classified by [`crate::error::sqlstate_kind`]; I/O errors, EOF and
-//!   timeouts are transient; TLS handshake/certificate problems, authentication failures and protocol
+//!   timeouts are transient (except a read timeout of the blocking `CopyStream`, which means that
+//!   nothing arrived); TLS handshake/certificate problems, authentication failures and protocol
 //!   violations are definite.
 //! - Cancellation: [`CopyReader::next`] is cancel-safe (a frame is consumed only when it is
 //!   returned), so it can sit in a `select!`. Dropping any other future of this module half-way can
 //!   leave a message half written or a result half read; the connection notices and refuses further
 //!   requests with a definite error rather than misread the stream: discard it and reconnect.
 //!
-//! [`CopyReader::next`] is the hottest path of the product: frames are parsed in place in one large
-//! `BytesMut` read buffer and each CopyData payload is returned as a zero-copy `Bytes` slice of it (a
-//! payload therefore keeps its 128 KiB read chunk alive until dropped).
+//! Reading the replication stream is the hottest path of the product ([`CopyStream::next_buffered`]
+//! in the daemon): frames are parsed in place in one large `BytesMut` read buffer and each CopyData
+//! payload is returned as a zero-copy `Bytes` slice of it (a payload therefore keeps its 256 KiB
+//! read chunk alive until dropped).
 //!
 //! Submodules: `frame` (byte stream → frames, the read and write buffers), `backend` (bodies of
 //! server messages), `auth` (the authentication exchange), `copy` (the CopyBoth halves), `blocking`
