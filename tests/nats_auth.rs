@@ -278,3 +278,25 @@ async fn reload_requests_follow_the_readme_permissions() {
     assert!(d.stop().await.success());
     db.cleanup().await;
 }
+
+/// A message larger than the server's `max_payload` is a configuration error that names the
+/// setting (definite: retrying would send the same message again), not an outage retried forever.
+#[tokio::test]
+async fn a_message_over_the_servers_max_payload_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = secret_file(dir.path(), "small.conf", "max_payload: 2048");
+    let s = Server::start(&["-c", conf.to_str().unwrap()]);
+    let cfg = config(format!("nats://127.0.0.1:{}", s.port), NatsAuth::default());
+    let n = connect(&cfg).await.unwrap();
+    let subject = format!("{}.main.test", cfg.subject_prefix);
+    n.publish_once(&subject, "small-1", vec![b'x'; 1000].into())
+        .await
+        .unwrap();
+    let err = n
+        .publish_once(&subject, "large-1", vec![b'x'; 4096].into())
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    assert!(err.is_config(), "{err}");
+    assert!(err.to_string().contains("max_payload"), "{err}");
+}

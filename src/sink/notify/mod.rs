@@ -244,6 +244,25 @@ where
     Error::caused_by(Kind::Transient, Component::Nats, format!("NATS {what}"), e)
 }
 
+/// A failed publish: a message larger than the server's `max_payload` is a configuration error
+/// (definite: a retry sends the same message again), anything else transient.
+fn publish_error(what: &str, e: jetstream::context::PublishError) -> Error {
+    if e.kind() == PublishErrorKind::MaxPayloadExceeded {
+        return Error::caused_by(
+            Kind::Definite,
+            Component::Config,
+            format!(
+                "NATS {what}: the message is larger than the server's max_payload; raise \
+                 max_payload in the NATS server's configuration (a notice needs a few KiB, a grouped \
+                 change event up to 256 KiB plus headers, a per-change event the largest row), or set \
+                 nats.change_events to false"
+            ),
+            e,
+        );
+    }
+    transient(what, e)
+}
+
 /// One subject token from a name: reserved characters percent-encoded.
 pub fn subject_token(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
@@ -676,7 +695,7 @@ impl Notifier {
                 .js
                 .send_publish(subject.to_string(), publish)
                 .await
-                .map_err(|e| transient(&format!("publish on {subject}"), e))?;
+                .map_err(|e| publish_error(&format!("publish on {subject}"), e))?;
             match ack.await {
                 Ok(a) if a.duplicate => {
                     return self
@@ -752,7 +771,7 @@ impl Notifier {
                 .js
                 .send_publish(subject.clone(), publish)
                 .await
-                .map_err(|e| transient(&format!("publish on {subject}"), e))?;
+                .map_err(|e| publish_error(&format!("publish on {subject}"), e))?;
             match ack.await {
                 Ok(_) => return Ok(()),
                 // Someone claimed it first: read their claim.
@@ -882,7 +901,7 @@ impl Notifier {
         self.js
             .send_publish(subject.clone(), publish)
             .await
-            .map_err(|e| transient(&format!("publish on {subject}"), e))
+            .map_err(|e| publish_error(&format!("publish on {subject}"), e))
     }
 }
 
