@@ -84,6 +84,14 @@ cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM
+    # A failed run keeps the daemon's log and last metrics (the work directory is removed).
+    if ((rc != 0)) && [[ -n $WORK && -f $WORK/egress.log ]]; then
+        mkdir -p "$ROOT/benches/results"
+        cp "$WORK/egress.log" "$ROOT/benches/results/many_tables-failed.log"
+        [[ -z ${HTTP_PORT:-} ]] || curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics" \
+            >"$ROOT/benches/results/many_tables-failed.metrics" 2>/dev/null
+        log "kept the daemon's log in benches/results/many_tables-failed.log"
+    fi
     teardown
     exit "$rc"
 }

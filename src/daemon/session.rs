@@ -15,7 +15,7 @@
 //! are let finish on a graceful stop (bounded wait) and aborted otherwise; an abort can cut a delivery
 //! only before its registry commit (then the objects are orphans, removed at the next start) or after
 //! it (then the row is completed by `finish_unnotified` at the next start). The last status update
-//! is sent ([`StreamState::settle`]) after the delivery has ended and the batcher has applied every
+//! is sent (by the stream thread, told to finish) after the delivery has ended and the batcher has applied every
 //! persisted report, so it carries the highest LSN that is safe, and never a higher one.
 
 use std::sync::atomic::Ordering::Relaxed;

@@ -3,12 +3,13 @@
 //! and the spool files.
 //!
 //! # Why one thread
-//! Measured on 2 cores (benches/README.md, "TCP: where the time goes"): the walsender needs one core
-//! to itself. When a reader task handed chunks of frames to a separate batcher thread, two busy
-//! threads of ours ran beside the walsender, which was preempted 20K–94K times per run (about 1K
-//! when it served `pg_recvlogical`) and used 30–80% more CPU for the same WAL. The same build pinned
-//! to one core kept up much better (0.82× of `pg_recvlogical` instead of 0.70×). This thread does the
-//! reading, decoding, encoding and spooling without any hand-off, so it is the one busy thread.
+//! Measured on 2 cores (benches/README.md, "TCP: where the time goes" and "Measured (2026-12-07: one
+//! stream thread)"): the walsender needs one core to itself. When a reader task handed chunks of
+//! frames to a separate batcher thread, two busy threads of ours ran beside the walsender, which was
+//! preempted 15K–94K times per run (about 1K when it served `pg_recvlogical`) and used 30–80% more
+//! CPU for the same WAL. The same build pinned to one core kept up much better (0.81–0.83× of
+//! `pg_recvlogical` instead of 0.68–0.72× in the same hour). This thread does the reading, decoding,
+//! encoding and spooling without any hand-off, so it is the one busy thread.
 //!
 //! # The loop
 //! 1. Every complete frame already in the read buffer is applied, without a system call: XLogData to
