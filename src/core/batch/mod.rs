@@ -784,7 +784,7 @@ impl<F: SpoolFactory> Batcher<F> {
             self.scratch.extend_from_slice(&row);
             self.append_row(&schema, pos, commit_ts, op, Some(floor))?;
             released += 1;
-            if released % slice_rows == 0 {
+            if released % slice_rows.max(1) == 0 {
                 between()?;
             }
         }
