@@ -39,7 +39,9 @@ use tokio_rustls::rustls::{ClientConnection, StreamOwned};
 use crate::error::Error;
 
 use super::copy::{copy_item, CopyItem, CopyReader, CopyWriter};
-use super::frame::{closed_by, io_error, reserve_for_read, take_frame, Stream, READ_CHUNK};
+use super::frame::{
+    closed_by, io_error, reserve_for_read, take_frame, torn_writer, Stream, READ_CHUNK,
+};
 use super::COMPONENT;
 
 /// How long one send may block before the connection is given up.
@@ -106,10 +108,7 @@ impl CopyStream {
         let CopyReader { reader, done } = reader;
         let peer = reader.peer.clone();
         if writer.writer.torn {
-            return Err(Error::definite(
-                COMPONENT,
-                format!("connection to {peer} is unusable: an earlier write was interrupted"),
-            ));
+            return Err(torn_writer(&peer));
         }
         let stream = reader.io.unsplit(writer.writer.io);
         let setup = |e: io::Error| {
@@ -252,13 +251,7 @@ impl CopyStream {
 
     fn send_out(&mut self) -> Result<(), Error> {
         if self.torn {
-            return Err(Error::definite(
-                COMPONENT,
-                format!(
-                    "connection to {} is unusable: an earlier write failed part-way",
-                    self.peer
-                ),
-            ));
+            return Err(torn_writer(&self.peer));
         }
         self.torn = true;
         self.io

@@ -171,6 +171,15 @@ pub(super) fn reserve_for_read(buf: &mut BytesMut, want: usize) {
     }
 }
 
+/// A write that did not complete (cancelled or failed part-way) may have left half a message on the
+/// wire: the connection refuses every later write (definite: discard it and reconnect).
+pub(super) fn torn_writer(peer: &str) -> Error {
+    Error::definite(
+        COMPONENT,
+        format!("connection to {peer} is unusable: an earlier write did not complete"),
+    )
+}
+
 /// The server closed the connection (EOF): transient, the server went away.
 pub(super) fn closed_by(peer: &str) -> Error {
     Error::transient(
@@ -233,13 +242,7 @@ impl Writer {
     /// Writes and flushes `self.buf`, then clears it.
     pub(super) async fn send_buf(&mut self) -> Result<(), Error> {
         if self.torn {
-            return Err(Error::definite(
-                COMPONENT,
-                format!(
-                    "connection to {} is unusable: an earlier write was interrupted",
-                    self.peer
-                ),
-            ));
+            return Err(torn_writer(&self.peer));
         }
         self.torn = true;
         self.io
