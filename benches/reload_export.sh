@@ -55,9 +55,18 @@ copy_all() { # $1: gzip or null
   done
   wait
 }
+# CPU seconds (user + system) of a process, or of this shell's waited-for children.
+proc_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/proc/$1/stat"; }
+# (`times` runs in this shell, not in a command substitution's subshell, which has no children.)
+children_cpu() {
+  times >"$work/times"
+  CHILDREN_CPU=$(awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub(/s$/, "", p[2]); t += p[1] * 60 + p[2] } printf "%.3f", t }' "$work/times")
+}
+children_cpu; cpu0=$CHILDREN_CPU
 start=$(date +%s.%N)
 copy_all gzip
 ref=$(echo "$(date +%s.%N) - $start" | bc)
+children_cpu; ref_cpu=$(echo "$CHILDREN_CPU - $cpu0" | bc)
 ref_bytes=$(cat "$work"/ref-*.csv.gz | wc -c)
 start=$(date +%s.%N)
 copy_all null
@@ -75,16 +84,22 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 start=$(date +%s.%N)
+daemon_cpu0=$(proc_cpu "$pid")
 "$bin" reload public.big --wait >/dev/null 2>"$work/reload.log"
 egress=$(echo "$(date +%s.%N) - $start" | bc)
-read -r exported eg_bytes parts <<<"$(psql_ -d "$db" -F ' ' -c "SELECT rows, bytes, parts FROM cdc_egress.reloads WHERE status = 'done'")"
+egress_cpu=$(echo "$(proc_cpu "$pid") - $daemon_cpu0" | bc)
+read -r exported eg_bytes parts marker_s export_s <<<"$(psql_ -d "$db" -F ' ' -c "SELECT rows, bytes, parts, \
+  round(extract(epoch FROM finished_at - requested_at), 3), round(extract(epoch FROM finished_at - started_at), 3) \
+  FROM cdc_egress.reloads WHERE status = 'done'")"
 [ "$exported" = "$rows" ] || { echo "cdc-egress exported $exported rows, expected $rows"; exit 1; }
 printf 'COPY | gzip -1   %6.2f s  (%s bytes gz)\n' "$ref" "$ref_bytes"
 printf 'cdc-egress       %6.2f s  (%s bytes gz, %s parts, request to done)\n' "$egress" "$eg_bytes" "$parts"
+printf '  in the daemon   %6.2f s  from reading the marker, %.2f s from the start of the export\n' "$marker_s" "$export_s"
+printf 'CPU              %6.2f s  cdc-egress (the daemon), %.2f s psql + gzip -1 (the servers'"'"' backends not counted)\n' "$egress_cpu" "$ref_cpu"
 printf 'COPY > /dev/null %6.2f s  (no compression)\n' "$plain"
 printf 'ratio            %.2fx  (COPY | gzip -1 time / cdc-egress time)\n' "$(echo "$ref / $egress" | bc -l)"
 printf 'ratio to COPY    %.2fx  (COPY > /dev/null time / cdc-egress time)\n' "$(echo "$plain / $egress" | bc -l)"
 mkdir -p benches/results
-printf '{"rows": %s, "parallelism": %s, "copy_gzip_s": %.3f, "copy_null_s": %.3f, "egress_s": %.3f, "ratio_gzip": %.3f, "ratio_null": %.3f}\n' \
-  "$rows" "$par" "$ref" "$plain" "$egress" "$(echo "$ref / $egress" | bc -l)" "$(echo "$plain / $egress" | bc -l)" \
+printf '{"rows": %s, "parallelism": %s, "copy_gzip_s": %.3f, "copy_null_s": %.3f, "egress_s": %.3f, "egress_from_marker_s": %.3f, "egress_export_s": %.3f, "egress_cpu_s": %.3f, "copy_gzip_cpu_s": %.3f, "ratio_gzip": %.3f, "ratio_null": %.3f}\n' \
+  "$rows" "$par" "$ref" "$plain" "$egress" "$marker_s" "$export_s" "$egress_cpu" "$ref_cpu" "$(echo "$ref / $egress" | bc -l)" "$(echo "$plain / $egress" | bc -l)" \
   >benches/results/reload_export.json

@@ -539,7 +539,10 @@ async fn exports_honour_the_publication_column_list_and_row_filter() {
     let c = db.client().await;
     c.batch_execute(PUB_DDL).await.unwrap();
     c.batch_execute(&format!(
-        "INSERT INTO t SELECT g, (ARRAY['eu','us','ap'])[1 + g % 3], 'v' || g, 'classified-' || md5(g::text)
+        // Some values span lines: a part's registered row count is records, not lines.
+        "INSERT INTO t SELECT g, (ARRAY['eu','us','ap'])[1 + g % 3],
+                'v' || g || CASE WHEN g % 7 = 0 THEN E'\\nsecond line\\r\\n' ELSE '' END,
+                'classified-' || md5(g::text)
            FROM generate_series(1, 3000) g;
          CREATE PUBLICATION {} FOR TABLE t (id, region, v) WHERE (region = 'eu');",
         db.publication
@@ -616,6 +619,19 @@ async fn exports_honour_the_publication_column_list_and_row_filter() {
                 assert_eq!(r[1], "eu", "{}: {r:?}", f.display());
             }
             part_rows += records.len();
+            let registered: i64 = c
+                .query_one(
+                    "SELECT row_count FROM cdc_egress.files WHERE object_path = $1 OR object_path LIKE '%/' || $1",
+                    &[&f
+                        .strip_prefix(db.dir.path().join("out"))
+                        .unwrap()
+                        .to_string_lossy()
+                        .to_string()],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(registered, records.len() as i64, "{}", f.display());
         } else if name == "data.csv.gz" {
             let (header, records) = read_gz_csv(f);
             let meta = cdc_egress::core::encode::csv::METADATA_COLUMNS;

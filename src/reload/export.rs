@@ -69,6 +69,23 @@ use crate::table::{
 /// Tables smaller than this many heap pages (64 MiB) are exported as one part.
 const PART_PAGES: i64 = 8192;
 
+/// How many parts a table of `pages` heap pages is split into for `workers` workers: one below
+/// [`PART_PAGES`]; above, at least one per worker and up to four per worker while a part keeps a
+/// quarter of `PART_PAGES` (16 MiB of heap), and no part above `8 × PART_PAGES` (512 MiB); at most
+/// 1,000. Several parts per worker keep the machine busy while a worker uploads a finished part (its
+/// upload interleaves with the other workers' compression) and end the workers close together. On
+/// the reload benchmark (2 workers, 289 MB: 8 parts instead of 2) the gain was within the
+/// machine's noise (benches/README.md); the shorter tail is what it buys.
+fn part_count(pages: i64, workers: usize) -> i64 {
+    if pages <= PART_PAGES {
+        return 1;
+    }
+    let workers = workers.max(1) as i64;
+    let interleaved = (4 * workers).min(pages / (PART_PAGES / 4));
+    let bounded = (pages + 8 * PART_PAGES - 1) / (8 * PART_PAGES);
+    workers.max(interleaved).max(bounded).min(1000)
+}
+
 /// A consistent cut: the snapshot to import, and the LSN it is consistent at.
 pub struct Cut {
     pub lsn: Lsn,
@@ -310,25 +327,6 @@ async fn describe_published(
     })
 }
 
-/// Counts CSV records in a stream of chunks (newlines outside quotes).
-#[derive(Default)]
-struct RecordCounter {
-    in_quotes: bool,
-    records: u64,
-}
-
-impl RecordCounter {
-    fn feed(&mut self, chunk: &[u8]) {
-        for &b in chunk {
-            match b {
-                b'"' => self.in_quotes = !self.in_quotes,
-                b'\n' if !self.in_quotes => self.records += 1,
-                _ => {}
-            }
-        }
-    }
-}
-
 impl Exporter {
     /// Imports `cut` into the workers, releases the cut (dropping its temporary slot), then exports
     /// every table. Each table's result is sent on `done` as soon as its last part is uploaded, so a
@@ -397,13 +395,7 @@ impl Exporter {
                         rows: p.estimate_rows,
                         bytes: p.estimate_bytes,
                     });
-                    let parts = if p.pages <= PART_PAGES {
-                        1
-                    } else {
-                        (workers as i64)
-                            .max((p.pages + 8 * PART_PAGES - 1) / (8 * PART_PAGES))
-                            .min(1000)
-                    };
+                    let parts = part_count(p.pages, workers);
                     let step = (p.pages + parts - 1) / parts.max(1);
                     for k in 0..parts {
                         queue.push(PartJob {
@@ -677,7 +669,10 @@ async fn export_part(
         }
         spool.finish()
     });
-    let mut counter = RecordCounter::default();
+    // The protocol sends COPY's output as one CopyData message per row ("always one per row", the
+    // protocol's COPY operations), and the stream yields one item per message: the header and then
+    // one per record, however many newlines a value holds. Counting items spares a scan of every byte.
+    let mut records = 0u64;
     let mut csv_bytes = 0u64;
     let mut failure = None;
     let mut buffer: Vec<u8> = Vec::with_capacity(HANDOFF + 4096);
@@ -689,7 +684,7 @@ async fn export_part(
                 break;
             }
         };
-        counter.feed(&chunk);
+        records += 1;
         csv_bytes += chunk.len() as u64;
         // COPY yields one row per chunk: hand rows over in 256 KiB buffers.
         buffer.extend_from_slice(&chunk);
@@ -711,7 +706,7 @@ async fn export_part(
     if let Some(e) = failure {
         return Err(e);
     }
-    let rows = counter.records.saturating_sub(1);
+    let rows = records.saturating_sub(1);
     job.progress.rows.fetch_add(rows, Relaxed);
     let path = job.dir.clone().join(layout::part_file(part.index).as_str());
     store
@@ -730,8 +725,34 @@ async fn export_part(
 
 #[cfg(test)]
 mod tests {
-    use super::{part_sql, PartJob, RecordCounter, Selection};
+    use super::{part_count, part_sql, PartJob, Selection, PART_PAGES};
     use crate::table::{ColumnSchema, ReplicaIdentity, TableName, TableSchema};
+
+    #[test]
+    fn tables_split_into_parts_by_size_and_workers() {
+        // Small tables: one part, whatever the parallelism.
+        assert_eq!(part_count(0, 4), 1);
+        assert_eq!(part_count(PART_PAGES, 4), 1);
+        // The benchmark's table (289 MB) with 2 workers: four parts each.
+        assert_eq!(part_count(37_038, 2), 8);
+        // Just above the threshold: parts of at least a quarter of PART_PAGES, but one per worker.
+        assert_eq!(part_count(PART_PAGES + 1, 2), 4);
+        assert_eq!(part_count(PART_PAGES + 1, 16), 16);
+        // Huge tables: parts of at most 8 × PART_PAGES, and never more than 1,000 parts.
+        assert_eq!(part_count(800 * PART_PAGES, 2), 100);
+        assert_eq!(part_count(100_000 * PART_PAGES, 2), 1000);
+        for pages in [PART_PAGES + 1, 37_038, 1 << 20] {
+            for workers in [1, 2, 3, 8] {
+                let parts = part_count(pages, workers);
+                let step = (pages + parts - 1) / parts;
+                // Every part (the last one too) starts inside the table.
+                assert!(
+                    (parts - 1) * step < pages,
+                    "{pages} pages, {workers} workers"
+                );
+            }
+        }
+    }
 
     #[test]
     fn parts_select_the_published_columns_and_rows() {
@@ -777,14 +798,5 @@ mod tests {
             "COPY (SELECT \"id\", \"Region\" FROM \"s\".\"T\" WHERE ctid >= '(0,0)'::tid) \
              TO STDOUT (FORMAT csv, HEADER, NULL '\\N', FORCE_QUOTE *)"
         );
-    }
-
-    #[test]
-    fn counts_records_not_embedded_newlines() {
-        let mut c = RecordCounter::default();
-        c.feed(b"a,b\n\"x\ny\",\"q\"\"");
-        c.feed(b"\n\"\n");
-        c.feed(b"\\N,\"z\"\n");
-        assert_eq!(c.records, 3);
     }
 }
