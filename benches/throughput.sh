@@ -23,7 +23,7 @@
 # Knobs (environment): BENCH_ROWS_PER_TABLE (120000), BENCH_PGBENCH_TXNS (10000), BENCH_INTERVAL_S (10),
 # BENCH_TIMEOUT_S per consumer (600), BENCH_PG_HOST/PORT/USER (127.0.0.1/5432/postgres),
 # BENCH_NATS_URL (nats://127.0.0.1:4222), BENCH_PGBIN (newest /usr/lib/postgresql/*/bin),
-# BENCH_SKIP_BUILD, BENCH_KEEP, BENCH_PERF=1 (system-wide `perf record` during each drain, saved in
+# BENCH_SKIP_BUILD, BENCH_KEEP, BENCH_PG_SSLMODE (both consumers' libpq sslmode), BENCH_PERF=1 (system-wide `perf record` during each drain, saved in
 # benches/results/, with a per-thread CPU summary), BENCH_CHANGE_EVENTS=1 (nats.change_events: one
 # JetStream message per change, acks awaited before the LSN moves; the check then also requires one
 # message per change on <prefix>.*.change.>; BENCH_CHANGE_EVENTS=grouped: nats.change_events: grouped,
@@ -80,6 +80,13 @@ else
     REPL_HOST=$PG_HOST
     TRANSPORT="tcp $PG_HOST:$PG_PORT"
     EGRESS_URL_HOST=$PG_HOST
+fi
+# BENCH_PG_SSLMODE=<libpq sslmode> sets the TLS mode of both consumers' connections (PGSSLMODE for
+# pg_recvlogical and psql, ?sslmode= for cdc-egress); by default both use libpq's `prefer`.
+URL_QUERY=
+if [[ -n ${BENCH_PG_SSLMODE:-} ]]; then
+    export PGSSLMODE=$BENCH_PG_SSLMODE
+    URL_QUERY="?sslmode=$BENCH_PG_SSLMODE"
 fi
 
 # ------------------------------------------------------------------------------------------------
@@ -280,7 +287,7 @@ log "pg_recvlogical: ${REF_S}s"
 
 HTTP_PORT=$(free_port)
 EGRESS_ENV=(
-    CDC_EGRESS_SOURCE_URL="postgres://$PG_USER@$EGRESS_URL_HOST:$PG_PORT/$DB"
+    CDC_EGRESS_SOURCE_URL="postgres://$PG_USER@$EGRESS_URL_HOST:$PG_PORT/$DB$URL_QUERY"
     CDC_EGRESS_SOURCE_SLOT="$SLOT_CDC"
     CDC_EGRESS_SOURCE_PUBLICATION="$PUB"
     CDC_EGRESS_BATCH_INTERVAL="${INTERVAL_S}s"

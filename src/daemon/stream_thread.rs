@@ -24,7 +24,9 @@
 //! 3. With the buffer dry, one read, blocking at most [`READ_TIMEOUT`]. Over TCP the read is made at
 //!    once: the walsender's small segments are acknowledged as they are read, so a reader that
 //!    sleeps to let a burst build up throttles the sender (measured: a 200 µs wait after each read
-//!    under 32 KiB halved the throughput, with a 4 MiB receive buffer too). Over a unix socket
+//!    under 32 KiB halved the throughput, with a 4 MiB receive buffer too). Instead the kernel
+//!    paces a heavy flow's reads with a low-water mark (`SO_RCVLOWAT`) that keeps the window open:
+//!    `pg::wire::blocking`, "Paced reads over TCP". Over a unix socket
 //!    nothing paces the sender but its buffer, and every message it writes wakes a blocked reader:
 //!    there, after a read under [`COALESCE_BELOW`], the thread first sleeps [`COALESCE_WAIT`], and
 //!    the next read takes the whole burst. `CDC_EGRESS_READ_COALESCE_US` (microseconds, 0 = never)

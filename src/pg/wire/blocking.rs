@@ -25,6 +25,26 @@
 //! - [`CopyStream::send`] writes one CopyData message whole (blocking at most the write timeout); a
 //!   write that fails or times out may leave a message half written, and every later send is then
 //!   refused with a definite error rather than corrupt the stream.
+//!
+//! # Paced reads over TCP
+//! The walsender sends every change as it decodes it, one `send` each. A reader that drains the
+//! socket and blocks on it again is woken by nearly every one of those sends, and on a loopback
+//! connection the wake-up is work done on the walsender's CPU: serving such a reader, the walsender
+//! used 30–60% more CPU than serving `pg_recvlogical` (benches/README.md). So a TCP read asks the
+//! kernel to wake it only once a *low-water mark* of bytes has arrived (`SO_RCVLOWAT`), and the mark
+//! follows the flow: after a read that returned at least [`PACE_FROM`] bytes it becomes what that
+//! read returned (at most [`MAX_LOW_WATER`]), after a smaller one it is one byte (no pacing). While
+//! the mark is above one byte a read waits at most [`PACED_WAIT`] for it, then returns what has
+//! arrived. So under a heavy flow the mark settles near what arrives in `PACED_WAIT` and a read wakes
+//! every millisecond or two instead of for every change, while a lighter flow (10,000 changes/s of
+//! small transactions fill a few KiB between reads) is read as it comes, as before: pacing it
+//! raised the median commit-to-ack latency of change events from 0.8 to 5.6 ms. A heavy flow that
+//! stops is read at most `PACED_WAIT` late; an idle stream has no mark and the normal read
+//! timeout. Under TLS the socket is read ahead
+//! into a buffer as large as the frame reads, because rustls reads at most 4 KiB at a time and the
+//! kernel's wait is bounded by the size asked for. A unix socket is not paced here: its reader waits
+//! between reads instead (`daemon::stream_thread`). Where `SO_RCVLOWAT` is refused or unavailable,
+//! reads are not paced.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -47,10 +67,153 @@ use super::COMPONENT;
 /// How long one send may block before the connection is given up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The most a paced TCP read waits for before it is woken (see "Paced reads over TCP").
+pub const MAX_LOW_WATER: usize = 64 * 1024;
+
+/// The least a read must return for the next one to be paced: a flow that fills less than this
+/// between two reads is read as it comes (see "Paced reads over TCP").
+pub const PACE_FROM: usize = 16 * 1024;
+
+/// How long a paced TCP read waits for its low-water mark before it returns what has arrived.
+pub const PACED_WAIT: Duration = Duration::from_millis(2);
+
 enum SyncIo {
-    Tcp(TcpStream),
+    Tcp(PacedTcp),
     Unix(UnixStream),
-    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+    Tls(Box<StreamOwned<ClientConnection, ReadAhead>>),
+}
+
+/// A blocking TCP socket whose reads are paced by an adaptive low-water mark (see the module
+/// documentation).
+struct PacedTcp {
+    sock: TcpStream,
+    /// The read timeout with no low-water mark (an idle stream).
+    idle_timeout: Duration,
+    /// The low-water mark set on the socket now (1: none).
+    low_water: usize,
+    /// Whether the socket accepts `SO_RCVLOWAT`.
+    paced: bool,
+}
+
+impl PacedTcp {
+    fn new(sock: TcpStream, idle_timeout: Duration) -> io::Result<PacedTcp> {
+        sock.set_read_timeout(Some(idle_timeout))?;
+        Ok(PacedTcp {
+            sock,
+            idle_timeout,
+            low_water: 1,
+            paced: cfg!(all(target_os = "linux", target_env = "gnu")),
+        })
+    }
+
+    /// Sets the next read's low-water mark from what the last one returned (0: nothing).
+    fn pace_after(&mut self, got: usize) {
+        let next = pace_after(got);
+        if !self.paced || next == self.low_water {
+            return;
+        }
+        if set_low_water(&self.sock, next).is_err() {
+            // Not paced then: the kernel's default mark is one byte.
+            self.paced = false;
+            let _ = self.sock.set_read_timeout(Some(self.idle_timeout));
+            self.low_water = 1;
+            return;
+        }
+        if (next > 1) != (self.low_water > 1) {
+            let timeout = if next > 1 {
+                PACED_WAIT
+            } else {
+                self.idle_timeout
+            };
+            let _ = self.sock.set_read_timeout(Some(timeout));
+        }
+        self.low_water = next;
+    }
+}
+
+/// The low-water mark after a read that returned `got` bytes (see "Paced reads over TCP").
+pub(super) fn pace_after(got: usize) -> usize {
+    if got < PACE_FROM {
+        1
+    } else {
+        got.min(MAX_LOW_WATER)
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn set_low_water(sock: &TcpStream, bytes: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = bytes as libc::c_int;
+    // SAFETY: a valid socket descriptor (borrowed from `sock`) and a pointer to a c_int that lives
+    // across the call, with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn set_low_water(_: &TcpStream, _: usize) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+impl Read for PacedTcp {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let result = self.sock.read(buf);
+        match &result {
+            Ok(n) => self.pace_after(*n),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                self.pace_after(0)
+            }
+            Err(_) => {}
+        }
+        result
+    }
+}
+
+impl Write for PacedTcp {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sock.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+/// The paced socket under rustls, read ahead in reads as large as the frame reads (rustls asks
+/// for at most 4 KiB); writes go straight to the socket.
+struct ReadAhead(io::BufReader<PacedTcp>);
+
+impl Read for ReadAhead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for ReadAhead {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.get_mut().write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.get_mut().flush()
+    }
 }
 
 impl Read for SyncIo {
@@ -117,12 +280,11 @@ impl CopyStream {
                 format!("cannot set up the replication socket to {peer}: {e}"),
             )
         };
-        let tcp = |s: tokio::net::TcpStream| -> io::Result<TcpStream> {
+        let tcp = |s: tokio::net::TcpStream| -> io::Result<PacedTcp> {
             let s = s.into_std()?;
             s.set_nonblocking(false)?;
-            s.set_read_timeout(Some(read_timeout))?;
             s.set_write_timeout(Some(WRITE_TIMEOUT))?;
-            Ok(s)
+            PacedTcp::new(s, read_timeout)
         };
         let io = match stream {
             Stream::Tcp(s) => SyncIo::Tcp(tcp(s).map_err(setup)?),
@@ -136,7 +298,11 @@ impl CopyStream {
             Stream::Tls(s) => {
                 // The session keeps any records it has decrypted and not yet handed out.
                 let (s, session) = s.into_inner();
-                SyncIo::Tls(Box::new(StreamOwned::new(session, tcp(s).map_err(setup)?)))
+                let ahead = ReadAhead(io::BufReader::with_capacity(
+                    READ_CHUNK,
+                    tcp(s).map_err(setup)?,
+                ));
+                SyncIo::Tls(Box::new(StreamOwned::new(session, ahead)))
             }
         };
         Ok(CopyStream {

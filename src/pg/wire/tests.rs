@@ -1244,6 +1244,59 @@ async fn blocking_stream_times_out_and_reports_what_the_server_sends() {
     server.await.unwrap();
 }
 
+#[test]
+fn the_low_water_mark_follows_heavy_reads_only() {
+    use blocking::{pace_after, MAX_LOW_WATER, PACE_FROM};
+    assert_eq!(pace_after(0), 1);
+    assert_eq!(pace_after(1), 1);
+    assert_eq!(pace_after(PACE_FROM - 1), 1);
+    assert_eq!(pace_after(PACE_FROM), PACE_FROM);
+    assert_eq!(pace_after(MAX_LOW_WATER + 1), MAX_LOW_WATER);
+    assert_eq!(pace_after(usize::MAX), MAX_LOW_WATER);
+}
+
+#[tokio::test]
+async fn paced_tcp_reads_hand_over_a_trickle_without_waiting_for_the_idle_timeout() {
+    // A large burst raises the low-water mark to its maximum; then single small frames come, one at
+    // a time, far below that mark. Each must be read within the paced wait, not after the read
+    // timeout (here 10 s, so a reader waiting for the mark would stand out by seconds).
+    const SMALL: usize = 5;
+    let (info, server) = mock(|mut s| async move {
+        s.write_all(&welcome()).await.unwrap();
+        let _ = read_msg(&mut s).await;
+        s.write_all(&frame(b'W', &[0, 0, 0])).await.unwrap();
+        s.write_all(&frame(b'd', &vec![b'b'; 4 * blocking::MAX_LOW_WATER]))
+            .await
+            .unwrap();
+        for i in 0..SMALL {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            s.write_all(&frame(b'd', format!("small {i}").as_bytes()))
+                .await
+                .unwrap();
+        }
+        s.write_all(&frame(b'c', &[])).await.unwrap();
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
+    })
+    .await;
+    let (reader, writer) = copy_client(&info).await;
+    let mut stream = CopyStream::from_halves(reader, writer, Duration::from_secs(10)).unwrap();
+    let (got, end, took) = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let (got, end, _) = drain_blocking(&mut stream);
+        (got, end, started.elapsed())
+    })
+    .await
+    .unwrap();
+    server.await.unwrap();
+    // The server needs half a second; one wait for the idle timeout would take ten.
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(got.len(), 1 + SMALL);
+    assert_eq!(got[0].len(), 4 * blocking::MAX_LOW_WATER);
+    assert_eq!(&got[SMALL][..], format!("small {}", SMALL - 1).as_bytes());
+    end.expect("the stream ends cleanly");
+}
+
 #[tokio::test]
 async fn blocking_stream_turns_hostile_frames_into_errors() {
     for (stream, transient, text) in hostile_cases() {
