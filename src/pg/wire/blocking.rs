@@ -33,7 +33,9 @@
 //! used 30–60% more CPU than serving `pg_recvlogical` (benches/README.md). So a TCP read asks the
 //! kernel to wake it only once a *low-water mark* of bytes has arrived (`SO_RCVLOWAT`), and the mark
 //! follows the flow: after a read that returned at least [`PACE_FROM`] bytes it becomes what that
-//! read returned (at most [`MAX_LOW_WATER`]), after a smaller one it is one byte (no pacing). While
+//! read returned (at most [`MAX_LOW_WATER`], and at most a quarter of the socket's receive buffer:
+//! Linux clamps the receive window to a mark that needs a larger buffer, and a window that small
+//! throttles the walsender), after a smaller one it is one byte (no pacing). While
 //! the mark is above one byte a read waits at most [`PACED_WAIT`] for it, then returns what has
 //! arrived. So under a heavy flow the mark settles near what arrives in `PACED_WAIT` and a read wakes
 //! every millisecond or two instead of for every change, while a lighter flow (10,000 changes/s of
@@ -93,22 +95,31 @@ struct PacedTcp {
     low_water: usize,
     /// Whether the socket accepts `SO_RCVLOWAT`.
     paced: bool,
+    /// The highest mark for this socket: [`MAX_LOW_WATER`], or a quarter of its receive buffer if
+    /// that is less (see [`PacedTcp::new`]).
+    max_low_water: usize,
 }
 
 impl PacedTcp {
     fn new(sock: TcpStream, idle_timeout: Duration) -> io::Result<PacedTcp> {
         sock.set_read_timeout(Some(idle_timeout))?;
+        // Linux clamps the receive window to a mark whose room exceeds the receive buffer (it
+        // grows the buffer to hold the mark and clamps the window to it, `tcp_set_rcvlowat`), and a
+        // 64 KiB window throttles the walsender. The buffer only grows from here (autotuning), so
+        // a mark of at most a quarter of it now never needs more room.
+        let receive_buffer = receive_buffer(&sock).unwrap_or(0);
         Ok(PacedTcp {
             sock,
             idle_timeout,
             low_water: 1,
-            paced: cfg!(all(target_os = "linux", target_env = "gnu")),
+            paced: cfg!(all(target_os = "linux", target_env = "gnu")) && receive_buffer > 0,
+            max_low_water: MAX_LOW_WATER.min(receive_buffer / 4).max(1),
         })
     }
 
     /// Sets the next read's low-water mark from what the last one returned (0: nothing).
     fn pace_after(&mut self, got: usize) {
-        let next = pace_after(got);
+        let next = pace_after(got, self.max_low_water);
         if !self.paced || next == self.low_water {
             return;
         }
@@ -132,12 +143,41 @@ impl PacedTcp {
 }
 
 /// The low-water mark after a read that returned `got` bytes (see "Paced reads over TCP").
-pub(super) fn pace_after(got: usize) -> usize {
-    if got < PACE_FROM {
+/// `max` is the socket's highest mark.
+pub(super) fn pace_after(got: usize, max: usize) -> usize {
+    if got < PACE_FROM || max < PACE_FROM {
         1
     } else {
-        got.min(MAX_LOW_WATER)
+        got.min(max)
     }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn receive_buffer(sock: &TcpStream) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket descriptor (borrowed from `sock`), and pointers to a c_int and its
+    // length that live across the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(usize::try_from(value).unwrap_or(0))
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn receive_buffer(_: &TcpStream) -> io::Result<usize> {
+    Err(io::ErrorKind::Unsupported.into())
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

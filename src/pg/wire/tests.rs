@@ -1247,12 +1247,17 @@ async fn blocking_stream_times_out_and_reports_what_the_server_sends() {
 #[test]
 fn the_low_water_mark_follows_heavy_reads_only() {
     use blocking::{pace_after, MAX_LOW_WATER, PACE_FROM};
-    assert_eq!(pace_after(0), 1);
-    assert_eq!(pace_after(1), 1);
-    assert_eq!(pace_after(PACE_FROM - 1), 1);
-    assert_eq!(pace_after(PACE_FROM), PACE_FROM);
-    assert_eq!(pace_after(MAX_LOW_WATER + 1), MAX_LOW_WATER);
-    assert_eq!(pace_after(usize::MAX), MAX_LOW_WATER);
+    let max = MAX_LOW_WATER;
+    assert_eq!(pace_after(0, max), 1);
+    assert_eq!(pace_after(1, max), 1);
+    assert_eq!(pace_after(PACE_FROM - 1, max), 1);
+    assert_eq!(pace_after(PACE_FROM, max), PACE_FROM);
+    assert_eq!(pace_after(max + 1, max), max);
+    assert_eq!(pace_after(usize::MAX, max), max);
+    // A socket whose receive buffer allows only a lower mark.
+    assert_eq!(pace_after(usize::MAX, 32 * 1024), 32 * 1024);
+    // One too small to pace a heavy flow at all.
+    assert_eq!(pace_after(usize::MAX, PACE_FROM - 1), 1);
 }
 
 #[tokio::test]
