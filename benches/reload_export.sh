@@ -12,6 +12,7 @@
 # if missing; BENCH_BIN=<path> runs that binary). The last lines are also written as JSON to
 # benches/results/reload_export.json.
 set -euo pipefail
+export LC_ALL=C  # `times` and `printf` print numbers for `bc`: a decimal point
 cd "$(dirname "$0")/.."
 rows="${ROWS:-3000000}"
 par="${PARALLELISM:-2}"

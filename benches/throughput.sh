@@ -81,8 +81,9 @@ else
     TRANSPORT="tcp $PG_HOST:$PG_PORT"
     EGRESS_URL_HOST=$PG_HOST
 fi
-# BENCH_PG_SSLMODE=<libpq sslmode> sets the TLS mode of both consumers' connections (PGSSLMODE for
-# pg_recvlogical and psql, ?sslmode= for cdc-egress); by default both use libpq's `prefer`.
+# BENCH_PG_SSLMODE=<libpq sslmode> sets the TLS mode of both consumers' connections (PGSSLMODE, so
+# also for the bench's own psql and pgbench sessions; ?sslmode= for cdc-egress); by default all use
+# libpq's `prefer`.
 URL_QUERY=
 if [[ -n ${BENCH_PG_SSLMODE:-} ]]; then
     export PGSSLMODE=$BENCH_PG_SSLMODE

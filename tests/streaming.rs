@@ -90,6 +90,19 @@ async fn mixed_workload_replays_equal_to_source() {
     let env = db.daemon_env(&db.out_url());
     let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
     db.wait_for_slot(&d).await;
+    // When the server offers TLS, the replication stream reads it (through the stream thread's
+    // TLS read-ahead), so this test covers that path.
+    let (server_tls, stream_tls): (String, Option<bool>) = c
+        .query_one(
+            "SELECT current_setting('ssl'), (SELECT s.ssl FROM pg_replication_slots r              JOIN pg_stat_ssl s ON s.pid = r.active_pid WHERE r.slot_name = $1)",
+            &[&db.slot],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    if server_tls == "on" {
+        assert_eq!(stream_tls, Some(true), "the replication stream is not TLS");
+    }
     workload::phase1(&c).await;
     // Phase 2 comes once the daemon has committed a first batch of phase 1, so in later batches.
     db.wait_until("SELECT count(*) > 0 FROM cdc_egress.files", CATCH_UP, &d)

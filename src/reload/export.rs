@@ -83,7 +83,11 @@ fn part_count(pages: i64, workers: usize) -> i64 {
     let workers = workers.max(1) as i64;
     let interleaved = (4 * workers).min(pages / (PART_PAGES / 4));
     let bounded = (pages + 8 * PART_PAGES - 1) / (8 * PART_PAGES);
-    workers.max(interleaved).max(bounded).min(1000)
+    let wanted = workers.max(interleaved).max(bounded).min(1000);
+    // Parts are `ceil(pages / parts)` pages long: as many as that length needs, so none starts
+    // past the table (with more workers than that, some simply find the queue empty).
+    let step = (pages + wanted - 1) / wanted;
+    (pages + step - 1) / step
 }
 
 /// A consistent cut: the snapshot to import, and the LSN it is consistent at.
@@ -742,7 +746,7 @@ mod tests {
         assert_eq!(part_count(800 * PART_PAGES, 2), 100);
         assert_eq!(part_count(100_000 * PART_PAGES, 2), 1000);
         for pages in [PART_PAGES + 1, 37_038, 1 << 20] {
-            for workers in [1, 2, 3, 8] {
+            for workers in [1, 2, 3, 8, 100, 1000, 5000] {
                 let parts = part_count(pages, workers);
                 let step = (pages + parts - 1) / parts;
                 // Every part (the last one too) starts inside the table.

@@ -11,7 +11,8 @@
 //! # Contract
 //! - [`CopyStream::next_buffered`] returns the next item already in the read buffer, never making a
 //!   system call; [`CopyStream::fill`] makes one read, which blocks at most the read timeout and
-//!   returns 0 if nothing arrived in that time. So the caller decides when it may block. Over TLS,
+//!   returns 0 if nothing arrived in that time (a paced TCP read, below, gives up sooner, so a 0
+//!   does not measure idle time). So the caller decides when it may block. Over TLS,
 //!   one `fill` may read the socket more than once (rustls reads until a record decrypts, and first
 //!   writes what it has pending): each of those reads waits at most the read timeout, so a record
 //!   trickling in slowly can stretch one `fill` by as many timeouts.
@@ -33,20 +34,24 @@
 //! used 30–60% more CPU than serving `pg_recvlogical` (benches/README.md). So a TCP read asks the
 //! kernel to wake it only once a *low-water mark* of bytes has arrived (`SO_RCVLOWAT`), and the mark
 //! follows the flow: after a read that returned at least [`PACE_FROM`] bytes it becomes what that
-//! read returned (at most [`MAX_LOW_WATER`], and at most a quarter of the socket's receive buffer:
-//! Linux clamps the receive window to a mark that needs a larger buffer, and a window that small
-//! throttles the walsender), after a smaller one it is one byte (no pacing). While
-//! the mark is above one byte a read waits at most [`PACED_WAIT`] for it, then returns what has
-//! arrived. So under a heavy flow the mark settles near what arrives in `PACED_WAIT` and a read wakes
-//! every millisecond or two instead of for every change, while a lighter flow (10,000 changes/s of
-//! small transactions fill a few KiB between reads) is read as it comes, as before: pacing it
-//! raised the median commit-to-ack latency of change events from 0.8 to 5.6 ms. A heavy flow that
-//! stops is read at most `PACED_WAIT` late; an idle stream has no mark and the normal read
-//! timeout. Under TLS the socket is read ahead
-//! into a buffer as large as the frame reads, because rustls reads at most 4 KiB at a time and the
-//! kernel's wait is bounded by the size asked for. A unix socket is not paced here: its reader waits
-//! between reads instead (`daemon::stream_thread`). Where `SO_RCVLOWAT` is refused or unavailable,
-//! reads are not paced.
+//! read returned, after a smaller one it is one byte (no pacing). The mark is at most
+//! [`MAX_LOW_WATER`] and at most a quarter of the socket's receive buffer when the stream starts
+//! (32 KiB with Linux's default 128 KiB): Linux clamps the receive window to a mark that needs a
+//! larger buffer, and a window that small throttles the walsender.
+//!
+//! While the mark is above one byte a read waits at most [`PACED_WAIT`] for it, then returns what
+//! has arrived. The kernel times that wait in scheduler ticks, so it is really up to one tick (1 to
+//! 10 ms by the kernel's `HZ`); a wait that ends at once drops the mark to one byte, and the next
+//! heavy read raises it again. So under a heavy flow a read wakes every few milliseconds instead of
+//! for every change, while a lighter flow (10,000 changes/s of small transactions fill a few KiB
+//! between reads) is read as it comes, as before: pacing it too raised the median commit-to-ack
+//! latency of change events from 0.8 to 5.6 ms. A heavy flow that stops is read at most that one
+//! wait late; an idle stream has no mark and the normal read timeout.
+//!
+//! Under TLS the socket is read ahead into a buffer as large as the frame reads, because rustls
+//! reads at most 4 KiB at a time and the kernel's wait is bounded by the size asked for. A unix
+//! socket is not paced here: its reader waits between reads instead (`daemon::stream_thread`).
+//! Where `SO_RCVLOWAT` is refused or unavailable, reads are not paced.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -124,10 +129,14 @@ impl PacedTcp {
             return;
         }
         if set_low_water(&self.sock, next).is_err() {
-            // Not paced then: the kernel's default mark is one byte.
+            // Not paced from now on. A mark left on the socket would make every read wait for it
+            // until the idle timeout, so it is taken back; if even that fails, reads keep the
+            // short timeout (they give up within `PACED_WAIT` and return what has arrived).
             self.paced = false;
-            let _ = self.sock.set_read_timeout(Some(self.idle_timeout));
-            self.low_water = 1;
+            if self.low_water == 1 || set_low_water(&self.sock, 1).is_ok() {
+                let _ = self.sock.set_read_timeout(Some(self.idle_timeout));
+                self.low_water = 1;
+            }
             return;
         }
         if (next > 1) != (self.low_water > 1) {
@@ -136,7 +145,15 @@ impl PacedTcp {
             } else {
                 self.idle_timeout
             };
-            let _ = self.sock.set_read_timeout(Some(timeout));
+            if self.sock.set_read_timeout(Some(timeout)).is_err() && next > 1 {
+                // No short timeout, so no mark: a read must not wait the idle timeout for one.
+                self.paced = false;
+                self.low_water = next;
+                if set_low_water(&self.sock, 1).is_ok() {
+                    self.low_water = 1;
+                }
+                return;
+            }
         }
         self.low_water = next;
     }
@@ -399,7 +416,8 @@ impl CopyStream {
     }
 
     /// One read, blocking at most the read timeout; returns the bytes read, 0 if nothing arrived in
-    /// that time. EOF is a transient error (the server went away).
+    /// that time (or, paced, in the shorter wait for the mark). EOF is a transient error (the server
+    /// went away).
     ///
     /// The read lands in a scratch buffer (zeroed once) and is appended to the frame buffer: safe
     /// code cannot read into uninitialised capacity, and zeroing up to 256 KiB before every read
