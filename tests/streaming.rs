@@ -91,15 +91,27 @@ async fn mixed_workload_replays_equal_to_source() {
     let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
     db.wait_for_slot(&d).await;
     // When the server offers TLS, the replication stream reads it (through the stream thread's
-    // TLS read-ahead), so this test covers that path.
-    let (server_tls, stream_tls): (String, Option<bool>) = c
-        .query_one(
-            "SELECT current_setting('ssl'), (SELECT s.ssl FROM pg_replication_slots r              JOIN pg_stat_ssl s ON s.pid = r.active_pid WHERE r.slot_name = $1)",
-            &[&db.slot],
-        )
-        .await
-        .map(|r| (r.get(0), r.get(1)))
-        .unwrap();
+    // TLS read-ahead), so this test covers that path. (The slot exists before the stream starts:
+    // wait until a walsender holds it.)
+    let mut tls = None;
+    for _ in 0..300 {
+        let (server_tls, stream_tls): (String, Option<bool>) = c
+            .query_one(
+                "SELECT current_setting('ssl'), (SELECT s.ssl FROM pg_replication_slots r \
+                 JOIN pg_stat_ssl s ON s.pid = r.active_pid WHERE r.slot_name = $1)",
+                &[&db.slot],
+            )
+            .await
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap();
+        if server_tls != "on" || stream_tls.is_some() {
+            tls = Some((server_tls, stream_tls));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (server_tls, stream_tls) =
+        tls.unwrap_or_else(|| panic!("no walsender holds the slot; log:\n{}", d.log_text()));
     if server_tls == "on" {
         assert_eq!(stream_tls, Some(true), "the replication stream is not TLS");
     }
