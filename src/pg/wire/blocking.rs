@@ -117,7 +117,8 @@ impl PacedTcp {
             sock,
             idle_timeout,
             low_water: 1,
-            paced: cfg!(all(target_os = "linux", target_env = "gnu")) && receive_buffer > 0,
+            // Unsupported platforms report no receive buffer.
+            paced: receive_buffer > 0,
             max_low_water: MAX_LOW_WATER.min(receive_buffer / 4).max(1),
         })
     }
@@ -128,34 +129,33 @@ impl PacedTcp {
         if !self.paced || next == self.low_water {
             return;
         }
-        if set_low_water(&self.sock, next).is_err() {
-            // Not paced from now on. A mark left on the socket would make every read wait for it
-            // until the idle timeout, so it is taken back; if even that fails, reads keep the
-            // short timeout (they give up within `PACED_WAIT` and return what has arrived).
-            self.paced = false;
-            if self.low_water == 1 || set_low_water(&self.sock, 1).is_ok() {
-                let _ = self.sock.set_read_timeout(Some(self.idle_timeout));
-                self.low_water = 1;
-            }
-            return;
+        let switched = (next > 1) != (self.low_water > 1);
+        let timeout = if next > 1 {
+            PACED_WAIT
+        } else {
+            self.idle_timeout
+        };
+        let set = set_low_water(&self.sock, next).is_ok()
+            && (!switched || self.sock.set_read_timeout(Some(timeout)).is_ok());
+        if set {
+            self.low_water = next;
+        } else {
+            self.stop_pacing();
         }
-        if (next > 1) != (self.low_water > 1) {
-            let timeout = if next > 1 {
-                PACED_WAIT
-            } else {
-                self.idle_timeout
-            };
-            if self.sock.set_read_timeout(Some(timeout)).is_err() && next > 1 {
-                // No short timeout, so no mark: a read must not wait the idle timeout for one.
-                self.paced = false;
-                self.low_water = next;
-                if set_low_water(&self.sock, 1).is_ok() {
-                    self.low_water = 1;
-                }
-                return;
-            }
-        }
-        self.low_water = next;
+    }
+
+    /// Pacing failed: not paced from now on. A mark left on the socket would make every read wait
+    /// for it until the idle timeout, so it is taken back; if even that fails, reads keep the short
+    /// timeout (they give up within `PACED_WAIT` and return what has arrived).
+    fn stop_pacing(&mut self) {
+        self.paced = false;
+        let timeout = if set_low_water(&self.sock, 1).is_ok() {
+            self.idle_timeout
+        } else {
+            PACED_WAIT
+        };
+        let _ = self.sock.set_read_timeout(Some(timeout));
+        self.low_water = 1;
     }
 }
 
