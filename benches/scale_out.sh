@@ -152,9 +152,6 @@ HALF_B=("${TABLES[@]:NTABLES/2}")
 list() { local IFS=,; printf '%s' "$*"; }
 {
     tables_ddl
-    # No autovacuum on the bench tables: it would run on the freshly loaded tables during the first
-    # phase, on the same CPUs, and favour whichever phase runs second.
-    for t in "${TABLES[@]}"; do echo "ALTER TABLE $t SET (autovacuum_enabled = false);"; done
     # Explicit table lists, not FOR ALL TABLES: the registries live in this database too.
     echo "CREATE PUBLICATION pub_all FOR TABLE $(list "${TABLES[@]}");"
     echo "CREATE PUBLICATION pub_a FOR TABLE $(list "${HALF_A[@]}");"
