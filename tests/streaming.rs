@@ -84,15 +84,59 @@ async fn assert_replay_equal(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_workload_replays_equal_to_source() {
-    let mut db = TestDb::new("mixed").await;
+    mixed_workload(false).await;
+}
+
+/// The same workload read over the server's unix socket, where the stream thread tops up its
+/// buffer between reads (`pg::wire::blocking`, "Draining a unix socket between reads").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_workload_over_a_unix_socket_replays_equal_to_source() {
+    mixed_workload(true).await;
+}
+
+/// The daemon's source URL for `db` over the server's (first) unix socket, if it has one.
+async fn unix_socket_url(db: &TestDb) -> Option<String> {
+    let c = db.client().await;
+    let row = c
+        .query_one(
+            "SELECT split_part(current_setting('unix_socket_directories'), ',', 1), \
+             current_setting('port'), current_user::text, current_database()::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (dir, port, user, database): (String, String, String, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let dir = dir.trim();
+    if !dir.starts_with('/') {
+        return None;
+    }
+    let host: String = url::form_urlencoded::byte_serialize(dir.as_bytes()).collect();
+    Some(format!("postgres://{user}@{host}:{port}/{database}"))
+}
+
+async fn mixed_workload(over_unix_socket: bool) {
+    let mut db = TestDb::new(if over_unix_socket { "unixmix" } else { "mixed" }).await;
     let c = db.client().await;
     workload::setup(&c, &db.publication).await;
-    let env = db.daemon_env(&db.out_url());
+    let mut env = db.daemon_env(&db.out_url());
+    if over_unix_socket {
+        let Some(url) = unix_socket_url(&db).await else {
+            eprintln!("skipped: the server has no unix socket directory");
+            db.cleanup().await;
+            return;
+        };
+        for (k, v) in &mut env {
+            if k == "CDC_EGRESS_SOURCE_URL" {
+                *v = url.clone();
+            }
+        }
+    }
     let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
     db.wait_for_slot(&d).await;
-    // When the server offers TLS, the replication stream reads it (through the stream thread's
-    // TLS read-ahead), so this test covers that path. (The slot exists before the stream starts:
-    // wait until a walsender holds it.)
+    // When the server offers TLS, the replication stream over TCP reads it (through the stream
+    // thread's TLS read-ahead), so this test covers that path; over a unix socket it never does.
+    // (The slot exists before the stream starts: wait until a walsender holds it.)
     let mut tls = None;
     for _ in 0..300 {
         let (server_tls, stream_tls): (String, Option<bool>) = c
@@ -112,7 +156,9 @@ async fn mixed_workload_replays_equal_to_source() {
     }
     let (server_tls, stream_tls) =
         tls.unwrap_or_else(|| panic!("no walsender holds the slot; log:\n{}", d.log_text()));
-    if server_tls == "on" {
+    if over_unix_socket {
+        assert_eq!(stream_tls, Some(false), "TLS over a unix socket");
+    } else if server_tls == "on" {
         assert_eq!(stream_tls, Some(true), "the replication stream is not TLS");
     }
     workload::phase1(&c).await;

@@ -728,14 +728,14 @@ fn welcome() -> Vec<u8> {
     .concat()
 }
 
-async fn read_startup(s: &mut TcpStream) -> Vec<u8> {
+async fn read_startup(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
     let len = s.read_u32().await.unwrap() as usize;
     let mut body = vec![0; len - 4];
     s.read_exact(&mut body).await.unwrap();
     body
 }
 
-async fn read_msg(s: &mut TcpStream) -> (u8, Vec<u8>) {
+async fn read_msg(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u8, Vec<u8>) {
     let tag = s.read_u8().await.unwrap();
     let len = s.read_u32().await.unwrap() as usize;
     let mut body = vec![0; len - 4];
@@ -1300,6 +1300,95 @@ async fn paced_tcp_reads_hand_over_a_trickle_without_waiting_for_the_idle_timeou
     assert_eq!(got[0].len(), 4 * blocking::MAX_LOW_WATER);
     assert_eq!(&got[SMALL][..], format!("small {}", SMALL - 1).as_bytes());
     end.expect("the stream ends cleanly");
+}
+
+#[tokio::test]
+async fn top_ups_over_a_unix_socket_take_what_arrived_without_waiting() {
+    // A mock server on a unix socket sends a first burst larger than the top-up limit, waits for
+    // the go-ahead, then sends a second burst and ends the stream.
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::UnixListener::bind(dir.path().join(".s.PGSQL.5432")).unwrap();
+    let first: Vec<Vec<u8>> = (0..6000u32)
+        .map(|i| format!("first {i:0>100}").into_bytes())
+        .collect();
+    let second: Vec<Vec<u8>> = (0..50u32)
+        .map(|i| format!("second {i}").into_bytes())
+        .collect();
+    assert!(first.iter().map(|p| p.len() + 5).sum::<usize>() > 2 * blocking::TOP_UP_LIMIT);
+    let (go, go_ahead) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let (first, second) = (first.clone(), second.clone());
+        async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let _ = read_startup(&mut s).await;
+            s.write_all(&welcome()).await.unwrap();
+            let _ = read_msg(&mut s).await;
+            s.write_all(&frame(b'W', &[0, 0, 0])).await.unwrap();
+            let burst =
+                |ps: &[Vec<u8>]| -> Vec<u8> { ps.iter().flat_map(|p| frame(b'd', p)).collect() };
+            s.write_all(&burst(&first)).await.unwrap();
+            go_ahead.await.unwrap();
+            s.write_all(&burst(&second)).await.unwrap();
+            s.write_all(&frame(b'c', &[])).await.unwrap();
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink).await;
+        }
+    });
+    let host: String =
+        url::form_urlencoded::byte_serialize(dir.path().to_str().unwrap().as_bytes()).collect();
+    let info = ConnInfo::parse(&format!("postgres://u@{host}:5432/d")).unwrap();
+    let (reader, writer) = copy_client(&info).await;
+    let mut stream = CopyStream::from_halves(reader, writer, Duration::from_secs(10)).unwrap();
+    assert!(stream.is_unix_socket());
+    let wanted: Vec<Vec<u8>> = first.iter().chain(&second).cloned().collect();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut got = Vec::new();
+        let take_buffered = |stream: &mut CopyStream, got: &mut Vec<bytes::Bytes>| {
+            while let Some(CopyItem::Data(p)) = stream.next_buffered().unwrap() {
+                got.push(p);
+            }
+        };
+        // A full buffer: no top-up reads more, though more is waiting.
+        let mut read = 0;
+        while read < blocking::TOP_UP_LIMIT {
+            read += stream.fill().unwrap();
+        }
+        assert_eq!(stream.top_up().unwrap(), 0, "the buffer is at its limit");
+        // Once the frames are taken, top-ups read the rest of the burst.
+        let started = std::time::Instant::now();
+        while got.len() < first.len() {
+            take_buffered(&mut stream, &mut got);
+            stream.top_up().unwrap();
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "top-ups stalled after {} frames",
+                got.len()
+            );
+        }
+        // Nothing is on its way: a top-up comes back at once, empty (a read that waited for the
+        // server would take the 10 s read timeout).
+        let started = std::time::Instant::now();
+        assert_eq!(stream.top_up().unwrap(), 0);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // What arrives later is taken by a top-up too.
+        go.send(()).unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < until {
+            if stream.top_up().unwrap() > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (rest, end, _) = drain_blocking(&mut stream);
+        end.expect("the stream ends cleanly");
+        got.extend(rest);
+        got
+    })
+    .await
+    .unwrap();
+    server.await.unwrap();
+    assert_eq!(got.len(), wanted.len());
+    assert!(got.iter().zip(&wanted).all(|(g, w)| g[..] == w[..]));
 }
 
 #[tokio::test]
