@@ -94,25 +94,40 @@ async fn mixed_workload_over_a_unix_socket_replays_equal_to_source() {
     mixed_workload(true).await;
 }
 
-/// The daemon's source URL for `db` over the server's (first) unix socket, if it has one.
+/// The daemon's source URL for `db` over the server's (first) unix socket: `db.url` with only its
+/// host replaced. `None` when the server has no socket this test can reach (none configured, or
+/// one that leads elsewhere, e.g. a server in a container).
 async fn unix_socket_url(db: &TestDb) -> Option<String> {
     let c = db.client().await;
     let row = c
         .query_one(
             "SELECT split_part(current_setting('unix_socket_directories'), ',', 1), \
-             current_setting('port'), current_user::text, current_database()::text",
+             current_setting('port'), pg_postmaster_start_time()::text",
             &[],
         )
         .await
         .unwrap();
-    let (dir, port, user, database): (String, String, String, String) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let (dir, port, started): (String, String, String) = (row.get(0), row.get(1), row.get(2));
     let dir = dir.trim();
-    if !dir.starts_with('/') {
+    if !dir.starts_with('/') || !std::path::Path::new(&format!("{dir}/.s.PGSQL.{port}")).exists() {
         return None;
     }
-    let host: String = url::form_urlencoded::byte_serialize(dir.as_bytes()).collect();
-    Some(format!("postgres://{user}@{host}:{port}/{database}"))
+    let mut url = url::Url::parse(&db.url).unwrap();
+    let host: String =
+        percent_encoding::utf8_percent_encode(dir, percent_encoding::NON_ALPHANUMERIC).collect();
+    url.set_host(Some(&host)).ok()?;
+    let url = url.to_string();
+    // The same server, reached through the socket.
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let same: String = client
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .await
+        .ok()?
+        .get(0);
+    (same == started).then_some(url)
 }
 
 async fn mixed_workload(over_unix_socket: bool) {
@@ -148,7 +163,7 @@ async fn mixed_workload(over_unix_socket: bool) {
             .await
             .map(|r| (r.get(0), r.get(1)))
             .unwrap();
-        if server_tls != "on" || stream_tls.is_some() {
+        if stream_tls.is_some() || (server_tls != "on" && !over_unix_socket) {
             tls = Some((server_tls, stream_tls));
             break;
         }

@@ -340,7 +340,7 @@ impl StreamThread {
                 self.apply(payload, &mut step)?;
                 applied += 1;
                 if applied % TOP_UP_FRAMES == 0 {
-                    self.state.link.stream.top_up()?;
+                    self.state.link.stream.top_up();
                 }
                 if applied == STEP_FRAMES {
                     applied = 0;

@@ -465,30 +465,6 @@ impl CopyStream {
                 other => break other,
             }
         };
-        self.absorb(result)
-    }
-
-    /// Over a unix socket, what has already arrived, without waiting: one non-blocking read
-    /// appended to the buffer (see "Draining a unix socket between reads"). 0 when nothing is
-    /// waiting, over TCP, or while the buffer already holds `TOP_UP_LIMIT` (256 KiB) bytes.
-    pub fn top_up(&mut self) -> Result<usize, Error> {
-        let SyncIo::Unix(sock) = &self.io else {
-            return Ok(0);
-        };
-        let room = TOP_UP_LIMIT.saturating_sub(self.buf.len());
-        if self.done || room == 0 {
-            return Ok(0);
-        }
-        let result = read_ready(sock, &mut self.scratch[..room.min(READ_CHUNK)]);
-        match result {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
-            other => self.absorb(other),
-        }
-    }
-
-    /// Appends what one read returned to the frame buffer; EOF is a transient error (the server
-    /// went away), a read that timed out or would block returned 0 bytes.
-    fn absorb(&mut self, result: io::Result<usize>) -> Result<usize, Error> {
         let n = match result {
             Ok(0) => {
                 self.done = true;
@@ -508,10 +484,39 @@ impl CopyStream {
                 return Err(io_error(&self.peer, "reading from", e));
             }
         };
-        let want = self.want.max(self.buf.len() + n);
+        self.append(n, self.want);
+        Ok(n)
+    }
+
+    /// Over a unix socket, what has already arrived, without waiting: one non-blocking read
+    /// appended to the buffer (see "Draining a unix socket between reads"). Returns the bytes
+    /// read: 0 when nothing is waiting, over TCP, or while the buffer already holds
+    /// `TOP_UP_LIMIT` (256 KiB). The end of the stream and a failed read are left where they are:
+    /// the frames already buffered come first (the server's last message may be an error that
+    /// explains the end), and [`Self::fill`] meets the end once they are applied.
+    pub fn top_up(&mut self) -> usize {
+        let SyncIo::Unix(sock) = &self.io else {
+            return 0;
+        };
+        let room = TOP_UP_LIMIT.saturating_sub(self.buf.len());
+        if self.done || room == 0 {
+            return 0;
+        }
+        match read_ready(sock, &mut self.scratch[..room.min(READ_CHUNK)]) {
+            Ok(n) if n > 0 => {
+                self.append(n, 0);
+                n
+            }
+            _ => 0,
+        }
+    }
+
+    /// Appends the first `n` bytes of the scratch buffer to the frame buffer, with room for at
+    /// least `want` bytes in all.
+    fn append(&mut self, n: usize, want: usize) {
+        let want = want.max(self.buf.len() + n);
         reserve_for_read(&mut self.buf, want);
         self.buf.extend_from_slice(&self.scratch[..n]);
-        Ok(n)
     }
 
     /// Sends `payload` in one CopyData message and flushes.

@@ -1334,10 +1334,7 @@ async fn top_ups_over_a_unix_socket_take_what_arrived_without_waiting() {
             let _ = s.read_to_end(&mut sink).await;
         }
     });
-    let host: String =
-        url::form_urlencoded::byte_serialize(dir.path().to_str().unwrap().as_bytes()).collect();
-    let info = ConnInfo::parse(&format!("postgres://u@{host}:5432/d")).unwrap();
-    let (reader, writer) = copy_client(&info).await;
+    let (reader, writer) = copy_client(&unix_info(dir.path())).await;
     let mut stream = CopyStream::from_halves(reader, writer, Duration::from_secs(10)).unwrap();
     assert!(stream.is_unix_socket());
     let wanted: Vec<Vec<u8>> = first.iter().chain(&second).cloned().collect();
@@ -1353,12 +1350,14 @@ async fn top_ups_over_a_unix_socket_take_what_arrived_without_waiting() {
         while read < blocking::TOP_UP_LIMIT {
             read += stream.fill().unwrap();
         }
-        assert_eq!(stream.top_up().unwrap(), 0, "the buffer is at its limit");
+        assert_eq!(stream.top_up(), 0, "the buffer is at its limit");
         // Once the frames are taken, top-ups read the rest of the burst.
         let started = std::time::Instant::now();
         while got.len() < first.len() {
             take_buffered(&mut stream, &mut got);
-            stream.top_up().unwrap();
+            if stream.top_up() == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             assert!(
                 started.elapsed() < Duration::from_secs(20),
                 "top-ups stalled after {} frames",
@@ -1368,17 +1367,17 @@ async fn top_ups_over_a_unix_socket_take_what_arrived_without_waiting() {
         // Nothing is on its way: a top-up comes back at once, empty (a read that waited for the
         // server would take the 10 s read timeout).
         let started = std::time::Instant::now();
-        assert_eq!(stream.top_up().unwrap(), 0);
+        assert_eq!(stream.top_up(), 0);
         assert!(started.elapsed() < Duration::from_secs(5));
         // What arrives later is taken by a top-up too.
         go.send(()).unwrap();
         let until = std::time::Instant::now() + Duration::from_secs(30);
-        while std::time::Instant::now() < until {
-            if stream.top_up().unwrap() > 0 {
-                break;
-            }
+        let mut topped_up = 0;
+        while topped_up == 0 && std::time::Instant::now() < until {
+            topped_up = stream.top_up();
             std::thread::sleep(Duration::from_millis(5));
         }
+        assert!(topped_up > 0, "no top-up took the second burst");
         let (rest, end, _) = drain_blocking(&mut stream);
         end.expect("the stream ends cleanly");
         got.extend(rest);
@@ -1389,6 +1388,85 @@ async fn top_ups_over_a_unix_socket_take_what_arrived_without_waiting() {
     server.await.unwrap();
     assert_eq!(got.len(), wanted.len());
     assert!(got.iter().zip(&wanted).all(|(g, w)| g[..] == w[..]));
+}
+
+/// A mock replication server on a unix socket in `dir`: welcomes, answers the START_REPLICATION
+/// query with CopyBothResponse, sends `then` and closes once the client is gone.
+async fn unix_copy_server(dir: &Path, then: Vec<u8>) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::UnixListener::bind(dir.join(".s.PGSQL.5432")).unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let _ = read_startup(&mut s).await;
+        s.write_all(&welcome()).await.unwrap();
+        let _ = read_msg(&mut s).await;
+        s.write_all(&frame(b'W', &[0, 0, 0])).await.unwrap();
+        s.write_all(&then).await.unwrap();
+    })
+}
+
+/// Settings for a mock server on a unix socket in `dir`.
+fn unix_info(dir: &Path) -> ConnInfo {
+    let host: String = percent_encoding::utf8_percent_encode(
+        dir.to_str().unwrap(),
+        percent_encoding::NON_ALPHANUMERIC,
+    )
+    .collect();
+    ConnInfo::parse(&format!("postgres://u@{host}:5432/d")).unwrap()
+}
+
+#[tokio::test]
+async fn an_error_after_a_burst_is_reported_though_top_ups_met_the_end() {
+    // The server sends many frames, then an ErrorResponse, and closes: a top-up between frames
+    // may read the end of the stream before the error is applied; the error must still come out,
+    // classified by its SQLSTATE, after every frame before it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut then: Vec<u8> = (0..500u32)
+        .flat_map(|i| frame(b'd', format!("row {i}").as_bytes()))
+        .collect();
+    then.extend(frame(
+        b'E',
+        &fields(&[
+            (b'S', "ERROR"),
+            (b'V', "ERROR"),
+            (b'C', "55000"),
+            (
+                b'M',
+                "can no longer get changes from replication slot \"s\"",
+            ),
+        ]),
+    ));
+    let server = unix_copy_server(dir.path(), then).await;
+    let (reader, writer) = copy_client(&unix_info(dir.path())).await;
+    let mut stream = CopyStream::from_halves(reader, writer, Duration::from_secs(10)).unwrap();
+    server.await.unwrap();
+    let (got, end) = tokio::task::spawn_blocking(move || {
+        let mut got = 0;
+        loop {
+            match stream.next_buffered() {
+                Ok(Some(CopyItem::Data(_))) => {
+                    got += 1;
+                    // More often than the stream thread, so the end is surely met by one.
+                    stream.top_up();
+                }
+                Ok(Some(CopyItem::End)) => break (got, Ok(())),
+                Ok(None) => {
+                    if let Err(e) = stream.fill() {
+                        break (got, Err(e));
+                    }
+                }
+                Err(e) => break (got, Err(e)),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, 500);
+    let err = end.expect_err("the stream ends with the server's error");
+    assert!(!err.is_transient(), "{err}");
+    assert!(
+        err.to_string().contains("can no longer get changes"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
