@@ -55,11 +55,11 @@
 //!
 //! # Draining a unix socket between reads
 //! Over a unix socket the only buffer between the walsender and us is the walsender's send
-//! buffer, and it is small in messages: Linux counts each message with its bookkeeping (~1 KiB
-//! for a change of ~150 bytes), so the default 208 KiB hold a few hundred changes, well under a
-//! millisecond of the walsender's output. A reader that stops to compress a 64 KiB chunk or seal a
-//! batch leaves the walsender blocked for the rest of that time (measured with `perf sched`: 2,000
-//! to 4,000 waits of ~0.3 ms per million changes). [`CopyStream::top_up`] is the remedy: the
+//! buffer, and it is small in messages: Linux counts each message with its bookkeeping (several
+//! hundred bytes beside a change of ~150 bytes), so the default 208 KiB hold a few hundred
+//! changes, well under a millisecond of the walsender's output. A reader that stops to compress a
+//! 64 KiB chunk or seal a batch leaves the walsender blocked for the rest of that time (measured
+//! with `perf sched`: about 2,800 waits of ~0.3 ms per million changes; benches/README.md). [`CopyStream::top_up`] is the remedy: the
 //! stream thread calls it every few dozen frames it applies, and it appends what has arrived with
 //! one read that never waits (`MSG_DONTWAIT`), as long as fewer than [`TOP_UP_LIMIT`] bytes wait
 //! unparsed in the buffer, so the memory it adds is bounded. Over TCP the receive buffer is large
