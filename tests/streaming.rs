@@ -137,7 +137,7 @@ async fn mixed_workload(over_unix_socket: bool) {
     let mut env = db.daemon_env(&db.out_url());
     if over_unix_socket {
         let Some(url) = unix_socket_url(&db).await else {
-            eprintln!("skipped: the server has no unix socket directory");
+            eprintln!("skipped: no unix socket of the test server is reachable here");
             db.cleanup().await;
             return;
         };
