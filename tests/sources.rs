@@ -17,13 +17,6 @@ use tokio_postgres::Client;
 
 const CATCH_UP: Duration = Duration::from_secs(90);
 
-/// `env` with `key` set to `value` (replacing any earlier value).
-fn with(mut env: Vec<(String, String)>, key: &str, value: &str) -> Vec<(String, String)> {
-    env.retain(|(k, _)| k != key);
-    env.push((key.to_string(), value.to_string()));
-    env
-}
-
 async fn confirmed(c: &Client, slot: &str) -> Option<cdc_egress::lsn::Lsn> {
     c.query_opt(
         "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",

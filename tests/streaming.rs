@@ -141,11 +141,7 @@ async fn mixed_workload(over_unix_socket: bool) {
             db.cleanup().await;
             return;
         };
-        for (k, v) in &mut env {
-            if k == "CDC_EGRESS_SOURCE_URL" {
-                *v = url.clone();
-            }
-        }
+        env = with(env, "CDC_EGRESS_SOURCE_URL", &url);
     }
     let d = Daemon::start(&env, db.dir.path(), &[], "daemon.log");
     db.wait_for_slot(&d).await;

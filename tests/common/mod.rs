@@ -376,6 +376,13 @@ fn base64_decode(text: &str) -> Vec<u8> {
     out
 }
 
+/// `env` with `key` set to `value` (replacing any earlier value).
+pub fn with(mut env: Vec<(String, String)>, key: &str, value: &str) -> Vec<(String, String)> {
+    env.retain(|(k, _)| k != key);
+    env.push((key.to_string(), value.to_string()));
+    env
+}
+
 /// The same server URL pointing at another database.
 pub fn with_db(url: &str, db: &str) -> String {
     let mut u = url::Url::parse(url).expect("CDC_EGRESS_TEST_PG_URL must be a postgres:// URL");

@@ -59,10 +59,11 @@
 //! hundred bytes beside a change of ~150 bytes), so the default 208 KiB hold a few hundred
 //! changes, well under a millisecond of the walsender's output. A reader that stops to compress a
 //! 64 KiB chunk or seal a batch leaves the walsender blocked for the rest of that time (measured
-//! with `perf sched`: about 2,800 waits of ~0.3 ms per million changes; benches/README.md). [`CopyStream::top_up`] is the remedy: the
-//! stream thread calls it every few dozen frames it applies, and it appends what has arrived with
-//! one read that never waits (`MSG_DONTWAIT`), as long as fewer than [`TOP_UP_LIMIT`] bytes wait
-//! unparsed in the buffer, so the memory it adds is bounded. Over TCP the receive buffer is large
+//! with `perf sched`: about 2,800 waits of ~0.3 ms per million changes; benches/README.md).
+//! [`CopyStream::top_up`] is the remedy: the stream thread calls it every few dozen frames it
+//! applies, and it appends what has arrived with one read that never waits (`MSG_DONTWAIT`), as
+//! long as fewer than [`TOP_UP_LIMIT`] bytes wait unparsed in the buffer, so the memory it adds is
+//! bounded. Over TCP the receive buffer is large
 //! and grows with the flow, and a read there is paced instead (above): a top-up does nothing.
 
 use std::io::{self, Read, Write};

@@ -1302,12 +1302,39 @@ async fn paced_tcp_reads_hand_over_a_trickle_without_waiting_for_the_idle_timeou
     end.expect("the stream ends cleanly");
 }
 
+/// A mock replication server on a unix socket in `dir`: welcomes, answers the START_REPLICATION
+/// query with CopyBothResponse, then runs `script` on the connection.
+fn unix_copy_server<F, Fut>(dir: &Path, script: F) -> tokio::task::JoinHandle<()>
+where
+    F: FnOnce(tokio::net::UnixStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let listener = tokio::net::UnixListener::bind(dir.join(".s.PGSQL.5432")).unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let _ = read_startup(&mut s).await;
+        s.write_all(&welcome()).await.unwrap();
+        let _ = read_msg(&mut s).await;
+        s.write_all(&frame(b'W', &[0, 0, 0])).await.unwrap();
+        script(s).await;
+    })
+}
+
+/// Settings for a mock server on a unix socket in `dir`.
+fn unix_info(dir: &Path) -> ConnInfo {
+    let host: String = percent_encoding::utf8_percent_encode(
+        dir.to_str().unwrap(),
+        percent_encoding::NON_ALPHANUMERIC,
+    )
+    .collect();
+    ConnInfo::parse(&format!("postgres://u@{host}:5432/d")).unwrap()
+}
+
 #[tokio::test]
 async fn top_ups_over_a_unix_socket_take_what_arrived_without_waiting() {
     // A mock server on a unix socket sends a first burst larger than the top-up limit, waits for
     // the go-ahead, then sends a second burst and ends the stream.
     let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::UnixListener::bind(dir.path().join(".s.PGSQL.5432")).unwrap();
     let first: Vec<Vec<u8>> = (0..6000u32)
         .map(|i| format!("first {i:0>100}").into_bytes())
         .collect();
@@ -1316,14 +1343,9 @@ async fn top_ups_over_a_unix_socket_take_what_arrived_without_waiting() {
         .collect();
     assert!(first.iter().map(|p| p.len() + 5).sum::<usize>() > 2 * blocking::TOP_UP_LIMIT);
     let (go, go_ahead) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn({
+    let server = unix_copy_server(dir.path(), {
         let (first, second) = (first.clone(), second.clone());
-        async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let _ = read_startup(&mut s).await;
-            s.write_all(&welcome()).await.unwrap();
-            let _ = read_msg(&mut s).await;
-            s.write_all(&frame(b'W', &[0, 0, 0])).await.unwrap();
+        move |mut s| async move {
             let burst =
                 |ps: &[Vec<u8>]| -> Vec<u8> { ps.iter().flat_map(|p| frame(b'd', p)).collect() };
             s.write_all(&burst(&first)).await.unwrap();
@@ -1390,30 +1412,6 @@ async fn top_ups_over_a_unix_socket_take_what_arrived_without_waiting() {
     assert!(got.iter().zip(&wanted).all(|(g, w)| g[..] == w[..]));
 }
 
-/// A mock replication server on a unix socket in `dir`: welcomes, answers the START_REPLICATION
-/// query with CopyBothResponse, sends `then` and closes once the client is gone.
-async fn unix_copy_server(dir: &Path, then: Vec<u8>) -> tokio::task::JoinHandle<()> {
-    let listener = tokio::net::UnixListener::bind(dir.join(".s.PGSQL.5432")).unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let _ = read_startup(&mut s).await;
-        s.write_all(&welcome()).await.unwrap();
-        let _ = read_msg(&mut s).await;
-        s.write_all(&frame(b'W', &[0, 0, 0])).await.unwrap();
-        s.write_all(&then).await.unwrap();
-    })
-}
-
-/// Settings for a mock server on a unix socket in `dir`.
-fn unix_info(dir: &Path) -> ConnInfo {
-    let host: String = percent_encoding::utf8_percent_encode(
-        dir.to_str().unwrap(),
-        percent_encoding::NON_ALPHANUMERIC,
-    )
-    .collect();
-    ConnInfo::parse(&format!("postgres://u@{host}:5432/d")).unwrap()
-}
-
 #[tokio::test]
 async fn an_error_after_a_burst_is_reported_though_top_ups_met_the_end() {
     // The server sends many frames, then an ErrorResponse, and closes: a top-up between frames
@@ -1435,7 +1433,9 @@ async fn an_error_after_a_burst_is_reported_though_top_ups_met_the_end() {
             ),
         ]),
     ));
-    let server = unix_copy_server(dir.path(), then).await;
+    let server = unix_copy_server(dir.path(), |mut s| async move {
+        s.write_all(&then).await.unwrap();
+    });
     let (reader, writer) = copy_client(&unix_info(dir.path())).await;
     let mut stream = CopyStream::from_halves(reader, writer, Duration::from_secs(10)).unwrap();
     server.await.unwrap();
