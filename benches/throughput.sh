@@ -323,6 +323,8 @@ RECV_US=
 ACK_US=
 EG_CPU_AT_RECV_NS=0
 RSS_SERIES=
+PEAK_ANON_KB=0
+PEAK_FILE_KB=0
 FIRST_US=
 PAGE_KB=$(($(getconf PAGESIZE) / 1024))
 RECV_MESSAGES=0
@@ -339,8 +341,10 @@ while :; do
     tick
     [[ -n $WS_STAT || -z $WALSENDER_PID ]] || { perf_stat walsender-egress "$WALSENDER_PID"; WS_STAT=1; }
     sample eg "$DAEMON_PID"
-    if { read -r _ rss _ <"/proc/$DAEMON_PID/statm"; } 2>/dev/null; then
-        RSS_SERIES+="$(((NOW_US - T0_US) / 1000)) $((rss * PAGE_KB)) ${MESSAGES:-0}"$'\n'
+    if { read -r _ rss shared _ <"/proc/$DAEMON_PID/statm"; } 2>/dev/null; then
+        RSS_SERIES+="$(((NOW_US - T0_US) / 1000)) $((rss * PAGE_KB)) $(((rss - shared) * PAGE_KB)) ${MESSAGES:-0}"$'\n'
+        if (((rss - shared) * PAGE_KB > PEAK_ANON_KB)); then PEAK_ANON_KB=$(((rss - shared) * PAGE_KB)); fi
+        if ((shared * PAGE_KB > PEAK_FILE_KB)); then PEAK_FILE_KB=$((shared * PAGE_KB)); fi
     fi
     if [[ -z $RECV_US ]] && scrape eg && [[ -z $FIRST_US ]] && ((MESSAGES > 0)); then FIRST_US=$NOW_US; fi
     if [[ -z $RECV_US && -n $RECEIVED_LSN ]] && ((RECEIVED_LSN >= TARGET_NUM)); then
@@ -446,7 +450,8 @@ EG_WS_CPU=$(cpu_s eg_ws)
     printf '%-18s %7.2f s  %9s changes/s  (%sx)  until the slot confirmed it; %.2f s of it waiting for the %ss seal deadline\n' \
         "cdc-egress acked" "$ACK_S" "$(commas "$ACK_RATE")" "$(ratio "$ACK_S")" "$SEAL_WAIT_S" "$INTERVAL_S"
     printf '%-18s %7.2f s  (%sx)  acked minus that wait\n' "cdc-egress acked*" "$ACK_NOWAIT_S" "$(ratio "$ACK_NOWAIT_S")"
-    printf '%-18s %s MiB (VmHWM of cdc-egress)\n' "peak RSS" "$PEAK_RSS_MIB"
+    printf '%-18s %s MiB (VmHWM of cdc-egress); largest in the samples: %s MiB file-backed (code), %s MiB the rest\n' \
+        "peak RSS" "$PEAK_RSS_MIB" "$(calc '%.1f' "$PEAK_FILE_KB / 1024")" "$(calc '%.1f' "$PEAK_ANON_KB / 1024")"
     printf '%-18s walsender %s s + pg_recvlogical %s s | walsender %s s + cdc-egress %s s (%s s at recv)\n' \
         "cpu" "$REF_WS_CPU" "$REF_CPU" "$EG_WS_CPU" "$EG_CPU" "$EG_CPU_AT_RECV"
     printf '%-18s walsender %s + pg_recvlogical %s | walsender %s + cdc-egress %s\n' "ctx switches" \
@@ -462,7 +467,7 @@ EG_WS_CPU=$(cpu_s eg_ws)
 
 mkdir -p "$ROOT/benches/results"
 {
-    echo "# cdc-egress resident set size while draining: ms since start, RSS KiB, pgoutput messages received"
+    echo "# cdc-egress resident set size while draining: ms since start, RSS KiB, of it not file-backed KiB, pgoutput messages received"
     printf '%s' "$RSS_SERIES"
 } >"$ROOT/benches/results/last-rss.txt"
 cat >"$ROOT/benches/results/last.json" <<JSON
@@ -485,7 +490,7 @@ cat >"$ROOT/benches/results/last.json" <<JSON
     "received": { "seconds": $RECV_S, "changes_per_s": $RECV_RATE, "ratio": $(ratio "$RECV_S") },
     "acked": { "seconds": $ACK_S, "changes_per_s": $ACK_RATE, "ratio": $(ratio "$ACK_S"),
                "seal_wait_s": $SEAL_WAIT_S, "seconds_without_seal_wait": $ACK_NOWAIT_S },
-    "peak_rss_kib": $PEAK_RSS_KB, "cpu_s": $EG_CPU, "cpu_s_at_received": $EG_CPU_AT_RECV,
+    "peak_rss_kib": $PEAK_RSS_KB, "peak_rss_anon_kib": $PEAK_ANON_KB, "peak_rss_file_kib": $PEAK_FILE_KB, "cpu_s": $EG_CPU, "cpu_s_at_received": $EG_CPU_AT_RECV,
     "messages_received_at_target": $RECV_MESSAGES, "poller_cpu_s": $POLL_CPU,
     "walsender_cpu_s": $EG_WS_CPU, "context_switches": ${SLICES[eg]:-0},
     "walsender_context_switches": ${SLICES[eg_ws]:-0}, "ssl": "$EG_SSL", "log_warnings": $WARNINGS

@@ -211,6 +211,8 @@ impl Store {
                 local_dir: Some(dir),
             });
         }
+        // The HTTP client of a cloud store takes its TLS provider from the process default.
+        crate::pg::install_default_provider();
         let options = &options_from_files(parsed_scheme(url), options)?;
         check_option_keys(parsed_scheme(url), options)?;
         let parsed = url::Url::parse(url)
