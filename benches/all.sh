@@ -119,6 +119,8 @@ def med(xs, fmt="%.2f"):
     return m if len(xs) == 1 else "%s (%s-%s)" % (m, fmt % min(xs), fmt % max(xs))
 
 rows = []
+split = []
+broker = []
 for path, label in (("tcp", "TCP, files + notices"), ("unix", "unix socket, files + notices"),
                     ("events", "TCP, change events"), ("grouped", "TCP, grouped change events")):
     runs = [load(p) for p in sorted(glob.glob(os.path.join(out, path + "-*.json")))]
@@ -135,6 +137,11 @@ for path, label in (("tcp", "TCP, files + notices"), ("unix", "unix socket, file
                  med([e["cpu_s_at_received"] * 1e6 / changes for e in eg], "%.2f"),
                  med([e["peak_rss_kib"] / 1024 for e in eg], "%.1f"),
                  "%d/%d ok, %s changes" % (ok, len(runs), format(changes, ","))))
+    if path in ("events", "grouped") and all(e.get("nats_server_cpu_s") is not None for e in eg):
+        broker.append("%s %s" % (path, med([e["nats_server_cpu_s"] * 1e6 / changes for e in eg], "%.2f")))
+    if all("peak_rss_file_kib" in e for e in eg):
+        split.append("%s %s + %s" % (path, med([e["peak_rss_file_kib"] / 1024 for e in eg], "%.1f"),
+                                     med([e["peak_rss_anon_kib"] / 1024 for e in eg], "%.1f")))
 print("issue 10 benchmarks, %s, %s; PostgreSQL %s; cdc-egress %s; load %s -> %s%s" % (
     start, machine, pg, rev, load0, load1, " (quick mode)" if quick == "1" else ""))
 hdr = ("row", "pg_recvlogical", "recv ratio", "acked* ratio", "CPU us/change", "peak RSS MiB", "check")
@@ -162,6 +169,10 @@ if rl:
     print(fmt % ("reload, parallelism %d" % rl["parallelism"], "%s rows" % format(rl["rows"], ","),
                  "%.2fx vs COPY|gzip -1" % rl["ratio_gzip"], "%.2fx vs COPY>null" % rl["ratio_null"], "-", "-",
                  "%.2f s (gzip %.2f s, null %.2f s)" % (rl["egress_s"], rl["copy_gzip_s"], rl["copy_null_s"])))
+if broker:
+    print("nats-server CPU per change while cdc-egress ran, us: " + "; ".join(broker))
+if split:
+    print("peak RSS, largest in the samples, MiB: file-backed (code) + the rest (heap, stacks): " + "; ".join(split))
 print("ratios: pg_recvlogical time / cdc-egress time in the same run (recv: until the daemon received the "
       "target LSN; acked*: until the slot confirmed it, minus the wait for the seal deadline); median (range)")
 PY

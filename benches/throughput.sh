@@ -331,6 +331,11 @@ RECV_MESSAGES=0
 start_scraper eg "$HTTP_PORT"
 sample poller0 "$$"
 sample scraper0 "${SCRAPER_PID[eg]}"
+# The broker's CPU while cdc-egress runs: read only when exactly one nats-server runs on this machine
+# (then it is the one the bench publishes to; BENCH_NATS_URL is loopback only).
+mapfile -t NATS_PIDS < <(pgrep -x nats-server || true)
+NATS_PID=
+((${#NATS_PIDS[@]} != 1)) || { NATS_PID=${NATS_PIDS[0]}; sample nats0 "$NATS_PID"; }
 perf_start egress
 tick; T0_US=$NOW_US
 launch egress "$WORK/egress.log" env -C "$WORK" "${UNSET[@]}" "${EGRESS_ENV[@]}" "$BIN" run
@@ -365,6 +370,10 @@ sample eg "$DAEMON_PID"
 [[ -z $WALSENDER_PID ]] || sample eg_ws "$WALSENDER_PID"
 sample poller1 "$$"
 sample scraper1 "${SCRAPER_PID[eg]}"
+[[ -z $NATS_PID ]] || sample nats1 "$NATS_PID"
+NATS_CPU=null
+[[ -z ${CPU_NS[nats1]:-} || -z ${CPU_NS[nats0]:-} ]] ||
+    NATS_CPU=$(calc '%.2f' "(${CPU_NS[nats1]} - ${CPU_NS[nats0]}) / 1e9")
 POLL_CPU=$(calc '%.2f' "(${CPU_NS[poller1]:-0} - ${CPU_NS[poller0]:-0} + ${CPU_NS[scraper1]:-0} - ${CPU_NS[scraper0]:-0}) / 1e9")
 curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics" >"$WORK/metrics.txt" || die "cannot read cdc-egress metrics"
 perf_stop egress
@@ -454,6 +463,9 @@ EG_WS_CPU=$(cpu_s eg_ws)
         "peak RSS" "$PEAK_RSS_MIB" "$(calc '%.1f' "$PEAK_FILE_KB / 1024")" "$(calc '%.1f' "$PEAK_ANON_KB / 1024")"
     printf '%-18s walsender %s s + pg_recvlogical %s s | walsender %s s + cdc-egress %s s (%s s at recv)\n' \
         "cpu" "$REF_WS_CPU" "$REF_CPU" "$EG_WS_CPU" "$EG_CPU" "$EG_CPU_AT_RECV"
+    [[ $NATS_CPU == null ]] ||
+        printf '%-18s %s s while cdc-egress ran (%s us per change)\n' "cpu nats-server" "$NATS_CPU" \
+            "$(calc '%.2f' "$NATS_CPU * 1e6 / $CHANGES")"
     printf '%-18s walsender %s + pg_recvlogical %s | walsender %s + cdc-egress %s\n' "ctx switches" \
         "$(commas "${SLICES[ref_ws]:-0}")" "$(commas "${SLICES[ref]:-0}")" "$(commas "${SLICES[eg_ws]:-0}")" "$(commas "${SLICES[eg]:-0}")"
     printf '%-18s %s; pg_recvlogical %s, cdc-egress %s\n' "transport (TLS)" \
@@ -492,7 +504,7 @@ cat >"$ROOT/benches/results/last.json" <<JSON
                "seal_wait_s": $SEAL_WAIT_S, "seconds_without_seal_wait": $ACK_NOWAIT_S },
     "peak_rss_kib": $PEAK_RSS_KB, "peak_rss_anon_kib": $PEAK_ANON_KB, "peak_rss_file_kib": $PEAK_FILE_KB, "cpu_s": $EG_CPU, "cpu_s_at_received": $EG_CPU_AT_RECV,
     "messages_received_at_target": $RECV_MESSAGES, "poller_cpu_s": $POLL_CPU,
-    "walsender_cpu_s": $EG_WS_CPU, "context_switches": ${SLICES[eg]:-0},
+    "walsender_cpu_s": $EG_WS_CPU, "nats_server_cpu_s": $NATS_CPU, "context_switches": ${SLICES[eg]:-0},
     "walsender_context_switches": ${SLICES[eg_ws]:-0}, "ssl": "$EG_SSL", "log_warnings": $WARNINGS
   },
   "check": {
