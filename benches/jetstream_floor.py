@@ -15,6 +15,7 @@ It answers one question of issue 10: how much of a per-change event's cost is th
 publisher here is a tight loop of pre-built frames, so the figure is the server's own cost per
 message at this rate, whatever the client does.
 """
+import ipaddress
 import json
 import os
 import socket
@@ -75,6 +76,8 @@ class Conn:
             line = self.line()
             if line.startswith(b"MSG "):
                 return self.exact(int(line.split()[-1]))
+            if line.startswith(b"HMSG "):
+                sys.exit(f"jetstream_floor.py: unexpected reply with headers: {line.decode()}")
             if line.startswith(b"PING"):
                 self.s.sendall(b"PONG\r\n")
             elif line.startswith(b"-ERR"):
@@ -94,8 +97,14 @@ def main():
     window = int(args[3]) if len(args) > 3 else 1024
     u = urlparse(url if "://" in url else "nats://" + url)
     host, port = u.hostname or "127.0.0.1", u.port or 4222
-    if not (host == "localhost" or host == "::1" or host.startswith("127.")):
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
         sys.exit(f"jetstream_floor.py: {host} is not a loopback address")
+    if n < 1 or size < 0 or window < 1:
+        sys.exit("jetstream_floor.py: MESSAGES and WINDOW must be at least 1, PAYLOAD_BYTES at least 0")
     c = Conn(host, port)
     stream = f"floor_{os.getpid()}"
     r = c.request(f"$JS.API.STREAM.CREATE.{stream}",
@@ -110,7 +119,7 @@ def main():
             hdr = f"NATS/1.0\r\nNats-Msg-Id: {stream}:{i}\r\n\r\n".encode()
             frames.append(f"HPUB {stream}.t.{i % 10} {c.inbox}.a {len(hdr)} {len(hdr) + size}\r\n".encode()
                           + hdr + payload + b"\r\n")
-        pid, cpu0 = nats_cpu_ticks()
+        pid0, cpu0 = nats_cpu_ticks()
         t0 = time.perf_counter()
         sent = acked = 0
         while acked < n:
@@ -123,13 +132,15 @@ def main():
                 sys.exit(f"jetstream_floor.py: publish {acked} not stored: {ack.decode()}")
             acked += 1
         seconds = time.perf_counter() - t0
-        _, cpu1 = nats_cpu_ticks()
+        pid1, cpu1 = nats_cpu_ticks()
+        pid = pid0 if pid0 == pid1 else None
     finally:
-        c.request(f"$JS.API.STREAM.DELETE.{stream}", {})
+        # A fresh connection: the one above may be what failed.
+        Conn(host, port).request(f"$JS.API.STREAM.DELETE.{stream}", {})
     tck = os.sysconf("SC_CLK_TCK")
     out = {"messages": n, "payload_bytes": size, "window": window, "seconds": round(seconds, 3),
            "messages_per_s": round(n / seconds)}
-    if pid is not None and cpu1 is not None:
+    if pid is not None:
         cpu = (cpu1 - cpu0) / tck
         out.update({"nats_server_pid": int(pid), "nats_server_cpu_s": round(cpu, 2),
                     "nats_server_cpu_us_per_message": round(cpu * 1e6 / n, 2)})

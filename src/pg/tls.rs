@@ -14,8 +14,8 @@
 //!
 //! Whether TLS is attempted/required (SSLRequest, fallback on `N`) is decided by the caller; this
 //! module only builds the configuration. Handshake signatures are always checked, even when the
-//! certificate itself is not. The provider is chosen explicitly (`builder_with_provider`) because
-//! other dependencies also compile rustls' aws-lc provider, so there is no usable process default.
+//! certificate itself is not. The provider, ring, is chosen explicitly (`builder_with_provider`), so
+//! these configurations do not depend on the process default being installed first.
 //! Every failure here is a configuration problem and therefore a definite error.
 
 use std::path::Path;
@@ -99,8 +99,9 @@ fn verify_level(mode: SslMode, rootcert: Option<&Path>) -> Verify {
 }
 
 /// Installs ring as the process-wide rustls provider. Libraries that build their TLS configuration
-/// from the process default (async-nats, the object store's HTTP client) would otherwise panic on
-/// their first TLS connection, since more than one provider is compiled in. Idempotent.
+/// from the process default would otherwise panic: async-nats, and reqwest (the object store's HTTP
+/// client), which is built with `rustls-no-provider` (ARCHITECTURE.md, "Choices, and why").
+/// Idempotent.
 pub fn install_default_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
