@@ -98,10 +98,10 @@ fn verify_level(mode: SslMode, rootcert: Option<&Path>) -> Verify {
     }
 }
 
-/// Installs ring as the process-wide rustls provider. Libraries that build their TLS configuration
-/// from the process default would otherwise panic: async-nats, and reqwest (the object store's HTTP
-/// client), which is built with `rustls-no-provider` (ARCHITECTURE.md, "Choices, and why").
-/// Idempotent.
+/// Installs ring as the process-wide rustls provider, which libraries that build their TLS
+/// configuration take from the process: reqwest (the object store's HTTP client, built with
+/// `rustls-no-provider`: ARCHITECTURE.md, "Choices, and why") panics without it, and async-nats's
+/// `ClientConfig::builder()` would panic as soon as a second provider were compiled in. Idempotent.
 pub fn install_default_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
