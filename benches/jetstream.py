@@ -9,18 +9,30 @@
 Only what the benchmarks need: request/reply on $JS.API.STREAM.<op>.<name>. Refuses non-loopback
 hosts, like the test harness.
 """
+import ipaddress
 import json
+import os
 import socket
 import sys
 import time
 from urllib.parse import urlparse
 
 
-def request(url, subject, payload=b"", timeout=5.0):
+def address(url):
+    """(host, port) of a NATS URL; exits unless the host is a loopback address."""
     u = urlparse(url if "://" in url else "nats://" + url)
     host, port = u.hostname or "127.0.0.1", u.port or 4222
-    if not (host == "localhost" or host == "::1" or host.startswith("127.")):
-        sys.exit(f"jetstream.py: {host} is not a loopback address")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        sys.exit(f"{os.path.basename(sys.argv[0])}: {host} is not a loopback address")
+    return host, port
+
+
+def request(url, subject, payload=b"", timeout=5.0):
+    host, port = address(url)
     s = socket.create_connection((host, port), timeout=timeout)
     f = s.makefile("rb")
     line = f.readline()

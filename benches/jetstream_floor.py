@@ -15,14 +15,15 @@ It answers one question of issue 10: how much of a per-change event's cost is th
 publisher here is a tight loop of pre-built frames, so the figure is the server's own cost per
 message at this rate, whatever the client does.
 """
-import ipaddress
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from urllib.parse import urlparse
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jetstream  # noqa: E402 (the benches' JetStream admin helper, beside this file)
 
 
 def nats_cpu_ticks():
@@ -83,11 +84,6 @@ class Conn:
             elif line.startswith(b"-ERR"):
                 sys.exit(f"jetstream_floor.py: server error {line.decode()}")
 
-    def request(self, subject, payload):
-        body = json.dumps(payload).encode()
-        self.s.sendall(f"PUB {subject} {self.inbox}.r {len(body)}\r\n".encode() + body + b"\r\n")
-        return json.loads(self.reply())
-
 
 def main():
     args = sys.argv[1:]
@@ -95,23 +91,16 @@ def main():
     n = int(args[1]) if len(args) > 1 else 300_000
     size = int(args[2]) if len(args) > 2 else 300
     window = int(args[3]) if len(args) > 3 else 1024
-    u = urlparse(url if "://" in url else "nats://" + url)
-    host, port = u.hostname or "127.0.0.1", u.port or 4222
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        sys.exit(f"jetstream_floor.py: {host} is not a loopback address")
+    host, port = jetstream.address(url)
     if n < 1 or size < 0 or window < 1:
         sys.exit("jetstream_floor.py: MESSAGES and WINDOW must be at least 1, PAYLOAD_BYTES at least 0")
-    c = Conn(host, port)
     stream = f"floor_{os.getpid()}"
-    r = c.request(f"$JS.API.STREAM.CREATE.{stream}",
-                  {"name": stream, "subjects": [f"{stream}.>"], "storage": "file",
-                   "duplicate_window": 120_000_000_000})
+    config = {"name": stream, "subjects": [f"{stream}.>"], "storage": "file",
+              "duplicate_window": 120_000_000_000}
+    r = jetstream.request(url, f"$JS.API.STREAM.CREATE.{stream}", json.dumps(config).encode())
     if "error" in r:
         sys.exit(f"jetstream_floor.py: cannot create the stream: {r['error']}")
+    c = Conn(host, port)
     try:
         payload = b"x" * size
         frames = []
@@ -135,8 +124,8 @@ def main():
         pid1, cpu1 = nats_cpu_ticks()
         pid = pid0 if pid0 == pid1 else None
     finally:
-        # A fresh connection: the one above may be what failed.
-        Conn(host, port).request(f"$JS.API.STREAM.DELETE.{stream}", {})
+        # On a connection of its own: the one above may be what failed.
+        jetstream.request(url, f"$JS.API.STREAM.DELETE.{stream}")
     tck = os.sysconf("SC_CLK_TCK")
     out = {"messages": n, "payload_bytes": size, "window": window, "seconds": round(seconds, 3),
            "messages_per_s": round(n / seconds)}

@@ -63,8 +63,8 @@
 //! [`CopyStream::top_up`] is the remedy: the stream thread calls it every few dozen frames it
 //! applies, and it appends what has arrived with one read that never waits (`MSG_DONTWAIT`), as
 //! long as fewer than [`TOP_UP_LIMIT`] bytes wait unparsed in the buffer, so the memory it adds is
-//! bounded. Over TCP the receive buffer is large
-//! and grows with the flow, and a read there is paced instead (above): a top-up does nothing.
+//! bounded. Over TCP the receive buffer is large and grows with the flow, and a read there is paced
+//! instead (above): a top-up does nothing.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
